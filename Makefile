@@ -1,0 +1,49 @@
+# The two commands of the README: `make run` (the demo, end to end) and `make test`.
+# Each does its whole set-up from nothing: virtualenv, Python dependencies, Azurite from npm.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP_PY := $(VENV)/.installed
+STAMP_NODE := node_modules/.installed
+AZURITE_DIR := .azurite
+
+.PHONY: run test lint typecheck unit bench schemas clean deps
+
+deps: $(STAMP_PY) $(STAMP_NODE)
+
+$(STAMP_PY): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+$(STAMP_NODE): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## make run: Azurite (unless AzureWebJobsStorage is set) and the worker, in the foreground.
+run: deps
+	$(BIN)/python -m worker.devrun
+
+## make test: lint, type-check, and the whole test suite (Azurite started by the tests).
+test: deps lint typecheck
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP_PY)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP_PY)
+	$(BIN)/mypy
+
+## make bench: throughput of the worker against a raw queue baseline, on Azurite.
+bench: deps
+	$(BIN)/python -m bench.throughput
+
+## make schemas: regenerate schemas/json/ from the pydantic models.
+schemas: $(STAMP_PY)
+	$(BIN)/python -m schemas.export
+
+clean:
+	rm -rf $(VENV) node_modules $(AZURITE_DIR) .pytest_cache .mypy_cache .ruff_cache

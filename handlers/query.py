@@ -1,0 +1,43 @@
+"""The extension's ``assistantQuery``: a chat's ``AssistantState``."""
+
+from datetime import datetime
+
+from schemas import AssistantMessage, AssistantState
+from worker.store.layout import ChatMessage
+from worker.store.tables import TableChatStore
+
+
+def to_assistant_message(message: ChatMessage) -> AssistantMessage:
+    return AssistantMessage(
+        content=message.content,
+        role=message.role,
+        tool_calls=message.tool_calls,
+        index=message.index,
+        created_at=message.created_at,
+        tool_call_id=message.name if message.role == "Tool" else None,
+        run_id=message.run_id,
+    )
+
+
+async def get_state(
+    store: TableChatStore, chat_id: str, since: datetime | None = None
+) -> AssistantState:
+    """The chat's state and its messages created after ``since`` (all when None).
+
+    A chat that does not exist gives ``exists: false`` with zero counts, as the extension does.
+    """
+    state = await store.load_state(chat_id)
+    if state is None:
+        return AssistantState(id=chat_id, exists=False)
+    messages = await store.read_messages(chat_id)
+    if since is not None:
+        messages = [message for message in messages if message.created_at > since]
+    return AssistantState(
+        id=chat_id,
+        exists=state.exists,
+        created_at=state.created_at,
+        last_updated_at=state.last_updated_at,
+        total_messages=state.total_messages,
+        total_tokens=state.total_tokens,
+        recent_messages=[to_assistant_message(message) for message in messages],
+    )

@@ -1,0 +1,137 @@
+"""From a queue message body to a validated message, and back.
+
+Bodies arrive as plain JSON (the JS SDK, most producers) or as Base64 of JSON (the Azure
+Functions default, Storage Explorer, the older SDKs); the format is detected per message. Every
+failure raises ``InvalidMessage`` with a reason a person can act on: it is a permanent error.
+"""
+
+import base64
+import binascii
+import json
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from schemas.requests import MESSAGE_TYPES, Message
+
+Encoding = Literal["none", "base64"]
+_MAX_REASON_ERRORS = 5
+
+
+class InvalidMessage(ValueError):
+    """A body that can never be processed, whatever the number of attempts."""
+
+    def __init__(self, reason: str, *, message_type: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.message_type = message_type
+
+
+def decode_body(body: str | bytes) -> dict[str, Any]:
+    """Parse a body that is a JSON object, or Base64 of one."""
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidMessage("the message body is empty; expected a JSON object")
+    if stripped[0] in "{[\"" or stripped in ("null", "true", "false"):
+        return _json_object(stripped, source="JSON")
+    try:
+        raw = base64.b64decode(stripped, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidMessage(
+            "the message body is neither JSON nor Base64-encoded JSON "
+            f"(starts with {stripped[:20]!r})"
+        ) from None
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage(
+            "the message body is Base64, but what it decodes to is not UTF-8 text"
+        ) from None
+    return _json_object(decoded.strip(), source="Base64-decoded JSON")
+
+
+def _json_object(text: str, *, source: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidMessage(f"the message body is not valid {source}: {error}") from None
+    if not isinstance(value, dict):
+        kind = "array" if isinstance(value, list) else type(value).__name__
+        raise InvalidMessage(f"the message body is a JSON {kind}; expected a JSON object")
+    return value
+
+
+def encode_body(payload: dict[str, Any], encoding: Encoding = "none") -> str:
+    """Serialize a message as the worker writes it (compact JSON, optionally Base64)."""
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    if encoding == "base64":
+        return base64.b64encode(text.encode("utf-8")).decode("ascii")
+    return text
+
+
+def unwrap_dead_letter(payload: dict[str, Any]) -> dict[str, Any]:
+    """The original request inside a dead-letter envelope that was put back on a work queue.
+
+    A request without a ``requestId`` keeps its identity: it gets the original message id, so
+    that a request that had in fact been applied is recognised and not applied twice.
+    """
+    info = payload.get("deadLetter")
+    message = payload.get("message")
+    if not isinstance(info, dict) or "message" not in payload:
+        return payload
+    if not isinstance(message, dict):
+        raise InvalidMessage(
+            "a dead-letter envelope was put back on a work queue, but its message is not a JSON "
+            "object: it can never be processed"
+        )
+    if "requestId" not in message and isinstance(info.get("messageId"), str):
+        return {**message, "requestId": info["messageId"]}
+    return message
+
+
+def infer_type(payload: dict[str, Any]) -> str:
+    """The message type; the extension's payloads carry none and are told apart by fields."""
+    declared = payload.get("type")
+    if declared is not None:
+        if not isinstance(declared, str) or declared not in MESSAGE_TYPES:
+            known = ", ".join(sorted(MESSAGE_TYPES))
+            raise InvalidMessage(f"unknown message type {declared!r}; expected one of: {known}")
+        return declared
+    if "userMessage" in payload:
+        return "assistantPost"
+    if "toolOutputs" in payload:
+        return "submitToolOutputs"
+    return "assistantCreate"
+
+
+def parse_message(payload: dict[str, Any]) -> Message:
+    """Validate a decoded body against the schema of its type."""
+    payload = unwrap_dead_letter(payload)
+    message_type = infer_type(payload)
+    model = MESSAGE_TYPES[message_type]
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        raise InvalidMessage(
+            f"invalid {message_type}: {describe_errors(error)}", message_type=message_type
+        ) from None
+
+
+def describe_errors(error: ValidationError) -> str:
+    """A one-line summary of a validation error, naming each field with its wire name.
+
+    Input values are left out: they can be long, and a producer may have put anything there.
+    """
+    parts = []
+    for item in error.errors(include_url=False, include_input=False)[:_MAX_REASON_ERRORS]:
+        location = ".".join(str(part) for part in item["loc"]) or "body"
+        if item["type"] == "missing":
+            parts.append(f"field '{location}' is required")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            parts.append(f"field '{location}': {message}")
+    extra = error.error_count() - _MAX_REASON_ERRORS
+    if extra > 0:
+        parts.append(f"and {extra} more")
+    return "; ".join(parts)

@@ -1,0 +1,149 @@
+"""Requests: what producers put on ``assistant-requests`` and the worker on ``assistant-runs``.
+
+Field names on the wire are camelCase, as in the Azure Functions OpenAI extension, so that the
+extension's ``assistantCreate`` / ``assistantPost`` payloads validate unchanged.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from schemas.base import WireModel
+from schemas.names import AssistantId, QueueName, RequestId, SettingName, TableName
+
+DEFAULT_INSTRUCTIONS = "You are a helpful assistant."
+DEFAULT_STORAGE_SETTING = "AzureWebJobsStorage"
+DEFAULT_COLLECTION = "ChatState"
+
+ModelApi = Literal["chat", "responses", "assistants"]
+ReasoningEffort = Literal["minimal", "low", "medium", "high"]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(ge=0, le=1)]
+MaxTokens = Annotated[int, Field(gt=0)]
+
+
+class ChatRequest(WireModel):
+    """Fields every request names its chat with."""
+
+    id: AssistantId
+    request_id: RequestId | None = None
+    chat_storage_connection_setting: SettingName = DEFAULT_STORAGE_SETTING
+    collection_name: TableName = DEFAULT_COLLECTION
+
+
+class FunctionDefinition(WireModel):
+    """The function of an external tool, as in the OpenAI tools array."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class FunctionTool(WireModel):
+    """A tool whose outputs a producer submits with ``submitToolOutputs``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class CodeInterpreterTool(WireModel):
+    """The hosted code interpreter (``responses`` and ``assistants`` backends)."""
+
+    type: Literal["code_interpreter"]
+    file_ids: list[str] | None = None
+
+
+class FileSearchTool(WireModel):
+    """The hosted file search (``responses`` and ``assistants`` backends)."""
+
+    type: Literal["file_search"]
+    vector_store_ids: list[str] | None = None
+
+
+ToolSpec = Annotated[
+    FunctionTool | CodeInterpreterTool | FileSearchTool, Field(discriminator="type")
+]
+# A registered tool by name, or a full definition.
+ToolEntry = Annotated[str, Field(min_length=1, max_length=64)] | ToolSpec
+
+
+class AssistantCreate(ChatRequest):
+    """Create (or reset) an assistant: the extension's ``assistantCreate``."""
+
+    type: Literal["assistantCreate"] = "assistantCreate"
+    instructions: str = DEFAULT_INSTRUCTIONS
+    chat_model: str | None = None
+    api: ModelApi | None = None
+    tools: list[ToolEntry] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    reasoning_effort: ReasoningEffort | None = None
+
+    @field_validator("instructions", mode="before")
+    @classmethod
+    def _default_when_blank(cls, value: object) -> object:
+        # The extension sends null or "" when the function had no instructions.
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return DEFAULT_INSTRUCTIONS
+        return value
+
+
+class AssistantPost(ChatRequest):
+    """Post a user message and run a turn: the extension's ``assistantPost``."""
+
+    type: Literal["assistantPost"] = "assistantPost"
+    user_message: Annotated[str, Field(min_length=1)]
+    chat_model: str | None = None
+    ai_connection_name: SettingName | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    is_reasoning_model: bool | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    instructions: str | None = None
+    reply_to: QueueName | None = None
+
+
+class ToolOutput(WireModel):
+    """The output of one external tool call."""
+
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)]
+    output: str
+
+
+class SubmitToolOutputs(ChatRequest):
+    """Resume a run that waits in ``requires_action`` for external tool outputs."""
+
+    type: Literal["submitToolOutputs"] = "submitToolOutputs"
+    run_id: Annotated[str, Field(min_length=1, max_length=128)]
+    tool_outputs: Annotated[list[ToolOutput], Field(min_length=1)]
+
+
+class AssistantDelete(ChatRequest):
+    """Remove a chat's rows and cancel its runs."""
+
+    type: Literal["assistantDelete"] = "assistantDelete"
+
+
+class RunStep(WireModel):
+    """A continuation of a run, written by the worker on ``assistant-runs`` only."""
+
+    type: Literal["runStep"] = "runStep"
+    id: AssistantId
+    run_id: Annotated[str, Field(min_length=1, max_length=128)]
+    step: Annotated[int, Field(ge=0)]
+    collection_name: TableName = DEFAULT_COLLECTION
+    chat_storage_connection_setting: SettingName = DEFAULT_STORAGE_SETTING
+
+
+Message = AssistantCreate | AssistantPost | SubmitToolOutputs | AssistantDelete | RunStep
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    "assistantCreate": AssistantCreate,
+    "assistantPost": AssistantPost,
+    "submitToolOutputs": SubmitToolOutputs,
+    "assistantDelete": AssistantDelete,
+    "runStep": RunStep,
+}

@@ -1,0 +1,149 @@
+"""The Azure Storage queue ``Broker`` (async clients).
+
+Bodies are read and written as text, with no SDK encode/decode policy: the worker detects plain
+JSON or Base64 per message itself (a Base64 decode policy fails a whole page on one plain
+message, see NOTES).
+"""
+
+import asyncio
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.queue.aio import QueueClient, QueueServiceClient
+
+from worker.transport import Delivery, LeaseLost
+
+# Azure takes whole seconds; the service caps a receive at 32 messages.
+MAX_RECEIVE = 32
+
+
+def _whole_seconds(value: float) -> int:
+    return max(0, math.ceil(value))
+
+
+def _is_stale_receipt(error: HttpResponseError) -> bool:
+    # A stale pop receipt is 400 PopReceiptMismatch; a message someone already deleted is 404.
+    code = getattr(error, "error_code", None)
+    return error.status_code == 404 or code in {"PopReceiptMismatch", "MessageNotFound"}
+
+
+class AzureQueue:
+    """One Azure queue."""
+
+    def __init__(self, client: QueueClient) -> None:
+        self.client = client
+        self.name: str = client.queue_name
+
+    async def receive(self, max_messages: int, visibility_timeout: float) -> list[Delivery]:
+        count = max(1, min(max_messages, MAX_RECEIVE))
+        # max_messages bounds the pager: without it, it keeps leasing page after page.
+        pager = self.client.receive_messages(
+            messages_per_page=count,
+            max_messages=count,
+            visibility_timeout=max(1, _whole_seconds(visibility_timeout)),
+        )
+        deliveries = []
+        async for message in pager:
+            deliveries.append(
+                Delivery(
+                    queue=self.name,
+                    message_id=message.id,
+                    pop_receipt=message.pop_receipt,
+                    dequeue_count=message.dequeue_count or 1,
+                    body=message.content if isinstance(message.content, str) else str(message.content),
+                    inserted_on=message.inserted_on,
+                )
+            )
+        return deliveries
+
+    async def extend(self, delivery: Delivery, visibility_timeout: float) -> Delivery:
+        try:
+            # visibility_timeout must be given: left out, it is sent as 0 (visible at once).
+            updated = await self.client.update_message(
+                delivery.message_id,
+                delivery.pop_receipt,
+                visibility_timeout=_whole_seconds(visibility_timeout),
+            )
+        except HttpResponseError as error:
+            if _is_stale_receipt(error):
+                raise LeaseLost(str(error)) from error
+            raise
+        return Delivery(
+            queue=delivery.queue,
+            message_id=delivery.message_id,
+            pop_receipt=updated.pop_receipt,
+            dequeue_count=delivery.dequeue_count,
+            body=delivery.body,
+            inserted_on=delivery.inserted_on,
+        )
+
+    async def complete(self, delivery: Delivery) -> None:
+        try:
+            await self.client.delete_message(delivery.message_id, delivery.pop_receipt)
+        except HttpResponseError as error:
+            if _is_stale_receipt(error):
+                raise LeaseLost(str(error)) from error
+            raise
+
+    async def release(self, delivery: Delivery, delay: float) -> None:
+        try:
+            await self.client.update_message(
+                delivery.message_id, delivery.pop_receipt, visibility_timeout=_whole_seconds(delay)
+            )
+        except HttpResponseError as error:
+            if _is_stale_receipt(error):
+                raise LeaseLost(str(error)) from error
+            raise
+
+    async def approximate_count(self) -> int:
+        properties = await self.client.get_queue_properties()
+        return int(properties.approximate_message_count or 0)
+
+
+class AzureQueueBroker:
+    """Queues of one storage account; clients are cached per queue name."""
+
+    def __init__(self, service: QueueServiceClient) -> None:
+        self.service = service
+        self._queues: dict[str, AzureQueue] = {}
+        self._known: set[str] = set()
+
+    def queue(self, name: str) -> AzureQueue:
+        if name not in self._queues:
+            self._queues[name] = AzureQueue(self.service.get_queue_client(name))
+        return self._queues[name]
+
+    async def send(
+        self, queue: str, body: str, *, delay: float = 0.0, time_to_live: int | None = None
+    ) -> str:
+        client = self.queue(queue).client
+        options: dict[str, Any] = {}
+        if delay > 0:
+            options["visibility_timeout"] = _whole_seconds(delay)
+        if time_to_live is not None:
+            options["time_to_live"] = time_to_live
+        try:
+            sent = await client.send_message(body, **options)
+        except ResourceNotFoundError:
+            await self.ensure_queues([queue])
+            sent = await client.send_message(body, **options)
+        return str(sent.id)
+
+    async def ensure_queues(self, names: Iterable[str]) -> None:
+        missing = [name for name in names if name not in self._known]
+
+        async def create(name: str) -> None:
+            try:
+                await self.queue(name).client.create_queue()
+            except ResourceExistsError:
+                pass
+            self._known.add(name)
+
+        await asyncio.gather(*(create(name) for name in missing))
+
+    async def close(self) -> None:
+        for queue in self._queues.values():
+            await queue.client.close()
+        await self.service.close()

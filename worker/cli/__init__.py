@@ -1,0 +1,1 @@
+"""The ``assistant-worker`` command line."""

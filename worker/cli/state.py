@@ -1,0 +1,55 @@
+"""``assistant-worker state``: print a chat's ``AssistantState`` (the extension's query)."""
+
+import argparse
+import asyncio
+from datetime import UTC, datetime
+
+from handlers.query import get_state
+from schemas import AssistantState
+from worker.cli.common import CliError, add_storage_flags, print_json
+from worker.settings import Settings
+from worker.store.tables import ChatStores
+
+
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "state",
+        help="print a chat's AssistantState as JSON",
+        description="Print the AssistantState of the extension's assistantQuery: id, exists, "
+        "createdAt, lastUpdatedAt, totalMessages, totalTokens and recentMessages.",
+    )
+    parser.add_argument("id", help="assistant (chat) id")
+    parser.add_argument("--since", type=parse_timestamp, metavar="TIMESTAMP",
+                        help="only messages created after this ISO-8601 time (UTC if no zone)")  # fmt: skip
+    add_storage_flags(parser)
+    parser.set_defaults(handler=state_command)
+
+
+def parse_timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 time, e.g. 2026-01-31T12:00:00Z"
+        ) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+async def read_state(
+    settings: Settings, chat_id: str, table: str, setting: str, since: datetime | None
+) -> AssistantState:
+    """The library call behind the command (``get_state`` on a fresh store)."""
+    stores = ChatStores(settings)
+    try:
+        store = await stores.get(setting, table)
+        return await get_state(store, chat_id, since)
+    finally:
+        await stores.close()
+
+
+def state_command(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.id:
+        raise CliError("an assistant id is required", exit_code=2)
+    state = asyncio.run(read_state(settings, args.id, args.collection, args.storage_setting, args.since))
+    print_json(state.model_dump(mode="json", by_alias=True))
+    return 0

@@ -1,0 +1,72 @@
+"""The contract between the worker loop and the message handlers.
+
+A handler gets a validated message and its context, makes its effect durable in the store,
+and returns a ``HandlerResult`` naming what should be sent next. It never touches the queue it
+was delivered from: the loop sends the effects, then acks, retries or dead-letters.
+"""
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from schemas import Message
+from worker.errors import PermanentError
+
+QueueRole = Literal["requests", "runs"]
+
+
+@dataclass(frozen=True)
+class Send:
+    """An effect: put ``payload`` on ``queue`` after ``delay`` seconds."""
+
+    queue: str
+    payload: dict[str, Any]
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class HandlerResult:
+    """What a handler did (``note``, for the log line) and what the loop should send."""
+
+    note: str
+    effects: tuple[Send, ...] = ()
+    log_fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """Delivery facts a handler may need; ``request_id`` falls back to the message id."""
+
+    queue: str
+    message_id: str
+    dequeue_count: int
+    request_id: str
+
+
+Handler = Callable[[Any, MessageContext], Awaitable[HandlerResult]]
+
+
+class HandlerRegistry:
+    """Which handler serves which message type, per queue role. Passed to the worker."""
+
+    def __init__(self, requests: Mapping[str, Handler], runs: Mapping[str, Handler]) -> None:
+        self._handlers: dict[QueueRole, Mapping[str, Handler]] = {
+            "requests": dict(requests),
+            "runs": dict(runs),
+        }
+
+    def handler_for(self, role: QueueRole, message: Message) -> Handler:
+        handlers = self._handlers[role]
+        handler = handlers.get(message.type)
+        if handler is not None:
+            return handler
+        other: QueueRole = "runs" if role == "requests" else "requests"
+        if message.type in self._handlers[other]:
+            raise PermanentError(
+                f"{message.type} messages belong on the {other} queue, not the {role} queue",
+                error_type="WrongQueue",
+            )
+        raise PermanentError(
+            f"this worker has no handler for {message.type} messages yet",
+            error_type="UnsupportedMessageType",
+        )

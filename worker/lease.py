@@ -1,0 +1,64 @@
+"""A received message's lease: renewed at half-life while its handler runs.
+
+Renewal, completion and release all change the pop receipt on the service, so they are
+serialized by one lock and always use the newest receipt.
+"""
+
+import asyncio
+import contextlib
+
+import structlog
+
+from worker.transport import Delivery, LeaseLost, QueueTransport
+
+log = structlog.get_logger("worker.lease")
+
+
+class Lease:
+    """The newest ``Delivery`` of one message, and the task that keeps it leased."""
+
+    def __init__(self, queue: QueueTransport, delivery: Delivery, visibility_timeout: float) -> None:
+        self.queue = queue
+        self.delivery = delivery
+        self.visibility_timeout = visibility_timeout
+        self.lost = False
+        self._lock = asyncio.Lock()
+        self._renewal: asyncio.Task[None] | None = None
+
+    def start_renewal(self) -> None:
+        self._renewal = asyncio.create_task(self._keep_alive())
+
+    async def stop_renewal(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
+            self._renewal = None
+
+    async def _keep_alive(self) -> None:
+        interval = max(self.visibility_timeout / 2, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self._lock:
+                    self.delivery = await self.queue.extend(self.delivery, self.visibility_timeout)
+            except LeaseLost:
+                self.lost = True
+                log.warning("lease.lost", message_id=self.delivery.message_id, queue=self.queue.name)
+                return
+            except Exception as error:
+                # Keep trying: the lease may still be ours at the next half-life.
+                log.warning(
+                    "lease.renew_failed",
+                    message_id=self.delivery.message_id,
+                    queue=self.queue.name,
+                    error=f"{type(error).__name__}: {error}",
+                )
+
+    async def complete(self) -> None:
+        async with self._lock:
+            await self.queue.complete(self.delivery)
+
+    async def release(self, delay: float) -> None:
+        async with self._lock:
+            await self.queue.release(self.delivery, delay)

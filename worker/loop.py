@@ -1,0 +1,278 @@
+"""The worker loop: receive, lease, decode, dispatch, apply one outcome, repeat.
+
+One request travels in a straight line: transport -> decode -> registry -> handler -> store ->
+outcome -> transport. The outcome is decided by the pure ``decide`` and applied in
+``_apply`` only; a message is deleted only after its handler made the effect durable and its
+follow-up messages were sent (at-least-once: the handlers are idempotent).
+"""
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from schemas import Message, decode_body, encode_body, parse_message
+from worker.deadletter import build_envelope, request_id_of
+from worker.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole
+from worker.lease import Lease
+from worker.outcome import (
+    Complete,
+    DeadLetter,
+    IdleBackoff,
+    Outcome,
+    Retry,
+    RetryPolicy,
+    check_before_running,
+    decide,
+    describe,
+)
+from worker.redact import Redactor
+from worker.settings import Settings
+from worker.transport import Broker, Delivery, LeaseLost, QueueTransport, poison_queue_name
+
+MAX_BATCH = 32
+# Seconds given to releasing abandoned messages at shutdown.
+RELEASE_TIMEOUT = 5.0
+
+
+class Worker:
+    """Consumes the requests and runs queues until stopped (or, in burst mode, until idle)."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        registry: HandlerRegistry,
+        settings: Settings,
+        *,
+        redactor: Redactor | None = None,
+        rng: random.Random | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.broker = broker
+        self.registry = registry
+        self.settings = settings
+        self.redact = redactor or Redactor(settings.secrets())
+        self.policy = RetryPolicy(
+            max_dequeue_count=settings.max_dequeue_count,
+            base_delay=settings.retry_delay,
+            max_delay=settings.retry_max_delay,
+        )
+        self.stats: Counter[str] = Counter()
+        self._rng = rng or random.Random()
+        self._now = now
+        self._log = structlog.get_logger("worker")
+        self._queues: list[tuple[QueueTransport, QueueRole]] = [
+            (broker.queue(settings.requests_queue), "requests"),
+            (broker.queue(settings.runs_queue), "runs"),
+        ]
+        self._inflight: dict[asyncio.Task[None], Lease] = {}
+        self._stopping = asyncio.Event()
+        self._activity = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop receiving; in-flight messages get ``shutdown_grace`` seconds to finish."""
+        self._stopping.set()
+        self._activity.set()
+
+    async def run(self) -> None:
+        """Serve until ``stop()`` is called (SIGTERM/SIGINT in the CLI)."""
+        await self._serve(burst=False)
+
+    async def run_until_idle(self) -> None:
+        """Burst mode: serve until every work queue is empty and nothing is in flight."""
+        await self._serve(burst=True)
+
+    async def _serve(self, *, burst: bool) -> None:
+        names = [queue.name for queue, _ in self._queues]
+        await self.broker.ensure_queues([*names, *(poison_queue_name(n) for n in names)])
+        self._log.info("worker.started", queues=names, burst=burst,
+                       concurrency=self.settings.concurrency)  # fmt: skip
+        idle = IdleBackoff(maximum=self.settings.max_polling_interval)
+        try:
+            while not self._stopping.is_set():
+                if await self._receive_round() > 0:
+                    idle.reset()
+                    continue
+                if burst and not self._inflight and await self._queues_empty():
+                    break
+                await self._pause(idle.next_delay(self._rng))
+        finally:
+            await self._drain()
+            self._log.info("worker.stopped", **dict(self.stats))
+
+    async def _receive_round(self) -> int:
+        """Receive one batch from each queue, bounded by the free slots; returns the count."""
+        received = 0
+        for queue, role in self._queues:
+            free = self.settings.concurrency - len(self._inflight)
+            if free <= 0 or self._stopping.is_set():
+                break
+            try:
+                deliveries = await queue.receive(
+                    min(free, MAX_BATCH), self.settings.visibility_timeout
+                )
+            except Exception as error:
+                self._log.warning("queue.receive_failed", queue=queue.name,
+                                  error=self.redact(describe(error)))  # fmt: skip
+                continue
+            for delivery in deliveries:
+                lease = Lease(queue, delivery, self.settings.visibility_timeout)
+                task = asyncio.create_task(self._process(role, lease))
+                self._inflight[task] = lease
+                task.add_done_callback(self._finished)
+            received += len(deliveries)
+        return received
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+        self._activity.set()
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, waking early when a message finishes or on stop.
+
+        Waking on a finished message matters when every slot was busy: it frees one.
+        """
+        self._activity.clear()
+        try:
+            await asyncio.wait_for(self._activity.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+
+    async def _queues_empty(self) -> bool:
+        try:
+            counts = [await queue.approximate_count() for queue, _ in self._queues]
+        except Exception:
+            return False
+        return all(count == 0 for count in counts)
+
+    async def _drain(self) -> None:
+        """Give in-flight messages the grace period, then abandon the rest so they reappear."""
+        if not self._inflight:
+            return
+        tasks = list(self._inflight)
+        leases = dict(self._inflight)
+        self._log.info("worker.draining", in_flight=len(tasks),
+                       grace_seconds=self.settings.shutdown_grace)  # fmt: skip
+        done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        abandoned = [leases[task] for task in pending]
+        # Visible again at once, so the next worker need not wait for the lease to expire.
+        results = await asyncio.wait_for(
+            asyncio.gather(*(lease.release(0) for lease in abandoned), return_exceptions=True),
+            timeout=RELEASE_TIMEOUT,
+        )
+        for lease, result in zip(abandoned, results, strict=True):
+            self.stats["abandoned"] += 1
+            self._log.warning(
+                "message.abandoned",
+                message_id=lease.delivery.message_id,
+                queue=lease.queue.name,
+                released=not isinstance(result, BaseException),
+            )
+
+    async def _process(self, role: QueueRole, lease: Lease) -> None:
+        delivery = lease.delivery
+        started = time.monotonic()
+        fields: dict[str, Any] = {
+            "queue": delivery.queue,
+            "message_id": delivery.message_id,
+            "attempt": delivery.dequeue_count,
+        }
+        note: str | None = None
+        outcome: Outcome | None = check_before_running(delivery.dequeue_count, self.policy)
+        if outcome is None:
+            lease.start_renewal()
+            error: BaseException | None = None
+            try:
+                with structlog.contextvars.bound_contextvars(**fields):
+                    result = await self._handle(role, delivery, fields)
+                note = result.note
+                fields.update(result.log_fields)
+            except Exception as failure:
+                error = failure
+            finally:
+                await lease.stop_renewal()
+            outcome = decide(error, delivery.dequeue_count, self.policy, self._rng.random())
+        await self._apply(outcome, lease, fields, note, started)
+
+    async def _handle(
+        self, role: QueueRole, delivery: Delivery, fields: dict[str, Any]
+    ) -> HandlerResult:
+        message: Message = parse_message(decode_body(delivery.body))
+        request_id = getattr(message, "request_id", None) or delivery.message_id
+        fields.update(type=message.type, chat_id=message.id, request_id=request_id)
+        handler = self.registry.handler_for(role, message)
+        context = MessageContext(
+            queue=delivery.queue,
+            message_id=delivery.message_id,
+            dequeue_count=delivery.dequeue_count,
+            request_id=request_id,
+        )
+        result = await handler(message, context)
+        # Follow-ups go out before the ack: if we die in between, the redelivered message
+        # sends them again, and their consumers are idempotent.
+        for send in result.effects:
+            body = encode_body(send.payload, self.settings.message_encoding)
+            await self.broker.send(send.queue, body, delay=send.delay)
+        return result
+
+    async def _apply(
+        self,
+        outcome: Outcome,
+        lease: Lease,
+        fields: dict[str, Any],
+        note: str | None,
+        started: float,
+    ) -> None:
+        """The one place where a message is deleted, released or dead-lettered."""
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        try:
+            match outcome:
+                case Complete():
+                    await lease.complete()
+                    self.stats["completed"] += 1
+                    self._log.info("message.completed", outcome=note, duration_ms=duration_ms, **fields)
+                case Retry(delay=delay, reason=reason):
+                    await lease.release(delay)
+                    self.stats["retried"] += 1
+                    self._log.warning("message.retried", delay_seconds=round(delay, 3),
+                                      reason=self.redact(reason), duration_ms=duration_ms, **fields)  # fmt: skip
+                case DeadLetter(reason=reason, error_type=error_type):
+                    await self._dead_letter(lease, self.redact(reason), error_type, fields)
+                    self.stats["dead_lettered"] += 1
+                    self._log.error("message.dead_lettered", reason=self.redact(reason),
+                                    error_type=error_type, duration_ms=duration_ms, **fields)  # fmt: skip
+        except LeaseLost:
+            # Someone else holds the message now; it will be processed again, harmlessly.
+            self.stats["lease_lost"] += 1
+            self._log.warning("message.lease_lost", duration_ms=duration_ms, **fields)
+        except Exception as error:
+            # The message stays on its queue and reappears when its lease expires.
+            self.stats["ack_failed"] += 1
+            self._log.error("message.ack_failed", error=self.redact(describe(error)),
+                            duration_ms=duration_ms, **fields)  # fmt: skip
+
+    async def _dead_letter(
+        self, lease: Lease, reason: str, error_type: str, fields: dict[str, Any]
+    ) -> None:
+        delivery = lease.delivery
+        envelope = build_envelope(
+            delivery,
+            reason=reason,
+            error_type=error_type,
+            request_id=fields.get("request_id") or request_id_of(delivery.body),
+            now=self._now(),
+        )
+        body = encode_body(envelope, self.settings.message_encoding)
+        # Put first, delete after: a crash in between leaves a duplicate, never a loss.
+        await self.broker.send(poison_queue_name(delivery.queue), body, time_to_live=-1)
+        await lease.complete()

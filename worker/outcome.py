@@ -1,0 +1,122 @@
+"""What to do with a message after its handler ran: a pure decision, applied in one place.
+
+``decide`` never does I/O; the worker loop applies its answer (complete, release with a delay,
+or dead-letter) and nothing else in the code acks, retries or dead-letters a message.
+"""
+
+import random
+from dataclasses import dataclass
+
+from schemas import InvalidMessage
+from worker.errors import PermanentError, TransientError
+
+
+@dataclass(frozen=True)
+class Complete:
+    """The effect is durable: delete the message."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Make the message visible again after ``delay`` seconds."""
+
+    delay: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Move the message to the poison queue with a reason a person can act on."""
+
+    reason: str
+    error_type: str
+
+
+Outcome = Complete | Retry | DeadLetter
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many attempts a message gets and how long to wait between them."""
+
+    max_dequeue_count: int = 5
+    base_delay: float = 2.0
+    max_delay: float = 300.0
+
+
+def backoff(attempt: int, policy: RetryPolicy, *, jitter: float = 0.0) -> float:
+    """Delay before attempt ``attempt + 1``: ``base * 2^(attempt-1)``, capped, plus jitter.
+
+    ``jitter`` is a fraction in [0, 1) drawn by the caller (pure: no randomness in here), so
+    that replicas that failed together do not retry together.
+    """
+    exponent = max(attempt - 1, 0)
+    delay = min(policy.base_delay * (2**exponent), policy.max_delay)
+    return delay * (1 + 0.2 * jitter)
+
+
+def describe(error: BaseException) -> str:
+    """A one-line description of an error for logs and dead letters."""
+    if isinstance(error, (PermanentError, TransientError)):
+        return error.reason
+    if isinstance(error, InvalidMessage):
+        return error.reason
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def decide(
+    error: BaseException | None, dequeue_count: int, policy: RetryPolicy, jitter: float = 0.0
+) -> Outcome:
+    """The outcome for a message whose handler ended with ``error`` (None: it succeeded)."""
+    if error is None:
+        return Complete()
+    if isinstance(error, PermanentError):
+        return DeadLetter(error.reason, error.error_type)
+    if isinstance(error, InvalidMessage):
+        return DeadLetter(error.reason, "InvalidMessage")
+    reason = describe(error)
+    if dequeue_count >= policy.max_dequeue_count:
+        return DeadLetter(
+            f"gave up after {dequeue_count} attempts; last error: {reason}", type(error).__name__
+        )
+    if isinstance(error, TransientError) and error.retry_after is not None:
+        return Retry(min(error.retry_after, policy.max_delay), reason)
+    return Retry(backoff(dequeue_count, policy, jitter=jitter), reason)
+
+
+def check_before_running(dequeue_count: int, policy: RetryPolicy) -> DeadLetter | None:
+    """Dead-letter a message delivered more often than allowed before running it again.
+
+    That happens when earlier attempts died with the worker (killed, out of memory) so that
+    no failure could be recorded: without this check such a message would crash replicas
+    forever.
+    """
+    if dequeue_count > policy.max_dequeue_count:
+        return DeadLetter(
+            f"delivered {dequeue_count} times without finishing (more than "
+            f"{policy.max_dequeue_count}); earlier attempts may have crashed the worker",
+            "MaxDequeueCountExceeded",
+        )
+    return None
+
+
+@dataclass
+class IdleBackoff:
+    """Randomized exponential backoff for polling an empty queue (as the Functions trigger).
+
+    Starts at 100 ms, doubles on every empty receive up to ``maximum``, resets on a message.
+    """
+
+    maximum: float
+    minimum: float = 0.1
+    current: float = 0.0
+
+    def next_delay(self, rng: random.Random) -> float:
+        self.current = self.minimum if self.current == 0 else min(self.current * 2, self.maximum)
+        # Full jitter within the upper half keeps replicas from polling in lockstep.
+        return self.current * (0.5 + rng.random() / 2)
+
+    def reset(self) -> None:
+        self.current = 0.0

@@ -1,0 +1,299 @@
+"""Settings: read once from the environment at start, into one frozen object passed down.
+
+The names follow the Azure Functions host and the OpenAI extension so that existing app
+settings carry over. Every setting in ``SPECS`` is also a CLI flag of ``assistant-worker run``.
+Nothing here runs at import time.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from schemas.names import MAX_BASE_QUEUE_NAME_LENGTH, check_queue_name
+
+DEV_STORAGE = "UseDevelopmentStorage=true"
+DEFAULT_STORAGE_SETTING = "AzureWebJobsStorage"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the variable, never its value."""
+
+
+@dataclass(frozen=True)
+class StorageConnection:
+    """How to reach one storage account: a connection string, or identity-based URIs."""
+
+    setting: str
+    connection_string: str | None = field(default=None, repr=False)
+    account_name: str | None = None
+    queue_service_uri: str | None = None
+    table_service_uri: str | None = None
+
+    @property
+    def uses_identity(self) -> bool:
+        return self.connection_string is None
+
+    def secrets(self) -> list[str]:
+        """The parts of the connection string that must never be logged."""
+        if not self.connection_string:
+            return []
+        found = []
+        for part in self.connection_string.split(";"):
+            key, _, value = part.partition("=")
+            if key.strip().lower() in {"accountkey", "sharedaccesssignature"} and value:
+                found.append(value.strip())
+        return found
+
+
+def storage_connection(setting: str, env: Mapping[str, str]) -> StorageConnection | None:
+    """Resolve a storage connection the way the Functions host does.
+
+    ``NAME`` holds a connection string; otherwise ``NAME__accountName`` or
+    ``NAME__queueServiceUri`` / ``NAME__tableServiceUri`` select identity-based access.
+    """
+    value = env.get(setting) or env.get(f"ConnectionStrings__{setting}")
+    if value:
+        return StorageConnection(setting=setting, connection_string=value)
+    account = env.get(f"{setting}__accountName")
+    queue_uri = env.get(f"{setting}__queueServiceUri")
+    table_uri = env.get(f"{setting}__tableServiceUri")
+    if account:
+        queue_uri = queue_uri or f"https://{account}.queue.core.windows.net"
+        table_uri = table_uri or f"https://{account}.table.core.windows.net"
+    if queue_uri or table_uri:
+        return StorageConnection(
+            setting=setting,
+            account_name=account,
+            queue_service_uri=queue_uri,
+            table_service_uri=table_uri,
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class AIConnection:
+    """A named model endpoint that a request may select with ``aiConnectionName``."""
+
+    name: str
+    endpoint: str
+    key: str | None = field(default=None, repr=False)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _optional_port(text: str) -> int | None:
+    if not text:
+        return None
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number")
+    return value
+
+
+def _seconds_list(text: str) -> tuple[float, ...]:
+    values = tuple(_seconds(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise ValueError("must list at least one delay")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _base_queue_name(text: str) -> str:
+    check_queue_name(text)
+    if len(text) > MAX_BASE_QUEUE_NAME_LENGTH:
+        raise ValueError(
+            f"must be at most {MAX_BASE_QUEUE_NAME_LENGTH} characters, so that its "
+            "'-poison' queue name is valid"
+        )
+    return text
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"must be one of: {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One tunable: its environment variable, its field, how to parse it, and its help."""
+
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+SPECS: tuple[SettingSpec, ...] = (
+    SettingSpec("WORKER_REQUESTS_QUEUE", "requests_queue", _base_queue_name, "assistant-requests",
+                "queue that producers send requests to"),
+    SettingSpec("WORKER_RUNS_QUEUE", "runs_queue", _base_queue_name, "assistant-runs",
+                "queue of the worker's own run-step continuations"),
+    SettingSpec("WORKER_MESSAGE_ENCODING", "message_encoding", _choice("none", "base64"), "none",
+                "how the worker writes messages: 'none' (plain JSON) or 'base64'"),
+    SettingSpec("WORKER_CONCURRENCY", "concurrency", _positive_int, "16",
+                "messages processed at once by this process"),
+    SettingSpec("WORKER_MAX_DEQUEUE_COUNT", "max_dequeue_count", _positive_int, "5",
+                "attempts before a message is dead-lettered"),
+    SettingSpec("WORKER_VISIBILITY_TIMEOUT", "visibility_timeout", _seconds, "60",
+                "seconds of lease taken on receive; renewed at half-life while a handler runs"),
+    SettingSpec("WORKER_MAX_POLLING_INTERVAL", "max_polling_interval", _seconds, "10",
+                "cap, in seconds, of the idle-queue backoff (which starts at 0.1 s)"),
+    SettingSpec("WORKER_RETRY_DELAY", "retry_delay", _seconds, "2",
+                "first delay, in seconds, before a transient failure is retried (doubles each attempt)"),
+    SettingSpec("WORKER_RETRY_MAX_DELAY", "retry_max_delay", _seconds, "300",
+                "cap, in seconds, of the retry delay"),
+    SettingSpec("WORKER_SHUTDOWN_GRACE", "shutdown_grace", _seconds, "25",
+                "seconds that in-flight messages get to finish after SIGTERM"),
+    SettingSpec("WORKER_RUN_TIMEOUT", "run_timeout", _seconds, "600",
+                "seconds after which an unfinished run becomes 'expired'"),
+    SettingSpec("WORKER_POLL_BACKOFF", "poll_backoff", _seconds_list, "0.5,1,2,3,5",
+                "delays, in seconds, between polls of a pending backend run (the last repeats)"),
+    SettingSpec("CHAT_MODEL_DEPLOYMENT_NAME", "chat_model", str, "gpt-4o-mini",
+                "default model or deployment name"),
+    SettingSpec("WORKER_MODEL_API", "model_api", _choice("chat", "responses", "assistants"), "chat",
+                "default model API: chat, responses or assistants"),
+    SettingSpec("WORKER_TOOLS", "tool_modules", _names, "",
+                "comma-separated modules whose @tool functions are registered"),
+    SettingSpec("WORKER_STORAGE_SETTINGS", "storage_setting_names", _names, "",
+                "comma-separated extra storage connection settings requests may name"),
+    SettingSpec("WORKER_AI_CONNECTIONS", "ai_connection_names", _names, "",
+                "comma-separated named AI connections requests may select"),
+    SettingSpec("WORKER_HTTP_PORT", "http_port", _optional_port, "",
+                "if set, port of the health, metrics and query HTTP server"),
+    SettingSpec("WORKER_LOG_FORMAT", "log_format", _choice("auto", "json", "console"), "auto",
+                "log renderer: json, console, or auto (console on a terminal)"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker is configured with. Build it with ``Settings.from_env()``."""
+
+    storage: dict[str, StorageConnection]
+    requests_queue: str = "assistant-requests"
+    runs_queue: str = "assistant-runs"
+    message_encoding: Literal["none", "base64"] = "none"
+    concurrency: int = 16
+    max_dequeue_count: int = 5
+    visibility_timeout: float = 60.0
+    max_polling_interval: float = 10.0
+    retry_delay: float = 2.0
+    retry_max_delay: float = 300.0
+    shutdown_grace: float = 25.0
+    run_timeout: float = 600.0
+    poll_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0)
+    chat_model: str = "gpt-4o-mini"
+    model_api: str = "chat"
+    tool_modules: tuple[str, ...] = ()
+    storage_setting_names: tuple[str, ...] = ()
+    ai_connection_names: tuple[str, ...] = ()
+    http_port: int | None = None
+    log_format: str = "auto"
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    azure_openai_endpoint: str | None = None
+    azure_openai_api_key: str | None = field(default=None, repr=False)
+    openai_api_version: str | None = None
+    ai_connections: dict[str, AIConnection] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+    ) -> "Settings":
+        """Read the settings; ``overrides`` (CLI flags) win over the environment."""
+        env = dict(os.environ if env is None else env)
+        overrides = overrides or {}
+        values: dict[str, Any] = {}
+        for spec in SPECS:
+            raw = overrides.get(spec.field, env.get(spec.env, spec.default))
+            try:
+                values[spec.field] = spec.parse(raw.strip())
+            except ValueError as error:
+                raise SettingsError(f"{spec.env} (or {spec.flag}) {error}") from None
+        if values["runs_queue"] == values["requests_queue"]:
+            raise SettingsError("WORKER_RUNS_QUEUE must differ from WORKER_REQUESTS_QUEUE")
+
+        storage: dict[str, StorageConnection] = {}
+        default = storage_connection(DEFAULT_STORAGE_SETTING, env)
+        storage[DEFAULT_STORAGE_SETTING] = default or StorageConnection(
+            DEFAULT_STORAGE_SETTING, connection_string=DEV_STORAGE
+        )
+        for name in values["storage_setting_names"]:
+            connection = storage_connection(name, env)
+            if connection is None:
+                raise SettingsError(
+                    f"WORKER_STORAGE_SETTINGS names {name!r}, but neither {name} nor "
+                    f"{name}__accountName / {name}__tableServiceUri is set"
+                )
+            storage[name] = connection
+
+        ai_connections = {}
+        for name in values["ai_connection_names"]:
+            endpoint = env.get(f"{name}__endpoint")
+            if not endpoint:
+                raise SettingsError(f"WORKER_AI_CONNECTIONS names {name!r}, but {name}__endpoint is not set")
+            ai_connections[name] = AIConnection(name, endpoint, env.get(f"{name}__key"))
+
+        return cls(
+            storage=storage,
+            openai_api_key=env.get("OPENAI_API_KEY") or None,
+            openai_base_url=env.get("OPENAI_BASE_URL") or None,
+            azure_openai_endpoint=env.get("AZURE_OPENAI_ENDPOINT") or None,
+            azure_openai_api_key=(
+                env.get("AZURE_OPENAI_API_KEY") or env.get("AZURE_OPENAI_KEY") or None
+            ),
+            openai_api_version=env.get("OPENAI_API_VERSION") or None,
+            ai_connections=ai_connections,
+            **values,
+        )
+
+    @property
+    def work_queues(self) -> tuple[str, str]:
+        return (self.requests_queue, self.runs_queue)
+
+    @property
+    def default_storage(self) -> StorageConnection:
+        return self.storage[DEFAULT_STORAGE_SETTING]
+
+    def with_values(self, **changes: Any) -> "Settings":
+        """A copy with some fields changed (tests, the demo)."""
+        return dataclasses.replace(self, **changes)
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value, for the log and error redactor."""
+        found: list[str] = []
+        for connection in self.storage.values():
+            found.extend(connection.secrets())
+        for ai in self.ai_connections.values():
+            if ai.key:
+                found.append(ai.key)
+        for value in (self.openai_api_key, self.azure_openai_api_key):
+            if value:
+                found.append(value)
+        return found

@@ -1,0 +1,274 @@
+"""The chat store on Azure Table Storage.
+
+Concurrency and idempotency rules, which every method keeps:
+- the ``state`` row is only ever written with its ETag (``If-Match``) or created new, so two
+  workers can never both apply a change read from the same state;
+- a request's effect and the row recording that it was applied (``req-...``) are written in one
+  entity-group transaction, so a redelivered request either finds its record or finds nothing
+  done;
+- OData filters are built with parameters, never by formatting ids into strings.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.data.tables import TableTransactionError
+from azure.data.tables.aio import TableClient, TableServiceClient
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from worker.azure_clients import table_service
+from worker.errors import PermanentError, TransientError
+from worker.settings import DEFAULT_STORAGE_SETTING, Settings
+from worker.store.layout import (
+    MESSAGE_PREFIX,
+    MESSAGE_PREFIX_END,
+    REQUEST_PREFIX,
+    STATE_ROW,
+    AppliedRequest,
+    ChatMessage,
+    ChatState,
+    applied_request_entity,
+    message_entity,
+    message_from_entity,
+    request_row_key,
+    state_entity,
+    state_from_entity,
+)
+
+MAX_TRANSACTION_OPERATIONS = 100
+# Status codes of requests the service will refuse however often they are sent.
+_PERMANENT_STATUS = {400, 413}
+
+
+@asynccontextmanager
+async def storage_errors(action: str) -> AsyncIterator[None]:
+    """Turn the table service's refusals of the request itself into permanent errors.
+
+    Everything else (5xx, timeouts, dropped connections, ETag conflicts) stays transient.
+    """
+    try:
+        yield
+    except TableTransactionError as error:
+        if error.status_code in _PERMANENT_STATUS:
+            raise PermanentError(
+                f"the table service refused to {action}: {error.error_code or error.message}",
+                error_type="StorageRequestRejected",
+            ) from error
+        raise
+    except HttpResponseError as error:
+        if error.status_code in _PERMANENT_STATUS:
+            raise PermanentError(
+                f"the table service refused to {action}: {getattr(error, 'error_code', None) or error.reason}",
+                error_type="StorageRequestRejected",
+            ) from error
+        raise
+
+
+def _retrying() -> AsyncRetrying:
+    # The SDK does not retry a dropped connection on create_entity or submit_transaction
+    # (see NOTES); a few quick in-process retries save a trip through the queue.
+    return AsyncRetrying(
+        retry=retry_if_exception_type((ServiceRequestError, ServiceResponseError)),
+        stop=stop_after_attempt(3),
+        wait=wait_exponential(multiplier=0.2, max=2),
+        reraise=True,
+    )
+
+
+class TableChatStore:
+    """The chats of one table."""
+
+    def __init__(self, client: TableClient) -> None:
+        self.client = client
+        self.table_name: str = client.table_name
+
+    async def load_state(self, chat_id: str) -> ChatState | None:
+        """The ``state`` row with its ETag, or None when the chat does not exist."""
+        try:
+            async with storage_errors("read the chat state"):
+                entity = await self.client.get_entity(chat_id, STATE_ROW)
+        except ResourceNotFoundError:
+            return None
+        return state_from_entity(dict(entity), entity.metadata.get("etag"))
+
+    async def is_applied(self, chat_id: str, request_id: str) -> bool:
+        """Whether the request with this id already took effect on this chat."""
+        try:
+            async with storage_errors("read an applied-request record"):
+                await self.client.get_entity(
+                    chat_id, request_row_key(request_id), select=["RowKey"]
+                )
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    async def read_messages(self, chat_id: str) -> list[ChatMessage]:
+        """Every ``msg-`` row of the chat, in order."""
+        async with storage_errors("read the chat messages"):
+            entities = self.client.query_entities(
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                parameters={"pk": chat_id, "lo": MESSAGE_PREFIX, "hi": MESSAGE_PREFIX_END},
+            )
+            messages = [message_from_entity(dict(entity)) async for entity in entities]
+        return sorted(messages, key=lambda message: message.index)
+
+    async def reset_chat(
+        self,
+        state: ChatState,
+        first_message: ChatMessage,
+        applied: AppliedRequest,
+    ) -> bool:
+        """Create the chat afresh (the extension's create semantics): False if already applied.
+
+        Old rows are deleted first, then the new ``state``, the system message and the applied
+        record are written in one transaction. A crash in between leaves no record, so the
+        redelivered request simply does it again.
+        """
+        chat_id = state.chat_id
+        if await self.is_applied(chat_id, applied.request_id):
+            return False
+        await self._delete_rows(chat_id, keep=lambda key: key.startswith(REQUEST_PREFIX))
+        operations: list[Any] = [
+            ("create", state_entity(state)),
+            ("create", message_entity(chat_id, first_message)),
+            ("create", applied_request_entity(chat_id, applied)),
+        ]
+        try:
+            await self._submit(operations, "create the chat")
+        except TableTransactionError as error:
+            if error.status_code != 409:
+                raise
+            if await self.is_applied(chat_id, applied.request_id):
+                return False  # a duplicate delivery won the race
+            raise TransientError(
+                "the chat was written by someone else while it was being created; retrying"
+            ) from error
+        return True
+
+    async def delete_chat(self, chat_id: str, applied: AppliedRequest) -> int | None:
+        """Delete the chat's rows; the number deleted, or None if the request was applied."""
+        if await self.is_applied(chat_id, applied.request_id):
+            return None
+        deleted = await self._delete_rows(chat_id, keep=lambda key: key.startswith(REQUEST_PREFIX))
+        try:
+            async for attempt in _retrying():
+                with attempt:
+                    async with storage_errors("record the delete request"):
+                        await self.client.create_entity(applied_request_entity(chat_id, applied))
+        except ResourceExistsError:
+            return None
+        return deleted
+
+    async def _delete_rows(self, chat_id: str, keep: Callable[[str], bool]) -> int:
+        """Delete the partition's rows except those ``keep`` names, each guarded by its ETag."""
+        async with storage_errors("list the chat's rows"):
+            entities = self.client.query_entities(
+                "PartitionKey eq @pk", parameters={"pk": chat_id}, select=["PartitionKey", "RowKey"]
+            )
+            rows = [
+                (str(entity["RowKey"]), entity.metadata.get("etag"))
+                async for entity in entities
+                if not keep(str(entity["RowKey"]))
+            ]
+        for batch in _batches(rows, MAX_TRANSACTION_OPERATIONS):
+            operations: list[Any] = [
+                (
+                    "delete",
+                    {"PartitionKey": chat_id, "RowKey": key},
+                    {"etag": etag, "match_condition": MatchConditions.IfNotModified},
+                )
+                for key, etag in batch
+            ]
+            try:
+                await self._submit(operations, "delete the chat's rows")
+            except TableTransactionError as error:
+                if error.status_code in (404, 412):
+                    raise TransientError(
+                        "the chat changed while its rows were being deleted; retrying"
+                    ) from error
+                raise
+        return len(rows)
+
+    async def _submit(self, operations: list[Any], action: str) -> None:
+        async for attempt in _retrying():
+            with attempt:
+                async with storage_errors(action):
+                    await self.client.submit_transaction(operations)
+
+
+def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class ChatStores:
+    """Chat stores per (connection setting, table), with clients cached per key.
+
+    A request may name only allowed settings (``AzureWebJobsStorage`` and those listed in
+    ``WORKER_STORAGE_SETTINGS``): a producer must not make the worker use any other app
+    setting as a connection string.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        service_factory: Callable[[Any], TableServiceClient] = table_service,
+    ) -> None:
+        self._settings = settings
+        self._service_factory = service_factory
+        self._services: dict[str, TableServiceClient] = {}
+        self._stores: dict[tuple[str, str], TableChatStore] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def _service(self, setting: str) -> TableServiceClient:
+        connection = self._settings.storage.get(setting)
+        if connection is None:
+            raise PermanentError(
+                f"chatStorageConnectionSetting {setting!r} is not allowed: use "
+                f"{DEFAULT_STORAGE_SETTING} or a name listed in WORKER_STORAGE_SETTINGS",
+                error_type="SettingNotAllowed",
+            )
+        if setting not in self._services:
+            self._services[setting] = self._service_factory(connection)
+        return self._services[setting]
+
+    async def get(self, setting: str, table: str) -> TableChatStore:
+        """The store of ``table`` on the account of ``setting``; the table is created once."""
+        key = (setting, table)
+        store = self._stores.get(key)
+        if store is not None:
+            return store
+        service = self._service(setting)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key not in self._stores:
+                try:
+                    async with storage_errors(f"create the table {table!r}"):
+                        await service.create_table(table)
+                except ResourceExistsError:
+                    pass
+                self._stores[key] = TableChatStore(service.get_table_client(table))
+        return self._stores[key]
+
+    async def close(self) -> None:
+        for store in self._stores.values():
+            await store.client.close()
+        for service in self._services.values():
+            await service.close()
+        self._stores.clear()
+        self._services.clear()

@@ -1,0 +1,79 @@
+"""The queue seam: what the worker loop needs from a queue service, and nothing more.
+
+A ``Delivery`` is one received message with its lease (pop receipt); the decoded request never
+carries delivery details. ``Broker`` is implemented for Azure Storage queues
+(``worker.azure_queue``) and in memory (``worker.memory_transport``) for fast loop tests.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One leased message: its body and what is needed to extend, delete or release it."""
+
+    queue: str
+    message_id: str
+    pop_receipt: str
+    dequeue_count: int
+    body: str
+    inserted_on: datetime | None = None
+
+
+class LeaseLost(Exception):
+    """The message's lease expired and someone else may hold it now (stale pop receipt)."""
+
+
+class QueueNotFound(Exception):
+    """The queue does not exist."""
+
+
+class QueueTransport(Protocol):
+    """One work queue."""
+
+    name: str
+
+    async def receive(self, max_messages: int, visibility_timeout: float) -> list[Delivery]:
+        """Lease up to ``max_messages`` visible messages (fewer, or none, is normal)."""
+
+    async def extend(self, delivery: Delivery, visibility_timeout: float) -> Delivery:
+        """Renew the lease; the returned delivery carries the new pop receipt."""
+
+    async def complete(self, delivery: Delivery) -> None:
+        """Delete the message. Raises ``LeaseLost`` if the pop receipt is stale."""
+
+    async def release(self, delivery: Delivery, delay: float) -> None:
+        """Make the message visible again after ``delay`` seconds."""
+
+    async def approximate_count(self) -> int:
+        """Messages in the queue, visible or not (used by burst mode to know it is done)."""
+
+
+class Broker(Protocol):
+    """A queue service: work queues to consume and queues to send to."""
+
+    def queue(self, name: str) -> QueueTransport:
+        """The transport of one queue (cached)."""
+
+    async def send(
+        self, queue: str, body: str, *, delay: float = 0.0, time_to_live: int | None = None
+    ) -> str:
+        """Put a message, visible after ``delay`` seconds; returns its id.
+
+        ``time_to_live=-1`` keeps it until it is deleted (dead letters). A queue that does not
+        exist yet is created.
+        """
+
+    async def ensure_queues(self, names: Iterable[str]) -> None:
+        """Create the queues that do not exist."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def poison_queue_name(queue: str) -> str:
+    """The dead-letter queue of a work queue (the Functions trigger's convention)."""
+    return f"{queue}-poison"
