@@ -24,7 +24,7 @@ $(STAMP_NODE): package.json package-lock.json
 
 ## make run: Azurite (unless AzureWebJobsStorage is set) and the worker, in the foreground.
 run: deps
-	$(BIN)/python -m worker.devrun
+	$(BIN)/python -m worker.devtools.run
 
 ## make test: lint, type-check, and the whole test suite (Azurite started by the tests).
 test: deps lint typecheck

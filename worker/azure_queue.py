@@ -6,6 +6,7 @@ message, see NOTES).
 """
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -50,7 +51,7 @@ class AzureQueue:
                 Delivery(
                     queue=self.name,
                     message_id=message.id,
-                    pop_receipt=message.pop_receipt,
+                    pop_receipt=message.pop_receipt or "",
                     dequeue_count=message.dequeue_count or 1,
                     body=message.content if isinstance(message.content, str) else str(message.content),
                     inserted_on=message.inserted_on,
@@ -73,7 +74,7 @@ class AzureQueue:
         return Delivery(
             queue=delivery.queue,
             message_id=delivery.message_id,
-            pop_receipt=updated.pop_receipt,
+            pop_receipt=updated.pop_receipt or "",
             dequeue_count=delivery.dequeue_count,
             body=delivery.body,
             inserted_on=delivery.inserted_on,
@@ -135,10 +136,8 @@ class AzureQueueBroker:
         missing = [name for name in names if name not in self._known]
 
         async def create(name: str) -> None:
-            try:
+            with contextlib.suppress(ResourceExistsError):
                 await self.queue(name).client.create_queue()
-            except ResourceExistsError:
-                pass
             self._known.add(name)
 
         await asyncio.gather(*(create(name) for name in missing))

@@ -7,6 +7,7 @@ follow-up messages were sent (at-least-once: the handlers are idempotent).
 """
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -138,10 +139,8 @@ class Worker:
         Waking on a finished message matters when every slot was busy: it frees one.
         """
         self._activity.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._activity.wait(), timeout=delay)
-        except TimeoutError:
-            pass
 
     async def _queues_empty(self) -> bool:
         try:
@@ -158,7 +157,7 @@ class Worker:
         leases = dict(self._inflight)
         self._log.info("worker.draining", in_flight=len(tasks),
                        grace_seconds=self.settings.shutdown_grace)  # fmt: skip
-        done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
         if not pending:
             return
         for task in pending:

@@ -51,7 +51,7 @@ def backoff(attempt: int, policy: RetryPolicy, *, jitter: float = 0.0) -> float:
     that replicas that failed together do not retry together.
     """
     exponent = max(attempt - 1, 0)
-    delay = min(policy.base_delay * (2**exponent), policy.max_delay)
+    delay = min(policy.base_delay * float(2**exponent), policy.max_delay)
     return delay * (1 + 0.2 * jitter)
 
 

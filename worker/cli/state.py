@@ -51,5 +51,5 @@ def state_command(args: argparse.Namespace, settings: Settings) -> int:
     if not args.id:
         raise CliError("an assistant id is required", exit_code=2)
     state = asyncio.run(read_state(settings, args.id, args.collection, args.storage_setting, args.since))
-    print_json(state.model_dump(mode="json", by_alias=True))
+    print_json(state.to_wire())
     return 0

@@ -51,6 +51,7 @@ from worker.store.layout import (
 )
 
 MAX_TRANSACTION_OPERATIONS = 100
+_DELETE_PASSES = 5
 # Status codes of requests the service will refuse however often they are sent.
 _PERMANENT_STATUS = {400, 413}
 
@@ -66,7 +67,7 @@ async def storage_errors(action: str) -> AsyncIterator[None]:
     except TableTransactionError as error:
         if error.status_code in _PERMANENT_STATUS:
             raise PermanentError(
-                f"the table service refused to {action}: {error.error_code or error.message}",
+                f"the table service refused to {action}: {getattr(error, 'error_code', None) or error.message}",
                 error_type="StorageRequestRejected",
             ) from error
         raise
@@ -175,34 +176,48 @@ class TableChatStore:
         return deleted
 
     async def _delete_rows(self, chat_id: str, keep: Callable[[str], bool]) -> int:
-        """Delete the partition's rows except those ``keep`` names, each guarded by its ETag."""
+        """Delete the partition's rows except those ``keep`` names; returns how many.
+
+        Each delete is guarded by the row's ETag, and a transaction fails whole. When another
+        worker changed or deleted a row meanwhile (412/404), the rows are listed again and
+        the deletes retried, a few times, before it becomes a transient error.
+        """
+        deleted = 0
+        for _ in range(_DELETE_PASSES):
+            rows = await self._list_rows(chat_id, keep)
+            try:
+                for batch in _batches(rows, MAX_TRANSACTION_OPERATIONS):
+                    await self._submit(
+                        [
+                            (
+                                "delete",
+                                {"PartitionKey": chat_id, "RowKey": key},
+                                {"etag": etag, "match_condition": MatchConditions.IfNotModified},
+                            )
+                            for key, etag in batch
+                        ],
+                        "delete the chat's rows",
+                    )
+                    deleted += len(batch)
+            except TableTransactionError as error:
+                if error.status_code not in (404, 412):
+                    raise
+                continue
+            return deleted
+        raise TransientError("the chat kept changing while its rows were being deleted; retrying")
+
+    async def _list_rows(
+        self, chat_id: str, keep: Callable[[str], bool]
+    ) -> list[tuple[str, str | None]]:
         async with storage_errors("list the chat's rows"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk", parameters={"pk": chat_id}, select=["PartitionKey", "RowKey"]
             )
-            rows = [
+            return [
                 (str(entity["RowKey"]), entity.metadata.get("etag"))
                 async for entity in entities
                 if not keep(str(entity["RowKey"]))
             ]
-        for batch in _batches(rows, MAX_TRANSACTION_OPERATIONS):
-            operations: list[Any] = [
-                (
-                    "delete",
-                    {"PartitionKey": chat_id, "RowKey": key},
-                    {"etag": etag, "match_condition": MatchConditions.IfNotModified},
-                )
-                for key, etag in batch
-            ]
-            try:
-                await self._submit(operations, "delete the chat's rows")
-            except TableTransactionError as error:
-                if error.status_code in (404, 412):
-                    raise TransientError(
-                        "the chat changed while its rows were being deleted; retrying"
-                    ) from error
-                raise
-        return len(rows)
 
     async def _submit(self, operations: list[Any], action: str) -> None:
         async for attempt in _retrying():

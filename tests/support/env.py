@@ -1,0 +1,154 @@
+"""Per-test storage: unique queue and table names, settings, and direct SDK access.
+
+Tests look at queues and tables with the real Azure SDK (never mocks) to check what the
+worker did.
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from azure.data.tables.aio import TableServiceClient
+from azure.storage.queue.aio import QueueServiceClient
+
+from tests.support.azurite import REPO_ROOT, Azurite
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class StorageEnv:
+    """One test's view of Azurite: its own queues and chat table."""
+
+    azurite: Azurite
+    suffix: str
+
+    @classmethod
+    def fresh(cls, azurite: Azurite) -> "StorageEnv":
+        return cls(azurite, uuid.uuid4().hex[:10])
+
+    @property
+    def connection_string(self) -> str:
+        return self.azurite.connection_string
+
+    @property
+    def requests_queue(self) -> str:
+        return f"req-{self.suffix}"
+
+    @property
+    def runs_queue(self) -> str:
+        return f"runs-{self.suffix}"
+
+    @property
+    def requests_poison(self) -> str:
+        return f"{self.requests_queue}-poison"
+
+    @property
+    def table(self) -> str:
+        return f"Chats{self.suffix}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment variables for a worker of this test (fast polling and retries)."""
+        values = {
+            "AzureWebJobsStorage": self.connection_string,
+            "WORKER_REQUESTS_QUEUE": self.requests_queue,
+            "WORKER_RUNS_QUEUE": self.runs_queue,
+            "WORKER_MAX_POLLING_INTERVAL": "0.5",
+            "WORKER_RETRY_DELAY": "1",
+            "WORKER_RETRY_MAX_DELAY": "2",
+            "WORKER_LOG_FORMAT": "json",
+        }
+        values.update(extra)
+        return values
+
+    def settings(self, **extra: str) -> Settings:
+        return Settings.from_env(self.env(**extra))
+
+    @asynccontextmanager
+    async def queues(self) -> AsyncIterator[QueueServiceClient]:
+        async with QueueServiceClient.from_connection_string(self.connection_string) as client:
+            yield client
+
+    @asynccontextmanager
+    async def tables(self) -> AsyncIterator[TableServiceClient]:
+        async with TableServiceClient.from_connection_string(self.connection_string) as client:
+            yield client
+
+    async def send(self, body: str | Mapping[str, Any], queue: str | None = None) -> str:
+        """Put a body on a queue (the requests queue by default); returns the message id."""
+        text = body if isinstance(body, str) else json.dumps(body)
+        async with self.queues() as service:
+            client = service.get_queue_client(queue or self.requests_queue)
+            with suppress(Exception):
+                await client.create_queue()
+            sent = await client.send_message(text)
+            return str(sent.id)
+
+    async def peek_all(self, queue: str) -> list[str]:
+        """Bodies of every message in a queue, visible or not, by receiving then releasing.
+
+        Bounded: reads at most 32 messages per call, in one lease of 5 s.
+        """
+        async with self.queues() as service:
+            client = service.get_queue_client(queue)
+            try:
+                messages = [m async for m in client.receive_messages(
+                    messages_per_page=32, max_messages=32, visibility_timeout=5)]
+            except Exception:
+                return []
+            for message in messages:
+                await client.update_message(message.id, message.pop_receipt, visibility_timeout=0)
+            return [str(m.content) for m in messages]
+
+    async def count(self, queue: str) -> int:
+        async with self.queues() as service:
+            try:
+                props = await service.get_queue_client(queue).get_queue_properties()
+            except Exception:
+                return 0
+            return int(props.approximate_message_count or 0)
+
+    async def partition(self, chat_id: str, table: str = "ChatState") -> dict[str, dict[str, Any]]:
+        """Every row of one chat, by RowKey."""
+        async with self.tables() as service:
+            client = service.get_table_client(table)
+            rows = client.query_entities("PartitionKey eq @pk", parameters={"pk": chat_id})
+            return {str(row["RowKey"]): dict(row) async for row in rows}
+
+
+def run(coro: Any) -> Any:
+    """Run a coroutine from a sync test (no pytest-asyncio: one event loop per call)."""
+    return asyncio.run(coro)
+
+
+def worker_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "worker", *args]
+
+
+def start_worker(env: Mapping[str, str], log_path: Path, *args: str) -> "subprocess.Popen[bytes]":
+    """A worker process (``assistant-worker run``) whose JSON log goes to ``log_path``."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        worker_command("run", *args), cwd=REPO_ROOT, env=full_env, stdout=log, stderr=log
+    )
+
+
+def read_log(log_path: Path) -> list[dict[str, Any]]:
+    """The JSON log events a worker process wrote (non-JSON lines are skipped)."""
+    events = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events

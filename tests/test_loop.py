@@ -1,0 +1,308 @@
+"""The worker loop on the in-memory broker: outcomes, leases, effects, shutdown.
+
+Fast tests of the loop's logic with fake handlers; the same loop is tested end to end on
+Azurite in the other test files.
+"""
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import structlog
+
+from schemas import AssistantCreate, decode_body
+from worker.errors import PermanentError, TransientError
+from worker.handling import HandlerRegistry, HandlerResult, MessageContext, Send
+from worker.loop import Worker
+from worker.memory_transport import MemoryBroker
+from worker.settings import Settings
+
+SETTINGS = Settings.from_env(
+    {
+        "WORKER_MAX_POLLING_INTERVAL": "0.05",
+        "WORKER_RETRY_DELAY": "0",
+        "WORKER_RETRY_MAX_DELAY": "0",
+        "WORKER_CONCURRENCY": "4",
+        "OPENAI_API_KEY": "sk-test-secret-value",
+    }
+)
+REQUESTS = SETTINGS.requests_queue
+POISON = f"{REQUESTS}-poison"
+
+
+class Recorder:
+    """A handler that records its calls and does what the test says per chat id."""
+
+    def __init__(self, behaviour: dict[str, Any] | None = None) -> None:
+        self.calls: list[tuple[str, MessageContext]] = []
+        self.behaviour = behaviour or {}
+
+    async def __call__(self, message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        self.calls.append((message.id, context))
+        action = self.behaviour.get(message.id)
+        if isinstance(action, BaseException):
+            raise action
+        if callable(action):
+            result = await action(message, context)
+            assert isinstance(result, HandlerResult)
+            return result
+        return HandlerResult(note="created")
+
+
+def make_worker(handler: Any, broker: MemoryBroker, settings: Settings = SETTINGS) -> Worker:
+    registry = HandlerRegistry(requests={"assistantCreate": handler}, runs={})
+    return Worker(broker, registry, settings, rng=random.Random(1))
+
+
+def send(broker: MemoryBroker, body: dict[str, Any] | str, queue: str = REQUESTS) -> str:
+    text = body if isinstance(body, str) else json.dumps(body)
+    return broker.queue(queue).put(text)
+
+
+def poison(broker: MemoryBroker) -> list[dict[str, Any]]:
+    return [decode_body(body) for body in broker.queue(POISON).bodies()]
+
+
+def test_valid_messages_are_handled_and_deleted() -> None:
+    """Each message reaches its handler once, with the request id, and is deleted."""
+    broker, handler = MemoryBroker(), Recorder()
+    send(broker, {"id": "a", "requestId": "r-1"})
+    message_id = send(broker, {"id": "b"})
+    worker = make_worker(handler, broker)
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(worker.run_until_idle())
+    assert sorted(chat for chat, _ in handler.calls) == ["a", "b"]
+    contexts = {chat: context for chat, context in handler.calls}
+    assert contexts["a"].request_id == "r-1"
+    assert contexts["b"].request_id == message_id
+    assert broker.queue(REQUESTS).messages == {}
+    completed = [e for e in logs if e["event"] == "message.completed"]
+    assert {e["chat_id"] for e in completed} == {"a", "b"}
+    assert all(e["outcome"] == "created" and e["type"] == "assistantCreate" for e in completed)
+
+
+def test_bad_input_is_dead_lettered_at_once_and_others_go_on() -> None:
+    """Malformed bodies go to the poison queue on their first attempt with a reason."""
+    broker, handler = MemoryBroker(), Recorder()
+    send(broker, "not json")
+    send(broker, {"id": "ok"})
+    send(broker, {"type": "nope", "id": "x"})
+    asyncio.run(make_worker(handler, broker).run_until_idle())
+    letters = poison(broker)
+    reasons = sorted(letter["deadLetter"]["reason"] for letter in letters)
+    assert len(reasons) == 2
+    assert "neither JSON nor Base64" in reasons[0]
+    assert "unknown message type 'nope'" in reasons[1]
+    assert all(letter["deadLetter"]["dequeueCount"] == 1 for letter in letters)
+    assert {letter["message"] if isinstance(letter["message"], str) else "json" for letter in letters} == {"not json", "json"}
+    assert [chat for chat, _ in handler.calls] == ["ok"]
+
+
+def test_permanent_handler_errors_are_dead_lettered_with_their_reason() -> None:
+    """A handler's PermanentError is not retried."""
+    broker = MemoryBroker()
+    handler = Recorder({"gone": PermanentError("assistant 'gone' does not exist", error_type="UnknownAssistant")})
+    send(broker, {"id": "gone", "requestId": "r-7"})
+    asyncio.run(make_worker(handler, broker).run_until_idle())
+    [letter] = poison(broker)
+    assert letter["deadLetter"]["reason"] == "assistant 'gone' does not exist"
+    assert letter["deadLetter"]["errorType"] == "UnknownAssistant"
+    assert letter["deadLetter"]["requestId"] == "r-7"
+    assert letter["message"] == {"id": "gone", "requestId": "r-7"}
+    assert len(handler.calls) == 1
+
+
+def test_transient_errors_are_retried_then_dead_lettered() -> None:
+    """A failing handler runs max_dequeue_count times, then the message is dead-lettered."""
+    broker = MemoryBroker()
+    handler = Recorder({"flaky": TransientError("table service unavailable")})
+    send(broker, {"id": "flaky"})
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(make_worker(handler, broker).run_until_idle())
+    assert len(handler.calls) == SETTINGS.max_dequeue_count
+    assert [c.dequeue_count for _, c in handler.calls] == [1, 2, 3, 4, 5]
+    [letter] = poison(broker)
+    assert "gave up after 5 attempts" in letter["deadLetter"]["reason"]
+    assert "table service unavailable" in letter["deadLetter"]["reason"]
+    assert sum(e["event"] == "message.retried" for e in logs) == 4
+
+
+def test_retry_delay_comes_from_the_policy() -> None:
+    """A retried message is invisible for the backoff delay."""
+    broker = MemoryBroker()
+    settings = SETTINGS.with_values(retry_delay=30.0, retry_max_delay=60.0)
+    handler = Recorder({"slow": TransientError("busy")})
+    send(broker, {"id": "slow"})
+    worker = make_worker(handler, broker, settings)
+
+    async def one_round() -> None:
+        task = asyncio.create_task(worker.run())
+        while not worker.stats["retried"]:
+            await asyncio.sleep(0.01)
+        worker.stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(one_round())
+    [message] = broker.queue(REQUESTS).messages.values()
+    assert 29 < message.visible_at - broker.clock() <= 36
+
+
+def test_too_many_deliveries_are_dead_lettered_without_running() -> None:
+    """A message delivered more than max_dequeue_count times is not run again."""
+    broker, handler = MemoryBroker(), Recorder()
+    send(broker, {"id": "crashy"})
+    stored = next(iter(broker.queue(REQUESTS).messages.values()))
+    stored.dequeue_count = SETTINGS.max_dequeue_count
+    asyncio.run(make_worker(handler, broker).run_until_idle())
+    assert handler.calls == []
+    [letter] = poison(broker)
+    assert letter["deadLetter"]["errorType"] == "MaxDequeueCountExceeded"
+
+
+def test_effects_are_sent_before_the_message_is_deleted() -> None:
+    """Follow-up messages go out first: the ack comes after every effect is sent."""
+    broker = MemoryBroker()
+    seen_at_send: list[int] = []
+
+    async def with_effect(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        return HandlerResult(note="ok", effects=(Send("replies", {"type": "x", "id": message.id}),))
+
+    original_send = broker.send
+
+    async def spying_send(queue: str, body: str, **kwargs: Any) -> str:
+        seen_at_send.append(len(broker.queue(REQUESTS).messages))
+        return await original_send(queue, body, **kwargs)
+
+    broker.send = spying_send  # type: ignore[method-assign]
+    send(broker, {"id": "e"})
+    asyncio.run(make_worker(Recorder({"e": with_effect}), broker).run_until_idle())
+    assert seen_at_send == [1]
+    assert [decode_body(b) for b in broker.queue("replies").bodies()] == [{"type": "x", "id": "e"}]
+    assert broker.queue(REQUESTS).messages == {}
+
+
+def test_a_failed_effect_retries_the_message() -> None:
+    """If a follow-up cannot be sent, the message is retried, not deleted."""
+    broker = MemoryBroker()
+
+    async def with_effect(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        return HandlerResult(note="ok", effects=(Send("replies", {"id": message.id}),))
+
+    async def failing_send(queue: str, body: str, **kwargs: Any) -> str:
+        raise ConnectionError("queue service unreachable")
+
+    send(broker, {"id": "e"})
+    worker = make_worker(Recorder({"e": with_effect}), broker, SETTINGS.with_values(max_dequeue_count=2))
+    broker.send = failing_send  # type: ignore[method-assign]
+
+    async def until_retried() -> None:
+        task = asyncio.create_task(worker.run())
+        while not worker.stats["retried"]:
+            await asyncio.sleep(0.01)
+        worker.stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(until_retried())
+    assert len(broker.queue(REQUESTS).messages) == 1
+
+
+def test_lease_is_renewed_while_the_handler_runs() -> None:
+    """A handler slower than the visibility timeout keeps its message leased."""
+    broker = MemoryBroker()
+    settings = SETTINGS.with_values(visibility_timeout=1.0)
+    receipts: list[str] = []
+
+    async def slow(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        queue = broker.queue(REQUESTS)
+        for _ in range(3):
+            await asyncio.sleep(0.6)
+            receipts.append(next(iter(queue.messages.values())).pop_receipt)
+            # Still leased: nobody else could receive it now.
+            assert await queue.receive(1, 1.0) == []
+        return HandlerResult(note="done")
+
+    send(broker, {"id": "slow"})
+    worker = make_worker(Recorder({"slow": slow}), broker, settings)
+    asyncio.run(worker.run_until_idle())
+    assert len(set(receipts)) >= 2, "the pop receipt changes when the lease is renewed"
+    assert worker.stats["completed"] == 1
+    assert broker.queue(REQUESTS).messages == {}
+
+
+def test_stop_drains_in_flight_work_and_releases_the_rest() -> None:
+    """On stop, finished work is deleted and unfinished work is made visible at once."""
+    broker = MemoryBroker()
+    settings = SETTINGS.with_values(shutdown_grace=0.3, visibility_timeout=60.0)
+    started = asyncio.Event()
+
+    async def quick(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        await asyncio.sleep(0.05)
+        return HandlerResult(note="done")
+
+    async def stuck(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        started.set()
+        await asyncio.sleep(30)
+        return HandlerResult(note="never")
+
+    send(broker, {"id": "quick"})
+    send(broker, {"id": "stuck"})
+    worker = make_worker(Recorder({"quick": quick, "stuck": stuck}), broker, settings)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(started.wait(), 5)
+        worker.stop()
+        await asyncio.wait_for(task, 5)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+    assert worker.stats["completed"] == 1
+    assert worker.stats["abandoned"] == 1
+    [left] = broker.queue(REQUESTS).messages.values()
+    assert json.loads(left.body)["id"] == "stuck"
+    assert left.visible_at <= broker.clock(), "released for the next worker at once"
+    assert any(e["event"] == "message.abandoned" and e["released"] for e in logs)
+
+
+def test_concurrency_bounds_messages_in_flight() -> None:
+    """No more than WORKER_CONCURRENCY handlers run at once."""
+    broker = MemoryBroker()
+    running = 0
+    peak = 0
+
+    async def counted(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return HandlerResult(note="ok")
+
+    for n in range(20):
+        send(broker, {"id": f"c{n}"})
+    handler = Recorder({f"c{n}": counted for n in range(20)})
+    asyncio.run(make_worker(handler, broker).run_until_idle())
+    assert len(handler.calls) == 20
+    assert peak == SETTINGS.concurrency
+
+
+def test_run_steps_belong_on_the_runs_queue() -> None:
+    """A message type sent to the wrong queue is dead-lettered with a reason saying so."""
+    broker = MemoryBroker()
+    registry = HandlerRegistry(requests={"assistantCreate": Recorder()}, runs={"runStep": Recorder()})
+    send(broker, {"type": "runStep", "id": "c", "runId": "r", "step": 0})
+    asyncio.run(Worker(broker, registry, SETTINGS).run_until_idle())
+    [letter] = poison(broker)
+    assert "belong on the runs queue" in letter["deadLetter"]["reason"]
+
+
+def test_secrets_never_reach_logs_or_dead_letters() -> None:
+    """An error that carries a configured secret is masked in the log and the dead letter."""
+    broker = MemoryBroker()
+    handler = Recorder({"leak": PermanentError("bad key sk-test-secret-value used")})
+    send(broker, {"id": "leak"})
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(make_worker(handler, broker).run_until_idle())
+    assert "sk-test-secret-value" not in json.dumps(poison(broker))
+    assert "sk-test-secret-value" not in json.dumps(logs, default=str)

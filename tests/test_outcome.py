@@ -1,0 +1,84 @@
+"""The pure retry/dead-letter decision and the backoff schedules."""
+
+import random
+
+from schemas import InvalidMessage
+from worker.errors import PermanentError, TransientError
+from worker.outcome import (
+    Complete,
+    DeadLetter,
+    IdleBackoff,
+    Retry,
+    RetryPolicy,
+    backoff,
+    check_before_running,
+    decide,
+)
+
+POLICY = RetryPolicy(max_dequeue_count=5, base_delay=2.0, max_delay=30.0)
+
+
+class TestDecide:
+    def test_success_completes(self) -> None:
+        """No error: the message is deleted."""
+        assert decide(None, 1, POLICY) == Complete()
+
+    def test_permanent_error_dead_letters_on_first_attempt(self) -> None:
+        """A permanent error is never retried."""
+        outcome = decide(PermanentError("unknown assistant 'x'", error_type="UnknownAssistant"), 1, POLICY)
+        assert outcome == DeadLetter("unknown assistant 'x'", "UnknownAssistant")
+
+    def test_invalid_message_dead_letters_on_first_attempt(self) -> None:
+        """Undecodable input is permanent."""
+        outcome = decide(InvalidMessage("not JSON"), 1, POLICY)
+        assert isinstance(outcome, DeadLetter)
+        assert outcome.error_type == "InvalidMessage"
+
+    def test_transient_error_retries_with_exponential_backoff(self) -> None:
+        """Attempts 1..4 are retried after 2, 4, 8, 16 s."""
+        delays = [decide(ConnectionError("reset"), n, POLICY) for n in range(1, 5)]
+        assert delays == [Retry(d, "ConnectionError: reset") for d in (2.0, 4.0, 8.0, 16.0)]
+
+    def test_last_attempt_dead_letters_with_the_last_error(self) -> None:
+        """At the dequeue limit the message goes to the poison queue, saying why."""
+        outcome = decide(TimeoutError("table timed out"), 5, POLICY)
+        assert isinstance(outcome, DeadLetter)
+        assert "after 5 attempts" in outcome.reason
+        assert "table timed out" in outcome.reason
+        assert outcome.error_type == "TimeoutError"
+
+    def test_retry_after_wins_but_is_capped(self) -> None:
+        """A server's Retry-After replaces the backoff, within the policy's cap."""
+        assert decide(TransientError("429", retry_after=7), 1, POLICY) == Retry(7, "429")
+        assert decide(TransientError("429", retry_after=900), 1, POLICY) == Retry(30.0, "429")
+
+
+class TestBackoff:
+    def test_is_capped(self) -> None:
+        """The delay never exceeds the cap, however many attempts."""
+        assert backoff(50, POLICY) == 30.0
+
+    def test_jitter_adds_at_most_a_fifth(self) -> None:
+        """Jitter spreads retries of replicas that failed together."""
+        assert backoff(1, POLICY, jitter=0.0) == 2.0
+        assert 2.0 < backoff(1, POLICY, jitter=0.99) < 2.4
+
+
+def test_messages_delivered_too_often_are_dead_lettered_before_running() -> None:
+    """A message whose earlier attempts crashed the worker is not run again."""
+    assert check_before_running(5, POLICY) is None
+    outcome = check_before_running(6, POLICY)
+    assert isinstance(outcome, DeadLetter)
+    assert outcome.error_type == "MaxDequeueCountExceeded"
+
+
+def test_idle_backoff_grows_from_100ms_to_the_cap_and_resets() -> None:
+    """Empty polls back off exponentially (randomized) and a message resets the backoff."""
+    idle = IdleBackoff(maximum=1.0)
+    rng = random.Random(7)
+    delays = [idle.next_delay(rng) for _ in range(8)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(0.5 <= d <= 1.0 for d in delays[5:])
+    assert max(delays) <= 1.0
+    idle.reset()
+    assert idle.next_delay(rng) <= 0.1

@@ -1,0 +1,80 @@
+"""Settings from the environment and flags, storage connection resolution, secrets."""
+
+import pytest
+
+from worker.settings import DEV_STORAGE, Settings, SettingsError
+
+
+def test_defaults_follow_the_spec() -> None:
+    """With nothing set, the worker uses Azurite and the documented defaults."""
+    settings = Settings.from_env({})
+    assert settings.default_storage.connection_string == DEV_STORAGE
+    assert settings.work_queues == ("assistant-requests", "assistant-runs")
+    assert settings.concurrency == 16
+    assert settings.max_dequeue_count == 5
+    assert settings.visibility_timeout == 60
+    assert settings.max_polling_interval == 10
+    assert settings.run_timeout == 600
+    assert settings.poll_backoff == (0.5, 1, 2, 3, 5)
+    assert settings.chat_model == "gpt-4o-mini"
+    assert settings.model_api == "chat"
+    assert settings.message_encoding == "none"
+
+
+def test_flags_override_the_environment() -> None:
+    """A CLI flag wins over its environment variable."""
+    settings = Settings.from_env({"WORKER_CONCURRENCY": "4"}, overrides={"concurrency": "2"})
+    assert settings.concurrency == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY (or --concurrency) must be at least 1"),
+        ({"WORKER_CONCURRENCY": "many"}, "WORKER_CONCURRENCY"),
+        ({"WORKER_REQUESTS_QUEUE": "Bad_Name"}, "valid Azure queue name"),
+        ({"WORKER_REQUESTS_QUEUE": "a" * 57}, "at most 56 characters"),
+        ({"WORKER_RUNS_QUEUE": "assistant-requests"}, "must differ"),
+        ({"WORKER_MESSAGE_ENCODING": "utf7"}, "none, base64"),
+        ({"WORKER_STORAGE_SETTINGS": "Other"}, "names 'Other'"),
+        ({"WORKER_AI_CONNECTIONS": "east"}, "east__endpoint is not set"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], fragment: str) -> None:
+    """A bad setting stops the worker with a message naming the variable."""
+    with pytest.raises(SettingsError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_identity_based_storage() -> None:
+    """NAME__accountName selects identity-based access with the account's endpoints."""
+    settings = Settings.from_env({"AzureWebJobsStorage__accountName": "acct"})
+    storage = settings.default_storage
+    assert storage.uses_identity
+    assert storage.queue_service_uri == "https://acct.queue.core.windows.net"
+    assert storage.table_service_uri == "https://acct.table.core.windows.net"
+
+
+def test_extra_storage_settings_are_allowed_by_name() -> None:
+    """Only settings listed in WORKER_STORAGE_SETTINGS are resolved, besides the default."""
+    settings = Settings.from_env(
+        {"WORKER_STORAGE_SETTINGS": "Other", "Other": "UseDevelopmentStorage=true", "Unlisted": "x"}
+    )
+    assert set(settings.storage) == {"AzureWebJobsStorage", "Other"}
+
+
+def test_secrets_are_collected_and_hidden_from_repr() -> None:
+    """Account keys, SAS tokens and API keys are known to the redactor and never printed."""
+    env = {
+        "AzureWebJobsStorage": "AccountName=a;AccountKey=KEY123==;QueueEndpoint=http://x",
+        "OPENAI_API_KEY": "sk-abc",
+        "AZURE_OPENAI_KEY": "azkey",
+        "WORKER_AI_CONNECTIONS": "east",
+        "east__endpoint": "https://east",
+        "east__key": "eastkey",
+    }
+    settings = Settings.from_env(env)
+    assert set(settings.secrets()) == {"KEY123==", "sk-abc", "azkey", "eastkey"}
+    text = repr(settings)
+    for secret in settings.secrets():
+        assert secret not in text
