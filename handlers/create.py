@@ -16,7 +16,15 @@ def assistant_defaults(request: AssistantCreate) -> dict[str, Any]:
         mode="json",
         by_alias=True,
         exclude_none=True,
-        include={"chat_model", "api", "tools", "temperature", "top_p", "max_tokens", "reasoning_effort"},
+        include={
+            "chat_model",
+            "api",
+            "tools",
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "reasoning_effort",
+        },
     )
     return dict(fields)
 

@@ -33,7 +33,7 @@ def decode_body(body: str | bytes) -> dict[str, Any]:
     stripped = text.strip()
     if not stripped:
         raise InvalidMessage("the message body is empty; expected a JSON object")
-    if stripped[0] in "{[\"" or stripped in ("null", "true", "false"):
+    if stripped[0] in '{["' or stripped in ("null", "true", "false"):
         return _json_object(stripped, source="JSON")
     try:
         raw = base64.b64decode(stripped, validate=True)

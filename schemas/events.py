@@ -13,6 +13,7 @@ class EventModel(WireModel):
 
     model_config = ConfigDict(strict=False)
 
+
 RunStatus = Literal[
     "queued",
     "in_progress",

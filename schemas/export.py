@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if the files are stale")
     args = parser.parse_args(argv)
     expected = expected_files()
-    stale = [path for path, text in expected.items() if not path.exists() or path.read_text() != text]
+    stale = [
+        path for path, text in expected.items() if not path.exists() or path.read_text() != text
+    ]
     extra = [p for p in SCHEMA_DIR.glob("*.schema.json") if p not in expected]
     if args.check:
         for path in [*stale, *extra]:

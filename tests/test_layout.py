@@ -43,7 +43,9 @@ def test_text_split_is_lossless(size: int) -> None:
     text = ("ab😀" * size)[:size]
     properties = split_text("Content", text)
     assert join_text(properties, "Content") == text
-    assert all(len(value) <= MAX_PROPERTY_CHARS for value in properties.values() if isinstance(value, str))
+    assert all(
+        len(value) <= MAX_PROPERTY_CHARS for value in properties.values() if isinstance(value, str)
+    )
     # The extension reads only "Content": it still gets the text's beginning.
     assert text.startswith(properties["Content"])
 
@@ -59,7 +61,9 @@ def test_state_round_trips() -> None:
     state = ChatState("chat", True, NOW, NOW, 3, 42, {"chatModel": "m"})
     entity = state_entity(state)
     assert {"Exists", "CreatedAt", "LastUpdatedAt", "TotalMessages", "TotalTokens"} <= set(entity)
-    assert state_from_entity(entity, "etag-1") == ChatState("chat", True, NOW, NOW, 3, 42, {"chatModel": "m"}, "etag-1")
+    assert state_from_entity(entity, "etag-1") == ChatState(
+        "chat", True, NOW, NOW, 3, 42, {"chatModel": "m"}, "etag-1"
+    )
 
 
 def test_message_round_trips() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from schemas import AssistantCreate, decode_body
+from tests.support.env import wait_until
 from worker.errors import PermanentError, TransientError
 from worker.handling import HandlerRegistry, HandlerResult, MessageContext, Send
 from worker.loop import Worker
@@ -95,14 +96,18 @@ def test_bad_input_is_dead_lettered_at_once_and_others_go_on() -> None:
     assert "neither JSON nor Base64" in reasons[0]
     assert "unknown message type 'nope'" in reasons[1]
     assert all(letter["deadLetter"]["dequeueCount"] == 1 for letter in letters)
-    assert {letter["message"] if isinstance(letter["message"], str) else "json" for letter in letters} == {"not json", "json"}
+    assert {
+        letter["message"] if isinstance(letter["message"], str) else "json" for letter in letters
+    } == {"not json", "json"}
     assert [chat for chat, _ in handler.calls] == ["ok"]
 
 
 def test_permanent_handler_errors_are_dead_lettered_with_their_reason() -> None:
     """A handler's PermanentError is not retried."""
     broker = MemoryBroker()
-    handler = Recorder({"gone": PermanentError("assistant 'gone' does not exist", error_type="UnknownAssistant")})
+    handler = Recorder(
+        {"gone": PermanentError("assistant 'gone' does not exist", error_type="UnknownAssistant")}
+    )
     send(broker, {"id": "gone", "requestId": "r-7"})
     asyncio.run(make_worker(handler, broker).run_until_idle())
     [letter] = poison(broker)
@@ -138,8 +143,7 @@ def test_retry_delay_comes_from_the_policy() -> None:
 
     async def one_round() -> None:
         task = asyncio.create_task(worker.run())
-        while not worker.stats["retried"]:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: worker.stats["retried"] > 0, 5, "a retry")
         worker.stop()
         await asyncio.wait_for(task, 5)
 
@@ -193,13 +197,14 @@ def test_a_failed_effect_retries_the_message() -> None:
         raise ConnectionError("queue service unreachable")
 
     send(broker, {"id": "e"})
-    worker = make_worker(Recorder({"e": with_effect}), broker, SETTINGS.with_values(max_dequeue_count=2))
+    worker = make_worker(
+        Recorder({"e": with_effect}), broker, SETTINGS.with_values(max_dequeue_count=2)
+    )
     broker.send = failing_send  # type: ignore[method-assign]
 
     async def until_retried() -> None:
         task = asyncio.create_task(worker.run())
-        while not worker.stats["retried"]:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: worker.stats["retried"] > 0, 5, "a retry")
         worker.stop()
         await asyncio.wait_for(task, 5)
 
@@ -290,7 +295,9 @@ def test_concurrency_bounds_messages_in_flight() -> None:
 def test_run_steps_belong_on_the_runs_queue() -> None:
     """A message type sent to the wrong queue is dead-lettered with a reason saying so."""
     broker = MemoryBroker()
-    registry = HandlerRegistry(requests={"assistantCreate": Recorder()}, runs={"runStep": Recorder()})
+    registry = HandlerRegistry(
+        requests={"assistantCreate": Recorder()}, runs={"runStep": Recorder()}
+    )
     send(broker, {"type": "runStep", "id": "c", "runId": "r", "step": 0})
     asyncio.run(Worker(broker, registry, SETTINGS).run_until_idle())
     [letter] = poison(broker)

@@ -25,7 +25,9 @@ class TestDecide:
 
     def test_permanent_error_dead_letters_on_first_attempt(self) -> None:
         """A permanent error is never retried."""
-        outcome = decide(PermanentError("unknown assistant 'x'", error_type="UnknownAssistant"), 1, POLICY)
+        outcome = decide(
+            PermanentError("unknown assistant 'x'", error_type="UnknownAssistant"), 1, POLICY
+        )
         assert outcome == DeadLetter("unknown assistant 'x'", "UnknownAssistant")
 
     def test_invalid_message_dead_letters_on_first_attempt(self) -> None:

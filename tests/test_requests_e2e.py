@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support.azurite import REPO_ROOT
-from tests.support.env import StorageEnv, run
+from tests.support.env import StorageEnv, run, wait_until
 from tests.support.tcp_proxy import TcpProxy
 from worker.app import open_app
 from worker.cli.main import main as cli
@@ -65,9 +65,7 @@ class TestExtensionPayloads:
         assert isinstance(first["CreatedAt"], datetime)
         assert "Name" not in first
         # Besides the extension's rows, only the worker's own applied-request record.
-        assert set(rows) - {"state", "msg-0001"} == {
-            key for key in rows if key.startswith("req-")
-        }
+        assert set(rows) - {"state", "msg-0001"} == {key for key in rows if key.startswith("req-")}
 
     def test_producer_in_another_language(self, storage: StorageEnv) -> None:
         """A Node producer using @azure/storage-queue (plain text) is understood."""
@@ -76,7 +74,10 @@ class TestExtensionPayloads:
         sent = subprocess.run(
             ["node", "tests/node/send_message.mjs", storage.requests_queue, body],
             cwd=REPO_ROOT,
-            env={"AzureWebJobsStorage": storage.connection_string, "PATH": "/usr/bin:/usr/local/bin:/bin"},
+            env={
+                "AzureWebJobsStorage": storage.connection_string,
+                "PATH": "/usr/bin:/usr/local/bin:/bin",
+            },
             capture_output=True,
             text=True,
             timeout=60,
@@ -92,12 +93,18 @@ BAD_INPUTS: list[tuple[str, str]] = [
     ("this is not json", "neither JSON nor Base64"),
     (base64.b64encode(b"\x00\x01garbage\xff").decode(), "Base64"),
     ("[1, 2, 3]", "JSON array"),
-    (json.dumps({"type": "assistantTeleport", "id": "x"}), "unknown message type 'assistantTeleport'"),
+    (
+        json.dumps({"type": "assistantTeleport", "id": "x"}),
+        "unknown message type 'assistantTeleport'",
+    ),
     (json.dumps({"instructions": "no id"}), "field 'id' is required"),
     (json.dumps({"id": "a/b"}), "field 'id': must not contain '/'"),
     (json.dumps({"id": "ok", "collectionName": "no-dashes"}), "field 'collectionName'"),
     (json.dumps({"id": "ok", "temperature": "hot"}), "field 'temperature'"),
-    (json.dumps({"id": "ok", "chatStorageConnectionSetting": "OPENAI_API_KEY"}), "'OPENAI_API_KEY' is not allowed"),
+    (
+        json.dumps({"id": "ok", "chatStorageConnectionSetting": "OPENAI_API_KEY"}),
+        "'OPENAI_API_KEY' is not allowed",
+    ),
 ]
 
 
@@ -118,9 +125,8 @@ def test_bad_input_is_dead_lettered_on_first_attempt(storage: StorageEnv) -> Non
     assert len(letters) == len(BAD_INPUTS)
     by_body = {}
     for letter in letters:
-        original = letter["message"]
-        key = original if isinstance(original, str) else json.dumps(original)
-        by_body[key] = letter["deadLetter"]
+        stored = letter["message"]
+        by_body[stored if isinstance(stored, str) else json.dumps(stored)] = letter["deadLetter"]
     for body, fragment in BAD_INPUTS:
         original: Any
         try:
@@ -192,7 +198,9 @@ def test_transient_storage_failure_is_retried_until_it_recovers(storage: Storage
         proxy.set_down(True)
         flaky = storage.azurite.connection_string_with(table_port=proxy.port)
         settings = storage.settings(
-            WORKER_STORAGE_SETTINGS="FlakyStorage", FlakyStorage=flaky, WORKER_MAX_DEQUEUE_COUNT="10"
+            WORKER_STORAGE_SETTINGS="FlakyStorage",
+            FlakyStorage=flaky,
+            WORKER_MAX_DEQUEUE_COUNT="10",
         )
         chat_id = f"flaky-{storage.suffix}"
         run(storage.send({"id": chat_id, "chatStorageConnectionSetting": "FlakyStorage"}))
@@ -200,12 +208,12 @@ def test_transient_storage_failure_is_retried_until_it_recovers(storage: Storage
         async def scenario() -> Worker:
             async with open_app(settings) as app:
                 task = asyncio.create_task(app.worker.run())
-                await wait_for(lambda: app.worker.stats["retried"] >= 2, 60)
+                await wait_until(lambda: app.worker.stats["retried"] >= 2, 60, "two retries")
                 # Not deleted before its effect is stored: still on the queue, no rows yet.
                 assert await storage.count(storage.requests_queue) == 1
                 assert await storage.partition(chat_id) == {}
                 proxy.set_down(False)
-                await wait_for(lambda: app.worker.stats["completed"] == 1, 60)
+                await wait_until(lambda: app.worker.stats["completed"] == 1, 60, "the create")
                 app.worker.stop()
                 await asyncio.wait_for(task, 30)
                 return app.worker
@@ -226,7 +234,11 @@ def test_transient_failure_is_dead_lettered_after_max_attempts(storage: StorageE
             FlakyStorage=storage.azurite.connection_string_with(table_port=proxy.port),
             WORKER_MAX_DEQUEUE_COUNT="3",
         )
-        run(storage.send({"id": "never", "chatStorageConnectionSetting": "FlakyStorage", "requestId": "r-n"}))
+        run(
+            storage.send(
+                {"id": "never", "chatStorageConnectionSetting": "FlakyStorage", "requestId": "r-n"}
+            )
+        )
         worker = run(run_worker(settings))
     assert worker.stats["retried"] == 2
     [letter] = poison_letters(storage)
@@ -238,24 +250,20 @@ def test_transient_failure_is_dead_lettered_after_max_attempts(storage: StorageE
     assert letter["message"]["id"] == "never"
 
 
-async def wait_for(condition: Any, timeout: float) -> None:
-    """Poll ``condition`` every 50 ms until it holds; fail after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.05)
-
-
 class TestCli:
     def test_send_and_state(
-        self, storage: StorageEnv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        self,
+        storage: StorageEnv,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         """`send create` enqueues a request the worker applies; `state` prints AssistantState."""
         for key, value in storage.env().items():
             monkeypatch.setenv(key, value)
         chat_id = f"cli-{storage.suffix}"
-        assert cli(["send", "create", chat_id, "--instructions", "Be brief.", "--model", "gpt-x"]) == 0
+        assert (
+            cli(["send", "create", chat_id, "--instructions", "Be brief.", "--model", "gpt-x"]) == 0
+        )
         sent = json.loads(capsys.readouterr().out)
         assert sent["request"]["type"] == "assistantCreate"
         run(run_worker(storage.settings()))
@@ -279,7 +287,10 @@ class TestCli:
         assert missing["totalMessages"] == 0
 
     def test_errors_are_one_readable_line(
-        self, storage: StorageEnv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        self,
+        storage: StorageEnv,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         """Bad arguments give one line on stderr and a non-zero exit, not a traceback."""
         for key, value in storage.env().items():

@@ -112,19 +112,27 @@ class TestParseMessage:
     @pytest.mark.parametrize(
         ("payload", "fragment"),
         [
-            ({"type": "assistantFrobnicate", "id": "c"}, "unknown message type 'assistantFrobnicate'"),
+            (
+                {"type": "assistantFrobnicate", "id": "c"},
+                "unknown message type 'assistantFrobnicate'",
+            ),
             ({"instructions": "x"}, "field 'id' is required"),
             ({"id": "a/b"}, "field 'id': must not contain '/'"),
             ({"id": "a\nb"}, "control characters"),
             ({"id": "x" * 257}, "field 'id': String should have at most 256"),
-            ({"id": "c", "collectionName": "bad-name"}, "field 'collectionName': must be a valid Azure table name"),
+            (
+                {"id": "c", "collectionName": "bad-name"},
+                "field 'collectionName': must be a valid Azure table name",
+            ),
             ({"id": "c", "temperature": "0.5"}, "field 'temperature'"),
             ({"id": "c", "userMessage": 5}, "field 'userMessage'"),
             ({"id": "c", "userMessage": "hi", "replyTo": "Bad_Queue"}, "field 'replyTo'"),
             ({"id": "c", "requestId": "r" * 201}, "field 'requestId'"),
         ],
     )
-    def test_invalid_requests_say_which_field(self, payload: dict[str, object], fragment: str) -> None:
+    def test_invalid_requests_say_which_field(
+        self, payload: dict[str, object], fragment: str
+    ) -> None:
         """Schema violations raise InvalidMessage naming the field by its wire name."""
         with pytest.raises(InvalidMessage) as caught:
             parse_message(payload)
@@ -134,6 +142,7 @@ class TestParseMessage:
         """An envelope put back on a work queue yields its message, keeping its identity."""
         envelope = {"deadLetter": {"messageId": "m-1", "reason": "x"}, "message": EXTENSION_CREATE}
         message = parse_message(envelope)
+        assert isinstance(message, AssistantCreate)
         assert message.id == "chat-1"
         assert message.request_id == "m-1"
 
@@ -141,6 +150,7 @@ class TestParseMessage:
         """A request that had a requestId keeps it when unwrapped."""
         original = {**EXTENSION_CREATE, "requestId": "r-9"}
         message = parse_message({"deadLetter": {"messageId": "m-1"}, "message": original})
+        assert isinstance(message, AssistantCreate)
         assert message.request_id == "r-9"
 
 

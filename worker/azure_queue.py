@@ -53,7 +53,9 @@ class AzureQueue:
                     message_id=message.id,
                     pop_receipt=message.pop_receipt or "",
                     dequeue_count=message.dequeue_count or 1,
-                    body=message.content if isinstance(message.content, str) else str(message.content),
+                    body=message.content
+                    if isinstance(message.content, str)
+                    else str(message.content),
                     inserted_on=message.inserted_on,
                 )
             )

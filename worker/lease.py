@@ -17,7 +17,9 @@ log = structlog.get_logger("worker.lease")
 class Lease:
     """The newest ``Delivery`` of one message, and the task that keeps it leased."""
 
-    def __init__(self, queue: QueueTransport, delivery: Delivery, visibility_timeout: float) -> None:
+    def __init__(
+        self, queue: QueueTransport, delivery: Delivery, visibility_timeout: float
+    ) -> None:
         self.queue = queue
         self.delivery = delivery
         self.visibility_timeout = visibility_timeout
@@ -44,7 +46,9 @@ class Lease:
                     self.delivery = await self.queue.extend(self.delivery, self.visibility_timeout)
             except LeaseLost:
                 self.lost = True
-                log.warning("lease.lost", message_id=self.delivery.message_id, queue=self.queue.name)
+                log.warning(
+                    "lease.lost", message_id=self.delivery.message_id, queue=self.queue.name
+                )
                 return
             except Exception as error:
                 # Keep trying: the lease may still be ours at the next half-life.

@@ -91,8 +91,9 @@ class Worker:
     async def _serve(self, *, burst: bool) -> None:
         names = [queue.name for queue, _ in self._queues]
         await self.broker.ensure_queues([*names, *(poison_queue_name(n) for n in names)])
-        self._log.info("worker.started", queues=names, burst=burst,
-                       concurrency=self.settings.concurrency)  # fmt: skip
+        self._log.info(
+            "worker.started", queues=names, burst=burst, concurrency=self.settings.concurrency
+        )
         idle = IdleBackoff(maximum=self.settings.max_polling_interval)
         try:
             while not self._stopping.is_set():
@@ -118,8 +119,9 @@ class Worker:
                     min(free, MAX_BATCH), self.settings.visibility_timeout
                 )
             except Exception as error:
-                self._log.warning("queue.receive_failed", queue=queue.name,
-                                  error=self.redact(describe(error)))  # fmt: skip
+                self._log.warning(
+                    "queue.receive_failed", queue=queue.name, error=self.redact(describe(error))
+                )
                 continue
             for delivery in deliveries:
                 lease = Lease(queue, delivery, self.settings.visibility_timeout)
@@ -155,8 +157,9 @@ class Worker:
             return
         tasks = list(self._inflight)
         leases = dict(self._inflight)
-        self._log.info("worker.draining", in_flight=len(tasks),
-                       grace_seconds=self.settings.shutdown_grace)  # fmt: skip
+        self._log.info(
+            "worker.draining", in_flight=len(tasks), grace_seconds=self.settings.shutdown_grace
+        )
         _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
         if not pending:
             return
@@ -239,17 +242,29 @@ class Worker:
                 case Complete():
                     await lease.complete()
                     self.stats["completed"] += 1
-                    self._log.info("message.completed", outcome=note, duration_ms=duration_ms, **fields)
+                    self._log.info(
+                        "message.completed", outcome=note, duration_ms=duration_ms, **fields
+                    )
                 case Retry(delay=delay, reason=reason):
                     await lease.release(delay)
                     self.stats["retried"] += 1
-                    self._log.warning("message.retried", delay_seconds=round(delay, 3),
-                                      reason=self.redact(reason), duration_ms=duration_ms, **fields)  # fmt: skip
+                    self._log.warning(
+                        "message.retried",
+                        delay_seconds=round(delay, 3),
+                        reason=self.redact(reason),
+                        duration_ms=duration_ms,
+                        **fields,
+                    )
                 case DeadLetter(reason=reason, error_type=error_type):
                     await self._dead_letter(lease, self.redact(reason), error_type, fields)
                     self.stats["dead_lettered"] += 1
-                    self._log.error("message.dead_lettered", reason=self.redact(reason),
-                                    error_type=error_type, duration_ms=duration_ms, **fields)  # fmt: skip
+                    self._log.error(
+                        "message.dead_lettered",
+                        reason=self.redact(reason),
+                        error_type=error_type,
+                        duration_ms=duration_ms,
+                        **fields,
+                    )
         except LeaseLost:
             # Someone else holds the message now; it will be processed again, harmlessly.
             self.stats["lease_lost"] += 1
@@ -257,8 +272,12 @@ class Worker:
         except Exception as error:
             # The message stays on its queue and reappears when its lease expires.
             self.stats["ack_failed"] += 1
-            self._log.error("message.ack_failed", error=self.redact(describe(error)),
-                            duration_ms=duration_ms, **fields)  # fmt: skip
+            self._log.error(
+                "message.ack_failed",
+                error=self.redact(describe(error)),
+                duration_ms=duration_ms,
+                **fields,
+            )
 
     async def _dead_letter(
         self, lease: Lease, reason: str, error_type: str, fields: dict[str, Any]

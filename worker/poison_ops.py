@@ -254,6 +254,23 @@ def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+_LAST = datetime.max.replace(tzinfo=UTC)
+
+
+def ordered(items: Iterable[DeadLetterItem]) -> list[DeadLetterItem]:
+    """Oldest dead letter first (foreign messages by their insertion time), then by id.
+
+    Queue order is not stable (releasing a message moves it), so every command sorts: the
+    same ``--limit`` selects the same dead letters in ``list`` and in ``replay``.
+    """
+
+    def key(item: DeadLetterItem) -> tuple[datetime, str, str]:
+        when = item.dead_lettered_on or item.inserted_on
+        return (_aware(when) if when else _LAST, item.poison_queue, item.message_id)
+
+    return sorted(items, key=key)
+
+
 def select(
     items: Iterable[DeadLetterItem],
     filters: Filters,
@@ -261,7 +278,7 @@ def select(
     limit: int | None = None,
     envelopes_only: bool = False,
 ) -> list[DeadLetterItem]:
-    """The items that match, in order, at most ``limit``."""
+    """The items that match, in the given order, at most ``limit``."""
     chosen: list[DeadLetterItem] = []
     for item in items:
         if limit is not None and len(chosen) >= limit:

@@ -11,7 +11,9 @@ MASK = "***"
 
 _PATTERNS = (
     # AccountKey=...; SharedAccessSignature=...; in connection strings
-    re.compile(r"(?i)\b((?:AccountKey|SharedAccessSignature|SharedAccessKey|Password)=)([^;\s\"']+)"),
+    re.compile(
+        r"(?i)\b((?:AccountKey|SharedAccessSignature|SharedAccessKey|Password)=)([^;\s\"']+)"
+    ),
     # sig=... in SAS query strings
     re.compile(r"(?i)([?&]sig=)([^&\s\"']+)"),
     # Authorization: Bearer ... / api-key: ...

@@ -150,45 +150,140 @@ class SettingSpec:
 
 
 SPECS: tuple[SettingSpec, ...] = (
-    SettingSpec("WORKER_REQUESTS_QUEUE", "requests_queue", _base_queue_name, "assistant-requests",
-                "queue that producers send requests to"),
-    SettingSpec("WORKER_RUNS_QUEUE", "runs_queue", _base_queue_name, "assistant-runs",
-                "queue of the worker's own run-step continuations"),
-    SettingSpec("WORKER_MESSAGE_ENCODING", "message_encoding", _choice("none", "base64"), "none",
-                "how the worker writes messages: 'none' (plain JSON) or 'base64'"),
-    SettingSpec("WORKER_CONCURRENCY", "concurrency", _positive_int, "16",
-                "messages processed at once by this process"),
-    SettingSpec("WORKER_MAX_DEQUEUE_COUNT", "max_dequeue_count", _positive_int, "5",
-                "attempts before a message is dead-lettered"),
-    SettingSpec("WORKER_VISIBILITY_TIMEOUT", "visibility_timeout", _seconds, "60",
-                "seconds of lease taken on receive; renewed at half-life while a handler runs"),
-    SettingSpec("WORKER_MAX_POLLING_INTERVAL", "max_polling_interval", _seconds, "10",
-                "cap, in seconds, of the idle-queue backoff (which starts at 0.1 s)"),
-    SettingSpec("WORKER_RETRY_DELAY", "retry_delay", _seconds, "2",
-                "first delay, in seconds, before a transient failure is retried (doubles each attempt)"),
-    SettingSpec("WORKER_RETRY_MAX_DELAY", "retry_max_delay", _seconds, "300",
-                "cap, in seconds, of the retry delay"),
-    SettingSpec("WORKER_SHUTDOWN_GRACE", "shutdown_grace", _seconds, "25",
-                "seconds that in-flight messages get to finish after SIGTERM"),
-    SettingSpec("WORKER_RUN_TIMEOUT", "run_timeout", _seconds, "600",
-                "seconds after which an unfinished run becomes 'expired'"),
-    SettingSpec("WORKER_POLL_BACKOFF", "poll_backoff", _seconds_list, "0.5,1,2,3,5",
-                "delays, in seconds, between polls of a pending backend run (the last repeats)"),
-    SettingSpec("CHAT_MODEL_DEPLOYMENT_NAME", "chat_model", str, "gpt-4o-mini",
-                "default model or deployment name"),
-    SettingSpec("WORKER_MODEL_API", "model_api", _choice("chat", "responses", "assistants"), "chat",
-                "default model API: chat, responses or assistants"),
-    SettingSpec("WORKER_TOOLS", "tool_modules", _names, "",
-                "comma-separated modules whose @tool functions are registered"),
-    SettingSpec("WORKER_STORAGE_SETTINGS", "storage_setting_names", _names, "",
-                "comma-separated extra storage connection settings requests may name"),
-    SettingSpec("WORKER_AI_CONNECTIONS", "ai_connection_names", _names, "",
-                "comma-separated named AI connections requests may select"),
-    SettingSpec("WORKER_HTTP_PORT", "http_port", _optional_port, "",
-                "if set, port of the health, metrics and query HTTP server"),
-    SettingSpec("WORKER_LOG_FORMAT", "log_format", _choice("auto", "json", "console"), "auto",
-                "log renderer: json, console, or auto (console on a terminal)"),
-)  # fmt: skip
+    SettingSpec(
+        "WORKER_REQUESTS_QUEUE",
+        "requests_queue",
+        _base_queue_name,
+        "assistant-requests",
+        "queue that producers send requests to",
+    ),
+    SettingSpec(
+        "WORKER_RUNS_QUEUE",
+        "runs_queue",
+        _base_queue_name,
+        "assistant-runs",
+        "queue of the worker's own run-step continuations",
+    ),
+    SettingSpec(
+        "WORKER_MESSAGE_ENCODING",
+        "message_encoding",
+        _choice("none", "base64"),
+        "none",
+        "how the worker writes messages: 'none' (plain JSON) or 'base64'",
+    ),
+    SettingSpec(
+        "WORKER_CONCURRENCY",
+        "concurrency",
+        _positive_int,
+        "16",
+        "messages processed at once by this process",
+    ),
+    SettingSpec(
+        "WORKER_MAX_DEQUEUE_COUNT",
+        "max_dequeue_count",
+        _positive_int,
+        "5",
+        "attempts before a message is dead-lettered",
+    ),
+    SettingSpec(
+        "WORKER_VISIBILITY_TIMEOUT",
+        "visibility_timeout",
+        _seconds,
+        "60",
+        "seconds of lease taken on receive; renewed at half-life while a handler runs",
+    ),
+    SettingSpec(
+        "WORKER_MAX_POLLING_INTERVAL",
+        "max_polling_interval",
+        _seconds,
+        "10",
+        "cap, in seconds, of the idle-queue backoff (which starts at 0.1 s)",
+    ),
+    SettingSpec(
+        "WORKER_RETRY_DELAY",
+        "retry_delay",
+        _seconds,
+        "2",
+        "first delay, in seconds, before a transient failure is retried (doubles each attempt)",
+    ),
+    SettingSpec(
+        "WORKER_RETRY_MAX_DELAY",
+        "retry_max_delay",
+        _seconds,
+        "300",
+        "cap, in seconds, of the retry delay",
+    ),
+    SettingSpec(
+        "WORKER_SHUTDOWN_GRACE",
+        "shutdown_grace",
+        _seconds,
+        "25",
+        "seconds that in-flight messages get to finish after SIGTERM",
+    ),
+    SettingSpec(
+        "WORKER_RUN_TIMEOUT",
+        "run_timeout",
+        _seconds,
+        "600",
+        "seconds after which an unfinished run becomes 'expired'",
+    ),
+    SettingSpec(
+        "WORKER_POLL_BACKOFF",
+        "poll_backoff",
+        _seconds_list,
+        "0.5,1,2,3,5",
+        "delays, in seconds, between polls of a pending backend run (the last repeats)",
+    ),
+    SettingSpec(
+        "CHAT_MODEL_DEPLOYMENT_NAME",
+        "chat_model",
+        str,
+        "gpt-4o-mini",
+        "default model or deployment name",
+    ),
+    SettingSpec(
+        "WORKER_MODEL_API",
+        "model_api",
+        _choice("chat", "responses", "assistants"),
+        "chat",
+        "default model API: chat, responses or assistants",
+    ),
+    SettingSpec(
+        "WORKER_TOOLS",
+        "tool_modules",
+        _names,
+        "",
+        "comma-separated modules whose @tool functions are registered",
+    ),
+    SettingSpec(
+        "WORKER_STORAGE_SETTINGS",
+        "storage_setting_names",
+        _names,
+        "",
+        "comma-separated extra storage connection settings requests may name",
+    ),
+    SettingSpec(
+        "WORKER_AI_CONNECTIONS",
+        "ai_connection_names",
+        _names,
+        "",
+        "comma-separated named AI connections requests may select",
+    ),
+    SettingSpec(
+        "WORKER_HTTP_PORT",
+        "http_port",
+        _optional_port,
+        "",
+        "if set, port of the health, metrics and query HTTP server",
+    ),
+    SettingSpec(
+        "WORKER_LOG_FORMAT",
+        "log_format",
+        _choice("auto", "json", "console"),
+        "auto",
+        "log renderer: json, console, or auto (console on a terminal)",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -257,7 +352,9 @@ class Settings:
         for name in values["ai_connection_names"]:
             endpoint = env.get(f"{name}__endpoint")
             if not endpoint:
-                raise SettingsError(f"WORKER_AI_CONNECTIONS names {name!r}, but {name}__endpoint is not set")
+                raise SettingsError(
+                    f"WORKER_AI_CONNECTIONS names {name!r}, but {name}__endpoint is not set"
+                )
             ai_connections[name] = AIConnection(name, endpoint, env.get(f"{name}__key"))
 
         return cls(

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +99,12 @@ class StorageEnv:
         async with self.queues() as service:
             client = service.get_queue_client(queue)
             try:
-                messages = [m async for m in client.receive_messages(
-                    messages_per_page=32, max_messages=32, visibility_timeout=5)]
+                messages = [
+                    m
+                    async for m in client.receive_messages(
+                        messages_per_page=32, max_messages=32, visibility_timeout=5
+                    )
+                ]
             except Exception:
                 return []
             for message in messages:
@@ -121,6 +125,16 @@ class StorageEnv:
             client = service.get_table_client(table)
             rows = client.query_entities("PartitionKey eq @pk", parameters={"pk": chat_id})
             return {str(row["RowKey"]): dict(row) async for row in rows}
+
+
+async def wait_until(condition: Callable[[], bool], within: float, what: str = "condition") -> None:
+    """Poll ``condition`` every 20 ms; fail with ``what`` if it does not hold ``within`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not happen within {within} s")
+        await asyncio.sleep(0.02)
 
 
 def run(coro: Any) -> Any:

@@ -122,8 +122,10 @@ class WorkerProcess:
         return wait_until(
             check,
             timeout=timeout,
-            what=lambda: f"{at_least} {name!r} events (got {len(self.events(name))}); "
-            f"log tail:\n{self.tail()}",
+            what=lambda: (
+                f"{at_least} {name!r} events (got {len(self.events(name))}); "
+                f"log tail:\n{self.tail()}"
+            ),
         )
 
     def wait_exit(self, timeout: float) -> int:
@@ -186,6 +188,16 @@ def table_rows(storage: StorageEnv, table: str) -> dict[str, dict[str, dict[str,
 
 def queue_count(storage: StorageEnv, queue: str) -> int:
     return int(asyncio.run(storage.count(queue)))
+
+
+async def _visible_count(storage: StorageEnv, queue: str) -> int:
+    async with storage.queues() as service:
+        return len(await service.get_queue_client(queue).peek_messages(max_messages=32))
+
+
+def visible_count(storage: StorageEnv, queue: str) -> int:
+    """How many messages of a queue are visible now (not leased), counting up to 32."""
+    return asyncio.run(_visible_count(storage, queue))
 
 
 def read_all(storage: StorageEnv, queue: str) -> list[str]:

@@ -20,17 +20,28 @@ def add_queue_flags(parser: argparse.ArgumentParser) -> None:
     """The queue names, for commands that send or read messages."""
     for spec in SPECS:
         if spec.field in {"requests_queue", "runs_queue", "message_encoding"}:
-            parser.add_argument(spec.flag, dest=spec.field, default=None, metavar="VALUE",
-                                help=f"{spec.help} (env {spec.env}, default {spec.default!r})")  # fmt: skip
+            parser.add_argument(
+                spec.flag,
+                dest=spec.field,
+                default=None,
+                metavar="VALUE",
+                help=f"{spec.help} (env {spec.env}, default {spec.default!r})",
+            )
 
 
 def add_storage_flags(parser: argparse.ArgumentParser) -> None:
     """Which chat table a command reads or a request names."""
-    parser.add_argument("--collection", default="ChatState",
-                        help="table holding the chats (collectionName; default ChatState)")  # fmt: skip
-    parser.add_argument("--storage-setting", default="AzureWebJobsStorage",
-                        help="setting holding the storage connection "
-                             "(chatStorageConnectionSetting; default AzureWebJobsStorage)")  # fmt: skip
+    parser.add_argument(
+        "--collection",
+        default="ChatState",
+        help="table holding the chats (collectionName; default ChatState)",
+    )
+    parser.add_argument(
+        "--storage-setting",
+        default="AzureWebJobsStorage",
+        help="setting holding the storage connection "
+        "(chatStorageConnectionSetting; default AzureWebJobsStorage)",
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -22,10 +22,17 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "environment variable named in its help.",
     )
     for spec in SPECS:
-        parser.add_argument(spec.flag, dest=spec.field, default=None, metavar="VALUE",
-                            help=f"{spec.help} (env {spec.env}, default {spec.default!r})")  # fmt: skip
+        parser.add_argument(
+            spec.flag,
+            dest=spec.field,
+            default=None,
+            metavar="VALUE",
+            help=f"{spec.help} (env {spec.env}, default {spec.default!r})",
+        )
     parser.add_argument(
-        "--burst", action="store_true", help="exit when the queues are empty and nothing is in flight"
+        "--burst",
+        action="store_true",
+        help="exit when the queues are empty and nothing is in flight",
     )
     parser.set_defaults(handler=run_command)
 

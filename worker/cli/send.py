@@ -26,19 +26,32 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     )
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
 
-    create = kinds.add_parser("create", help="create (or reset) an assistant",
-                              description="Send an assistantCreate request.")  # fmt: skip
+    create = kinds.add_parser(
+        "create",
+        help="create (or reset) an assistant",
+        description="Send an assistantCreate request.",
+    )
     create.add_argument("id", help="assistant (chat) id")
     create.add_argument("--instructions", help="system instructions (default: the extension's)")
     create.add_argument("--model", dest="chat_model", help="default model or deployment")
-    create.add_argument("--api", choices=["chat", "responses", "assistants"], help="default model API")
-    create.add_argument("--tool", dest="tools", action="append", metavar="NAME",
-                        help="a registered tool to offer (repeat for several; default: all)")  # fmt: skip
+    create.add_argument(
+        "--api", choices=["chat", "responses", "assistants"], help="default model API"
+    )
+    create.add_argument(
+        "--tool",
+        dest="tools",
+        action="append",
+        metavar="NAME",
+        help="a registered tool to offer (repeat for several; default: all)",
+    )
     create.add_argument("--temperature", type=float)
     create.add_argument("--max-tokens", type=int)
 
-    delete = kinds.add_parser("delete", help="delete an assistant and its chat",
-                              description="Send an assistantDelete request.")  # fmt: skip
+    delete = kinds.add_parser(
+        "delete",
+        help="delete an assistant and its chat",
+        description="Send an assistantDelete request.",
+    )
     delete.add_argument("id", help="assistant (chat) id")
 
     for sub in (create, delete):
@@ -82,8 +95,14 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 def send_command(args: argparse.Namespace, settings: Settings) -> int:
     payload = build_request(args)
     message_id = asyncio.run(send_payload(settings, payload))
-    print_json({"queue": settings.requests_queue, "messageId": message_id,
-                "requestId": payload["requestId"], "request": payload})  # fmt: skip
+    print_json(
+        {
+            "queue": settings.requests_queue,
+            "messageId": message_id,
+            "requestId": payload["requestId"],
+            "request": payload,
+        }
+    )
     return 0
 
 

@@ -19,8 +19,12 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "createdAt, lastUpdatedAt, totalMessages, totalTokens and recentMessages.",
     )
     parser.add_argument("id", help="assistant (chat) id")
-    parser.add_argument("--since", type=parse_timestamp, metavar="TIMESTAMP",
-                        help="only messages created after this ISO-8601 time (UTC if no zone)")  # fmt: skip
+    parser.add_argument(
+        "--since",
+        type=parse_timestamp,
+        metavar="TIMESTAMP",
+        help="only messages created after this ISO-8601 time (UTC if no zone)",
+    )
     add_storage_flags(parser)
     parser.set_defaults(handler=state_command)
 
@@ -50,6 +54,8 @@ async def read_state(
 def state_command(args: argparse.Namespace, settings: Settings) -> int:
     if not args.id:
         raise CliError("an assistant id is required", exit_code=2)
-    state = asyncio.run(read_state(settings, args.id, args.collection, args.storage_setting, args.since))
+    state = asyncio.run(
+        read_state(settings, args.id, args.collection, args.storage_setting, args.since)
+    )
     print_json(state.to_wire())
     return 0

@@ -80,7 +80,9 @@ def main() -> int:
                 connection = azurite.connection_string
             stack.callback(azurite.stop)
             os.environ["AzureWebJobsStorage"] = connection
-            say(f"Azurite is up (queue port {azurite.queue_port}, table port {azurite.table_port}, data in .azurite/)")
+            say(
+                f"Azurite is up (queue port {azurite.queue_port}, table port {azurite.table_port}, data in .azurite/)"
+            )
         settings = Settings.from_env()
         configure_logging(settings.log_format, Redactor(settings.secrets()))
         asyncio.run(demo(settings))

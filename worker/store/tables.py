@@ -141,9 +141,11 @@ class TableChatStore:
         redelivered request simply does it again.
         """
         chat_id = state.chat_id
-        if await self.is_applied(chat_id, applied.request_id):
+        # One listing of the partition answers "already applied?" and names the rows to delete.
+        rows = await self._list_rows(chat_id)
+        if request_row_key(applied.request_id) in rows:
             return False
-        await self._delete_rows(chat_id, keep=lambda key: key.startswith(REQUEST_PREFIX))
+        await self._delete_rows(chat_id, _history(rows))
         operations: list[Any] = [
             ("create", state_entity(state)),
             ("create", message_entity(chat_id, first_message)),
@@ -165,7 +167,7 @@ class TableChatStore:
         """Delete the chat's rows; the number deleted, or None if the request was applied."""
         if await self.is_applied(chat_id, applied.request_id):
             return None
-        deleted = await self._delete_rows(chat_id, keep=lambda key: key.startswith(REQUEST_PREFIX))
+        deleted = await self._delete_rows(chat_id, _history(await self._list_rows(chat_id)))
         try:
             async for attempt in _retrying():
                 with attempt:
@@ -175,18 +177,17 @@ class TableChatStore:
             return None
         return deleted
 
-    async def _delete_rows(self, chat_id: str, keep: Callable[[str], bool]) -> int:
-        """Delete the partition's rows except those ``keep`` names; returns how many.
+    async def _delete_rows(self, chat_id: str, rows: dict[str, str | None]) -> int:
+        """Delete the given rows (key -> ETag) of the chat's history; returns how many.
 
         Each delete is guarded by the row's ETag, and a transaction fails whole. When another
-        worker changed or deleted a row meanwhile (412/404), the rows are listed again and
+        worker changed or deleted a row meanwhile (412/404), the history is listed again and
         the deletes retried, a few times, before it becomes a transient error.
         """
         deleted = 0
         for _ in range(_DELETE_PASSES):
-            rows = await self._list_rows(chat_id, keep)
             try:
-                for batch in _batches(rows, MAX_TRANSACTION_OPERATIONS):
+                for batch in _batches(list(rows.items()), MAX_TRANSACTION_OPERATIONS):
                     await self._submit(
                         [
                             (
@@ -202,28 +203,30 @@ class TableChatStore:
             except TableTransactionError as error:
                 if error.status_code not in (404, 412):
                     raise
+                rows = _history(await self._list_rows(chat_id))
                 continue
             return deleted
         raise TransientError("the chat kept changing while its rows were being deleted; retrying")
 
-    async def _list_rows(
-        self, chat_id: str, keep: Callable[[str], bool]
-    ) -> list[tuple[str, str | None]]:
+    async def _list_rows(self, chat_id: str) -> dict[str, str | None]:
+        """Every row key of the chat with its ETag."""
         async with storage_errors("list the chat's rows"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk", parameters={"pk": chat_id}, select=["PartitionKey", "RowKey"]
             )
-            return [
-                (str(entity["RowKey"]), entity.metadata.get("etag"))
-                async for entity in entities
-                if not keep(str(entity["RowKey"]))
-            ]
+            return {str(entity["RowKey"]): entity.metadata.get("etag") async for entity in entities}
 
     async def _submit(self, operations: list[Any], action: str) -> None:
         async for attempt in _retrying():
             with attempt:
                 async with storage_errors(action):
                     await self.client.submit_transaction(operations)
+
+
+def _history(rows: dict[str, str | None]) -> dict[str, str | None]:
+    """The rows a reset or delete removes: all but the applied-request records, which must
+    survive so that a replay of an older request is still recognised."""
+    return {key: etag for key, etag in rows.items() if not key.startswith(REQUEST_PREFIX)}
 
 
 def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
