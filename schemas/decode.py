@@ -45,8 +45,10 @@ def decode_body(body: str | bytes) -> dict[str, Any]:
     try:
         decoded = raw.decode("utf-8")
     except UnicodeDecodeError:
+        # Short plain words ("oops", "test") are valid Base64 too: name both readings.
         raise InvalidMessage(
-            "the message body is Base64, but what it decodes to is not UTF-8 text"
+            "the message body is neither JSON nor Base64-encoded JSON "
+            f"(starts with {stripped[:20]!r}; read as Base64 it is not UTF-8 text)"
         ) from None
     return _json_object(decoded.strip(), source="Base64-decoded JSON")
 
@@ -56,6 +58,8 @@ def _json_object(text: str, *, source: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise InvalidMessage(f"the message body is not valid {source}: {error}") from None
+    except RecursionError:
+        raise InvalidMessage(f"the message body is {source} nested too deeply to read") from None
     if not isinstance(value, dict):
         kind = "array" if isinstance(value, list) else type(value).__name__
         raise InvalidMessage(f"the message body is a JSON {kind}; expected a JSON object")

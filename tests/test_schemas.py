@@ -49,10 +49,12 @@ class TestDecodeBody:
             ("", "empty"),
             ("hello there", "neither JSON nor Base64"),
             (base64.b64encode(b"\xff\xfe\x00garbage").decode(), "not UTF-8"),
+            ("oops", "neither JSON nor Base64-encoded JSON"),
             (base64.b64encode(b"not json at all").decode(), "not valid Base64-decoded JSON"),
             ("[1, 2]", "JSON array"),
             ('"just a string"', "JSON str"),
             ("{broken", "not valid JSON"),
+            ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
         ],
     )
     def test_unreadable_bodies_say_why(self, body: str, fragment: str) -> None:

@@ -60,10 +60,12 @@ def _parse_envelope_payload(body: str) -> dict[str, Any] | None:
     """The JSON object of a poison-queue body (plain or Base64), or None."""
     try:
         payload = json.loads(body)
+    except RecursionError:  # nested too deeply: nothing a dead-letter envelope looks like
+        return None
     except json.JSONDecodeError:
         try:
             payload = decode_body(body)
-        except InvalidMessage:
+        except (InvalidMessage, RecursionError):
             return None
     return payload if isinstance(payload, dict) else None
 

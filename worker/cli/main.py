@@ -12,6 +12,7 @@ from worker.cli.common import CliError
 from worker.errors import PermanentError
 from worker.redact import Redactor
 from worker.settings import Settings, SettingsError
+from worker.transport import QueueNotFound
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, SettingsError, PermanentError) as error:
         print(f"assistant-worker: error: {redact(str(error))}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
+    except QueueNotFound as error:
+        print(f"assistant-worker: error: {error}", file=sys.stderr)
+        return 1
     except AzureError as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         print(f"assistant-worker: storage error: {redact(first)}", file=sys.stderr)
