@@ -32,7 +32,7 @@ from worker.outcome import (
     decide,
     describe,
 )
-from worker.redact import Redactor
+from worker.redact import Redactor, mask_values
 from worker.settings import Settings
 from worker.transport import Broker, Delivery, LeaseLost, QueueTransport, poison_queue_name
 
@@ -168,17 +168,20 @@ class Worker:
         await asyncio.gather(*pending, return_exceptions=True)
         abandoned = [leases[task] for task in pending]
         # Visible again at once, so the next worker need not wait for the lease to expire.
-        results = await asyncio.wait_for(
-            asyncio.gather(*(lease.release(0) for lease in abandoned), return_exceptions=True),
-            timeout=RELEASE_TIMEOUT,
-        )
-        for lease, result in zip(abandoned, results, strict=True):
+        # Bounded: a release that does not finish in time is given up (the message then
+        # reappears when its lease expires) and shutdown goes on.
+        releases = [asyncio.ensure_future(lease.release(0)) for lease in abandoned]
+        _released, unfinished = await asyncio.wait(releases, timeout=RELEASE_TIMEOUT)
+        for release in unfinished:
+            release.cancel()
+        await asyncio.gather(*releases, return_exceptions=True)
+        for lease, release in zip(abandoned, releases, strict=True):
             self.stats["abandoned"] += 1
             self._log.warning(
                 "message.abandoned",
                 message_id=lease.delivery.message_id,
                 queue=lease.queue.name,
-                released=not isinstance(result, BaseException),
+                released=not release.cancelled() and release.exception() is None,
             )
 
     async def _process(self, role: QueueRole, lease: Lease) -> None:
@@ -290,6 +293,9 @@ class Worker:
             request_id=fields.get("request_id") or request_id_of(delivery.body),
             now=self._now(),
         )
+        # A producer may have sent one of the worker's own secrets (a connection string in
+        # place of a setting name): it must not be copied to the poison queue.
+        envelope = mask_values(envelope, self.redact.mask_known)
         body = encode_body(envelope, self.settings.message_encoding)
         # Put first, delete after: a crash in between leaves a duplicate, never a loss.
         await self.broker.send(poison_queue_name(delivery.queue), body, time_to_live=-1)

@@ -5,7 +5,8 @@ from elsewhere (a connection string in an SDK error, a SAS signature in a URL, a
 """
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 MASK = "***"
 
@@ -32,9 +33,30 @@ class Redactor:
         self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
+        text = self.mask_known(text)
         for pattern in _PATTERNS:
             text = pattern.sub(lambda match: match.group(1) + MASK, text)
         return text
+
+    def mask_known(self, text: str) -> str:
+        """Mask only the configured secret values, never a mere pattern.
+
+        For content that is kept to be replayed (a dead letter's original message): text that
+        merely looks like a key ("api_key: ...") in a user message must survive a replay, but
+        the worker's own keys never belong in a message.
+        """
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+
+def mask_values(value: Any, mask: Callable[[str], str]) -> Any:
+    """``value`` with ``mask`` applied to every string in it (JSON-like data, keys included)."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {mask_values(key, mask): mask_values(item, mask) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_values(item, mask) for item in value]
+    return value
