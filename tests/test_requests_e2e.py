@@ -245,7 +245,8 @@ def test_transient_failure_is_dead_lettered_after_max_attempts(storage: StorageE
     info = letter["deadLetter"]
     assert info["dequeueCount"] == 3
     assert "gave up after 3 attempts" in info["reason"]
-    assert "Service" in info["errorType"] or "Error" in info["errorType"]
+    assert "storage setting 'FlakyStorage'" in info["reason"], "the reason names the connection"
+    assert info["errorType"] in {"ServiceRequestError", "ServiceResponseError"}
     assert info["requestId"] == "r-n"
     assert letter["message"]["id"] == "never"
 

@@ -18,7 +18,10 @@ class PermanentError(Exception):
 class TransientError(Exception):
     """A failure worth retrying later; ``retry_after`` (seconds) overrides the backoff."""
 
-    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, *, retry_after: float | None = None, error_type: str = "TransientError"
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.error_type = error_type

@@ -78,8 +78,9 @@ def decide(
         return DeadLetter(error.reason, "InvalidMessage")
     reason = describe(error)
     if dequeue_count >= policy.max_dequeue_count:
+        error_type = getattr(error, "error_type", None) or type(error).__name__
         return DeadLetter(
-            f"gave up after {dequeue_count} attempts; last error: {reason}", type(error).__name__
+            f"gave up after {dequeue_count} attempts; last error: {reason}", error_type
         )
     if isinstance(error, TransientError) and error.retry_after is not None:
         return Retry(min(error.retry_after, policy.max_delay), reason)

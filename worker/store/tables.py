@@ -11,7 +11,7 @@ Concurrency and idempotency rules, which every method keeps:
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from azure.core import MatchConditions
@@ -33,6 +33,7 @@ from tenacity import (
 
 from worker.azure_clients import table_service
 from worker.errors import PermanentError, TransientError
+from worker.outcome import describe
 from worker.settings import DEFAULT_STORAGE_SETTING, Settings
 from worker.store.layout import (
     MESSAGE_PREFIX,
@@ -57,27 +58,33 @@ _PERMANENT_STATUS = {400, 413}
 
 
 @asynccontextmanager
-async def storage_errors(action: str) -> AsyncIterator[None]:
-    """Turn the table service's refusals of the request itself into permanent errors.
+async def storage_errors(action: str, where: str) -> AsyncIterator[None]:
+    """Classify the table service's failures, saying where they happened.
 
-    Everything else (5xx, timeouts, dropped connections, ETag conflicts) stays transient.
+    A refusal of the request itself (400, 413) is permanent. An unreachable service, a 5xx or
+    an authentication failure is transient, re-raised naming the storage setting and table so
+    that a dead letter says which connection to fix. Anything else (404, 409, 412) passes
+    through for the caller to handle.
     """
     try:
         yield
-    except TableTransactionError as error:
-        if error.status_code in _PERMANENT_STATUS:
-            raise PermanentError(
-                f"the table service refused to {action}: {getattr(error, 'error_code', None) or error.message}",
-                error_type="StorageRequestRejected",
-            ) from error
-        raise
     except HttpResponseError as error:
-        if error.status_code in _PERMANENT_STATUS:
+        status = error.status_code or 0
+        code = getattr(error, "error_code", None)
+        if status in _PERMANENT_STATUS:
             raise PermanentError(
-                f"the table service refused to {action}: {getattr(error, 'error_code', None) or error.reason}",
+                f"{where}: the table service refused to {action}: {code or error.reason}",
                 error_type="StorageRequestRejected",
             ) from error
+        if status >= 500 or status in (401, 403):
+            raise TransientError(
+                f"{where}: could not {action}: {describe(error)}", error_type=type(error).__name__
+            ) from error
         raise
+    except (ServiceRequestError, ServiceResponseError) as error:
+        raise TransientError(
+            f"{where}: could not {action}: {describe(error)}", error_type=type(error).__name__
+        ) from error
 
 
 def _retrying() -> AsyncRetrying:
@@ -94,14 +101,18 @@ def _retrying() -> AsyncRetrying:
 class TableChatStore:
     """The chats of one table."""
 
-    def __init__(self, client: TableClient) -> None:
+    def __init__(self, client: TableClient, setting: str) -> None:
         self.client = client
         self.table_name: str = client.table_name
+        self.where = f"table '{self.table_name}' of storage setting '{setting}'"
+
+    def _errors(self, action: str) -> AbstractAsyncContextManager[None]:
+        return storage_errors(action, self.where)
 
     async def load_state(self, chat_id: str) -> ChatState | None:
         """The ``state`` row with its ETag, or None when the chat does not exist."""
         try:
-            async with storage_errors("read the chat state"):
+            async with self._errors("read the chat state"):
                 entity = await self.client.get_entity(chat_id, STATE_ROW)
         except ResourceNotFoundError:
             return None
@@ -110,7 +121,7 @@ class TableChatStore:
     async def is_applied(self, chat_id: str, request_id: str) -> bool:
         """Whether the request with this id already took effect on this chat."""
         try:
-            async with storage_errors("read an applied-request record"):
+            async with self._errors("read an applied-request record"):
                 await self.client.get_entity(
                     chat_id, request_row_key(request_id), select=["RowKey"]
                 )
@@ -120,7 +131,7 @@ class TableChatStore:
 
     async def read_messages(self, chat_id: str) -> list[ChatMessage]:
         """Every ``msg-`` row of the chat, in order."""
-        async with storage_errors("read the chat messages"):
+        async with self._errors("read the chat messages"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                 parameters={"pk": chat_id, "lo": MESSAGE_PREFIX, "hi": MESSAGE_PREFIX_END},
@@ -169,9 +180,9 @@ class TableChatStore:
             return None
         deleted = await self._delete_rows(chat_id, _history(await self._list_rows(chat_id)))
         try:
-            async for attempt in _retrying():
-                with attempt:
-                    async with storage_errors("record the delete request"):
+            async with self._errors("record the delete request"):
+                async for attempt in _retrying():
+                    with attempt:
                         await self.client.create_entity(applied_request_entity(chat_id, applied))
         except ResourceExistsError:
             return None
@@ -210,16 +221,16 @@ class TableChatStore:
 
     async def _list_rows(self, chat_id: str) -> dict[str, str | None]:
         """Every row key of the chat with its ETag."""
-        async with storage_errors("list the chat's rows"):
+        async with self._errors("list the chat's rows"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk", parameters={"pk": chat_id}, select=["PartitionKey", "RowKey"]
             )
             return {str(entity["RowKey"]): entity.metadata.get("etag") async for entity in entities}
 
     async def _submit(self, operations: list[Any], action: str) -> None:
-        async for attempt in _retrying():
-            with attempt:
-                async with storage_errors(action):
+        async with self._errors(action):
+            async for attempt in _retrying():
+                with attempt:
                     await self.client.submit_transaction(operations)
 
 
@@ -276,11 +287,13 @@ class ChatStores:
         async with lock:
             if key not in self._stores:
                 try:
-                    async with storage_errors(f"create the table {table!r}"):
+                    async with storage_errors(
+                        "create the table", f"table '{table}' of storage setting '{setting}'"
+                    ):
                         await service.create_table(table)
                 except ResourceExistsError:
                     pass
-                self._stores[key] = TableChatStore(service.get_table_client(table))
+                self._stores[key] = TableChatStore(service.get_table_client(table), setting)
         return self._stores[key]
 
     async def close(self) -> None:
