@@ -1,22 +1,22 @@
 """Message handlers: one module per message type, wired together by ``build_registry``."""
 
-from collections.abc import Callable
-from datetime import UTC, datetime
-
 from handlers.create import CreateHandler
 from handlers.delete import DeleteHandler
+from handlers.post import PostHandler
+from handlers.runs import RunServices
+from handlers.step import StepHandler
+from handlers.submit import SubmitHandler
 from worker.handling import HandlerRegistry
-from worker.store.tables import ChatStores
 
 
-def build_registry(
-    stores: ChatStores, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-) -> HandlerRegistry:
+def build_registry(services: RunServices) -> HandlerRegistry:
     """The handlers of every message type this worker serves, per queue."""
     return HandlerRegistry(
         requests={
-            "assistantCreate": CreateHandler(stores, clock),
-            "assistantDelete": DeleteHandler(stores),
+            "assistantCreate": CreateHandler(services),
+            "assistantDelete": DeleteHandler(services.stores),
+            "assistantPost": PostHandler(services),
+            "submitToolOutputs": SubmitHandler(services),
         },
-        runs={},
+        runs={"runStep": StepHandler(services)},
     )

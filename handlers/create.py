@@ -1,13 +1,12 @@
 """``assistantCreate``: create an assistant, or reset it (the extension's semantics)."""
 
-from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
+from handlers.runs import RunServices
 from schemas import AssistantCreate
+from worker.errors import PermanentError
 from worker.handling import HandlerResult, MessageContext
 from worker.store.layout import AppliedRequest, ChatMessage, ChatState
-from worker.store.tables import ChatStores
 
 
 def assistant_defaults(request: AssistantCreate) -> dict[str, Any]:
@@ -29,19 +28,41 @@ def assistant_defaults(request: AssistantCreate) -> dict[str, Any]:
     return dict(fields)
 
 
+def check_tools(request: AssistantCreate, services: RunServices) -> None:
+    """Tools named must be registered here, and hosted tools need an API that has them."""
+    registered = set(services.tools.names())
+    unknown = [t for t in request.tools or [] if isinstance(t, str) and t not in registered]
+    if unknown:
+        known = ", ".join(sorted(registered)) or "none (set WORKER_TOOLS)"
+        raise PermanentError(
+            f"unknown tool(s) {', '.join(map(repr, unknown))}; registered tools: {known}",
+            error_type="UnknownTool",
+        )
+    api = request.api or services.settings.model_api
+    hosted = [
+        t.type for t in request.tools or [] if not isinstance(t, str) and t.type != "function"
+    ]
+    if hosted and api == "chat":
+        raise PermanentError(
+            f"hosted tools ({', '.join(sorted(set(hosted)))}) need api 'responses' or "
+            "'assistants'; the 'chat' API has no hosted tools",
+            error_type="HostedToolsNotSupported",
+        )
+
+
 class CreateHandler:
     """Writes the ``state`` row and the system message; a redelivery with the same
     ``requestId`` finds its applied record and does not reset the chat again."""
 
-    def __init__(self, stores: ChatStores, clock: Callable[[], datetime]) -> None:
-        self._stores = stores
-        self._clock = clock
+    def __init__(self, services: RunServices) -> None:
+        self._services = services
 
     async def __call__(self, request: AssistantCreate, context: MessageContext) -> HandlerResult:
-        store = await self._stores.get(
+        check_tools(request, self._services)
+        store = await self._services.stores.get(
             request.chat_storage_connection_setting, request.collection_name
         )
-        now = self._clock()
+        now = self._services.clock()
         state = ChatState(
             chat_id=request.id,
             exists=True,

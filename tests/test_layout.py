@@ -5,8 +5,8 @@ from datetime import UTC, datetime
 import pytest
 
 from worker.store.layout import (
-    MAX_PROPERTY_CHARS,
-    MAX_TEXT_CHARS_PER_ROW,
+    MAX_PROPERTY_UNITS,
+    MAX_TEXT_UNITS_PER_ROW,
     ChatMessage,
     ChatState,
     join_text,
@@ -17,6 +17,7 @@ from worker.store.layout import (
     split_text,
     state_entity,
     state_from_entity,
+    utf16_units,
 )
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -37,23 +38,36 @@ def test_request_row_keys_are_safe_and_stable() -> None:
     assert key != request_row_key("other")
 
 
-@pytest.mark.parametrize("size", [0, 10, MAX_PROPERTY_CHARS, MAX_PROPERTY_CHARS + 1, 200_000])
+@pytest.mark.parametrize("size", [0, 10, MAX_PROPERTY_UNITS, MAX_PROPERTY_UNITS + 1, 200_000])
 def test_text_split_is_lossless(size: int) -> None:
     """Text of any size that fits a row is split into properties and joined back exactly."""
     text = ("ab😀" * size)[:size]
     properties = split_text("Content", text)
     assert join_text(properties, "Content") == text
     assert all(
-        len(value) <= MAX_PROPERTY_CHARS for value in properties.values() if isinstance(value, str)
+        utf16_units(value) <= MAX_PROPERTY_UNITS
+        for value in properties.values()
+        if isinstance(value, str)
     )
     # The extension reads only "Content": it still gets the text's beginning.
     assert text.startswith(properties["Content"])
 
 
+@pytest.mark.parametrize("text", ["abc" * 30_000, "é" * 70_000, "😀" * 40_000, "a😀" * 25_000])
+def test_chunks_respect_utf16_limits(text: str) -> None:
+    """Characters outside the BMP count twice, as Table Storage counts them."""
+    properties = split_text("Content", text)
+    assert join_text(properties, "Content") == text
+    for value in properties.values():
+        if isinstance(value, str):
+            assert utf16_units(value) <= MAX_PROPERTY_UNITS
+            assert utf16_units(value) == len(value.encode("utf-16-le")) // 2
+
+
 def test_text_too_large_for_a_row_is_refused() -> None:
     """Beyond one entity's capacity the split refuses instead of losing text."""
     with pytest.raises(ValueError, match="fit in one row"):
-        split_text("Content", "x" * (MAX_TEXT_CHARS_PER_ROW + 1))
+        split_text("Content", "x" * (MAX_TEXT_UNITS_PER_ROW + 1))
 
 
 def test_state_round_trips() -> None:

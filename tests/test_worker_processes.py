@@ -158,8 +158,8 @@ def test_sigterm_drains_then_releases_the_rest(
 ) -> None:
     """SIGTERM: exit within the grace period, finished work deleted, the rest released."""
     chats = 40
-    grace = 2.0
-    # Half the chats live behind a table endpoint that answers in ~0.5 s, half behind one
+    grace = 5.0
+    # Half the chats live behind a table endpoint that answers in ~1.5 s, half behind one
     # that takes over 10 s per call. At SIGTERM the worker has creates of both kinds in
     # flight: the fast ones must finish within the grace, the slow ones cannot and must be
     # abandoned and released.
@@ -176,8 +176,10 @@ def test_sigterm_drains_then_releases_the_rest(
     )
 
     with TcpProxy(HOST, azurite.table_port) as fast, TcpProxy(HOST, azurite.table_port) as slow:
-        fast.set_delay(0.1)
-        slow.set_delay(5.0)
+        # Fast creates take long enough that the ones received after the first completions
+        # are still in flight at SIGTERM, and short enough to finish within the grace.
+        fast.set_delay(0.4)
+        slow.set_delay(30.0)
         env = storage.env(
             AzureWebJobsStorage=azurite.connection_string_with(table_port=fast.port),
             WORKER_STORAGE_SETTINGS="SlowStorage",

@@ -11,7 +11,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +39,8 @@ from worker.transport import Broker, Delivery, LeaseLost, QueueTransport, poison
 MAX_BATCH = 32
 # Seconds given to releasing abandoned messages at shutdown.
 RELEASE_TIMEOUT = 5.0
+# Seconds a receive still in flight at shutdown may take before it is cancelled.
+RECEIVE_GRACE = 1.0
 
 
 class Worker:
@@ -74,9 +76,13 @@ class Worker:
         self._inflight: dict[asyncio.Task[None], Lease] = {}
         self._stopping = asyncio.Event()
         self._activity = asyncio.Event()
+        # The grace period counts from stop(), not from when the loop noticed it.
+        self._stop_deadline: float | None = None
 
     def stop(self) -> None:
         """Stop receiving; in-flight messages get ``shutdown_grace`` seconds to finish."""
+        if not self._stopping.is_set():
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace
         self._stopping.set()
         self._activity.set()
 
@@ -115,8 +121,8 @@ class Worker:
             if free <= 0 or self._stopping.is_set():
                 break
             try:
-                deliveries = await queue.receive(
-                    min(free, MAX_BATCH), self.settings.visibility_timeout
+                deliveries = await self._unless_stopped(
+                    queue, queue.receive(min(free, MAX_BATCH), self.settings.visibility_timeout)
                 )
             except Exception as error:
                 self._log.warning(
@@ -131,6 +137,40 @@ class Worker:
             received += len(deliveries)
         return received
 
+    async def _unless_stopped(
+        self, queue: QueueTransport, receiving: Awaitable[list[Delivery]]
+    ) -> list[Delivery]:
+        """The receive's result, or nothing if ``stop()`` comes first.
+
+        A receive can hang on a slow or unreachable queue service, and SIGTERM must not wait
+        for it. Messages that a receive leased after the stop are released at once for the
+        next worker; if it does not answer in time it is cancelled, and whatever it may have
+        leased reappears when the lease expires.
+        """
+        receive = asyncio.ensure_future(receiving)
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not receive.done():
+            await asyncio.wait({receive}, timeout=RECEIVE_GRACE)
+        if not receive.done():
+            receive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receive
+            return []
+        deliveries = receive.result()
+        if not self._stopping.is_set():
+            return deliveries
+        releases = [asyncio.ensure_future(queue.release(d, 0)) for d in deliveries]
+        if releases:
+            _, unfinished = await asyncio.wait(releases, timeout=RELEASE_TIMEOUT)
+            for release in unfinished:
+                release.cancel()
+            await asyncio.gather(*releases, return_exceptions=True)
+        return []
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
         self._activity.set()
@@ -141,6 +181,8 @@ class Worker:
         Waking on a finished message matters when every slot was busy: it frees one.
         """
         self._activity.clear()
+        if self._stopping.is_set():
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._activity.wait(), timeout=delay)
 
@@ -160,7 +202,8 @@ class Worker:
         self._log.info(
             "worker.draining", in_flight=len(tasks), grace_seconds=self.settings.shutdown_grace
         )
-        _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+        deadline = self._stop_deadline or time.monotonic() + self.settings.shutdown_grace
+        _done, pending = await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0))
         if not pending:
             return
         for task in pending:

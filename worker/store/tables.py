@@ -10,7 +10,7 @@ Concurrency and idempotency rules, which every method keeps:
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.data.tables import TableTransactionError
+from azure.data.tables import TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 from tenacity import (
     AsyncRetrying,
@@ -34,11 +34,14 @@ from tenacity import (
 from worker.azure_clients import table_service
 from worker.errors import PermanentError, TransientError
 from worker.outcome import describe
+from worker.runs.model import Run
 from worker.settings import DEFAULT_STORAGE_SETTING, Settings
 from worker.store.layout import (
     MESSAGE_PREFIX,
     MESSAGE_PREFIX_END,
     REQUEST_PREFIX,
+    RUN_PREFIX,
+    RUN_PREFIX_END,
     STATE_ROW,
     AppliedRequest,
     ChatMessage,
@@ -47,6 +50,9 @@ from worker.store.layout import (
     message_entity,
     message_from_entity,
     request_row_key,
+    run_entity,
+    run_from_entity,
+    run_row_key,
     state_entity,
     state_from_entity,
 )
@@ -98,6 +104,10 @@ def _retrying() -> AsyncRetrying:
     )
 
 
+class Conflict(Exception):
+    """A guarded write lost a race: re-read and decide again."""
+
+
 class TableChatStore:
     """The chats of one table."""
 
@@ -138,6 +148,115 @@ class TableChatStore:
             )
             messages = [message_from_entity(dict(entity)) async for entity in entities]
         return sorted(messages, key=lambda message: message.index)
+
+    async def load_run(self, chat_id: str, run_id: str) -> Run | None:
+        """A run row with its ETag, or None (never created, or its chat was reset)."""
+        try:
+            async with self._errors("read a run"):
+                entity = await self.client.get_entity(chat_id, run_row_key(run_id))
+        except ResourceNotFoundError:
+            return None
+        return run_from_entity(dict(entity), entity.metadata.get("etag"))
+
+    async def queued_runs(self, chat_id: str) -> list[Run]:
+        """The chat's runs waiting for their turn, in arrival order."""
+        async with self._errors("list the queued runs"):
+            entities = self.client.query_entities(
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and Status eq @status",
+                parameters={
+                    "pk": chat_id,
+                    "lo": RUN_PREFIX,
+                    "hi": RUN_PREFIX_END,
+                    "status": "queued",
+                },
+            )
+            runs = [run_from_entity(dict(e), e.metadata.get("etag")) async for e in entities]
+        return sorted(runs, key=lambda run: run.seq)
+
+    async def runs(self, chat_id: str) -> list[Run]:
+        """Every run of the chat, in arrival order."""
+        async with self._errors("list the runs"):
+            entities = self.client.query_entities(
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                parameters={"pk": chat_id, "lo": RUN_PREFIX, "hi": RUN_PREFIX_END},
+            )
+            runs = [run_from_entity(dict(e), e.metadata.get("etag")) async for e in entities]
+        return sorted(runs, key=lambda run: run.seq)
+
+    async def applied_run(self, chat_id: str, request_id: str) -> tuple[bool, str | None]:
+        """Whether a request was applied, and the run it created if any."""
+        try:
+            async with self._errors("read an applied-request record"):
+                entity = await self.client.get_entity(chat_id, request_row_key(request_id))
+        except ResourceNotFoundError:
+            return False, None
+        return True, entity.get("RunId") or None
+
+    async def run_messages(self, chat_id: str, run_id: str) -> list[ChatMessage]:
+        """The messages a run wrote (its user message, tool rounds and answer), in order."""
+        async with self._errors("read a run's messages"):
+            entities = self.client.query_entities(
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and RunId eq @run",
+                parameters={
+                    "pk": chat_id,
+                    "lo": MESSAGE_PREFIX,
+                    "hi": MESSAGE_PREFIX_END,
+                    "run": run_id,
+                },
+            )
+            messages = [message_from_entity(dict(entity)) async for entity in entities]
+        return sorted(messages, key=lambda message: message.index)
+
+    async def commit(
+        self,
+        state: ChatState,
+        *,
+        runs: Sequence[tuple[Run, bool]] = (),
+        messages: Sequence[ChatMessage] = (),
+        applied: AppliedRequest | None = None,
+    ) -> None:
+        """Write a change of the chat in one transaction, or not at all.
+
+        ``state`` carries the ETag it was read with; each run is ``(run, created)``: a new run
+        is created, an existing one replaced under its own ETag. Raises ``Conflict`` when any
+        of them changed meanwhile (or a row to create exists), so the caller can re-read and
+        decide again.
+        """
+        chat_id = state.chat_id
+        guard = {"match_condition": MatchConditions.IfNotModified}
+        operations: list[Any] = [
+            (
+                "update",
+                state_entity(state),
+                {"mode": UpdateMode.REPLACE, "etag": state.etag, **guard},
+            )
+        ]
+        for run, created in runs:
+            if created:
+                operations.append(("create", run_entity(chat_id, run)))
+            else:
+                operations.append(
+                    (
+                        "update",
+                        run_entity(chat_id, run),
+                        {"mode": UpdateMode.REPLACE, "etag": run.etag, **guard},
+                    )
+                )
+        operations.extend(("create", message_entity(chat_id, message)) for message in messages)
+        if applied is not None:
+            operations.append(("create", applied_request_entity(chat_id, applied)))
+        if len(operations) > MAX_TRANSACTION_OPERATIONS:
+            raise PermanentError(
+                f"one step would write {len(operations)} rows; a table transaction takes at most "
+                f"{MAX_TRANSACTION_OPERATIONS}",
+                error_type="TooManyRows",
+            )
+        try:
+            await self._submit(operations, "update the chat")
+        except TableTransactionError as error:
+            if error.status_code in (404, 409, 412):
+                raise Conflict(f"the chat {chat_id!r} changed meanwhile") from error
+            raise
 
     async def reset_chat(
         self,

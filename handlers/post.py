@@ -1,0 +1,152 @@
+"""``assistantPost``: append a user message and run a turn (one active run per chat).
+
+The run is recorded with its user message before the request is acknowledged. If no run is
+active it starts at once (its user message is appended to the chat and step 0 is sent);
+otherwise it waits in the chat's queue and starts when the runs before it have ended.
+"""
+
+import asyncio
+import random
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from handlers.runs import (
+    MAX_CONFLICT_RETRIES,
+    ChatRef,
+    RunServices,
+    new_run_id,
+    step_send,
+    user_message,
+)
+from schemas import AssistantPost
+from worker.errors import PermanentError, TransientError
+from worker.handling import HandlerResult, MessageContext
+from worker.runs import machine
+from worker.runs.model import Run
+from worker.store.layout import AppliedRequest, ChatState
+from worker.store.tables import Conflict, TableChatStore
+from worker.transport import poison_queue_name
+
+
+def check_names(post: AssistantPost, services: RunServices) -> None:
+    """replyTo and aiConnectionName may only name what the operator allowed."""
+    settings = services.settings
+    own = {q for queue in settings.work_queues for q in (queue, poison_queue_name(queue))}
+    if post.reply_to in own:
+        raise PermanentError(
+            f"replyTo {post.reply_to!r} is one of the worker's own queues; name a queue of yours",
+            error_type="ReplyToNotAllowed",
+        )
+    if post.ai_connection_name and post.ai_connection_name not in settings.ai_connections:
+        raise PermanentError(
+            f"aiConnectionName {post.ai_connection_name!r} is not allowed: list it in "
+            "WORKER_AI_CONNECTIONS (with its __endpoint) or leave it out",
+            error_type="ConnectionNotAllowed",
+        )
+
+
+def run_parameters(post: AssistantPost, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The run's sampling and tool settings: the post's, else the assistant's defaults."""
+
+    def pick(name: str, value: Any) -> Any:
+        return value if value is not None else defaults.get(name)
+
+    params = {
+        "temperature": pick("temperature", post.temperature),
+        "topP": pick("topP", post.top_p),
+        "maxTokens": pick("maxTokens", post.max_tokens),
+        "reasoningEffort": pick("reasoningEffort", post.reasoning_effort),
+        "isReasoningModel": post.is_reasoning_model,
+        "toolChoice": post.tool_choice,
+        "instructions": post.instructions,
+        "aiConnectionName": post.ai_connection_name,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+class PostHandler:
+    """Records the run and starts it when the chat has no active run."""
+
+    def __init__(self, services: RunServices) -> None:
+        self._services = services
+
+    async def __call__(self, post: AssistantPost, context: MessageContext) -> HandlerResult:
+        services = self._services
+        check_names(post, services)
+        chat = ChatRef(post.id, post.chat_storage_connection_setting, post.collection_name)
+        store = await services.store(chat)
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            state = await store.load_state(post.id)
+            if state is None or not state.exists:
+                raise PermanentError(
+                    f"assistant {post.id!r} does not exist in table {post.collection_name!r}: "
+                    "send an assistantCreate first",
+                    error_type="UnknownAssistant",
+                )
+            applied, run_id = await store.applied_run(post.id, context.request_id)
+            if applied:
+                return await self._resume(store, chat, state, run_id)
+            now = services.clock()
+            run = self._new_run(post, state, context, now)
+            starts = state.active_run_id is None
+            messages = []
+            if starts:
+                run = machine.start(run, now, services.settings.run_timeout)
+                messages.append(user_message(run, state.total_messages + 1, now))
+            changed = replace(
+                state,
+                next_run_seq=state.next_run_seq + 1,
+                total_messages=state.total_messages + len(messages),
+                last_updated_at=now,
+                active_run_id=run.run_id if starts else state.active_run_id,
+            )
+            applied_record = AppliedRequest(
+                context.request_id, post.type, context.message_id, now, run_id=run.run_id
+            )
+            try:
+                await store.commit(
+                    changed, runs=[(run, True)], messages=messages, applied=applied_record
+                )
+            except Conflict:
+                # Another post or step changed the chat: read it again and decide again.
+                await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+                continue
+            effects = (step_send(services, chat, run),) if starts else ()
+            return HandlerResult(
+                note="run started" if starts else "run queued",
+                effects=effects,
+                log_fields={"run_id": run.run_id},
+            )
+        raise TransientError(f"the chat {post.id!r} kept changing; retrying the post later")
+
+    def _new_run(
+        self, post: AssistantPost, state: ChatState, context: MessageContext, now: datetime
+    ) -> Run:
+        settings = self._services.settings
+        defaults = state.defaults
+        return Run(
+            run_id=new_run_id(state.next_run_seq),
+            seq=state.next_run_seq,
+            status="queued",
+            request_id=context.request_id,
+            user_message=post.user_message,
+            api=str(defaults.get("api") or settings.model_api),
+            model=post.chat_model or str(defaults.get("chatModel") or settings.chat_model),
+            created_at=now,
+            expires_at=now + timedelta(seconds=settings.run_timeout),
+            params=run_parameters(post, defaults),
+            reply_to=post.reply_to,
+        )
+
+    async def _resume(
+        self, store: TableChatStore, chat: ChatRef, state: ChatState, run_id: str | None
+    ) -> HandlerResult:
+        """A redelivered post: make sure its run is not stuck (the step may not have been
+        sent before a crash); a duplicate step is harmless, a missing one would stall."""
+        if run_id is None or state.active_run_id != run_id:
+            return HandlerResult(note="duplicate")
+        run = await store.load_run(chat.chat_id, run_id)
+        if run is None or run.finished or run.phase == "external" or run.step != 0:
+            return HandlerResult(note="duplicate")
+        return HandlerResult(note="duplicate", effects=(step_send(self._services, chat, run),))

@@ -1,0 +1,198 @@
+"""What the run handlers share: their services, and storing a transition with its follow-ups.
+
+Storing is optimistic: the chat's ``state`` row and the run's row are written under their
+ETags in one transaction. When only the state changed meanwhile (another post arrived), the
+transition is re-applied to the fresh state; when the run itself changed, another delivery
+of the same step got there first and this one is dropped (``StaleRun``).
+"""
+
+import asyncio
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from handlers.query import to_assistant_message
+from handlers.tools import ToolRegistry
+from schemas import AssistantReply, RunStep, ToolCallRequest, ToolCallsRequired
+from schemas.events import Usage as UsageEvent
+from worker.backends.base import Backend
+from worker.errors import TransientError
+from worker.handling import Send
+from worker.runs import machine
+from worker.runs.machine import NewMessage, Transition
+from worker.runs.model import Run
+from worker.settings import Settings
+from worker.store.layout import AppliedRequest, ChatMessage
+from worker.store.tables import ChatStores, Conflict, TableChatStore
+
+MAX_CONFLICT_RETRIES = 25
+
+
+class StaleRun(Exception):
+    """The run changed under us: another delivery of this step already advanced it."""
+
+
+@dataclass(frozen=True)
+class ChatRef:
+    """Where a chat lives: its id, storage setting and table."""
+
+    chat_id: str
+    storage_setting: str
+    collection: str
+
+
+@dataclass
+class RunServices:
+    """The long-lived parts the run handlers use."""
+
+    stores: ChatStores
+    settings: Settings
+    backends: Mapping[str, Backend]
+    tools: ToolRegistry
+    clock: Callable[[], datetime]
+
+    async def store(self, chat: ChatRef) -> TableChatStore:
+        return await self.stores.get(chat.storage_setting, chat.collection)
+
+
+def new_run_id(seq: int) -> str:
+    """Sortable by arrival (the sequence), unique across resets (the random part)."""
+    return f"run_{seq:06d}_{uuid.uuid4().hex[:10]}"
+
+
+def step_send(services: RunServices, chat: ChatRef, run: Run, delay: float = 0.0) -> Send:
+    """The runStep message for the run's current step."""
+    step = RunStep(
+        id=chat.chat_id,
+        run_id=run.run_id,
+        step=run.step,
+        collection_name=chat.collection,
+        chat_storage_connection_setting=chat.storage_setting,
+    )
+    return Send(services.settings.runs_queue, step.to_wire(), delay=delay)
+
+
+def user_message(run: Run, index: int, now: datetime) -> ChatMessage:
+    return ChatMessage(index, "User", run.user_message, now, run_id=run.run_id)
+
+
+async def commit_transition(
+    services: RunServices,
+    store: TableChatStore,
+    chat: ChatRef,
+    before: Run,
+    transition: Transition,
+    *,
+    applied: AppliedRequest | None = None,
+) -> tuple[Send, ...]:
+    """Store ``transition`` of ``before`` and return the messages to send after it.
+
+    When the run finishes, the chat's next queued run starts in the same transaction: its
+    user message is appended then, so the history always reads User, tool rounds, Assistant.
+    """
+    for attempt in range(MAX_CONFLICT_RETRIES):
+        now = services.clock()
+        state = await store.load_state(chat.chat_id)
+        if state is None:
+            return ()  # the chat was deleted meanwhile: its runs went with it
+        run = replace(transition.run, etag=before.etag)
+        index = state.total_messages
+        messages = []
+        for message in transition.messages:
+            index += 1
+            messages.append(_stored(message, index, run, now))
+        runs: list[tuple[Run, bool]] = [(run, False)]
+        follow_ups: list[Send] = []
+        active = state.active_run_id
+        if run.finished and active == run.run_id:
+            active = None
+            queued = [q for q in await store.queued_runs(chat.chat_id) if q.run_id != run.run_id]
+            if queued:
+                started = machine.start(queued[0], now, services.settings.run_timeout)
+                index += 1
+                messages.append(user_message(started, index, now))
+                runs.append((started, False))
+                active = started.run_id
+                follow_ups.append(step_send(services, chat, started))
+        tokens = transition.last_total_tokens
+        changed = replace(
+            state,
+            total_messages=index,
+            last_updated_at=now,
+            total_tokens=tokens if tokens is not None else state.total_tokens,
+            active_run_id=active,
+            remote={**state.remote, **(transition.remote or {})},
+        )
+        try:
+            await store.commit(changed, runs=runs, messages=messages, applied=applied)
+        except Conflict:
+            current = await store.load_run(chat.chat_id, run.run_id)
+            if current is None or current.etag != before.etag:
+                raise StaleRun(run.run_id) from None
+            # Only the state changed (a post arrived): decide again on the fresh state.
+            await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+            continue
+        replies = await _replies(store, chat, run)
+        return (*_transition_sends(services, chat, run, transition), *follow_ups, *replies)
+    raise TransientError(f"the chat {chat.chat_id!r} kept changing; retrying the step later")
+
+
+def _stored(message: NewMessage, index: int, run: Run, now: datetime) -> ChatMessage:
+    return ChatMessage(
+        index,
+        message.role,
+        message.content,
+        now,
+        name=message.tool_call_id,
+        tool_calls=message.tool_calls,
+        run_id=run.run_id,
+    )
+
+
+def _transition_sends(
+    services: RunServices, chat: ChatRef, run: Run, transition: Transition
+) -> list[Send]:
+    sends = []
+    if transition.next_step_delay is not None and not run.finished:
+        sends.append(step_send(services, chat, run, transition.next_step_delay))
+    if transition.announce_tool_calls and run.reply_to:
+        event = ToolCallsRequired(
+            id=chat.chat_id,
+            run_id=run.run_id,
+            tool_calls=[
+                ToolCallRequest(id=call.id, name=call.name, arguments=call.arguments)
+                for call in run.pending_calls
+                if call.external
+            ],
+        )
+        sends.append(Send(run.reply_to, event.to_wire()))
+    return sends
+
+
+async def _replies(store: TableChatStore, chat: ChatRef, run: Run) -> list[Send]:
+    if not run.finished or not run.reply_to:
+        return []
+    return [Send(run.reply_to, await reply_payload(store, chat, run))]
+
+
+async def reply_payload(store: TableChatStore, chat: ChatRef, run: Run) -> dict[str, Any]:
+    """The ``assistantReply`` event of a finished run, with the messages it wrote."""
+    messages = await store.run_messages(chat.chat_id, run.run_id)
+    reply = AssistantReply(
+        id=chat.chat_id,
+        run_id=run.run_id,
+        request_id=run.request_id,
+        status=run.status,
+        content=run.content,
+        recent_messages=[to_assistant_message(message) for message in messages],
+        usage=UsageEvent(
+            prompt_tokens=run.usage.prompt_tokens,
+            completion_tokens=run.usage.completion_tokens,
+            total_tokens=run.usage.total_tokens,
+        ),
+        error=run.error,
+    )
+    return reply.to_wire()

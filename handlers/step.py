@@ -1,0 +1,200 @@
+"""``runStep``: advance a run by one step (call the model, poll it, or run tools).
+
+A step acts only if it is the run's current one: a redelivered or duplicated step message
+finds the run already advanced and is acknowledged without effect. Transient model failures
+become a delayed step (Retry-After when the service gives one) instead of a sleep.
+"""
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition
+from handlers.tools import ToolCall, run_tool_calls
+from schemas import RunStep
+from worker.backends.base import ModelError, TurnRequest
+from worker.handling import HandlerResult, MessageContext
+from worker.outcome import RetryPolicy, backoff
+from worker.runs import machine
+from worker.runs.history import ModelMessage, prepare_for_model, token_budget
+from worker.runs.machine import Transition
+from worker.runs.model import ModelTurn, Pending, Run, ToolCallRef
+from worker.store.layout import ChatMessage, ChatState
+from worker.store.tables import TableChatStore
+
+MAX_TOOL_ROUNDS = 10
+TOOL_TIMEOUT = 30.0
+# History sent to the model: this share of the model's context window.
+CONTEXT_SHARE = 0.75
+# Transient model failures back off from 1 s to 60 s when the service gives no Retry-After.
+MODEL_RETRY = RetryPolicy(max_dequeue_count=1_000_000, base_delay=1.0, max_delay=60.0)
+
+# Handle keys that live as long as the chat, not the run (the Assistants API's objects).
+REMOTE_KEYS = ("assistantId", "threadId")
+
+_ROLES = {"System": "system", "User": "user", "Assistant": "assistant", "Tool": "tool"}
+
+
+def to_model_message(message: ChatMessage) -> ModelMessage:
+    """A stored message as the model sees it (tool calls from the extension's JSON)."""
+    calls: tuple[ToolCallRef, ...] = ()
+    if message.tool_calls:
+        try:
+            parsed = json.loads(message.tool_calls)
+        except json.JSONDecodeError:
+            parsed = []
+        calls = tuple(
+            ToolCallRef(
+                str(c.get("id")), str(c.get("functionName")), str(c.get("functionArguments") or "")
+            )
+            for c in parsed
+            if isinstance(c, dict)
+        )
+    return ModelMessage(
+        role=_ROLES[message.role],  # type: ignore[arg-type]
+        content=message.content,
+        tool_calls=calls,
+        tool_call_id=message.name if message.role == "Tool" else None,
+    )
+
+
+def last_tool_outputs(messages: list[ModelMessage]) -> tuple[tuple[str, str], ...]:
+    """The results that answer the newest assistant tool-call message, if the chat ends
+    with them (a continuation for backends that keep the conversation remotely)."""
+    outputs: list[tuple[str, str]] = []
+    for message in reversed(messages):
+        if message.role == "tool" and message.tool_call_id:
+            outputs.append((message.tool_call_id, message.content))
+            continue
+        if message.role == "assistant" and message.tool_calls:
+            return tuple(reversed(outputs))
+        break
+    return ()
+
+
+class ToolSetup:
+    """Which tools an assistant offers: registered ones by name, external definitions, and
+    hosted tools, from its ``tools`` default (absent: every registered tool)."""
+
+    def __init__(self, services: RunServices, defaults: dict[str, Any]) -> None:
+        entries = defaults.get("tools")
+        registry = services.tools
+        if entries is None:
+            self.allowed = list(registry.names())
+            external: list[dict[str, Any]] = []
+            hosted: list[dict[str, Any]] = []
+        else:
+            self.allowed = [e for e in entries if isinstance(e, str)]
+            external = [e for e in entries if isinstance(e, dict) and e.get("type") == "function"]
+            hosted = [e for e in entries if isinstance(e, dict) and e.get("type") != "function"]
+        self.external_names = {str(e["function"]["name"]) for e in external}
+        self.definitions = tuple(
+            [
+                *registry.definitions(self.allowed),
+                *({"type": "function", "function": e["function"]} for e in external),
+            ]
+        )
+        self.hosted = tuple(hosted)
+
+
+class StepHandler:
+    """Loads the run, performs its current step, stores the transition."""
+
+    def __init__(self, services: RunServices) -> None:
+        self._services = services
+
+    async def __call__(self, step: RunStep, context: MessageContext) -> HandlerResult:
+        services = self._services
+        chat = ChatRef(step.id, step.chat_storage_connection_setting, step.collection_name)
+        store = await services.store(chat)
+        state = await store.load_state(step.id)
+        run = await store.load_run(step.id, step.run_id)
+        if state is None or run is None:
+            return HandlerResult(note="stale: the run no longer exists")
+        if run.finished or run.step != step.step or state.active_run_id != run.run_id:
+            return HandlerResult(
+                note="stale: the run has moved on", log_fields={"run_id": run.run_id}
+            )
+        transition = await self._advance(store, state, run)
+        try:
+            effects = await commit_transition(services, store, chat, run, transition)
+        except StaleRun:
+            return HandlerResult(note="stale: another delivery advanced the run")
+        return HandlerResult(
+            note=f"{run.phase} -> {transition.run.status}",
+            effects=effects,
+            log_fields={"run_id": run.run_id, "step": run.step},
+        )
+
+    async def _advance(self, store: TableChatStore, state: ChatState, run: Run) -> Transition:
+        now = self._services.clock()
+        if now >= run.expires_at:
+            return machine.expire(run, now, self._services.settings.run_timeout)
+        tools = ToolSetup(self._services, state.defaults)
+        if run.phase == "tools":
+            local = [c for c in run.pending_calls if not c.external]
+            results = await run_tool_calls(
+                self._services.tools,
+                [ToolCall(c.id, c.name, c.arguments) for c in local],
+                allowed=tools.allowed,
+                timeout=TOOL_TIMEOUT,
+            )
+            return machine.on_tool_results(run, [(r.call_id, r.output) for r in results], now)
+        if run.phase == "external":
+            # Only the deadline step arrives in this phase, and the deadline has not passed.
+            return machine.Transition(run)
+        backend = self._services.backends.get(run.api)
+        if backend is None:
+            return machine.fail(run, f"unknown model API {run.api!r}", now)
+        request = await self._request(store, state, run, tools)
+        try:
+            result = await (
+                backend.begin(request) if run.phase == "model" else backend.poll(request)
+            )
+        except ModelError as error:
+            if not error.transient:
+                return machine.fail(run, error.message, now)
+            delay = error.retry_after
+            if delay is None:
+                delay = backoff(run.transient_failures + 1, MODEL_RETRY)
+            return machine.on_transient(run, delay)
+        if isinstance(result, Pending):
+            transition = machine.on_pending(run, result, now, self._services.settings.poll_backoff)
+            remote = {k: v for k, v in result.handle.items() if k in REMOTE_KEYS}
+            return replace(transition, remote=remote or None)
+        turn: ModelTurn = result
+        transition = machine.on_turn(
+            run, turn, now, max_rounds=MAX_TOOL_ROUNDS, external_tools=tools.external_names
+        )
+        remote = {k: v for k, v in turn.handle.items() if k in REMOTE_KEYS}
+        return replace(transition, remote=remote or None)
+
+    async def _request(
+        self, store: TableChatStore, state: ChatState, run: Run, tools: ToolSetup
+    ) -> TurnRequest:
+        stored = await store.read_messages(state.chat_id)
+        messages = prepare_for_model(
+            [to_model_message(m) for m in stored], token_budget(run.model, CONTEXT_SHARE)
+        )
+        params = run.params
+        tool_choice = "none" if run.force_final else params.get("toolChoice")
+        return TurnRequest(
+            chat_id=state.chat_id,
+            run_id=run.run_id,
+            model=run.model,
+            messages=tuple(messages),
+            tools=tools.definitions,
+            hosted_tools=tools.hosted,
+            tool_choice=tool_choice,
+            instructions=params.get("instructions"),
+            temperature=params.get("temperature"),
+            top_p=params.get("topP"),
+            max_tokens=params.get("maxTokens"),
+            reasoning_effort=params.get("reasoningEffort"),
+            is_reasoning_model=bool(params.get("isReasoningModel")),
+            ai_connection=params.get("aiConnectionName"),
+            handle=run.handle,
+            remote=state.remote,
+            tool_outputs=last_tool_outputs(messages),
+            user_message=run.user_message,
+        )

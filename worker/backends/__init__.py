@@ -1,0 +1,1 @@
+"""Model backends: Chat Completions, Responses (background) and Assistants, behind one interface."""

@@ -1,0 +1,68 @@
+"""The interface every model backend implements, and the errors it raises.
+
+A backend does one model interaction per call and returns what happened as a value: a
+``ModelTurn`` (the model answered) or ``Pending`` (a background response / remote run is still
+working; poll its handle later). It never sleeps and never persists anything: the run state
+machine decides, the step handler stores.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.runs.history import ModelMessage
+from worker.runs.model import ModelTurn, Pending
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """Everything a backend needs for one model call of a run."""
+
+    chat_id: str
+    run_id: str
+    model: str
+    # The chat as the model should see it: trimmed, tool pairs repaired, outputs capped.
+    messages: tuple[ModelMessage, ...]
+    # Function tools in Chat Completions format ({"type": "function", "function": {...}}).
+    tools: tuple[dict[str, Any], ...] = ()
+    # Hosted tools ({"type": "code_interpreter"}, {"type": "file_search", ...}) as configured.
+    hosted_tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] | None = None
+    # Extra instructions for this run only (createRun's additional_instructions).
+    instructions: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    reasoning_effort: str | None = None
+    is_reasoning_model: bool = False
+    ai_connection: str | None = None
+    # The run's backend handle so far (a response id, a remote run id) and the chat's
+    # long-lived remote ids (the Assistants API's assistant and thread).
+    handle: dict[str, Any] = field(default_factory=dict)
+    remote: dict[str, Any] = field(default_factory=dict)
+    # Outputs of the tool calls of the previous turn, (call id, output), for backends that
+    # continue a remote conversation (function_call_output, submit_tool_outputs).
+    tool_outputs: tuple[tuple[str, str], ...] = ()
+    # The user message that started this run (backends with a remote thread add it there).
+    user_message: str = ""
+
+
+class ModelError(Exception):
+    """A model call failed. ``transient``: retry the step later (429, 5xx, timeouts)."""
+
+    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.transient = transient
+        self.retry_after = retry_after
+
+
+class Backend(Protocol):
+    """One model API."""
+
+    name: str
+
+    async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
+        """Ask the model for the next turn (or start it in the background)."""
+
+    async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
+        """Check a pending turn named by ``request.handle``."""

@@ -1,0 +1,110 @@
+"""One ``openai.AsyncOpenAI`` per (endpoint, credential), cached and closed on shutdown.
+
+- OpenAI or any OpenAI-compatible server: ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``.
+- Azure OpenAI: ``AZURE_OPENAI_ENDPOINT`` through the v1 path (``{endpoint}/openai/v1/``, the
+  model is the deployment name) with ``AZURE_OPENAI_API_KEY``, or an Entra token provider
+  (``DefaultAzureCredential``) when no key is set; the dated ``api-version`` paths only when
+  ``OPENAI_API_VERSION`` is set.
+- Named connections (``aiConnectionName``): ``<name>__endpoint`` / ``<name>__key``, Azure-style.
+The SDK's own retries are kept small: long waits go back to the queue as delayed steps.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import openai
+
+from worker.settings import Settings
+
+SDK_MAX_RETRIES = 1
+REQUEST_TIMEOUT = 120.0
+AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
+class ModelNotConfigured(Exception):
+    """No model endpoint is configured for what a run asks."""
+
+
+class ModelClients:
+    """The clients of the configured endpoints, built on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        self._credentials: list[Any] = []
+
+    def client(self, ai_connection: str | None = None) -> openai.AsyncOpenAI:
+        """The client for a request's ``aiConnectionName`` (None: the default endpoint)."""
+        settings = self._settings
+        if ai_connection:
+            named = settings.ai_connections.get(ai_connection)
+            if named is None:
+                raise ModelNotConfigured(f"aiConnectionName {ai_connection!r} is not configured")
+            return self._azure(named.endpoint, named.key, key_name=f"named:{ai_connection}")
+        if settings.azure_openai_endpoint:
+            return self._azure(
+                settings.azure_openai_endpoint, settings.azure_openai_api_key, key_name="azure"
+            )
+        if settings.openai_api_key or settings.openai_base_url:
+            base_url = settings.openai_base_url or "https://api.openai.com/v1"
+            return self._cached(
+                (base_url, "openai"),
+                lambda: openai.AsyncOpenAI(
+                    api_key=settings.openai_api_key or "not-needed",
+                    base_url=base_url,
+                    max_retries=SDK_MAX_RETRIES,
+                    timeout=REQUEST_TIMEOUT,
+                ),
+            )
+        raise ModelNotConfigured(
+            "no model endpoint is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
+            "OpenAI-compatible server) or AZURE_OPENAI_ENDPOINT"
+        )
+
+    def _azure(self, endpoint: str, key: str | None, *, key_name: str) -> openai.AsyncOpenAI:
+        endpoint = endpoint.rstrip("/")
+        api_key: Any = key if key else self._token_provider()
+        version = self._settings.openai_api_version
+        if version:
+            return self._cached(
+                (endpoint, key_name + ":dated"),
+                lambda: openai.AsyncAzureOpenAI(
+                    azure_endpoint=endpoint,
+                    api_version=version,
+                    **({"api_key": key} if key else {"azure_ad_token_provider": api_key}),
+                    max_retries=SDK_MAX_RETRIES,
+                    timeout=REQUEST_TIMEOUT,
+                ),
+            )
+        return self._cached(
+            (endpoint, key_name),
+            lambda: openai.AsyncOpenAI(
+                base_url=f"{endpoint}/openai/v1/",
+                api_key=api_key,
+                max_retries=SDK_MAX_RETRIES,
+                timeout=REQUEST_TIMEOUT,
+            ),
+        )
+
+    def _token_provider(self) -> Callable[[], Any]:
+        # Called before each request, so Entra tokens refresh without rebuilding the client.
+        from azure.identity.aio import DefaultAzureCredential, get_bearer_token_provider
+
+        credential = DefaultAzureCredential()
+        self._credentials.append(credential)
+        return get_bearer_token_provider(credential, AZURE_SCOPE)
+
+    def _cached(
+        self, key: tuple[str, str], build: Callable[[], openai.AsyncOpenAI]
+    ) -> openai.AsyncOpenAI:
+        if key not in self._clients:
+            self._clients[key] = build()
+        return self._clients[key]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        for credential in self._credentials:
+            await credential.close()
+        self._clients.clear()
+        self._credentials.clear()

@@ -1,0 +1,53 @@
+"""From openai SDK exceptions to ``ModelError``: which failures are worth retrying."""
+
+import openai
+
+from worker.backends.base import ModelError
+
+# Longest Retry-After we honour; longer waits are capped (the run timeout bounds them anyway).
+MAX_RETRY_AFTER = 300.0
+
+
+def retry_after_seconds(error: openai.APIStatusError) -> float | None:
+    """The server's requested delay, from ``retry-after-ms`` or ``retry-after`` (seconds)."""
+    headers = error.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return min(max(float(value) * scale, 0.0), MAX_RETRY_AFTER)
+        except ValueError:
+            continue
+    return None
+
+
+def classify(error: Exception) -> ModelError:
+    """Transient: 408/409/429, 5xx, timeouts and connection errors. Anything else 4xx ends
+    the run ``failed`` (bad request, content filter, context length, auth)."""
+    if isinstance(error, openai.APITimeoutError):
+        return ModelError("the model service timed out", transient=True)
+    if isinstance(error, openai.APIConnectionError):
+        return ModelError(f"could not reach the model service: {error}", transient=True)
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        message = _message(error)
+        if status in (408, 409, 429) or status >= 500:
+            return ModelError(
+                f"model service answered {status}: {message}",
+                transient=True,
+                retry_after=retry_after_seconds(error),
+            )
+        return ModelError(
+            f"model service refused the request ({status}): {message}", transient=False
+        )
+    return ModelError(f"{type(error).__name__}: {error}", transient=False)
+
+
+def _message(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+    return str(error.message)

@@ -1,0 +1,1 @@
+"""Runs: the pure state machine, the model-facing history, and their values."""

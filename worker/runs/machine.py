@@ -1,0 +1,217 @@
+"""The run state machine: pure transitions from (run, event) to (run, messages, next step).
+
+Every transition that changes a run advances its ``step``: a runStep message whose step is not
+the run's current one is stale (a redelivery, a duplicate) and is acknowledged without effect.
+The handlers load the run, call one of these functions, persist the result with ETags, and
+then send what it asks for.
+"""
+
+import json
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from worker.runs.model import ModelTurn, Pending, PendingCall, Run, RunStatus, ToolCallRef
+from worker.store.layout import Role
+
+CAP_MESSAGE = (
+    "error: the limit of {rounds} tool rounds per run was reached; this call was not executed. "
+    "Answer the user with what you have."
+)
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A chat message a transition appends (its index is assigned when it is stored)."""
+
+    role: Role
+    content: str
+    tool_calls: str = ""
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The run after an event, the messages to append, and when to run its next step."""
+
+    run: Run
+    messages: tuple[NewMessage, ...] = ()
+    # Seconds until the run's next step (``run.step``); None: no step (finished or waiting).
+    next_step_delay: float | None = None
+    # The run now waits for a producer's tool outputs: announce them on replyTo.
+    announce_tool_calls: bool = False
+    # The total tokens of the latest model call (the extension's TotalTokens semantics).
+    last_total_tokens: int | None = None
+    # Chat-level backend ids to remember (the Assistants API's assistant and thread).
+    remote: dict[str, str] | None = None
+
+
+def tool_calls_json(calls: Sequence[ToolCallRef]) -> str:
+    """Tool calls as the extension stores them in ``ToolCalls`` (camelCase JSON)."""
+    if not calls:
+        return ""
+    return json.dumps(
+        [
+            {
+                "id": c.id,
+                "functionName": c.name,
+                "functionArguments": c.arguments,
+                "kind": "Function",
+            }
+            for c in calls
+        ],
+        separators=(",", ":"),
+    )
+
+
+def _advance(run: Run, **changes: object) -> Run:
+    return replace(run, step=run.step + 1, **changes)  # type: ignore[arg-type]
+
+
+def _end(run: Run, status: RunStatus, now: datetime, **changes: object) -> Run:
+    return replace(run, status=status, step=run.step + 1, ended_at=now, pending_calls=(), **changes)  # type: ignore[arg-type]
+
+
+def start(run: Run, now: datetime, timeout: float) -> Run:
+    """A queued run becomes the chat's active run; its clock starts now."""
+    return replace(
+        run, status="in_progress", started_at=now, expires_at=now + timedelta(seconds=timeout)
+    )
+
+
+def _until_expiry(run: Run, now: datetime) -> float:
+    # A run waiting for a producer gets one step at its deadline, to expire it if nobody came.
+    return max((run.expires_at - now).total_seconds(), 0.0) + 1.0
+
+
+def on_turn(
+    run: Run,
+    turn: ModelTurn,
+    now: datetime,
+    *,
+    max_rounds: int,
+    external_tools: Collection[str],
+) -> Transition:
+    """The model answered: finish with its text, or record its tool calls for the next step."""
+    usage = run.usage + turn.usage
+    handle = {**run.handle, **turn.handle}
+    tokens = turn.usage.total_tokens or None
+    calls = turn.tool_calls
+    if not calls:
+        text = turn.content or ""
+        finished = _end(run, "completed", now, usage=usage, content=text, handle=handle)
+        return Transition(finished, (NewMessage("Assistant", text),), last_total_tokens=tokens)
+
+    asked = NewMessage("Assistant", turn.content or "", tool_calls=tool_calls_json(calls))
+    if run.force_final or run.tool_rounds >= max_rounds:
+        # Every call still gets a result, so the stored history stays valid for the next turn.
+        refused = tuple(
+            NewMessage("Tool", CAP_MESSAGE.format(rounds=max_rounds), tool_call_id=c.id)
+            for c in calls
+        )
+        if run.force_final:
+            ended = _end(
+                run,
+                "incomplete",
+                now,
+                usage=usage,
+                handle=handle,
+                error=f"the model kept calling tools after the limit of {max_rounds} rounds",
+            )
+            return Transition(ended, (asked, *refused), last_total_tokens=tokens)
+        capped = _advance(run, usage=usage, handle=handle, phase="model", force_final=True)
+        return Transition(capped, (asked, *refused), next_step_delay=0.0, last_total_tokens=tokens)
+
+    pending = tuple(
+        PendingCall(c.id, c.name, c.arguments, external=c.name in external_tools) for c in calls
+    )
+    has_local = any(not call.external for call in pending)
+    waiting = _advance(
+        run,
+        usage=usage,
+        handle=handle,
+        pending_calls=pending,
+        tool_rounds=run.tool_rounds + 1,
+        phase="tools" if has_local else "external",
+        status="in_progress" if has_local else "requires_action",
+        poll_attempt=0,
+    )
+    return Transition(
+        waiting,
+        (asked,),
+        next_step_delay=0.0 if has_local else _until_expiry(run, now),
+        announce_tool_calls=not has_local,
+        last_total_tokens=tokens,
+    )
+
+
+def on_tool_results(run: Run, results: Sequence[tuple[str, str]], now: datetime) -> Transition:
+    """Results for some pending calls (call id, output): store them, then go on or wait."""
+    answered = {call_id for call_id, _ in results}
+    messages = tuple(
+        NewMessage("Tool", output, tool_call_id=call_id) for call_id, output in results
+    )
+    remaining = tuple(call for call in run.pending_calls if call.id not in answered)
+    if remaining:
+        if any(not call.external for call in remaining):
+            # Local calls still open (only possible if a caller passed a subset): run them next.
+            nxt = _advance(run, pending_calls=remaining, phase="tools", status="in_progress")
+            return Transition(nxt, messages, next_step_delay=0.0)
+        waiting = _advance(run, pending_calls=remaining, phase="external", status="requires_action")
+        return Transition(
+            waiting, messages, next_step_delay=_until_expiry(run, now), announce_tool_calls=True
+        )
+    resumed = _advance(run, pending_calls=(), phase="model", status="in_progress")
+    return Transition(resumed, messages, next_step_delay=0.0)
+
+
+def check_outputs(run: Run, call_ids: Sequence[str]) -> str | None:
+    """Why a producer's tool outputs cannot be accepted for this run, or None if they can."""
+    if run.status != "requires_action":
+        return f"run {run.run_id!r} is not waiting for tool outputs (its status is {run.status})"
+    waiting = {call.id for call in run.pending_calls if call.external}
+    unknown = [call_id for call_id in call_ids if call_id not in waiting]
+    if unknown:
+        expected = ", ".join(sorted(waiting)) or "none"
+        return f"run {run.run_id!r} has no pending tool call {', '.join(map(repr, unknown))} (waiting for: {expected})"
+    if len(set(call_ids)) != len(call_ids):
+        return "the same toolCallId is given more than once"
+    return None
+
+
+def on_pending(run: Run, pending: Pending, now: datetime, schedule: Sequence[float]) -> Transition:
+    """A background response or remote run is still working: poll again on the schedule."""
+    handle = {**run.handle, **pending.handle}
+    if pending.ended is not None:
+        return Transition(_end(run, pending.ended, now, handle=handle, error=pending.error))
+    delay = schedule[min(run.poll_attempt, len(schedule) - 1)] if schedule else 1.0
+    polled = _advance(run, handle=handle, phase="poll", poll_attempt=run.poll_attempt + 1)
+    return Transition(polled, next_step_delay=delay)
+
+
+def on_transient(run: Run, delay: float) -> Transition:
+    """The model service failed transiently: run the same work again after ``delay``."""
+    retried = _advance(run, transient_failures=run.transient_failures + 1)
+    return Transition(retried, next_step_delay=delay)
+
+
+def fail(run: Run, error: str, now: datetime) -> Transition:
+    """The model refused the request (a 4xx other than 429): the run ends ``failed``."""
+    return Transition(_end(run, "failed", now, error=error))
+
+
+def expire(run: Run, now: datetime, timeout: float) -> Transition:
+    """The run did not finish within WORKER_RUN_TIMEOUT; open tool calls get a result."""
+    closing = tuple(
+        NewMessage(
+            "Tool", "error: the run expired before this call was answered", tool_call_id=c.id
+        )
+        for c in run.pending_calls
+    )
+    ended = _end(run, "expired", now, error=f"the run did not finish within {timeout:g} s")
+    return Transition(ended, closing)
+
+
+def cancel(run: Run, now: datetime, reason: str) -> Transition:
+    """The run is cancelled (its chat was deleted or reset)."""
+    return Transition(_end(run, "cancelled", now, error=reason))

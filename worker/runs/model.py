@@ -1,0 +1,147 @@
+"""Runs as values: a run's persisted state and what the model said (pure, no I/O)."""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+RunStatus = Literal[
+    "queued",
+    "in_progress",
+    "requires_action",
+    "completed",
+    "failed",
+    "cancelled",
+    "expired",
+    "incomplete",
+]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
+
+# What the next step of a run does:
+# "model"    call the model (or start a background response / remote run),
+# "poll"     poll a background response / remote run that is still pending,
+# "tools"    execute the local tool calls of the last model turn,
+# "external" wait for a producer's submitToolOutputs (status requires_action).
+Phase = Literal["model", "poll", "tools", "external"]
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """A tool call of the current round that has no result yet."""
+
+    id: str
+    name: str
+    arguments: str
+    external: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "arguments": self.arguments,
+            "external": self.external,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "PendingCall":
+        return cls(
+            id=str(value["id"]),
+            name=str(value["name"]),
+            arguments=str(value.get("arguments") or ""),
+            external=bool(value.get("external", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token usage, summed over a run's model calls."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+        )
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "promptTokens": self.prompt_tokens,
+            "completionTokens": self.completion_tokens,
+            "totalTokens": self.total_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any] | None) -> "Usage":
+        value = value or {}
+        return cls(
+            int(value.get("promptTokens", 0)),
+            int(value.get("completionTokens", 0)),
+            int(value.get("totalTokens", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One conversation turn, as persisted in its ``run-`` row."""
+
+    run_id: str
+    seq: int
+    status: RunStatus
+    request_id: str
+    user_message: str
+    api: str
+    model: str
+    created_at: datetime
+    expires_at: datetime
+    params: dict[str, Any] = field(default_factory=dict)
+    reply_to: str | None = None
+    step: int = 0
+    phase: Phase = "model"
+    tool_rounds: int = 0
+    pending_calls: tuple[PendingCall, ...] = ()
+    handle: dict[str, Any] = field(default_factory=dict)
+    poll_attempt: int = 0
+    transient_failures: int = 0
+    force_final: bool = False
+    usage: Usage = field(default_factory=Usage)
+    content: str | None = None
+    error: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    etag: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class ToolCallRef:
+    """A tool call the model asked for."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ModelTurn:
+    """What the model answered: text, tool calls, or both."""
+
+    content: str | None
+    tool_calls: tuple[ToolCallRef, ...] = ()
+    usage: Usage = field(default_factory=Usage)
+    handle: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A background response / remote run is still working; ``handle`` names it."""
+
+    handle: dict[str, Any]
+    # A remote run that ended on its own (expired, cancelled, failed) instead of answering.
+    ended: RunStatus | None = None
+    error: str | None = None

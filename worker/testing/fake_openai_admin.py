@@ -1,0 +1,116 @@
+"""The admin endpoints of the fake OpenAI server: script, scenario, faults, records, reset.
+
+Over HTTP for processes that cannot call `FakeOpenAI` methods (a worker under test, a benchmark):
+
+- `POST /admin/script` `{"model": "...", "turns": [turn, ...]}` queues scripted turns;
+- `POST /admin/default` `{"scenario": "echo" | "weather"}` sets the default scenario;
+- `GET /admin/faults`, `POST /admin/faults` `{"kind", "count", "every", "model", "api",
+  "endpoint", "retry_after", "delay"}`, `DELETE /admin/faults`;
+- `GET /admin/requests` (the records), `GET /admin/calls?model=&api=&endpoint=` (`{"calls": n}`);
+- `POST /admin/reset`; `GET /health`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from worker.testing.fake_openai_brain import SCENARIOS
+from worker.testing.fake_openai_common import ApiError
+from worker.testing.fake_openai_core import body_of
+from worker.testing.fake_openai_faults import ENDPOINTS
+
+if TYPE_CHECKING:
+    from worker.testing.fake_openai import FakeOpenAI
+
+__all__ = ["AdminApi"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminApi:
+    """Admin handlers over a `FakeOpenAI` (not recorded, never faulted)."""
+
+    def __init__(self, fake: FakeOpenAI) -> None:
+        self.fake = fake
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """(method, path, handler)."""
+        return [
+            ("POST", "/admin/script", self.script),
+            ("POST", "/admin/default", self.default),
+            ("GET", "/admin/faults", self.faults),
+            ("POST", "/admin/faults", self.add_fault),
+            ("DELETE", "/admin/faults", self.clear_faults),
+            ("GET", "/admin/requests", self.requests),
+            ("GET", "/admin/calls", self.calls),
+            ("POST", "/admin/reset", self.reset),
+            ("GET", "/health", self.health),
+        ]
+
+    async def script(self, request: web.Request) -> web.StreamResponse:
+        """`POST /admin/script`: queue turns for a model (400 for a malformed turn)."""
+        body = body_of(request)
+        model, turns = body.get("model"), body.get("turns")
+        if not isinstance(model, str) or not isinstance(turns, list):
+            raise ApiError(400, 'expected {"model": string, "turns": [turn, ...]}')
+        try:
+            self.fake.script(model, turns)
+        except ValueError as error:
+            raise ApiError(400, str(error)) from None
+        return web.json_response({"ok": True, "pending": self.fake.pending_turns(model)})
+
+    async def default(self, request: web.Request) -> web.StreamResponse:
+        """`POST /admin/default`: the default scenario by name."""
+        scenario = body_of(request).get("scenario")
+        if not isinstance(scenario, str) or scenario not in SCENARIOS:
+            raise ApiError(400, f'expected {{"scenario": one of {sorted(SCENARIOS)}}}')
+        self.fake.set_default(scenario)
+        return web.json_response({"ok": True})
+
+    async def faults(self, request: web.Request) -> web.StreamResponse:
+        """`GET /admin/faults`: the active rules with their counters."""
+        return web.json_response({"faults": [r.to_dict() for r in self.fake.fault_rules()]})
+
+    async def add_fault(self, request: web.Request) -> web.StreamResponse:
+        """`POST /admin/faults`: add a rule (the arguments of `FakeOpenAI.fault`)."""
+        body = body_of(request)
+        allowed = {"kind", "count", "every", "model", "api", "endpoint", "retry_after", "delay"}
+        unknown = set(body) - allowed
+        if unknown or not isinstance(body.get("kind"), str | int):
+            raise ApiError(400, f"expected a 'kind' and only the fields {sorted(allowed)}")
+        options = {k: v for k, v in body.items() if k != "kind"}
+        try:
+            rule = self.fake.fault(str(body["kind"]), **options)
+        except (TypeError, ValueError) as error:
+            raise ApiError(400, str(error)) from None
+        return web.json_response({"ok": True, "fault": rule.to_dict()})
+
+    async def clear_faults(self, request: web.Request) -> web.StreamResponse:
+        """`DELETE /admin/faults`: remove every rule."""
+        self.fake.clear_faults()
+        return web.json_response({"ok": True})
+
+    async def requests(self, request: web.Request) -> web.StreamResponse:
+        """`GET /admin/requests`: every recorded request, oldest first."""
+        return web.json_response({"requests": [r.to_dict() for r in self.fake.requests]})
+
+    async def calls(self, request: web.Request) -> web.StreamResponse:
+        """`GET /admin/calls`: `{"calls": n}`, filtered like `FakeOpenAI.calls`."""
+        query = request.query
+        endpoint = query.get("endpoint")
+        if endpoint is not None and endpoint not in ENDPOINTS:
+            raise ApiError(400, f"unknown endpoint {endpoint!r}", param="endpoint")
+        count = self.fake.calls(model=query.get("model"), api=query.get("api"), endpoint=endpoint)
+        return web.json_response({"calls": count})
+
+    async def reset(self, request: web.Request) -> web.StreamResponse:
+        """`POST /admin/reset`: forget scripts, faults, records and stored objects."""
+        self.fake.reset()
+        return web.json_response({"ok": True})
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        """`GET /health`: `{"ok": true}` once listening."""
+        return web.json_response({"ok": True})

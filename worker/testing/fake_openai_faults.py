@@ -1,0 +1,163 @@
+"""Deterministic faults for the fake OpenAI server: 429, 500, slow answers, dropped connections.
+
+A rule matches model calls by api, endpoint and model. `count=N` fires on the next N matching
+calls; `every=K` on every K-th matching call (K=2: exactly half of them); both together: every
+K-th call, N times at most. Rules are checked in the order they were added; every rule counts
+every call it matches (whether or not an earlier rule answered it), so `every` stays exact.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast, get_args
+
+__all__ = ["APIS", "ENDPOINTS", "FaultBook", "FaultKind", "FaultRule"]
+
+FaultKind = Literal["429", "500", "slow", "drop"]
+_KINDS: tuple[str, ...] = get_args(FaultKind)
+
+# Endpoints that call (or poll) the model, by API. Faults apply to these only.
+ENDPOINTS: dict[str, str] = {
+    "chat.create": "chat",
+    "responses.create": "responses",
+    "responses.retrieve": "responses",
+    "runs.create": "assistants",
+    "runs.submit": "assistants",
+    "runs.retrieve": "assistants",
+}
+# The endpoints that make the model produce output; `FakeOpenAI.calls` counts these by default.
+GENERATING = ("chat.create", "responses.create", "runs.create", "runs.submit")
+APIS = ("chat", "responses", "assistants")
+
+
+def _names(value: str | Sequence[str] | None, known: Sequence[str], what: str) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    names = frozenset([value] if isinstance(value, str) else value)
+    unknown = names - set(known)
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}; known: {', '.join(known)}")
+    return names
+
+
+@dataclass
+class FaultRule:
+    """One fault; build it with `FaultBook.add` (or `FakeOpenAI.fault`)."""
+
+    kind: FaultKind
+    count: int | None = None
+    every: int | None = None
+    models: frozenset[str] = frozenset()
+    apis: frozenset[str] = frozenset()
+    endpoints: frozenset[str] = frozenset()
+    retry_after: float | None = None
+    delay: float | None = None
+    seen: int = 0
+    fired: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """True once `count` faults have fired."""
+        return self.count is not None and self.fired >= self.count
+
+    def matches(self, api: str, endpoint: str, model: str | None) -> bool:
+        """Whether a call is one this rule counts."""
+        return (
+            (not self.apis or api in self.apis)
+            and (not self.endpoints or endpoint in self.endpoints)
+            and (not self.models or model in self.models)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description."""
+        return {
+            "kind": self.kind,
+            "count": self.count,
+            "every": self.every,
+            "model": sorted(self.models) or None,
+            "api": sorted(self.apis) or None,
+            "endpoint": sorted(self.endpoints) or None,
+            "retry_after": self.retry_after,
+            "delay": self.delay,
+            "seen": self.seen,
+            "fired": self.fired,
+        }
+
+
+class FaultBook:
+    """The active fault rules; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rules: list[FaultRule] = []
+
+    def add(
+        self,
+        kind: str,
+        *,
+        count: int | None = None,
+        every: int | None = None,
+        model: str | Sequence[str] | None = None,
+        api: str | Sequence[str] | None = None,
+        endpoint: str | Sequence[str] | None = None,
+        retry_after: float | None = None,
+        delay: float | None = None,
+    ) -> FaultRule:
+        """Validate and add a rule; raises `ValueError` on bad arguments."""
+        if kind not in _KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(_KINDS)}")
+        for name, value in (("count", count), ("every", every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer")
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name, number in (("retry_after", retry_after), ("delay", delay)):
+            if number is not None and (
+                isinstance(number, bool) or not isinstance(number, int | float) or number < 0
+            ):
+                raise ValueError(f"{name} must be a number >= 0")
+        if model is not None and not isinstance(model, str | list | tuple):
+            raise ValueError("model must be a string or a list of strings")
+        rule = FaultRule(
+            kind=cast(FaultKind, kind),
+            count=count,
+            every=every,
+            models=frozenset([model] if isinstance(model, str) else (model or ())),
+            apis=_names(api, APIS, "api"),
+            endpoints=_names(endpoint, tuple(ENDPOINTS), "endpoint"),
+            # Defaults that make a bare rule useful: Retry-After 1 s, a 1 s stall.
+            retry_after=(1.0 if retry_after is None else float(retry_after))
+            if kind == "429"
+            else retry_after,
+            delay=(1.0 if delay is None else float(delay)) if kind == "slow" else delay,
+        )
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        """Remove every rule."""
+        with self._lock:
+            self._rules.clear()
+
+    def rules(self) -> list[FaultRule]:
+        """The rules still active."""
+        with self._lock:
+            return [r for r in self._rules if not r.exhausted]
+
+    def pick(self, api: str, endpoint: str, model: str | None) -> FaultRule | None:
+        """Count this call against every matching rule; return the first rule that fires."""
+        chosen: FaultRule | None = None
+        with self._lock:
+            for rule in self._rules:
+                if rule.exhausted or not rule.matches(api, endpoint, model):
+                    continue
+                rule.seen += 1
+                due = rule.every is None or rule.seen % rule.every == 0
+                if due and chosen is None:
+                    rule.fired += 1
+                    chosen = rule
+            self._rules = [r for r in self._rules if not r.exhausted]
+        return chosen

@@ -1,0 +1,366 @@
+"""The Responses API of the fake OpenAI server: create (optionally in background), retrieve,
+cancel, delete; `previous_response_id` chains keep the whole conversation.
+
+A background response is `queued` for the first third of `background_delay`, `in_progress` until
+`background_delay` after its creation, then `completed`. The state is computed when it is read,
+so no timer runs. The reply is decided at creation (one model call per create).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from worker.testing.fake_openai_brain import Conversation, Message, Reply, ToolCall
+from worker.testing.fake_openai_chat import content_text, tool_names
+from worker.testing.fake_openai_common import (
+    ApiError,
+    new_id,
+    opt_bool,
+    opt_dict,
+    opt_list,
+    opt_num,
+    opt_str,
+    req_str,
+    wall_now,
+)
+from worker.testing.fake_openai_core import FakeCore, body_of
+
+__all__ = ["ResponsesApi", "StoredResponse"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Request fields echoed back on the response object, with the API's defaults.
+_ECHOED: dict[str, Any] = {
+    "instructions": None,
+    "max_output_tokens": None,
+    "metadata": {},
+    "parallel_tool_calls": True,
+    "reasoning": None,
+    "temperature": 1.0,
+    "text": {"format": {"type": "text"}},
+    "tool_choice": "auto",
+    "tools": [],
+    "top_p": 1.0,
+    "truncation": "disabled",
+    "user": None,
+}
+
+
+@dataclass
+class StoredResponse:
+    """A response the fake keeps for retrieve and for `previous_response_id`."""
+
+    id: str
+    model: str
+    background: bool
+    store: bool
+    echoed: dict[str, Any]
+    previous_response_id: str | None
+    history: list[Message]  # the conversation after this response (input + output), no instructions
+    output: list[dict[str, Any]]
+    usage: dict[str, Any]
+    created_at: int = field(default_factory=wall_now)
+    started: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def status(self, delay: float, now: float | None = None) -> str:
+        """The lifecycle state at `now` (monotonic seconds)."""
+        if self.cancelled:
+            return "cancelled"
+        if not self.background:
+            return "completed"
+        elapsed = (time.monotonic() if now is None else now) - self.started
+        if elapsed >= delay:
+            return "completed"
+        return "queued" if elapsed < delay / 3 else "in_progress"
+
+    def pending_calls(self) -> list[str]:
+        """Call ids of the function calls this response asks the client to answer."""
+        return [i["call_id"] for i in self.output if i.get("type") == "function_call"]
+
+    def to_json(self, delay: float) -> dict[str, Any]:
+        """The `response` object as the API returns it at this moment."""
+        status = self.status(delay)
+        done = status == "completed"
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "background": self.background,
+            "completed_at": int(self.created_at + (delay if self.background else 0))
+            if done
+            else None,
+            "error": None,
+            "incomplete_details": None,
+            "model": self.model,
+            "output": self.output if done else [],
+            "previous_response_id": self.previous_response_id,
+            "store": self.store,
+            "usage": self.usage if done else None,
+            "service_tier": "default",
+            **self.echoed,
+        }
+
+
+def _reply_items(reply: Reply) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    if reply.content is not None:
+        items.append(
+            {
+                "type": "message",
+                "id": new_id("msg"),
+                "role": "assistant",
+                "status": "completed",
+                "content": [
+                    {
+                        "type": "output_text",
+                        "text": reply.content,
+                        "annotations": [],
+                        "logprobs": [],
+                    }
+                ],
+            }
+        )
+    items.extend(
+        {
+            "type": "function_call",
+            "id": new_id("fc"),
+            "call_id": call.id,
+            "name": call.name,
+            "arguments": call.arguments,
+            "status": "completed",
+        }
+        for call in reply.tool_calls
+    )
+    return items
+
+
+@dataclass
+class _Input:
+    messages: list[Message]
+    outputs: list[str]  # call ids answered by function_call_output items
+    calls: list[str]  # call ids of function_call items given in the input
+
+
+def _parse_input(raw: Any) -> _Input:
+    if isinstance(raw, str):
+        return _Input([Message(role="user", content=raw)], [], [])
+    if not isinstance(raw, list):
+        raise ApiError(
+            400, "Invalid type for 'input': expected a string or an array.", param="input"
+        )
+    parsed = _Input([], [], [])
+    for index, item in enumerate(raw):
+        param = f"input[{index}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"Invalid type for '{param}': expected an object.", param=param)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise ApiError(
+                    400, f"Invalid value for '{param}.role': {role!r}.", param=f"{param}.role"
+                )
+            text = content_text(item.get("content"), f"{param}.content")
+            parsed.messages.append(
+                Message(role="system" if role == "developer" else role, content=text)
+            )
+        elif kind == "function_call":
+            call_id, name = item.get("call_id"), item.get("name")
+            arguments = item.get("arguments", "")
+            if not (isinstance(call_id, str) and isinstance(name, str)):
+                raise ApiError(400, f"'{param}' needs 'call_id' and 'name'.", param=param)
+            call = ToolCall(id=call_id, name=name, arguments=str(arguments))
+            last = parsed.messages[-1] if parsed.messages else None
+            if last is not None and last.role == "assistant" and last.tool_calls:
+                last.tool_calls.append(call)  # consecutive calls are one parallel round
+            else:
+                parsed.messages.append(Message(role="assistant", tool_calls=[call]))
+            parsed.calls.append(call_id)
+        elif kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str):
+                raise ApiError(
+                    400,
+                    f"Missing required parameter: '{param}.call_id'.",
+                    param=f"{param}.call_id",
+                )
+            text = content_text(output, f"{param}.output")
+            parsed.messages.append(Message(role="tool", content=text, tool_call_id=call_id))
+            parsed.outputs.append(call_id)
+        elif kind in ("item_reference", "reasoning"):
+            continue  # nothing the fake model needs
+        else:
+            raise ApiError(
+                400, f"Invalid value for '{param}.type': {kind!r}.", param=f"{param}.type"
+            )
+    return parsed
+
+
+class ResponsesApi:
+    """Responses endpoints and their store."""
+
+    def __init__(self, core: FakeCore) -> None:
+        self.core = core
+        self.responses: dict[str, StoredResponse] = {}
+
+    def reset(self) -> None:
+        """Forget every stored response."""
+        with self.core.lock:
+            self.responses.clear()
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """(method, path under the API prefix, handler)."""
+        return [
+            ("POST", "/responses", self.create),
+            ("GET", "/responses/{id}", self.retrieve),
+            ("DELETE", "/responses/{id}", self.delete),
+            ("POST", "/responses/{id}/cancel", self.cancel),
+        ]
+
+    def _get(self, request: web.Request) -> StoredResponse:
+        ident = request.match_info["id"]
+        with self.core.lock:
+            found = self.responses.get(ident)
+        if found is None:
+            raise ApiError(404, f"Response with id '{ident}' not found.", param="response_id")
+        return found
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        """`POST /responses`."""
+        body = body_of(request)
+        model = req_str(body, "model")
+        await self.core.gate(request, "responses", "responses.create", model)
+        if opt_bool(body, "stream"):
+            raise ApiError(
+                400, "The fake OpenAI server does not support stream=true.", param="stream"
+            )
+        background = bool(opt_bool(body, "background"))
+        store = opt_bool(body, "store")
+        # Stricter than the API's `store` default (true): the worker must always send store=true
+        # with background (a background response without it can vanish before it is polled).
+        if background and store is not True:
+            raise ApiError(
+                400, "Background mode requires store=true: pass store=true.", param="background"
+            )
+        instructions = opt_str(body, "instructions")
+        tools = opt_list(body, "tools")
+        names = tool_names(tools, nested=False)
+        for key in ("metadata", "reasoning", "text"):
+            opt_dict(body, key)
+        for key in ("temperature", "top_p", "max_output_tokens"):
+            opt_num(body, key)
+        if "input" not in body:
+            raise ApiError(400, "Missing required parameter: 'input'.", param="input")
+        new = _parse_input(body["input"])
+
+        with self.core.lock:
+            history = self._history(opt_str(body, "previous_response_id"), new)
+            conversation = Conversation(
+                model=model,
+                api="responses",
+                messages=[
+                    *([Message(role="system", content=instructions)] if instructions else []),
+                    *history,
+                    *new.messages,
+                ],
+                tools=names,
+                tool_choice=body.get("tool_choice"),
+            )
+            reply = self.core.brain.decide(conversation)
+            prompt, completion = conversation.prompt_tokens(), reply.completion_tokens()
+            stored = StoredResponse(
+                id=new_id("resp"),
+                model=model,
+                background=background,
+                store=store is not False,
+                echoed={k: body[k] if body.get(k) is not None else v for k, v in _ECHOED.items()},
+                previous_response_id=opt_str(body, "previous_response_id"),
+                history=[
+                    *history,
+                    *new.messages,
+                    Message(
+                        role="assistant", content=reply.content or "", tool_calls=reply.tool_calls
+                    ),
+                ],
+                output=_reply_items(reply),
+                usage={
+                    "input_tokens": prompt,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": completion,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": prompt + completion,
+                },
+            )
+            if stored.store:
+                self.responses[stored.id] = stored
+            return web.json_response(stored.to_json(self.core.background_delay))
+
+    def _history(self, previous_id: str | None, new: _Input) -> list[Message]:
+        """The chained history, after checking that every function call gets its output."""
+        history: list[Message] = []
+        pending: list[str] = []
+        if previous_id is not None:
+            previous = self.responses.get(previous_id)
+            if previous is None:
+                raise ApiError(
+                    400,
+                    f"Previous response with id '{previous_id}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            status = previous.status(self.core.background_delay)
+            if status != "completed":
+                raise ApiError(
+                    400,
+                    f"Previous response with id '{previous_id}' is {status}, not completed.",
+                    param="previous_response_id",
+                )
+            history = list(previous.history)
+            pending = previous.pending_calls()
+        for call_id in [*pending, *new.calls]:
+            if call_id not in new.outputs:
+                raise ApiError(
+                    400, f"No tool output found for function call {call_id}.", param="input"
+                )
+        known = {c.id for m in history for c in m.tool_calls} | set(new.calls)
+        for call_id in new.outputs:
+            if call_id not in known:
+                raise ApiError(
+                    400,
+                    f"No tool call found for function call output with call_id {call_id}.",
+                    param="input",
+                )
+        return history
+
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        """`GET /responses/{id}` (a model call for faults: it is how a backend polls)."""
+        stored = self._get(request)
+        await self.core.gate(request, "responses", "responses.retrieve", stored.model)
+        return web.json_response(stored.to_json(self.core.background_delay))
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        """`POST /responses/{id}/cancel`: only background responses; a finished one is returned
+        unchanged (cancelling is idempotent)."""
+        stored = self._get(request)
+        if not stored.background:
+            raise ApiError(
+                400, "Only responses created with background=true can be cancelled.", param="id"
+            )
+        with self.core.lock:
+            if stored.status(self.core.background_delay) in ("queued", "in_progress"):
+                stored.cancelled = True
+            return web.json_response(stored.to_json(self.core.background_delay))
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        """`DELETE /responses/{id}`."""
+        stored = self._get(request)
+        with self.core.lock:
+            self.responses.pop(stored.id, None)
+        return web.json_response({"id": stored.id, "object": "response.deleted", "deleted": True})
