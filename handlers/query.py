@@ -1,13 +1,16 @@
 """The extension's ``assistantQuery``: a chat's ``AssistantState``."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from schemas import AssistantMessage, AssistantState
 from worker.store.layout import ChatMessage
 from worker.store.tables import TableChatStore
 
+NEVER = datetime(1, 1, 1, tzinfo=UTC)
+
 
 def to_assistant_message(message: ChatMessage) -> AssistantMessage:
+    """A stored message in the extension's ``AssistantMessage`` shape (plus extras)."""
     return AssistantMessage(
         content=message.content,
         role=message.role,
@@ -28,7 +31,8 @@ async def get_state(
     """
     state = await store.load_state(chat_id)
     if state is None:
-        return AssistantState(id=chat_id, exists=False)
+        # The extension answers with default (year 1) timestamps for a missing chat.
+        return AssistantState(id=chat_id, exists=False, created_at=NEVER, last_updated_at=NEVER)
     messages = await store.read_messages(chat_id)
     if since is not None:
         messages = [message for message in messages if message.created_at > since]

@@ -9,11 +9,11 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition
+from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, step_send
 from handlers.tools import ToolCall, run_tool_calls
 from schemas import RunStep
 from worker.backends.base import ModelError, TurnRequest
-from worker.handling import HandlerResult, MessageContext
+from worker.handling import HandlerResult, MessageContext, Send
 from worker.outcome import RetryPolicy, backoff
 from worker.runs import machine
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
@@ -113,7 +113,9 @@ class StepHandler:
             return HandlerResult(note="stale: the run no longer exists")
         if run.finished or run.step != step.step or state.active_run_id != run.run_id:
             return HandlerResult(
-                note="stale: the run has moved on", log_fields={"run_id": run.run_id}
+                note="stale: the run has moved on",
+                effects=self._lost_follow_up(chat, state, run, step),
+                log_fields={"run_id": run.run_id},
             )
         transition = await self._advance(store, state, run)
         try:
@@ -125,6 +127,21 @@ class StepHandler:
             effects=effects,
             log_fields={"run_id": run.run_id, "step": run.step},
         )
+
+    def _lost_follow_up(
+        self, chat: ChatRef, state: ChatState, run: Run, step: RunStep
+    ) -> tuple[Send, ...]:
+        """Re-send the run's current step when this delivery is its direct predecessor.
+
+        The predecessor stored its transition, then failed to send the next step (the queue
+        service failed) and was retried: without this the run would stall. If the next step
+        was in fact sent, the duplicate finds the run advanced, or loses the ETag race.
+        """
+        if run.finished or state.active_run_id != run.run_id or run.phase == "external":
+            return ()
+        if step.step != run.step - 1:
+            return ()
+        return (step_send(self._services, chat, run),)
 
     async def _advance(self, store: TableChatStore, state: ChatState, run: Run) -> Transition:
         now = self._services.clock()

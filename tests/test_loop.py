@@ -313,3 +313,23 @@ def test_secrets_never_reach_logs_or_dead_letters() -> None:
         asyncio.run(make_worker(handler, broker).run_until_idle())
     assert "sk-test-secret-value" not in json.dumps(poison(broker))
     assert "sk-test-secret-value" not in json.dumps(logs, default=str)
+
+
+def test_oversized_and_deeply_nested_bodies_are_still_dead_lettered() -> None:
+    """A dead letter always fits a queue message, whatever the original body was."""
+    broker = MemoryBroker()
+    huge = json.dumps({"type": "nope", "id": "x", "padding": "p" * 70_000})
+    deep = '{"type": "nope", "id": "y", "deep": ' + "[" * 300 + "]" * 300 + "}"
+    send(broker, huge)
+    send(broker, deep)
+    asyncio.run(make_worker(Recorder(), broker).run_until_idle())
+    letters = poison(broker)
+    assert len(letters) == 2
+    assert all(len(body.encode()) <= 64 * 1024 for body in broker.queue(POISON).bodies())
+    by_reason = {("too large" in letter["deadLetter"]["reason"]): letter for letter in letters}
+    truncated = by_reason[True]["message"]
+    assert truncated["truncated"] is True
+    assert truncated["originalLength"] == len(huge)
+    assert huge.startswith(truncated["head"])
+    assert by_reason[False]["message"] in (deep, json.loads(deep))
+    assert broker.queue(REQUESTS).messages == {}

@@ -166,6 +166,29 @@ class TestIdempotency:
         assert "msg-0002" not in rows, "a new create resets the chat"
         assert rows["msg-0001"]["Content"] == "new"
 
+    def test_concurrent_duplicates_of_a_reset_leave_the_chat_intact(
+        self, storage: StorageEnv
+    ) -> None:
+        """Copies of one create processed at the same time reset an existing chat once and
+        never delete what the winning copy wrote."""
+        chat_ids = [f"race-{n}-{storage.suffix}" for n in range(12)]
+        for chat_id in chat_ids:
+            run(storage.send({**EXTENSION_CREATE, "id": chat_id, "requestId": f"first-{chat_id}"}))
+        run(run_worker(storage.settings()))
+        for chat_id in chat_ids:
+            run(add_history(storage, chat_id))
+            again = {**EXTENSION_CREATE, "id": chat_id, "requestId": f"reset-{chat_id}"}
+            for _ in range(3):
+                run(storage.send(again))
+        worker = run(run_worker(storage.settings(WORKER_CONCURRENCY="32")))
+        assert worker.stats["completed"] == 3 * len(chat_ids)
+        for chat_id in chat_ids:
+            rows = run(storage.partition(chat_id))
+            assert "state" in rows and "msg-0001" in rows, (
+                f"{chat_id} lost its rows: {sorted(rows)}"
+            )
+            assert "msg-0002" not in rows, "the reset happened"
+
     def test_delete_removes_the_chat_once(self, storage: StorageEnv) -> None:
         """assistantDelete removes the chat's rows; the query then says it does not exist."""
         chat_id = f"del-{storage.suffix}"

@@ -50,7 +50,7 @@ def test_identity_based_storage() -> None:
     """NAME__accountName selects identity-based access with the account's endpoints."""
     settings = Settings.from_env({"AzureWebJobsStorage__accountName": "acct"})
     storage = settings.default_storage
-    assert storage.uses_identity
+    assert storage.connection_string is None
     assert storage.queue_service_uri == "https://acct.queue.core.windows.net"
     assert storage.table_service_uri == "https://acct.table.core.windows.net"
 

@@ -14,10 +14,7 @@ from typing import Any
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
-from worker.transport import Delivery, LeaseLost
-
-# Azure takes whole seconds; the service caps a receive at 32 messages.
-MAX_RECEIVE = 32
+from worker.transport import MAX_RECEIVE, Delivery, LeaseLost
 
 
 def _whole_seconds(value: float) -> int:

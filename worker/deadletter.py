@@ -1,21 +1,36 @@
-"""The dead-letter envelope: the original body and why it was moved (pure)."""
+"""The dead-letter envelope: the original body and why it was moved (pure).
 
-import json
+``envelope_body`` never fails: a body that cannot be re-encoded as JSON is kept as its raw
+text, and one too large to fit a queue message beside its envelope keeps its beginning, with
+the reason saying so (a queue message holds at most 64 KiB).
+"""
+
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from schemas import DeadLetterEnvelope, DeadLetterInfo
+from schemas import DeadLetterEnvelope, DeadLetterInfo, InvalidMessage, decode_body, encode_body
+from schemas.decode import Encoding
+from worker.redact import mask_values
 from worker.transport import Delivery
+
+# Bytes of one queue message, with room for the service's own framing.
+MAX_MESSAGE_BYTES = 64 * 1024 - 1024
 
 
 def original_message(body: str) -> Any:
     """The original body as JSON when it was a JSON object (plain or Base64), else raw text."""
-    from schemas import InvalidMessage, decode_body
-
     try:
         return decode_body(body)
     except InvalidMessage:
         return body
+
+
+def request_id_of(body: str) -> str | None:
+    """The ``requestId`` of a body, if it has a readable one (for the envelope)."""
+    message = original_message(body)
+    value = message.get("requestId") if isinstance(message, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def build_envelope(
@@ -25,6 +40,7 @@ def build_envelope(
     error_type: str,
     request_id: str | None,
     now: datetime,
+    message: Any = None,
 ) -> dict[str, Any]:
     """The JSON object that goes to ``<queue>-poison``."""
     info = DeadLetterInfo(
@@ -37,29 +53,53 @@ def build_envelope(
         dead_lettered_on=now,
         request_id=request_id,
     )
-    envelope = DeadLetterEnvelope(dead_letter=info, message=original_message(delivery.body))
+    original = original_message(delivery.body) if message is None else message
+    envelope = DeadLetterEnvelope(dead_letter=info, message=original)
     return envelope.model_dump(mode="json", by_alias=True)
 
 
-def request_id_of(body: str) -> str | None:
-    """The ``requestId`` of a body, if it has a readable one (for the envelope)."""
-    message = original_message(body)
-    if isinstance(message, dict):
-        value = message.get("requestId")
-        if isinstance(value, str):
-            return value
-    return None
+def envelope_body(
+    delivery: Delivery,
+    *,
+    reason: str,
+    error_type: str,
+    request_id: str | None,
+    now: datetime,
+    encoding: Encoding,
+    mask: Callable[[str], str] = lambda text: text,
+) -> str:
+    """The encoded envelope, always small enough for a queue message.
 
+    ``mask`` is applied to every string of the envelope before it is encoded (the worker
+    masks its own secrets, which a producer may have pasted into a request).
+    """
 
-def parse_envelope(text: str) -> DeadLetterEnvelope | None:
-    """A poison-queue body as an envelope, or None when it is not one."""
+    def encoded(reason_text: str, message: Any = None) -> str:
+        envelope = build_envelope(
+            delivery,
+            reason=reason_text,
+            error_type=error_type,
+            request_id=request_id,
+            now=now,
+            message=message,
+        )
+        return encode_body(mask_values(envelope, mask), encoding)
+
     try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        payload = original_message(text)
-    if not isinstance(payload, dict) or "deadLetter" not in payload:
-        return None
-    try:
-        return DeadLetterEnvelope.model_validate(payload)
-    except ValueError:
-        return None
+        body = encoded(reason)
+    except (ValueError, TypeError, RecursionError):
+        # Nested too deeply to serialize again (JSON depth limits): keep the raw text.
+        body = encoded(reason, delivery.body)
+    if len(body.encode("utf-8")) <= MAX_MESSAGE_BYTES:
+        return body
+    size = len(delivery.body)
+    note = (
+        f"{reason} [the original body, {size} characters, was too large to keep whole in a "
+        "dead letter: message.head holds its beginning]"
+    )
+    head = delivery.body
+    while True:
+        head = head[: len(head) // 2]
+        body = encoded(note, {"truncated": True, "originalLength": size, "head": head})
+        if len(body.encode("utf-8")) <= MAX_MESSAGE_BYTES:
+            return body

@@ -23,16 +23,19 @@ class Lease:
         self.queue = queue
         self.delivery = delivery
         self.visibility_timeout = visibility_timeout
-        self.lost = False
         self._lock = asyncio.Lock()
         self._renewal: asyncio.Task[None] | None = None
 
     def start_renewal(self) -> None:
+        """Renew the lease at half-life until ``stop_renewal``."""
         self._renewal = asyncio.create_task(self._keep_alive())
 
     async def stop_renewal(self) -> None:
+        """Stop renewing. Taken under the lock, so a renewal in flight is never cut off
+        between the service changing the pop receipt and us recording the new one."""
         if self._renewal is not None:
-            self._renewal.cancel()
+            async with self._lock:
+                self._renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
             self._renewal = None
@@ -45,7 +48,6 @@ class Lease:
                 async with self._lock:
                     self.delivery = await self.queue.extend(self.delivery, self.visibility_timeout)
             except LeaseLost:
-                self.lost = True
                 log.warning(
                     "lease.lost", message_id=self.delivery.message_id, queue=self.queue.name
                 )
@@ -60,9 +62,11 @@ class Lease:
                 )
 
     async def complete(self) -> None:
+        """Delete the message (raises ``LeaseLost`` if someone else holds it now)."""
         async with self._lock:
             await self.queue.complete(self.delivery)
 
     async def release(self, delay: float) -> None:
+        """Make the message visible again after ``delay`` seconds."""
         async with self._lock:
             await self.queue.release(self.delivery, delay)

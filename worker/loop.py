@@ -18,7 +18,8 @@ from typing import Any
 import structlog
 
 from schemas import Message, decode_body, encode_body, parse_message
-from worker.deadletter import build_envelope, request_id_of
+from worker.deadletter import envelope_body, request_id_of
+from worker.errors import TransientError
 from worker.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole
 from worker.lease import Lease
 from worker.outcome import (
@@ -32,13 +33,22 @@ from worker.outcome import (
     decide,
     describe,
 )
-from worker.redact import Redactor, mask_values
+from worker.redact import Redactor
 from worker.settings import Settings
-from worker.transport import Broker, Delivery, LeaseLost, QueueTransport, poison_queue_name
+from worker.transport import (
+    MAX_RECEIVE,
+    Broker,
+    Delivery,
+    LeaseLost,
+    QueueTransport,
+    poison_queue_name,
+)
 
-MAX_BATCH = 32
 # Seconds given to releasing abandoned messages at shutdown.
 RELEASE_TIMEOUT = 5.0
+# A handler that runs longer is abandoned and its message retried (model calls and tools
+# have their own, shorter timeouts; this bounds anything that hangs).
+HANDLER_TIMEOUT = 900.0
 # Seconds a receive still in flight at shutdown may take before it is cancelled.
 RECEIVE_GRACE = 1.0
 
@@ -69,9 +79,11 @@ class Worker:
         self._rng = rng or random.Random()
         self._now = now
         self._log = structlog.get_logger("worker")
+        # Runs first: their steps continue work already accepted, and a backlog of new
+        # requests must not starve them into expiry.
         self._queues: list[tuple[QueueTransport, QueueRole]] = [
-            (broker.queue(settings.requests_queue), "requests"),
             (broker.queue(settings.runs_queue), "runs"),
+            (broker.queue(settings.requests_queue), "requests"),
         ]
         self._inflight: dict[asyncio.Task[None], Lease] = {}
         self._stopping = asyncio.Event()
@@ -122,7 +134,7 @@ class Worker:
                 break
             try:
                 deliveries = await self._unless_stopped(
-                    queue, queue.receive(min(free, MAX_BATCH), self.settings.visibility_timeout)
+                    queue, queue.receive(min(free, MAX_RECEIVE), self.settings.visibility_timeout)
                 )
             except Exception as error:
                 self._log.warning(
@@ -242,9 +254,12 @@ class Worker:
             error: BaseException | None = None
             try:
                 with structlog.contextvars.bound_contextvars(**fields):
-                    result = await self._handle(role, delivery, fields)
+                    async with asyncio.timeout(HANDLER_TIMEOUT):
+                        result = await self._handle(role, delivery, fields)
                 note = result.note
                 fields.update(result.log_fields)
+            except TimeoutError:
+                error = TransientError(f"the handler did not finish within {HANDLER_TIMEOUT:g} s")
             except Exception as failure:
                 error = failure
             finally:
@@ -258,6 +273,10 @@ class Worker:
         message: Message = parse_message(decode_body(delivery.body))
         request_id = getattr(message, "request_id", None) or delivery.message_id
         fields.update(type=message.type, chat_id=message.id, request_id=request_id)
+        # Logs of the store, the backends and the tools carry the message's identity too.
+        structlog.contextvars.bind_contextvars(
+            type=message.type, chat_id=message.id, request_id=request_id
+        )
         handler = self.registry.handler_for(role, message)
         context = MessageContext(
             queue=delivery.queue,
@@ -329,17 +348,17 @@ class Worker:
         self, lease: Lease, reason: str, error_type: str, fields: dict[str, Any]
     ) -> None:
         delivery = lease.delivery
-        envelope = build_envelope(
+        body = envelope_body(
             delivery,
             reason=reason,
             error_type=error_type,
             request_id=fields.get("request_id") or request_id_of(delivery.body),
             now=self._now(),
+            encoding=self.settings.message_encoding,
+            # A producer may have pasted one of the worker's own secrets (a connection string
+            # in place of a setting name): it must not be copied to the poison queue.
+            mask=self.redact.mask_known,
         )
-        # A producer may have sent one of the worker's own secrets (a connection string in
-        # place of a setting name): it must not be copied to the poison queue.
-        envelope = mask_values(envelope, self.redact.mask_known)
-        body = encode_body(envelope, self.settings.message_encoding)
         # Put first, delete after: a crash in between leaves a duplicate, never a loss.
         await self.broker.send(poison_queue_name(delivery.queue), body, time_to_live=-1)
         await lease.complete()

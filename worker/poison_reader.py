@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from azure.core.exceptions import ResourceNotFoundError
 
 from worker.azure_clients import queue_service
-from worker.azure_queue import MAX_RECEIVE, AzureQueueBroker
+from worker.azure_queue import AzureQueueBroker
 from worker.poison_ops import DeadLetterItem, ordered
 from worker.settings import Settings
-from worker.transport import Broker, Delivery, LeaseLost, QueueNotFound
+from worker.transport import MAX_RECEIVE, Broker, Delivery, LeaseLost, QueueNotFound
 
 # Seconds a read message stays hidden while the command works on it.
 LEASE_SECONDS = 60

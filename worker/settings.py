@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from schemas.names import MAX_BASE_QUEUE_NAME_LENGTH, check_queue_name
+from schemas.requests import DEFAULT_STORAGE_SETTING
 
 DEV_STORAGE = "UseDevelopmentStorage=true"
-DEFAULT_STORAGE_SETTING = "AzureWebJobsStorage"
 
 
 class SettingsError(ValueError):
@@ -30,10 +30,6 @@ class StorageConnection:
     account_name: str | None = None
     queue_service_uri: str | None = None
     table_service_uri: str | None = None
-
-    @property
-    def uses_identity(self) -> bool:
-        return self.connection_string is None
 
     def secrets(self) -> list[str]:
         """The parts of the connection string that must never be logged."""
@@ -88,6 +84,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _lease_seconds(text: str) -> float:
+    value = float(text)
+    if not 1 <= value <= 7 * 24 * 3600:
+        raise ValueError("must be between 1 s and 7 days (Azure's visibility timeout range)")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -117,6 +120,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _base_queue_name(text: str) -> str:
     check_queue_name(text)
+    if text.endswith("-poison"):
+        raise ValueError("must not be a '-poison' queue (the worker would consume dead letters)")
     if len(text) > MAX_BASE_QUEUE_NAME_LENGTH:
         raise ValueError(
             f"must be at most {MAX_BASE_QUEUE_NAME_LENGTH} characters, so that its "
@@ -372,10 +377,12 @@ class Settings:
 
     @property
     def work_queues(self) -> tuple[str, str]:
+        """The queues the worker consumes."""
         return (self.requests_queue, self.runs_queue)
 
     @property
     def default_storage(self) -> StorageConnection:
+        """The ``AzureWebJobsStorage`` account: the work queues live there."""
         return self.storage[DEFAULT_STORAGE_SETTING]
 
     def with_values(self, **changes: Any) -> "Settings":

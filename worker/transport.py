@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+# The most messages one receive may return (Azure Storage's cap).
+MAX_RECEIVE = 32
+
 
 @dataclass(frozen=True)
 class Delivery:

@@ -6,8 +6,6 @@ worker did.
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -16,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue.aio import QueueServiceClient
 
-from tests.support.azurite import REPO_ROOT, Azurite
+from tests.support.azurite import Azurite
 from worker.settings import Settings
 
 
@@ -86,15 +85,15 @@ class StorageEnv:
         text = body if isinstance(body, str) else json.dumps(body)
         async with self.queues() as service:
             client = service.get_queue_client(queue or self.requests_queue)
-            with suppress(Exception):
+            with suppress(ResourceExistsError):
                 await client.create_queue()
             sent = await client.send_message(text)
             return str(sent.id)
 
     async def peek_all(self, queue: str) -> list[str]:
-        """Bodies of every message in a queue, visible or not, by receiving then releasing.
+        """Bodies of the visible messages of a queue (at most 32), by receiving then releasing.
 
-        Bounded: reads at most 32 messages per call, in one lease of 5 s.
+        Receiving raises their dequeue counts; a queue that does not exist has none.
         """
         async with self.queues() as service:
             client = service.get_queue_client(queue)
@@ -105,7 +104,7 @@ class StorageEnv:
                         messages_per_page=32, max_messages=32, visibility_timeout=5
                     )
                 ]
-            except Exception:
+            except ResourceNotFoundError:
                 return []
             for message in messages:
                 await client.update_message(message.id, message.pop_receipt, visibility_timeout=0)
@@ -115,7 +114,7 @@ class StorageEnv:
         async with self.queues() as service:
             try:
                 props = await service.get_queue_client(queue).get_queue_properties()
-            except Exception:
+            except ResourceNotFoundError:
                 return 0
             return int(props.approximate_message_count or 0)
 
@@ -144,15 +143,6 @@ def run(coro: Any) -> Any:
 
 def worker_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "worker", *args]
-
-
-def start_worker(env: Mapping[str, str], log_path: Path, *args: str) -> "subprocess.Popen[bytes]":
-    """A worker process (``assistant-worker run``) whose JSON log goes to ``log_path``."""
-    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    log = log_path.open("ab")
-    return subprocess.Popen(
-        worker_command("run", *args), cwd=REPO_ROOT, env=full_env, stdout=log, stderr=log
-    )
 
 
 def read_log(log_path: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from azure.core.exceptions import AzureError
 from worker import __version__
 from worker.cli import poison, run, send, state
 from worker.cli.common import CliError
-from worker.errors import PermanentError
+from worker.errors import PermanentError, TransientError
 from worker.redact import Redactor
 from worker.settings import Settings, SettingsError
 from worker.transport import QueueNotFound
@@ -50,5 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         print(f"assistant-worker: storage error: {redact(first)}", file=sys.stderr)
         return 1
+    except TransientError as error:
+        print(f"assistant-worker: error: {redact(error.reason)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # the last net: one readable line, never a traceback
+        first = (str(error).strip().splitlines() or [""])[0]
+        print(f"assistant-worker: error: {type(error).__name__}: {redact(first)}", file=sys.stderr)
+        return 1

@@ -43,6 +43,12 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def serve(settings: Settings, *, burst: bool) -> int:
+    if settings.http_port is not None:
+        structlog.get_logger("worker").warning(
+            "http.not_available",
+            detail="WORKER_HTTP_PORT is set, but the health/metrics/query server is not "
+            "implemented yet; nothing listens on that port",
+        )
     async with open_app(settings) as app:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

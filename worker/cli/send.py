@@ -2,7 +2,6 @@
 
 import argparse
 import asyncio
-import json
 import uuid
 from typing import Any
 
@@ -114,7 +113,3 @@ async def send_payload(settings: Settings, payload: dict[str, Any]) -> str:
         return await broker.send(settings.requests_queue, body)
     finally:
         await broker.close()
-
-
-def dumps(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, ensure_ascii=False)

@@ -195,11 +195,30 @@ def message_entity(chat_id: str, message: ChatMessage) -> dict[str, Any]:
     return entity
 
 
+_ROLES: dict[str, Role] = {
+    "system": "System",
+    "user": "User",
+    "assistant": "Assistant",
+    "tool": "Tool",
+    # Older writers used these names for what is now a system / tool message.
+    "developer": "System",
+    "function": "Tool",
+}
+
+
+def parse_role(value: Any) -> Role:
+    """A stored role, whatever its case (older extension versions wrote lowercase roles)."""
+    role = _ROLES.get(str(value or "").strip().lower())
+    if role is None:
+        raise ValueError(f"unknown message role {value!r}")
+    return role
+
+
 def message_from_entity(entity: dict[str, Any]) -> ChatMessage:
-    role = str(entity.get("Role") or "User")
+    """A ``msg-`` row (written by the extension or the worker) as a message."""
     return ChatMessage(
         index=int(str(entity["RowKey"])[len(MESSAGE_PREFIX) :], 16),
-        role=role if role in ("System", "User", "Assistant", "Tool") else "User",  # type: ignore[arg-type]
+        role=parse_role(entity.get("Role")),
         content=join_text(entity, "Content"),
         created_at=utc(entity.get("CreatedAt")) or datetime(1, 1, 1, tzinfo=UTC),
         name=entity.get("Name") or None,

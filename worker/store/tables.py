@@ -31,11 +31,12 @@ from tenacity import (
     wait_exponential,
 )
 
+from schemas.requests import DEFAULT_STORAGE_SETTING
 from worker.azure_clients import table_service
 from worker.errors import PermanentError, TransientError
 from worker.outcome import describe
 from worker.runs.model import Run
-from worker.settings import DEFAULT_STORAGE_SETTING, Settings
+from worker.settings import Settings
 from worker.store.layout import (
     MESSAGE_PREFIX,
     MESSAGE_PREFIX_END,
@@ -271,11 +272,11 @@ class TableChatStore:
         redelivered request simply does it again.
         """
         chat_id = state.chat_id
+        key = request_row_key(applied.request_id)
         # One listing of the partition answers "already applied?" and names the rows to delete.
         rows = await self._list_rows(chat_id)
-        if request_row_key(applied.request_id) in rows:
+        if key in rows or await self._delete_history(chat_id, rows, guard=key) is None:
             return False
-        await self._delete_rows(chat_id, _history(rows))
         operations: list[Any] = [
             ("create", state_entity(state)),
             ("create", message_entity(chat_id, first_message)),
@@ -294,46 +295,61 @@ class TableChatStore:
         return True
 
     async def delete_chat(self, chat_id: str, applied: AppliedRequest) -> int | None:
-        """Delete the chat's rows; the number deleted, or None if the request was applied."""
-        if await self.is_applied(chat_id, applied.request_id):
-            return None
-        deleted = await self._delete_rows(chat_id, _history(await self._list_rows(chat_id)))
-        try:
-            async with self._errors("record the delete request"):
-                async for attempt in _retrying():
-                    with attempt:
-                        await self.client.create_entity(applied_request_entity(chat_id, applied))
-        except ResourceExistsError:
-            return None
-        return deleted
+        """Delete the chat's rows; the number deleted, or None if the request was applied.
 
-    async def _delete_rows(self, chat_id: str, rows: dict[str, str | None]) -> int:
-        """Delete the given rows (key -> ETag) of the chat's history; returns how many.
-
-        Each delete is guarded by the row's ETag, and a transaction fails whole. When another
-        worker changed or deleted a row meanwhile (412/404), the history is listed again and
-        the deletes retried, a few times, before it becomes a transient error.
+        The applied record goes in the same transaction as the last deletes, so a redelivered
+        delete can never remove a chat that a later create rebuilt.
         """
-        deleted = 0
+        key = request_row_key(applied.request_id)
+        rows = await self._list_rows(chat_id)
+        if key in rows:
+            return None
+        return await self._delete_history(
+            chat_id, rows, guard=key, last=applied_request_entity(chat_id, applied)
+        )
+
+    async def _delete_history(
+        self,
+        chat_id: str,
+        rows: dict[str, str | None],
+        *,
+        guard: str,
+        last: dict[str, Any] | None = None,
+    ) -> int | None:
+        """Delete every row but the applied-request records; returns how many.
+
+        Each delete is guarded by the row's ETag and a transaction fails whole. When another
+        worker changed the chat meanwhile (404/409/412) the rows are listed again: if that
+        listing holds ``guard`` (this request's own record), a duplicate delivery applied the
+        request meanwhile and None is returned, so that the duplicate does not undo it.
+        ``last`` is a row to create in the final transaction.
+        """
+        size = MAX_TRANSACTION_OPERATIONS - (1 if last is not None else 0)
         for _ in range(_DELETE_PASSES):
+            history = list(_history(rows).items())
+            batches = list(_batches(history, size)) or [[]]
+            deleted = 0
             try:
-                for batch in _batches(list(rows.items()), MAX_TRANSACTION_OPERATIONS):
-                    await self._submit(
-                        [
-                            (
-                                "delete",
-                                {"PartitionKey": chat_id, "RowKey": key},
-                                {"etag": etag, "match_condition": MatchConditions.IfNotModified},
-                            )
-                            for key, etag in batch
-                        ],
-                        "delete the chat's rows",
-                    )
+                for number, batch in enumerate(batches, start=1):
+                    operations: list[Any] = [
+                        (
+                            "delete",
+                            {"PartitionKey": chat_id, "RowKey": row_key},
+                            {"etag": etag, "match_condition": MatchConditions.IfNotModified},
+                        )
+                        for row_key, etag in batch
+                    ]
+                    if last is not None and number == len(batches):
+                        operations.append(("create", last))
+                    if operations:
+                        await self._submit(operations, "delete the chat's rows")
                     deleted += len(batch)
             except TableTransactionError as error:
-                if error.status_code not in (404, 412):
+                if error.status_code not in (404, 409, 412):
                     raise
-                rows = _history(await self._list_rows(chat_id))
+                rows = await self._list_rows(chat_id)
+                if guard in rows:
+                    return None
                 continue
             return deleted
         raise TransientError("the chat kept changing while its rows were being deleted; retrying")
