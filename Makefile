@@ -22,9 +22,9 @@ $(STAMP_NODE): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-## make run: Azurite (unless AzureWebJobsStorage is set) and the worker, in the foreground.
+## make run: the offline demo: Azurite, the fake model (weather bot), the worker, a producer.
 run: deps
-	$(BIN)/python -m worker.devtools.run
+	$(BIN)/assistant-worker demo
 
 ## make test: lint, type-check, and the whole test suite (Azurite started by the tests).
 test: deps lint typecheck

@@ -238,25 +238,22 @@ class ResponsesBackend:
             if request.tool_choice is not None:
                 arguments["tool_choice"] = response_tool_choice(request.tool_choice)
         previous = _chains_to(request)
+        history: dict[str, Any] = {"input": to_input_items(request.messages)}
         try:
             if previous is not None:
+                chained: dict[str, Any] = {
+                    "previous_response_id": previous,
+                    "input": _output_items(request.tool_outputs),
+                }
                 try:
-                    response = await client.responses.create(
-                        **arguments,
-                        previous_response_id=previous,
-                        input=_output_items(request.tool_outputs),
-                    )
+                    response = await client.responses.create(**arguments, **chained)
                 except openai.OpenAIError as error:
                     if not _is_missing_previous(error):
                         raise
                     # The service no longer has it: the whole history says the same.
-                    response = await client.responses.create(
-                        **arguments, input=to_input_items(request.messages)
-                    )
+                    response = await client.responses.create(**arguments, **history)
             else:
-                response = await client.responses.create(
-                    **arguments, input=to_input_items(request.messages)
-                )
+                response = await client.responses.create(**arguments, **history)
         except openai.OpenAIError as error:
             raise classify(error) from error
         return outcome(response)

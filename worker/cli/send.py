@@ -2,74 +2,114 @@
 
 import argparse
 import asyncio
+import json
+import sys
 import uuid
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from schemas import AssistantCreate, AssistantDelete, encode_body
+from schemas import AssistantCreate, AssistantDelete, AssistantPost, SubmitToolOutputs, encode_body
 from schemas.decode import describe_errors
 from worker.azure_clients import queue_service
 from worker.azure_queue import AzureQueueBroker
 from worker.cli.common import CliError, add_queue_flags, add_storage_flags, print_json
+from worker.cli.replies import wait_for_reply
 from worker.settings import Settings
+
+SEND_EPILOG = """\
+examples:
+  assistant-worker send create chat-1 --instructions "Be brief." --tool getWeatherAtLocation
+  assistant-worker send post chat-1 "What's the weather in Seattle?" --wait
+  assistant-worker send tool-outputs chat-1 RUN_ID --output call_abc="70 degrees"
+  assistant-worker send delete chat-1
+"""
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     parser = subparsers.add_parser(
         "send",
-        help="enqueue a request (create, delete)",
+        help="enqueue a request (create, post, tool-outputs, delete)",
         description="Put one request on the requests queue and print its message id and "
-        "requestId. A requestId is generated when not given, so re-sending the same command "
-        "with --request-id is harmless.",
+        "requestId. A requestId is generated when not given; re-sending a command with the "
+        "same --request-id is harmless.",
+        epilog=SEND_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
 
     create = kinds.add_parser(
-        "create",
-        help="create (or reset) an assistant",
-        description="Send an assistantCreate request.",
+        "create", help="create (or reset) an assistant", description="Send an assistantCreate."
     )
     create.add_argument("id", help="assistant (chat) id")
     create.add_argument("--instructions", help="system instructions (default: the extension's)")
     create.add_argument("--model", dest="chat_model", help="default model or deployment")
-    create.add_argument(
-        "--api", choices=["chat", "responses", "assistants"], help="default model API"
-    )
-    create.add_argument(
-        "--tool",
-        dest="tools",
-        action="append",
-        metavar="NAME",
-        help="a registered tool to offer (repeat for several; default: all)",
-    )
+    create.add_argument("--api", choices=["chat", "responses", "assistants"], help="model API")
+    create.add_argument("--tool", dest="tools", action="append", metavar="NAME",
+                        help="a registered tool to offer (repeat for several; default: all)")  # fmt: skip
     create.add_argument("--temperature", type=float)
     create.add_argument("--max-tokens", type=int)
 
+    post = kinds.add_parser(
+        "post",
+        help="post a user message (runs a turn)",
+        description="Send an assistantPost. With --wait, the command waits for the run's "
+        "assistantReply on a reply queue (a temporary one unless --reply-to is given), prints "
+        "tool calls as they are announced and the answer, and exits 0 if the run completed.",
+    )
+    post.add_argument("id", help="assistant (chat) id")
+    post.add_argument("message", help="the user message")
+    post.add_argument("--model", dest="chat_model", help="model or deployment for this run")
+    post.add_argument("--instructions", help="extra instructions for this run only")
+    post.add_argument("--reply-to", metavar="QUEUE", help="queue for the reply events")
+    post.add_argument("--wait", action="store_true", help="wait for the reply and print it")
+    post.add_argument("--timeout", type=float, default=300.0,
+                      help="seconds --wait waits (default 300)")  # fmt: skip
+
+    outputs = kinds.add_parser(
+        "tool-outputs",
+        help="submit outputs of external tools",
+        description="Send a submitToolOutputs for a run in requires_action.",
+    )
+    outputs.add_argument("id", help="assistant (chat) id")
+    outputs.add_argument("run_id", help="the run waiting for outputs (from toolCallsRequired)")
+    outputs.add_argument("--output", dest="outputs", action="append", default=[],
+                         metavar="CALL_ID=TEXT", help="one tool call's output (repeat)")  # fmt: skip
+
     delete = kinds.add_parser(
-        "delete",
-        help="delete an assistant and its chat",
-        description="Send an assistantDelete request.",
+        "delete", help="delete an assistant and its chat", description="Send an assistantDelete."
     )
     delete.add_argument("id", help="assistant (chat) id")
 
-    for sub in (create, delete):
+    for sub in (create, post, outputs, delete):
         sub.add_argument("--request-id", help="idempotency key (default: a new UUID)")
         add_storage_flags(sub)
         add_queue_flags(sub)
         sub.set_defaults(handler=send_command)
 
 
+def _outputs(pairs: list[str]) -> list[dict[str, str]]:
+    parsed = []
+    for pair in pairs:
+        call_id, sep, text = pair.partition("=")
+        if not sep or not call_id:
+            raise CliError(f"--output takes CALL_ID=TEXT, not {pair!r}", exit_code=2)
+        parsed.append({"toolCallId": call_id, "output": text})
+    if not parsed:
+        raise CliError("give at least one --output CALL_ID=TEXT", exit_code=2)
+    return parsed
+
+
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
     """The request body for the parsed arguments, validated against its schema."""
-    common = {
+    payload: dict[str, Any] = {
         "id": args.id,
         "requestId": args.request_id or str(uuid.uuid4()),
         "collectionName": args.collection,
         "chatStorageConnectionSetting": args.storage_setting,
     }
+    model: type[BaseModel]
     fields: dict[str, Any] = {}
-    model: type[AssistantCreate] | type[AssistantDelete]
     if args.kind == "create":
         model = AssistantCreate
         fields = {
@@ -80,9 +120,20 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
             "temperature": args.temperature,
             "maxTokens": args.max_tokens,
         }
+    elif args.kind == "post":
+        model = AssistantPost
+        fields = {
+            "userMessage": args.message,
+            "chatModel": args.chat_model,
+            "instructions": args.instructions,
+            "replyTo": args.reply_to,
+        }
+    elif args.kind == "tool-outputs":
+        model = SubmitToolOutputs
+        fields = {"runId": args.run_id, "toolOutputs": _outputs(args.outputs)}
     else:
         model = AssistantDelete
-    payload = {"type": model.model_fields["type"].default, **common}
+    payload = {"type": model.model_fields["type"].default, **payload}
     payload.update({key: value for key, value in fields.items() if value is not None})
     try:
         model.model_validate(payload)
@@ -92,24 +143,52 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def send_command(args: argparse.Namespace, settings: Settings) -> int:
+    wait = getattr(args, "wait", False)
+    temporary = wait and not args.reply_to
+    if temporary:
+        args.reply_to = f"reply-{uuid.uuid4().hex[:16]}"
     payload = build_request(args)
-    message_id = asyncio.run(send_payload(settings, payload))
-    print_json(
-        {
-            "queue": settings.requests_queue,
-            "messageId": message_id,
-            "requestId": payload["requestId"],
-            "request": payload,
-        }
-    )
-    return 0
+    timeout = getattr(args, "timeout", 0.0)
+    return asyncio.run(_send(settings, payload, wait=wait, within=timeout, temporary=temporary))
 
 
-async def send_payload(settings: Settings, payload: dict[str, Any]) -> str:
+async def _send(
+    settings: Settings, payload: dict[str, Any], *, wait: bool, within: float, temporary: bool
+) -> int:
     broker = AzureQueueBroker(queue_service(settings.default_storage))
     try:
-        await broker.ensure_queues([settings.requests_queue])
-        body = encode_body(payload, settings.message_encoding)
-        return await broker.send(settings.requests_queue, body)
+        reply_queue = str(payload.get("replyTo") or "")
+        queues = [settings.requests_queue, *([reply_queue] if wait else [])]
+        await broker.ensure_queues(queues)
+        message_id = await broker.send(
+            settings.requests_queue, encode_body(payload, settings.message_encoding)
+        )
+        sent = {"queue": settings.requests_queue, "messageId": message_id,
+                "requestId": payload["requestId"], "request": payload}  # fmt: skip
+        if not wait:
+            print_json(sent)
+            return 0
+        print(f"sent {payload['type']} {message_id}; waiting for the reply on {reply_queue}",
+              file=sys.stderr)  # fmt: skip
+        reply = await wait_for_reply(
+            broker,
+            reply_queue,
+            request_id=str(payload["requestId"]),
+            within=within,
+            on_event=_show_event,
+        )
+        if reply is None:
+            raise CliError(f"no reply within {within:g} s (the run may still finish)")
+        print_json(reply)
+        return 0 if reply.get("status") == "completed" else 1
     finally:
+        if temporary:
+            await broker.queue(str(payload["replyTo"])).client.delete_queue()
         await broker.close()
+
+
+def _show_event(event: dict[str, Any]) -> None:
+    if event.get("type") == "toolCallsRequired":
+        calls = ", ".join(f"{c.get('name')}({c.get('id')})" for c in event.get("toolCalls", []))
+        print(f"run {event.get('runId')} waits for tool outputs: {calls}", file=sys.stderr)
+        print(json.dumps(event), file=sys.stderr)

@@ -1,0 +1,166 @@
+"""The offline end-to-end demo (``make run`` / ``assistant-worker demo``).
+
+Azurite (unless ``AzureWebJobsStorage`` is set), the fake OpenAI server scripted as the
+weather bot of the Assistants docs (unless ``OPENAI_API_KEY`` or ``AZURE_OPENAI_ENDPOINT`` is
+set: then the real service answers), the worker, and a producer that creates the assistant
+with the extension's payload, posts the question, prints the conversation as it happens, and
+prints the final ``AssistantState``.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+from handlers.query import get_state
+from schemas import encode_body
+from worker.app import App, open_app
+from worker.cli.replies import wait_for_reply
+from worker.devtools.azurite import REPO_ROOT, Azurite
+from worker.logs import configure_logging
+from worker.redact import Redactor
+from worker.settings import DEV_STORAGE, Settings
+from worker.store.layout import ChatMessage
+from worker.testing import FakeOpenAI
+
+QUESTION = "What's the weather like right now in my favorite city?"
+INSTRUCTIONS = (
+    "You are a weather bot. Use the provided functions to answer questions about the weather."
+)
+DEFAULT_PORTS = (10000, 10001, 10002)
+REPLY_TIMEOUT = 120.0
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def describe(message: ChatMessage, names: dict[str, str]) -> str:
+    """One line of the conversation, as a person reads it."""
+    if message.tool_calls:
+        calls = json.loads(message.tool_calls)
+        for call in calls:
+            names[call["id"]] = call["functionName"]
+        asked = ", ".join(f"{c['functionName']}({c['functionArguments']})" for c in calls)
+        return f"[Assistant] calls {asked}"
+    if message.role == "Tool":
+        return f"[Tool]      {names.get(message.name or '', 'tool')} -> {message.content}"
+    return f"[{message.role}]".ljust(12) + message.content
+
+
+async def show_conversation(app: App, chat_id: str, done: asyncio.Event) -> None:
+    """Print each new message of the chat as the worker stores it."""
+    store = await app.stores.get("AzureWebJobsStorage", "ChatState")
+    shown = 0
+    names: dict[str, str] = {}
+    while True:
+        for message in await store.read_messages(chat_id):
+            if message.index > shown:
+                print(describe(message, names), flush=True)
+                shown = message.index
+        if done.is_set():
+            return
+        await asyncio.sleep(0.2)
+
+
+async def run_demo(settings: Settings, *, api: str, question: str, keep_serving: bool) -> int:
+    async with open_app(settings) as app:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, app.worker.stop)
+        serving = asyncio.create_task(app.worker.run())
+        chat_id = f"weather-{uuid.uuid4().hex[:8]}"
+        replies = f"demo-replies-{uuid.uuid4().hex[:8]}"
+        await app.broker.ensure_queues([settings.requests_queue, replies])
+
+        create = {"id": chat_id, "instructions": INSTRUCTIONS, "api": api,
+                  "chatStorageConnectionSetting": "AzureWebJobsStorage", "collectionName": "ChatState"}  # fmt: skip
+        say(f"producer: create the assistant (the extension's payload, Base64, api={api})")
+        print(json.dumps(create), flush=True)
+        await app.broker.send(settings.requests_queue, encode_body(create, "base64"))
+        store = await app.stores.get("AzureWebJobsStorage", "ChatState")
+        while not (await get_state(store, chat_id)).exists:
+            if serving.done():
+                return 1
+            await asyncio.sleep(0.2)
+
+        post = {"id": chat_id, "userMessage": question, "chatModel": settings.chat_model,
+                "replyTo": replies, "requestId": f"demo-{chat_id}"}  # fmt: skip
+        say("producer: post the question; the conversation as the worker stores it:")
+        await app.broker.send(settings.requests_queue, encode_body(post))
+        done = asyncio.Event()
+        printer = asyncio.create_task(show_conversation(app, chat_id, done))
+        reply = await wait_for_reply(
+            app.broker, replies, request_id=post["requestId"], within=REPLY_TIMEOUT
+        )
+        done.set()
+        await printer
+        if reply is None:
+            say(f"no reply within {REPLY_TIMEOUT:g} s")
+        else:
+            say(f"assistantReply on '{replies}': status {reply['status']}")
+            print(reply.get("content") or reply.get("error"), flush=True)
+        say(f"AssistantState of '{chat_id}' (what assistantQuery returns)")
+        print(json.dumps((await get_state(store, chat_id)).to_wire(), indent=2), flush=True)
+        if keep_serving:
+            exe = Path(sys.executable).parent / "assistant-worker"
+            say(
+                "the worker keeps running; Ctrl-C stops it. From another terminal:\n"
+                f"    {exe} send post {chat_id} 'And tomorrow?' --wait\n"
+                f"    {exe} state {chat_id}"
+            )
+            await serving
+        else:
+            app.worker.stop()
+            await serving
+        return 0 if reply is not None and reply["status"] == "completed" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="assistant-worker demo", description=__doc__)
+    parser.add_argument("--api", choices=["chat", "responses", "assistants"], default="chat")
+    parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--once", action="store_true", help="exit after the answer")
+    args = parser.parse_args(argv)
+    return demo(api=args.api, question=args.question, keep_serving=not args.once)
+
+
+def demo(*, api: str, question: str, keep_serving: bool) -> int:
+    """Set up what is missing (storage, model, tools), then run the demo."""
+    with ExitStack() as stack:
+        if not os.environ.get("AzureWebJobsStorage"):
+            try:
+                azurite = Azurite(location=REPO_ROOT / ".azurite", ports=DEFAULT_PORTS).start()
+                os.environ["AzureWebJobsStorage"] = DEV_STORAGE
+            except RuntimeError:
+                # The default ports are taken (another emulator?): use free ones.
+                azurite = Azurite(location=REPO_ROOT / ".azurite").start()
+                os.environ["AzureWebJobsStorage"] = azurite.connection_string
+            stack.callback(azurite.stop)
+            say(f"Azurite is up (queue port {azurite.queue_port}, table port {azurite.table_port})")
+        if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("AZURE_OPENAI_ENDPOINT")):
+            fake = stack.enter_context(FakeOpenAI(scenario="weather").running_in_thread())
+            os.environ["OPENAI_BASE_URL"] = fake.base_url
+            os.environ["OPENAI_API_KEY"] = "sk-offline-demo"
+            os.environ.setdefault("CHAT_MODEL_DEPLOYMENT_NAME", "weather-bot")
+            say(f"the offline model (fake OpenAI server, weather bot) is at {fake.base_url}")
+        else:
+            say("using the real model service from OPENAI_API_KEY / AZURE_OPENAI_ENDPOINT")
+        tools = [m for m in os.environ.get("WORKER_TOOLS", "").split(",") if m.strip()]
+        os.environ["WORKER_TOOLS"] = ",".join(dict.fromkeys([*tools, "worker.devtools.weather"]))
+        settings = Settings.from_env()
+        # The conversation is the show: the worker's own log keeps to warnings and errors.
+        configure_logging(settings.log_format, Redactor(settings.secrets()), level=logging.WARNING)
+        return asyncio.run(
+            run_demo(settings, api=api, question=question, keep_serving=keep_serving)
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
