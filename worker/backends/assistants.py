@@ -8,7 +8,8 @@ silenced here, around the (synchronous) call only, never globally.
 Chat-level objects, created on a chat's first run and kept in the chat's state
 (``request.remote``): the assistant (model, the chat's system messages as instructions, tools,
 hosted tool resources) and the thread (seeded with the chat's earlier user/assistant text; an
-Assistants thread holds no tool rounds).
+Assistants thread holds no tool rounds). A thread that is gone remotely is replaced by a new one
+seeded the same way (the stored history is the source of truth).
 
 One worker run is one remote run:
 
@@ -234,6 +235,16 @@ class AssistantsBackend:
                 assistant_id = await self._create_assistant(client, request)
                 ids[ASSISTANT_ID] = assistant_id
                 created = True
+            if thread_id:
+                try:
+                    waiting = await self._newest_run(client, request, thread_id, dict(ids))
+                except openai.NotFoundError:
+                    # The thread is gone (deleted remotely): the stored history seeds a new one.
+                    thread_id = None
+                    del ids[THREAD_ID]
+                else:
+                    if waiting is not None:
+                        return waiting
             if not thread_id:
                 messages = seed_messages(request)
                 thread = await _beta(
@@ -244,10 +255,6 @@ class AssistantsBackend:
                 )
                 thread_id = ids[THREAD_ID] = thread.id
                 created = True
-            else:
-                waiting = await self._newest_run(client, request, thread_id, dict(ids))
-                if waiting is not None:
-                    return waiting
             arguments = _run_arguments(request, assistant_id)
             run = await _beta(lambda: client.beta.threads.runs.create(thread_id, **arguments))
             return await self._outcome(client, run, {**ids, REMOTE_RUN_ID: run.id})

@@ -16,7 +16,9 @@ import openai
 
 from worker.settings import Settings
 
-SDK_MAX_RETRIES = 1
+# No SDK retries: it would sleep out a 429's Retry-After (up to 120 s) inside the handler;
+# the worker re-sends the step with that delay instead (SPEC §5: never sleep on a run).
+SDK_MAX_RETRIES = 0
 REQUEST_TIMEOUT = 120.0
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
 
