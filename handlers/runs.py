@@ -16,9 +16,11 @@ from typing import Any
 
 from handlers.query import to_assistant_message
 from handlers.tools import ToolRegistry
-from schemas import AssistantReply, RunStep, ToolCallRequest, ToolCallsRequired
+from schemas import AssistantReply, RunStep, ToolCallRequest, ToolCallsRequired, encode_body
+from schemas.decode import Encoding
 from schemas.events import Usage as UsageEvent
 from worker.backends.base import Backend
+from worker.deadletter import MAX_MESSAGE_BYTES
 from worker.errors import TransientError
 from worker.handling import Send
 from worker.runs import machine
@@ -135,7 +137,7 @@ async def commit_transition(
             # Only the state changed (a post arrived): decide again on the fresh state.
             await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
             continue
-        replies = await _replies(store, chat, run)
+        replies = await _replies(services, store, chat, run)
         return (*_transition_sends(services, chat, run, transition), *follow_ups, *replies)
     raise TransientError(f"the chat {chat.chat_id!r} kept changing; retrying the step later")
 
@@ -159,26 +161,67 @@ def _transition_sends(
     if transition.next_step_delay is not None and not run.finished:
         sends.append(step_send(services, chat, run, transition.next_step_delay))
     if transition.announce_tool_calls and run.reply_to:
-        event = ToolCallsRequired(
-            id=chat.chat_id,
-            run_id=run.run_id,
-            tool_calls=[
-                ToolCallRequest(id=call.id, name=call.name, arguments=call.arguments)
-                for call in run.pending_calls
-                if call.external
-            ],
-        )
-        sends.append(Send(run.reply_to, event.to_wire()))
+        sends.append(tool_calls_required(chat, run, run.reply_to))
     return sends
 
 
-async def _replies(store: TableChatStore, chat: ChatRef, run: Run) -> list[Send]:
+def tool_calls_required(chat: ChatRef, run: Run, reply_to: str) -> Send:
+    """The ``toolCallsRequired`` event of a run waiting for external tool outputs."""
+    event = ToolCallsRequired(
+        id=chat.chat_id,
+        run_id=run.run_id,
+        tool_calls=[
+            ToolCallRequest(id=call.id, name=call.name, arguments=call.arguments)
+            for call in run.pending_calls
+            if call.external
+        ],
+    )
+    return Send(reply_to, event.to_wire())
+
+
+async def _replies(
+    services: RunServices, store: TableChatStore, chat: ChatRef, run: Run
+) -> list[Send]:
     if not run.finished or not run.reply_to:
         return []
-    return [Send(run.reply_to, await reply_payload(store, chat, run))]
+    payload = await reply_payload(store, chat, run, services.settings.message_encoding)
+    return [Send(run.reply_to, payload)]
 
 
-async def reply_payload(store: TableChatStore, chat: ChatRef, run: Run) -> dict[str, Any]:
+async def lost_follow_ups(
+    services: RunServices, store: TableChatStore, chat: ChatRef, run: Run, active: str | None
+) -> tuple[Send, ...]:
+    """What the step that brought ``run`` to its current state had to send, sent again.
+
+    For the redelivery of that step after it stored its transition but failed to send
+    (a queue error, a reply that did not fit): the next step, the reply of a finished run
+    and the first step of the run its end started, or the toolCallsRequired event. Each is
+    idempotent for its consumer (a step acts once; replies and events carry the run id).
+    """
+    if not run.finished:
+        if active != run.run_id:
+            return ()
+        if run.phase == "external":
+            return (tool_calls_required(chat, run, run.reply_to),) if run.reply_to else ()
+        return (step_send(services, chat, run),)
+    sends = await _replies(services, store, chat, run)
+    if active and active != run.run_id:
+        started = await store.load_run(chat.chat_id, active)
+        if started is not None and started.seq > run.seq and started.step == 0:
+            sends.append(step_send(services, chat, started))
+    return tuple(sends)
+
+
+# Appended to a reply's content when the whole text does not fit one queue message.
+REPLY_CUT = (
+    "\n\n[truncated by assistant-worker: showing {shown:,} of {total:,} characters; "
+    "the whole text is in the chat (assistant-worker state)]"
+)
+
+
+async def reply_payload(
+    store: TableChatStore, chat: ChatRef, run: Run, encoding: Encoding = "none"
+) -> dict[str, Any]:
     """The ``assistantReply`` event of a finished run, with the messages it wrote."""
     messages = await store.run_messages(chat.chat_id, run.run_id)
     reply = AssistantReply(
@@ -195,4 +238,30 @@ async def reply_payload(store: TableChatStore, chat: ChatRef, run: Run) -> dict[
         ),
         error=run.error,
     )
-    return reply.to_wire()
+    return fit_reply(reply, encoding)
+
+
+def fit_reply(reply: AssistantReply, encoding: Encoding) -> dict[str, Any]:
+    """The reply as a payload that fits one queue message (64 KiB): the oldest of
+    ``recentMessages`` are left out first, then ``content`` is cut, with a marker. The
+    chat itself always keeps the whole text."""
+
+    def fits(candidate: AssistantReply) -> bool:
+        return len(encode_body(candidate.to_wire(), encoding).encode("utf-8")) <= MAX_MESSAGE_BYTES
+
+    if fits(reply):
+        return reply.to_wire()
+    messages = list(reply.recent_messages)
+    while messages:
+        messages.pop(0)
+        candidate = reply.model_copy(update={"recent_messages": messages})
+        if fits(candidate):
+            return candidate.to_wire()
+    content = reply.content or ""
+    keep = len(content)
+    while True:
+        keep //= 2
+        cut = content[:keep] + REPLY_CUT.format(shown=keep, total=len(content))
+        candidate = reply.model_copy(update={"recent_messages": [], "content": cut})
+        if fits(candidate):
+            return candidate.to_wire()

@@ -5,11 +5,12 @@ finds the run already advanced and is acknowledged without effect. Transient mod
 become a delayed step (Retry-After when the service gives one) instead of a sleep.
 """
 
+import asyncio
 import json
 from dataclasses import replace
 from typing import Any
 
-from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, step_send
+from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, lost_follow_ups
 from handlers.tools import ToolCall, run_tool_calls
 from schemas import RunStep
 from worker.backends.base import ModelError, TurnRequest
@@ -114,7 +115,7 @@ class StepHandler:
         if run.finished or run.step != step.step or state.active_run_id != run.run_id:
             return HandlerResult(
                 note="stale: the run has moved on",
-                effects=self._lost_follow_up(chat, state, run, step),
+                effects=await self._lost_follow_up(store, chat, state, run, step),
                 log_fields={"run_id": run.run_id},
             )
         transition = await self._advance(store, state, run)
@@ -128,20 +129,17 @@ class StepHandler:
             log_fields={"run_id": run.run_id, "step": run.step},
         )
 
-    def _lost_follow_up(
-        self, chat: ChatRef, state: ChatState, run: Run, step: RunStep
+    async def _lost_follow_up(
+        self, store: TableChatStore, chat: ChatRef, state: ChatState, run: Run, step: RunStep
     ) -> tuple[Send, ...]:
-        """Re-send the run's current step when this delivery is its direct predecessor.
-
-        The predecessor stored its transition, then failed to send the next step (the queue
-        service failed) and was retried: without this the run would stall. If the next step
-        was in fact sent, the duplicate finds the run advanced, or loses the ETag race.
-        """
-        if run.finished or state.active_run_id != run.run_id or run.phase == "external":
-            return ()
+        """Re-send what this delivery's step had to send, when it is the run's direct
+        predecessor: it stored its transition, then failed to send (the queue service failed,
+        or a reply did not fit) and was retried. Without this the run would stall, or its
+        reply or toolCallsRequired event would be lost. Duplicates are harmless: a step acts
+        once, and events carry the run id."""
         if step.step != run.step - 1:
             return ()
-        return (step_send(self._services, chat, run),)
+        return await lost_follow_ups(self._services, store, chat, run, state.active_run_id)
 
     async def _advance(self, store: TableChatStore, state: ChatState, run: Run) -> Transition:
         now = self._services.clock()
@@ -150,13 +148,24 @@ class StepHandler:
         tools = ToolSetup(self._services, state.defaults)
         if run.phase == "tools":
             local = [c for c in run.pending_calls if not c.external]
-            results = await run_tool_calls(
-                self._services.tools,
-                [ToolCall(c.id, c.name, c.arguments) for c in local],
-                allowed=tools.allowed,
-                timeout=TOOL_TIMEOUT,
+            # Calls a killed or failed delivery of this step already finished are not run again.
+            outputs = await store.tool_results(state.chat_id, run.run_id)
+
+            async def execute(call: ToolCall) -> None:
+                [result] = await run_tool_calls(
+                    self._services.tools, [call], allowed=tools.allowed, timeout=TOOL_TIMEOUT
+                )
+                await store.save_tool_result(state.chat_id, run.run_id, call.id, result.output)
+                outputs[call.id] = result.output
+
+            await asyncio.gather(
+                *(
+                    execute(ToolCall(c.id, c.name, c.arguments))
+                    for c in local
+                    if c.id not in outputs
+                )
             )
-            return machine.on_tool_results(run, [(r.call_id, r.output) for r in results], now)
+            return machine.on_tool_results(run, [(c.id, outputs[c.id]) for c in local], now)
         if run.phase == "external":
             # Only the deadline step arrives in this phase, and the deadline has not passed.
             return machine.Transition(run)

@@ -1,11 +1,12 @@
 """``submitToolOutputs``: a producer answers the external tool calls a run waits for."""
 
-from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition
+from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, step_send
 from schemas import SubmitToolOutputs
 from worker.errors import PermanentError
-from worker.handling import HandlerResult, MessageContext
+from worker.handling import HandlerResult, MessageContext, Send
 from worker.runs import machine
 from worker.store.layout import AppliedRequest
+from worker.store.tables import TableChatStore
 
 
 class SubmitHandler:
@@ -20,7 +21,7 @@ class SubmitHandler:
         store = await services.store(chat)
         applied, _ = await store.applied_run(submit.id, context.request_id)
         if applied:
-            return HandlerResult(note="duplicate")
+            return HandlerResult(note="duplicate", effects=await self._resume(store, chat, submit))
         run = await store.load_run(submit.id, submit.run_id)
         if run is None:
             raise PermanentError(
@@ -52,3 +53,17 @@ class SubmitHandler:
         return HandlerResult(
             note="outputs accepted", effects=effects, log_fields={"run_id": run.run_id}
         )
+
+    async def _resume(
+        self, store: TableChatStore, chat: ChatRef, submit: SubmitToolOutputs
+    ) -> tuple[Send, ...]:
+        """A redelivered submit: its outputs are stored, but the step that resumes the run
+        may not have been sent before a failure. A duplicate step is harmless; a missing one
+        would stall the run."""
+        state = await store.load_state(submit.id)
+        run = await store.load_run(submit.id, submit.run_id)
+        if state is None or run is None or run.finished or state.active_run_id != run.run_id:
+            return ()
+        if run.phase == "external":
+            return ()
+        return (step_send(self._services, chat, run),)

@@ -29,6 +29,7 @@ from tests.support.env import StorageEnv
 from worker.app import App, open_app
 from worker.cli.state import read_state
 from worker.settings import Settings
+from worker.testing.fake_openai_brain import Conversation, Turn
 
 T = TypeVar("T")
 
@@ -116,6 +117,20 @@ def big_text(size: int, seed: str) -> str:
     return "".join(lines)[:size]
 
 
+def two_notes(conversation: Conversation) -> Turn:
+    """A fake-model scenario: two parallel ``note`` calls labelled after the user message,
+    then the answer ``done <message>``. Every label is unique to one call of one run."""
+    label = conversation.last_user_text()
+    if not conversation.tool_results():
+        return {
+            "tool_calls": [
+                {"name": "note", "arguments": {"label": f"{label}/a"}},
+                {"name": "note", "arguments": {"label": f"{label}/b"}},
+            ]
+        }
+    return {"content": f"done {label}"}
+
+
 def tool_registry() -> ToolRegistry:
     """This module's tools, as ``WORKER_TOOLS=tests.support.runs`` registers them."""
     return load_tools([THIS_MODULE])
@@ -188,10 +203,10 @@ def model_env(base_url: str, **extra: str) -> dict[str, str]:
 # --- running a worker in-process ----------------------------------------------------------------
 
 
-async def burst(settings: Settings, tools: ToolRegistry | None = None, timeout: float = 60) -> App:
+async def burst(settings: Settings, tools: ToolRegistry | None = None, within: float = 60) -> App:
     """Run a worker until its queues are empty (delayed steps included); returns the app."""
     async with open_app(settings, tools=tools if tools is not None else tool_registry()) as app:
-        await asyncio.wait_for(app.worker.run_until_idle(), timeout=timeout)
+        await asyncio.wait_for(app.worker.run_until_idle(), timeout=within)
         return app
 
 
@@ -227,18 +242,18 @@ def record_sends(app: App, into: list[SentMessage]) -> Callable[..., Awaitable[s
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T | None]], timeout: float, what: str | Callable[[], str]
+    check: Callable[[], Awaitable[T | None]], within: float, what: str | Callable[[], str]
 ) -> T:
     """Poll an async ``check`` every 50 ms until it returns something truthy."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while True:
         value = await check()
         if value:
             return value
         if loop.time() > deadline:
             message = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
+            raise AssertionError(f"timed out after {within:g} s waiting for {message}")
         await asyncio.sleep(0.05)
 
 
@@ -282,7 +297,7 @@ class ReplyQueue:
         return self.events
 
     async def wait_for(
-        self, kind: str, timeout: float, count: int = 1, **match: Any
+        self, kind: str, within: float, count: int = 1, **match: Any
     ) -> list[dict[str, Any]]:
         """Wait until ``count`` events of type ``kind`` (with the given fields) arrived."""
 
@@ -300,7 +315,7 @@ class ReplyQueue:
 
         return await eventually(
             check,
-            timeout,
+            within,
             lambda: f"{count} {kind} event(s) {match} on {self.name}; got {self.events}",
         )
 

@@ -21,6 +21,8 @@ RUN_PREFIX = "run-"
 RUN_PREFIX_END = "run."
 # The first key after every "msg-XXXX" key ('.' sorts right after '-').
 MESSAGE_PREFIX_END = "msg."
+# Results of a run's local tool calls, stored as each call finishes (``tool-<runId>-<hash>``).
+TOOL_RESULT_PREFIX = "tool-"
 
 # A string property holds at most 64 KiB, i.e. 32,768 UTF-16 code units; an entity at most
 # 1 MiB. Text is split by UTF-16 units so that characters outside the BMP (two units) count
@@ -322,3 +324,25 @@ def run_from_entity(entity: dict[str, Any], etag: str | None) -> Run:
         ended_at=utc(entity.get("EndedAt")),
         etag=etag,
     )
+
+
+def tool_results_prefix(run_id: str) -> str:
+    return f"{TOOL_RESULT_PREFIX}{run_id}-"
+
+
+def tool_result_row_key(run_id: str, call_id: str) -> str:
+    """One tool call's result row (call ids may hold characters row keys can't)."""
+    digest = hashlib.sha256(call_id.encode("utf-8")).hexdigest()[:32]
+    return f"{tool_results_prefix(run_id)}{digest}"
+
+
+def tool_result_entity(chat_id: str, run_id: str, call_id: str, output: str) -> dict[str, Any]:
+    """A finished tool call's output, kept until the step that ran it is stored, so that a
+    redelivered step does not run the call again."""
+    return {
+        "PartitionKey": chat_id,
+        "RowKey": tool_result_row_key(run_id, call_id),
+        "RunId": run_id,
+        "CallId": call_id,
+        **split_text("Output", output),
+    }

@@ -48,6 +48,7 @@ from worker.store.layout import (
     ChatMessage,
     ChatState,
     applied_request_entity,
+    join_text,
     message_entity,
     message_from_entity,
     request_row_key,
@@ -56,6 +57,8 @@ from worker.store.layout import (
     run_row_key,
     state_entity,
     state_from_entity,
+    tool_result_entity,
+    tool_results_prefix,
 )
 
 MAX_TRANSACTION_OPERATIONS = 100
@@ -192,6 +195,29 @@ class TableChatStore:
         except ResourceNotFoundError:
             return False, None
         return True, entity.get("RunId") or None
+
+    async def save_tool_result(self, chat_id: str, run_id: str, call_id: str, output: str) -> None:
+        """Keep one finished tool call's output (idempotent: the same call stores the same row)."""
+        async with self._errors("store a tool result"):
+            async for attempt in _retrying():
+                with attempt:
+                    await self.client.upsert_entity(
+                        tool_result_entity(chat_id, run_id, call_id, output),
+                        mode=UpdateMode.REPLACE,
+                    )
+
+    async def tool_results(self, chat_id: str, run_id: str) -> dict[str, str]:
+        """The outputs of the run's tool calls that already finished, by call id."""
+        prefix = tool_results_prefix(run_id)
+        async with self._errors("read the tool results"):
+            entities = self.client.query_entities(
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                parameters={"pk": chat_id, "lo": prefix, "hi": prefix[:-1] + "."},
+            )
+            return {
+                str(entity["CallId"]): join_text(dict(entity), "Output")
+                async for entity in entities
+            }
 
     async def run_messages(self, chat_id: str, run_id: str) -> list[ChatMessage]:
         """The messages a run wrote (its user message, tool rounds and answer), in order."""
