@@ -4,16 +4,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-RunStatus = Literal[
-    "queued",
-    "in_progress",
-    "requires_action",
-    "completed",
-    "failed",
-    "cancelled",
-    "expired",
-    "incomplete",
-]
+# The statuses of the Assistants API, shared with the reply events.
+from schemas.events import RunStatus as RunStatus
+
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
 
 # What the next step of a run does:
