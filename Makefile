@@ -37,9 +37,10 @@ lint: $(STAMP_PY)
 typecheck: $(STAMP_PY)
 	$(BIN)/mypy
 
-## make bench: throughput of the worker against a raw queue baseline, on Azurite.
+## make bench: the worker against hand-written baselines measured in the same run, on Azurite.
 bench: deps
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.runs
 
 ## make schemas: regenerate schemas/json/ from the pydantic models.
 schemas: $(STAMP_PY)

@@ -27,7 +27,7 @@ from worker.runs import machine
 from worker.runs.machine import NewMessage, Transition
 from worker.runs.model import Run
 from worker.settings import Settings
-from worker.store.layout import AppliedRequest, ChatMessage
+from worker.store.layout import AppliedRequest, ChatMessage, ChatState
 from worker.store.tables import ChatStores, Conflict, TableChatStore
 
 MAX_CONFLICT_RETRIES = 25
@@ -89,6 +89,7 @@ async def commit_transition(
     transition: Transition,
     *,
     applied: AppliedRequest | None = None,
+    state: ChatState | None = None,
 ) -> tuple[Send, ...]:
     """Store ``transition`` of ``before`` and return the messages to send after it.
 
@@ -97,7 +98,10 @@ async def commit_transition(
     """
     for attempt in range(MAX_CONFLICT_RETRIES):
         now = services.clock()
-        state = await store.load_state(chat.chat_id)
+        # The caller's state saves a read when nothing changed meanwhile (the usual case);
+        # after a conflict it is read again.
+        if state is None or attempt > 0:
+            state = await store.load_state(chat.chat_id)
         if state is None:
             return ()  # the chat was deleted meanwhile: its runs went with it
         run = replace(transition.run, etag=before.etag)

@@ -120,7 +120,7 @@ class StepHandler:
             )
         transition = await self._advance(store, state, run)
         try:
-            effects = await commit_transition(services, store, chat, run, transition)
+            effects = await commit_transition(services, store, chat, run, transition, state=state)
         except StaleRun:
             return HandlerResult(note="stale: another delivery advanced the run")
         return HandlerResult(
