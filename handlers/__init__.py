@@ -14,7 +14,7 @@ def build_registry(services: RunServices) -> HandlerRegistry:
     return HandlerRegistry(
         requests={
             "assistantCreate": CreateHandler(services),
-            "assistantDelete": DeleteHandler(services.stores, services.clock),
+            "assistantDelete": DeleteHandler(services),
             "assistantPost": PostHandler(services),
             "submitToolOutputs": SubmitHandler(services),
         },

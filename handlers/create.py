@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from handlers.runs import RunServices
+from handlers.runs import RunServices, cancelled_replies
 from schemas import AssistantCreate
 from worker.errors import PermanentError
 from worker.handling import HandlerResult, MessageContext
@@ -74,5 +74,9 @@ class CreateHandler:
         )
         system = ChatMessage(index=1, role="System", content=request.instructions, created_at=now)
         applied = AppliedRequest(context.request_id, request.type, context.message_id, now)
+        # A reset ends the chat's runs: the producers waiting on them are told.
+        replies = await cancelled_replies(store, request.id, "the assistant was reset")
         created = await store.reset_chat(state, system, applied)
-        return HandlerResult(note="created" if created else "duplicate")
+        if not created:
+            return HandlerResult(note="duplicate")
+        return HandlerResult(note="created", effects=replies)

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime
 
 from schemas import AssistantMessage, AssistantState
+from schemas.events import RunSummary
 from worker.store.layout import ChatMessage
 from worker.store.tables import TableChatStore
 
@@ -44,4 +45,14 @@ async def get_state(
         total_messages=state.total_messages,
         total_tokens=state.total_tokens,
         recent_messages=[to_assistant_message(message) for message in messages],
+        runs=[
+            RunSummary(
+                run_id=run.run_id,
+                status=run.status,
+                created_at=run.created_at,
+                usage=run.usage.to_json(),
+                error=run.error,
+            )
+            for run in await store.runs(chat_id)
+        ],
     )

@@ -180,7 +180,7 @@ def tool_calls_required(chat: ChatRef, run: Run, reply_to: str) -> Send:
             if call.external
         ],
     )
-    return Send(reply_to, event.to_wire())
+    return Send(reply_to, event.to_wire(), best_effort=True)
 
 
 async def _replies(
@@ -189,7 +189,7 @@ async def _replies(
     if not run.finished or not run.reply_to:
         return []
     payload = await reply_payload(store, chat, run, services.settings.message_encoding)
-    return [Send(run.reply_to, payload)]
+    return [Send(run.reply_to, payload, best_effort=True)]
 
 
 async def lost_follow_ups(
@@ -206,13 +206,34 @@ async def lost_follow_ups(
         if active != run.run_id:
             return ()
         if run.phase == "external":
-            return (tool_calls_required(chat, run, run.reply_to),) if run.reply_to else ()
+            # The deadline step too: without it a run nobody answers would never expire.
+            deadline = step_send(services, chat, run, machine.until_expiry(run, services.clock()))
+            announce = (tool_calls_required(chat, run, run.reply_to),) if run.reply_to else ()
+            return (deadline, *announce)
         return (step_send(services, chat, run),)
     sends = await _replies(services, store, chat, run)
     if active and active != run.run_id:
         started = await store.load_run(chat.chat_id, active)
         if started is not None and started.seq > run.seq and started.step == 0:
             sends.append(step_send(services, chat, started))
+    return tuple(sends)
+
+
+async def cancelled_replies(store: TableChatStore, chat_id: str, reason: str) -> tuple[Send, ...]:
+    """``assistantReply`` events, status cancelled, for the chat's runs that have not ended
+    and whose producer asked for a reply (sent when their chat is deleted or reset)."""
+    sends = []
+    for run in await store.runs(chat_id):
+        if run.finished or not run.reply_to:
+            continue
+        reply = AssistantReply(
+            id=chat_id,
+            run_id=run.run_id,
+            request_id=run.request_id,
+            status="cancelled",
+            error=reason,
+        )
+        sends.append(Send(run.reply_to, reply.to_wire(), best_effort=True))
     return tuple(sends)
 
 
@@ -247,8 +268,8 @@ async def reply_payload(
 
 def fit_reply(reply: AssistantReply, encoding: Encoding) -> dict[str, Any]:
     """The reply as a payload that fits one queue message (64 KiB): the oldest of
-    ``recentMessages`` are left out first, then ``content`` is cut, with a marker. The
-    chat itself always keeps the whole text."""
+    ``recentMessages`` are left out first, then ``content`` and ``error`` are cut, with a
+    marker. The chat itself always keeps the whole text."""
 
     def fits(candidate: AssistantReply) -> bool:
         return len(encode_body(candidate.to_wire(), encoding).encode("utf-8")) <= MAX_MESSAGE_BYTES
@@ -256,16 +277,28 @@ def fit_reply(reply: AssistantReply, encoding: Encoding) -> dict[str, Any]:
     if fits(reply):
         return reply.to_wire()
     messages = list(reply.recent_messages)
-    while messages:
-        messages.pop(0)
-        candidate = reply.model_copy(update={"recent_messages": messages})
-        if fits(candidate):
-            return candidate.to_wire()
+    # Binary search for the fewest oldest messages to leave out (each try re-encodes).
+    low, high = 1, len(messages)
+    while low <= high:
+        middle = (low + high) // 2
+        if fits(reply.model_copy(update={"recent_messages": messages[middle:]})):
+            high = middle - 1
+        else:
+            low = middle + 1
+    if low <= len(messages):
+        return reply.model_copy(update={"recent_messages": messages[low:]}).to_wire()
+    bare = reply.model_copy(update={"recent_messages": [], "error": _cut(reply.error, 8_000)})
     content = reply.content or ""
     keep = len(content)
-    while True:
+    while keep > 0:
         keep //= 2
-        cut = content[:keep] + REPLY_CUT.format(shown=keep, total=len(content))
-        candidate = reply.model_copy(update={"recent_messages": [], "content": cut})
+        candidate = bare.model_copy(update={"content": _cut(content, keep)})
         if fits(candidate):
             return candidate.to_wire()
+    return bare.model_copy(update={"content": _cut(content, 0)}).to_wire()
+
+
+def _cut(text: str | None, keep: int) -> str | None:
+    if text is None or len(text) <= keep:
+        return text
+    return text[:keep] + REPLY_CUT.format(shown=keep, total=len(text))

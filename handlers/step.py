@@ -7,6 +7,7 @@ become a delayed step (Retry-After when the service gives one) instead of a slee
 
 import asyncio
 import json
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -15,7 +16,7 @@ from handlers.tools import ToolCall, run_tool_calls
 from schemas import RunStep
 from worker.backends.base import ModelError, TurnRequest
 from worker.handling import HandlerResult, MessageContext, Send
-from worker.outcome import RetryPolicy, backoff
+from worker.outcome import RetryPolicy, backoff, describe
 from worker.runs import machine
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition
@@ -118,16 +119,38 @@ class StepHandler:
                 effects=await self._lost_follow_up(store, chat, state, run, step),
                 log_fields={"run_id": run.run_id},
             )
-        transition = await self._advance(store, state, run)
+        try:
+            transition = await self._perform(store, state, run)
+        except Exception as error:
+            if context.dequeue_count < services.settings.max_dequeue_count:
+                raise
+            # The last attempt: end the run instead of dead-lettering its step, which would
+            # leave it active for good and every later post of the chat queued behind it.
+            transition = machine.fail(run, f"the run failed: {describe(error)}", services.clock())
         try:
             effects = await commit_transition(services, store, chat, run, transition, state=state)
         except StaleRun:
-            return HandlerResult(note="stale: another delivery advanced the run")
+            return HandlerResult(
+                note="stale: another delivery advanced the run",
+                effects=await self._after_stale(store, chat, transition),
+            )
         return HandlerResult(
             note=f"{run.phase} -> {transition.run.status}",
             effects=effects,
             log_fields={"run_id": run.run_id, "step": run.step},
         )
+
+    async def _after_stale(
+        self, store: TableChatStore, chat: ChatRef, transition: Transition
+    ) -> tuple[Send, ...]:
+        """The commit lost its race, or it landed and only its answer was lost (the service
+        wrote it, the connection dropped, the retry saw a conflict): in that case the run is
+        exactly where this step took it, and its follow-ups must still be sent."""
+        state = await store.load_state(chat.chat_id)
+        current = await store.load_run(chat.chat_id, transition.run.run_id)
+        if state is None or current is None or current.step != transition.run.step:
+            return ()
+        return await lost_follow_ups(self._services, store, chat, current, state.active_run_id)
 
     async def _lost_follow_up(
         self, store: TableChatStore, chat: ChatRef, state: ChatState, run: Run, step: RunStep
@@ -141,7 +164,8 @@ class StepHandler:
             return ()
         return await lost_follow_ups(self._services, store, chat, run, state.active_run_id)
 
-    async def _advance(self, store: TableChatStore, state: ChatState, run: Run) -> Transition:
+    async def _perform(self, store: TableChatStore, state: ChatState, run: Run) -> Transition:
+        """Do the run's current step (call or poll the model, or run tools): its transition."""
         now = self._services.clock()
         if now >= run.expires_at:
             return machine.expire(run, now, self._services.settings.run_timeout)
@@ -158,17 +182,23 @@ class StepHandler:
                 await store.save_tool_result(state.chat_id, run.run_id, call.id, result.output)
                 outputs[call.id] = result.output
 
-            await asyncio.gather(
+            results = await asyncio.gather(
                 *(
                     execute(ToolCall(c.id, c.name, c.arguments))
                     for c in local
                     if c.id not in outputs
-                )
+                ),
+                return_exceptions=True,
             )
+            # Raise only once every call has ended: none keeps running behind our back.
+            for failure in results:
+                if isinstance(failure, BaseException):
+                    raise failure
             return machine.on_tool_results(run, [(c.id, outputs[c.id]) for c in local], now)
         if run.phase == "external":
-            # Only the deadline step arrives in this phase, and the deadline has not passed.
-            return machine.Transition(run)
+            # Only the deadline step arrives in this phase, and it came early (clocks differ
+            # between hosts): arm it again.
+            return machine.rearm_deadline(run, now)
         backend = self._services.backends.get(run.api)
         if backend is None:
             return machine.fail(run, f"unknown model API {run.api!r}", now)
@@ -182,7 +212,7 @@ class StepHandler:
                 return machine.fail(run, error.message, now)
             delay = error.retry_after
             if delay is None:
-                delay = backoff(run.transient_failures + 1, MODEL_RETRY)
+                delay = backoff(run.transient_failures + 1, MODEL_RETRY, jitter=random.random())
             return machine.on_transient(run, delay)
         if isinstance(result, Pending):
             transition = machine.on_pending(run, result, now, self._services.settings.poll_backoff)

@@ -22,6 +22,9 @@ class Send:
     queue: str
     payload: dict[str, Any]
     delay: float = 0.0
+    # A producer's queue (replies, events): a failure to send is logged, not retried. The
+    # run's state is in the chat; a producer that missed an event can query it.
+    best_effort: bool = False
 
 
 @dataclass(frozen=True)

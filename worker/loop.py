@@ -289,7 +289,13 @@ class Worker:
         # sends them again, and their consumers are idempotent.
         for send in result.effects:
             body = encode_body(send.payload, self.settings.message_encoding)
-            await self.broker.send(send.queue, body, delay=send.delay)
+            try:
+                await self.broker.send(send.queue, body, delay=send.delay)
+            except Exception as error:
+                if not send.best_effort:
+                    raise
+                self._log.warning("reply.dropped", reply_queue=send.queue,
+                                  error=self.redact(describe(error)), **fields)  # fmt: skip
         return result
 
     async def _apply(

@@ -77,16 +77,19 @@ class ChatBackend:
             raise classify(error) from error
         if not completion.choices:
             raise ModelError("the model returned no choices", transient=True)
-        message = completion.choices[0].message
+        choice = completion.choices[0]
+        message = choice.message
         calls = tuple(
             ToolCallRef(call.id, call.function.name, call.function.arguments or "")
             for call in message.tool_calls or []
             if call.type == "function"
         )
         usage = completion.usage
+        cut_short = {"length": "the token limit was reached", "content_filter": "a content filter"}
         return ModelTurn(
             content=message.content,
             tool_calls=calls,
+            incomplete=None if calls else cut_short.get(choice.finish_reason or ""),
             usage=Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
             if usage
             else Usage(),

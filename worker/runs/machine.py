@@ -79,9 +79,19 @@ def start(run: Run, now: datetime, timeout: float) -> Run:
     )
 
 
-def _until_expiry(run: Run, now: datetime) -> float:
-    # A run waiting for a producer gets one step at its deadline, to expire it if nobody came.
-    return max((run.expires_at - now).total_seconds(), 0.0) + 1.0
+# Azure delays a message at most 7 days.
+MAX_DELAY = 7 * 24 * 3600 - 1.0
+
+
+def until_expiry(run: Run, now: datetime) -> float:
+    """Seconds until a run's deadline step: a run waiting for a producer gets one step at
+    its deadline, to expire it if nobody came."""
+    return min(max((run.expires_at - now).total_seconds(), 0.0) + 1.0, MAX_DELAY)
+
+
+def rearm_deadline(run: Run, now: datetime) -> Transition:
+    """The deadline step came before the deadline: send it again for the remaining time."""
+    return Transition(_advance(run), next_step_delay=until_expiry(run, now))
 
 
 def on_turn(
@@ -99,8 +109,14 @@ def on_turn(
     calls = turn.tool_calls
     if not calls:
         text = turn.content or ""
-        finished = _end(run, "completed", now, usage=usage, content=text, handle=handle)
-        return Transition(finished, (NewMessage("Assistant", text),), last_total_tokens=tokens)
+        if turn.incomplete:
+            error = f"the answer was cut short: {turn.incomplete}"
+            ended = _end(
+                run, "incomplete", now, usage=usage, content=text, handle=handle, error=error
+            )
+        else:
+            ended = _end(run, "completed", now, usage=usage, content=text, handle=handle)
+        return Transition(ended, (NewMessage("Assistant", text),), last_total_tokens=tokens)
 
     asked = NewMessage("Assistant", turn.content or "", tool_calls=tool_calls_json(calls))
     if run.force_final or run.tool_rounds >= max_rounds:
@@ -139,7 +155,7 @@ def on_turn(
     return Transition(
         waiting,
         (asked,),
-        next_step_delay=0.0 if has_local else _until_expiry(run, now),
+        next_step_delay=0.0 if has_local else until_expiry(run, now),
         announce_tool_calls=not has_local,
         last_total_tokens=tokens,
     )
@@ -159,7 +175,7 @@ def on_tool_results(run: Run, results: Sequence[tuple[str, str]], now: datetime)
             return Transition(nxt, messages, next_step_delay=0.0)
         waiting = _advance(run, pending_calls=remaining, phase="external", status="requires_action")
         return Transition(
-            waiting, messages, next_step_delay=_until_expiry(run, now), announce_tool_calls=True
+            waiting, messages, next_step_delay=until_expiry(run, now), announce_tool_calls=True
         )
     resumed = _advance(run, pending_calls=(), phase="model", status="in_progress")
     return Transition(resumed, messages, next_step_delay=0.0)

@@ -128,6 +128,8 @@ class ModelTurn:
     tool_calls: tuple[ToolCallRef, ...] = ()
     usage: Usage = field(default_factory=Usage)
     handle: dict[str, Any] = field(default_factory=dict)
+    # Why the answer was cut short (the token limit, a content filter), if it was.
+    incomplete: str | None = None
 
 
 @dataclass(frozen=True)
