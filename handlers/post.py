@@ -21,12 +21,15 @@ from handlers.runs import (
 )
 from schemas import AssistantPost
 from worker.errors import PermanentError, TransientError
-from worker.handling import HandlerResult, MessageContext
+from worker.handling import HandlerResult, MessageContext, Send
 from worker.runs import machine
 from worker.runs.model import Run
 from worker.store.layout import AppliedRequest, ChatState
 from worker.store.tables import Conflict, TableChatStore
 from worker.transport import poison_queue_name
+
+# Seconds past a run's deadline after which a new post assumes its steps were lost.
+OVERDUE_GRACE = 60.0
 
 
 def check_names(post: AssistantPost, services: RunServices) -> None:
@@ -112,7 +115,11 @@ class PostHandler:
                 # Another post or step changed the chat: read it again and decide again.
                 await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
                 continue
-            effects = (step_send(services, chat, run),) if starts else ()
+            effects = (
+                (step_send(services, chat, run),)
+                if starts
+                else await self._nudge_overdue(store, chat, state, now)
+            )
             return HandlerResult(
                 note="run started" if starts else "run queued",
                 effects=effects,
@@ -138,6 +145,21 @@ class PostHandler:
             params=run_parameters(post, defaults),
             reply_to=post.reply_to,
         )
+
+    async def _nudge_overdue(
+        self, store: TableChatStore, chat: ChatRef, state: ChatState, now: datetime
+    ) -> tuple[Send, ...]:
+        """The run this post queues behind is long past its deadline: its steps were lost
+        (a dead-lettered step, a deleted message). A step for it lets it expire, so the
+        chat's queue moves again; a duplicate step is harmless."""
+        if state.active_run_id is None:
+            return ()
+        active = await store.load_run(chat.chat_id, state.active_run_id)
+        if active is None or active.finished:
+            return ()
+        if now < active.expires_at + timedelta(seconds=OVERDUE_GRACE):
+            return ()
+        return (step_send(self._services, chat, active),)
 
     async def _resume(
         self, store: TableChatStore, chat: ChatRef, state: ChatState, run_id: str | None

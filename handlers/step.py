@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, lost_follow_ups
-from handlers.tools import ToolCall, run_tool_calls
+from handlers.tool_calls import ToolCall, run_tool_calls
 from schemas import RunStep
 from worker.backends.base import ModelError, TurnRequest
 from worker.handling import HandlerResult, MessageContext, Send

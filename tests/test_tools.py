@@ -8,17 +8,8 @@ from typing import Any
 
 import pytest
 
-from handlers.tools import (
-    ToolCall,
-    ToolLoadError,
-    ToolRegistry,
-    ToolResult,
-    load_tools,
-    run_tool_call,
-    run_tool_calls,
-    tool,
-    tool_spec,
-)
+from handlers.tool_calls import ToolCall, ToolResult, run_tool_call, run_tool_calls
+from handlers.tools import ToolLoadError, ToolRegistry, load_tools, tool, tool_spec
 from tests import sample_tools
 from tests.sample_tools import echo, fail, find_order, get_weather, nothing, slow, slow_sync
 
