@@ -9,7 +9,7 @@ of the same step got there first and this one is dropped (``StaleRun``).
 import asyncio
 import random
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -90,6 +90,7 @@ async def commit_transition(
     *,
     applied: AppliedRequest | None = None,
     state: ChatState | None = None,
+    deletes: Sequence[str] = (),
 ) -> tuple[Send, ...]:
     """Store ``transition`` of ``before`` and return the messages to send after it.
 
@@ -115,9 +116,9 @@ async def commit_transition(
         active = state.active_run_id
         if run.finished and active == run.run_id:
             active = None
-            queued = [q for q in await store.queued_runs(chat.chat_id) if q.run_id != run.run_id]
-            if queued:
-                started = machine.start(queued[0], now, services.settings.run_timeout)
+            queued = await store.next_queued_run(chat.chat_id, run.seq)
+            if queued is not None:
+                started = machine.start(queued, now, services.settings.run_timeout)
                 index += 1
                 messages.append(user_message(started, index, now))
                 runs.append((started, False))
@@ -133,7 +134,9 @@ async def commit_transition(
             remote={**state.remote, **(transition.remote or {})},
         )
         try:
-            await store.commit(changed, runs=runs, messages=messages, applied=applied)
+            await store.commit(
+                changed, runs=runs, messages=messages, applied=applied, deletes=deletes
+            )
         except Conflict:
             current = await store.load_run(chat.chat_id, run.run_id)
             if current is None or current.etag != before.etag:
@@ -249,12 +252,15 @@ async def reply_payload(
 ) -> dict[str, Any]:
     """The ``assistantReply`` event of a finished run, with the messages it wrote."""
     messages = await store.run_messages(chat.chat_id, run.run_id)
+    # A run row does not keep the answer (it may be large): the chat has it.
+    answers = [m.content for m in messages if m.role == "Assistant" and not m.tool_calls]
+    content = run.content if run.content is not None else (answers[-1] if answers else None)
     reply = AssistantReply(
         id=chat.chat_id,
         run_id=run.run_id,
         request_id=run.request_id,
         status=run.status,
-        content=run.content,
+        content=content,
         recent_messages=[to_assistant_message(message) for message in messages],
         usage=UsageEvent(
             prompt_tokens=run.usage.prompt_tokens,

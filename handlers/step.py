@@ -21,8 +21,15 @@ from worker.runs import machine
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition
 from worker.runs.model import ModelTurn, Pending, Run, ToolCallRef
-from worker.store.layout import ChatMessage, ChatState
-from worker.store.tables import TableChatStore
+from worker.store.layout import (
+    MAX_TEXT_UNITS_PER_ROW,
+    MIN_TEXT_UNITS,
+    ChatMessage,
+    ChatState,
+    cap_text,
+    tool_result_row_key,
+)
+from worker.store.tables import MAX_TRANSACTION_BYTES, TableChatStore
 
 MAX_TOOL_ROUNDS = 10
 TOOL_TIMEOUT = 30.0
@@ -72,6 +79,13 @@ def last_tool_outputs(messages: list[ModelMessage]) -> tuple[tuple[str, str], ..
             return tuple(reversed(outputs))
         break
     return ()
+
+
+def per_message_cap(count: int) -> int:
+    """UTF-16 units each of ``count`` tool results may keep so that all of them fit one
+    transaction (non-ASCII text travels as 6-byte escapes; leave room for the rest)."""
+    room = MAX_TRANSACTION_BYTES - 256 * 1024
+    return max(MIN_TEXT_UNITS, min(MAX_TEXT_UNITS_PER_ROW, room // (6 * max(count, 1))))
 
 
 class ToolSetup:
@@ -127,8 +141,21 @@ class StepHandler:
             # The last attempt: end the run instead of dead-lettering its step, which would
             # leave it active for good and every later post of the chat queued behind it.
             transition = machine.fail(run, f"the run failed: {describe(error)}", services.clock())
+        # A tools step's per-call records have served their purpose once its results are
+        # stored as messages: they go in the same transaction.
+        deletes = (
+            [
+                tool_result_row_key(run.run_id, run.tool_rounds, c.id)
+                for c in run.pending_calls
+                if not c.external
+            ]
+            if run.phase == "tools"
+            else []
+        )
         try:
-            effects = await commit_transition(services, store, chat, run, transition, state=state)
+            effects = await commit_transition(
+                services, store, chat, run, transition, state=state, deletes=deletes
+            )
         except StaleRun:
             return HandlerResult(
                 note="stale: another delivery advanced the run",
@@ -173,13 +200,15 @@ class StepHandler:
         if run.phase == "tools":
             local = [c for c in run.pending_calls if not c.external]
             # Calls a killed or failed delivery of this step already finished are not run again.
-            outputs = await store.tool_results(state.chat_id, run.run_id)
+            outputs = await store.tool_results(state.chat_id, run.run_id, run.tool_rounds)
 
             async def execute(call: ToolCall) -> None:
                 [result] = await run_tool_calls(
                     self._services.tools, [call], allowed=tools.allowed, timeout=TOOL_TIMEOUT
                 )
-                await store.save_tool_result(state.chat_id, run.run_id, call.id, result.output)
+                await store.save_tool_result(
+                    state.chat_id, run.run_id, run.tool_rounds, call.id, result.output
+                )
                 outputs[call.id] = result.output
 
             results = await asyncio.gather(
@@ -194,7 +223,11 @@ class StepHandler:
             for failure in results:
                 if isinstance(failure, BaseException):
                     raise failure
-            return machine.on_tool_results(run, [(c.id, outputs[c.id]) for c in local], now)
+            # One transaction stores every result of the round: together they must fit it.
+            cap = per_message_cap(len(local))
+            return machine.on_tool_results(
+                run, [(c.id, cap_text(outputs[c.id], cap)) for c in local], now
+            )
         if run.phase == "external":
             # Only the deadline step arrives in this phase, and it came early (clocks differ
             # between hosts): arm it again.

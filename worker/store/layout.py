@@ -1,12 +1,15 @@
-"""The table layout, as pure functions: row keys, entity <-> model, and lossless text split.
+"""The table layout, as pure functions: row keys, entity <-> model, and the text split.
 
 One partition per assistant id. ``state`` and ``msg-XXXX`` rows use the extension's property
 names so that the extension can read chats the worker writes, and the other way round. Rows of
-the worker's own use other prefixes, which the extension ignores.
+the worker's own use other prefixes, which the extension ignores. Text longer than a property
+holds is split across properties losslessly; only text beyond what a whole row holds is cut,
+with a marker, so that no write ever fails for size.
 """
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -21,14 +24,21 @@ RUN_PREFIX = "run-"
 RUN_PREFIX_END = "run."
 # The first key after every "msg-XXXX" key ('.' sorts right after '-').
 MESSAGE_PREFIX_END = "msg."
-# Results of a run's local tool calls, stored as each call finishes (``tool-<runId>-<hash>``).
+# Results of a run's local tool calls, stored as each call finishes
+# (``tool-<runId>-<round:03d>-<hash of the call id>``).
 TOOL_RESULT_PREFIX = "tool-"
 
-# A string property holds at most 64 KiB, i.e. 32,768 UTF-16 code units; an entity at most
-# 1 MiB. Text is split by UTF-16 units so that characters outside the BMP (two units) count
-# right, with room left for the row's other properties.
+# Azure's limits (see NOTES): a string property holds 64 KiB, i.e. 32,768 UTF-16 code units; an
+# entity 1 MiB, counted with 2 bytes per UTF-16 unit. Text is measured in UTF-16 units so that
+# characters outside the BMP (two units) count right.
 MAX_PROPERTY_UNITS = 32_000
-MAX_TEXT_UNITS_PER_ROW = 450_000
+# What all the split texts of one row hold together (800,000 bytes), leaving more than 200 KiB of
+# the entity's 1 MiB for its other properties and its keys. Beyond it, text is cut (``cap_text``).
+MAX_TEXT_UNITS_PER_ROW = 400_000
+# When a row's texts share its budget, each keeps at least this much (its marker included).
+MIN_TEXT_UNITS = 1_000
+# A run's error text is kept whole up to this size.
+MAX_ERROR_UNITS = 16_000
 
 Role = Literal["System", "User", "Assistant", "Tool"]
 
@@ -46,51 +56,122 @@ def request_row_key(request_id: str) -> str:
 
 def utf16_units(text: str) -> int:
     """The length of ``text`` as Table Storage counts it."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def _utf16_pieces(text: str, max_units: int, limit: int | None = None) -> list[str]:
+    """``text`` cut into pieces of at most ``max_units`` UTF-16 units each (never inside a
+    surrogate pair), stopping after ``limit`` pieces when given."""
+    if text.isascii():
+        stop = len(text) if limit is None else min(len(text), limit * max_units)
+        return [text[i : i + max_units] for i in range(0, stop, max_units)] or [""]
+    data = text.encode("utf-16-le", "surrogatepass")
+    pieces: list[str] = []
+    start = 0
+    step = 2 * max_units
+    while start < len(data) and (limit is None or len(pieces) < limit):
+        end = min(start + step, len(data))
+        if end < len(data) and end - 2 > start:
+            high = int.from_bytes(data[end - 2 : end], "little")
+            low = int.from_bytes(data[end : end + 2], "little")
+            if 0xD800 <= high <= 0xDBFF and 0xDC00 <= low <= 0xDFFF:
+                end -= 2  # keep the pair together
+        pieces.append(data[start:end].decode("utf-16-le", "surrogatepass"))
+        start = end
+    return pieces or [""]
+
+
+def truncation_marker(max_units: int, received: int) -> str:
+    """The note that ends a text cut by :func:`cap_text`."""
     return (
-        len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF) if not text.isascii() else len(text)
+        f"\n\n[truncated by assistant-worker: the stored text is limited to {max_units} "
+        f"characters per message; {received} characters were received]"
     )
 
 
-def _chunks(text: str, max_units: int) -> list[str]:
-    if text.isascii():
-        return [text[i : i + max_units] for i in range(0, len(text), max_units)] or [""]
-    chunks: list[str] = []
-    start = units = 0
-    for index, ch in enumerate(text):
-        width = 2 if ord(ch) > 0xFFFF else 1
-        if units + width > max_units:
-            chunks.append(text[start:index])
-            start, units = index, 0
-        units += width
-    chunks.append(text[start:])
-    return chunks
+def cap_text(text: str, max_units: int) -> str:
+    """``text`` if it has at most ``max_units`` UTF-16 units; else its beginning followed by
+    an explicit truncation marker, the whole at most ``max_units`` units long."""
+    if utf16_units(text) <= max_units:
+        return text
+    marker = truncation_marker(max_units, utf16_units(text))
+    room = max_units - utf16_units(marker)
+    if room <= 0:  # a limit smaller than the marker: what fits of the marker
+        return _utf16_pieces(marker, max_units, limit=1)[0] if max_units > 0 else ""
+    return _utf16_pieces(text, room, limit=1)[0] + marker
 
 
-def split_text(name: str, text: str) -> dict[str, Any]:
+def split_text(
+    name: str, text: str, max_units: int = MAX_TEXT_UNITS_PER_ROW, *, counted: bool = False
+) -> dict[str, Any]:
     """Store ``text`` under ``name``, spilling into ``{name}Part2``... when it is too long.
 
     The first chunk stays in ``name`` so that readers that know only the extension's layout
-    still see the start of the text; ``{name}Parts`` says how many chunks there are.
+    still see the start of the text; ``{name}Parts`` says how many chunks there are (written
+    even for one chunk when ``counted``, as rows updated by MERGE need, so that parts left
+    from a longer text are ignored). Text beyond ``max_units`` is cut with a marker
+    (:func:`cap_text`); this never raises.
     """
-    if utf16_units(text) > MAX_TEXT_UNITS_PER_ROW:
-        raise ValueError(
-            f"{name} is {len(text)} characters; at most {MAX_TEXT_UNITS_PER_ROW} UTF-16 units "
-            "fit in one row"
-        )
-    chunks = _chunks(text, MAX_PROPERTY_UNITS)
-    if len(chunks) <= 1:
-        return {name: text}
-    properties: dict[str, Any] = {name: chunks[0], f"{name}Parts": len(chunks)}
+    chunks = _utf16_pieces(cap_text(text, max_units), MAX_PROPERTY_UNITS)
+    properties: dict[str, Any] = {name: chunks[0]}
+    if len(chunks) > 1 or counted:
+        properties[f"{name}Parts"] = len(chunks)
     for number, chunk in enumerate(chunks[1:], start=2):
         properties[f"{name}Part{number}"] = chunk
     return properties
 
 
-def join_text(entity: dict[str, Any], name: str) -> str:
+def split_texts(
+    texts: Sequence[tuple[str, str]],
+    budget: int = MAX_TEXT_UNITS_PER_ROW,
+    *,
+    counted: bool = False,
+) -> dict[str, Any]:
+    """Split the texts of one row (``(name, text)`` pairs) so that together they fit ``budget``.
+
+    When they are too long together, each keeps at least ``MIN_TEXT_UNITS`` and the rest of
+    the budget goes to the texts in the order given: list first the texts that must stay
+    whole (JSON), last the ones that can best be cut.
+    """
+    sizes = [utf16_units(text) for _, text in texts]
+    limits = list(sizes)
+    if sum(sizes) > budget:
+        limits = [min(size, MIN_TEXT_UNITS) for size in sizes]
+        room = max(budget - sum(limits), 0)
+        for index, size in enumerate(sizes):
+            extra = min(size - limits[index], room)
+            limits[index] += extra
+            room -= extra
+    properties: dict[str, Any] = {}
+    for (name, text), limit in zip(texts, limits, strict=True):
+        properties.update(split_text(name, text, limit, counted=counted))
+    return properties
+
+
+def join_text(entity: Mapping[str, Any], name: str) -> str:
     """The whole text that ``split_text`` stored under ``name``."""
     first = entity.get(name) or ""
     parts = int(entity.get(f"{name}Parts") or 1)
     return str(first) + "".join(str(entity.get(f"{name}Part{n}", "")) for n in range(2, parts + 1))
+
+
+def entity_payload_bytes(entity: Mapping[str, Any]) -> int:
+    """An upper estimate of an entity's size in a request or a transaction.
+
+    Each string counts the larger of its stored size (2 bytes per UTF-16 unit) and its JSON
+    on the wire (the SDK escapes every non-ASCII unit as ``\\uXXXX``: 6 bytes); names, type
+    annotations and other values count a fixed overhead.
+    """
+    total = 0
+    for name, value in entity.items():
+        total += 2 * len(name) + 48
+        if isinstance(value, str):
+            total += max(2 * utf16_units(value), len(json.dumps(value)))
+        else:
+            total += 32
+    return total
 
 
 def utc(value: Any) -> datetime | None:
@@ -123,6 +204,11 @@ class ChatState:
 
 
 def state_entity(state: ChatState) -> dict[str, Any]:
+    """The ``state`` row of a chat: the extension's properties and the worker's own.
+
+    ``Defaults`` and ``Remote`` are split like message content, with their part counts
+    always written, because the row is updated by MERGE.
+    """
     return {
         "PartitionKey": state.chat_id,
         "RowKey": STATE_ROW,
@@ -131,15 +217,17 @@ def state_entity(state: ChatState) -> dict[str, Any]:
         "LastUpdatedAt": state.last_updated_at,
         "TotalMessages": state.total_messages,
         "TotalTokens": state.total_tokens,
-        "Defaults": _json(state.defaults),
         "ActiveRunId": state.active_run_id or "",
         "NextRunSeq": state.next_run_seq,
-        "Remote": _json(state.remote),
+        **split_texts(
+            [("Remote", _json(state.remote)), ("Defaults", _json(state.defaults))], counted=True
+        ),
     }
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    # Characters as they are: an escaped one takes 6 or 12 UTF-16 units of the row's budget.
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 
 def _json_dict(text: Any) -> dict[str, Any]:
@@ -160,11 +248,11 @@ def state_from_entity(entity: dict[str, Any], etag: str | None) -> ChatState:
         last_updated_at=utc(entity.get("LastUpdatedAt")) or epoch,
         total_messages=int(entity.get("TotalMessages") or 0),
         total_tokens=int(entity.get("TotalTokens") or 0),
-        defaults=_json_dict(entity.get("Defaults")),
+        defaults=_json_dict(join_text(entity, "Defaults")),
         etag=etag,
         active_run_id=entity.get("ActiveRunId") or None,
         next_run_seq=int(entity.get("NextRunSeq") or 1),
-        remote=_json_dict(entity.get("Remote")),
+        remote=_json_dict(join_text(entity, "Remote")),
     )
 
 
@@ -182,13 +270,18 @@ class ChatMessage:
 
 
 def message_entity(chat_id: str, message: ChatMessage) -> dict[str, Any]:
+    """A ``msg-`` row in the extension's layout, plus ``RunId``.
+
+    ``ToolCalls`` and ``Content`` are split across properties when long (the first chunk
+    keeps the extension's name) and share the row's budget, the tool calls first: only text
+    beyond what a row holds is cut, with a marker.
+    """
     entity: dict[str, Any] = {
         "PartitionKey": chat_id,
         "RowKey": message_row_key(message.index),
         "Role": message.role,
         "CreatedAt": message.created_at,
-        "ToolCalls": message.tool_calls,
-        **split_text("Content", message.content),
+        **split_texts([("ToolCalls", message.tool_calls), ("Content", message.content)]),
     }
     if message.name is not None:
         entity["Name"] = message.name
@@ -224,7 +317,7 @@ def message_from_entity(entity: dict[str, Any]) -> ChatMessage:
         content=join_text(entity, "Content"),
         created_at=utc(entity.get("CreatedAt")) or datetime(1, 1, 1, tzinfo=UTC),
         name=entity.get("Name") or None,
-        tool_calls=str(entity.get("ToolCalls") or ""),
+        tool_calls=join_text(entity, "ToolCalls"),
         run_id=entity.get("RunId") or None,
     )
 
@@ -241,6 +334,7 @@ class AppliedRequest:
 
 
 def applied_request_entity(chat_id: str, applied: AppliedRequest) -> dict[str, Any]:
+    """The ``req-`` row recording that a request took effect (and the run it created)."""
     entity: dict[str, Any] = {
         "PartitionKey": chat_id,
         "RowKey": request_row_key(applied.request_id),
@@ -255,11 +349,24 @@ def applied_request_entity(chat_id: str, applied: AppliedRequest) -> dict[str, A
 
 
 def run_row_key(run_id: str) -> str:
+    """``run-<runId>``: run ids (``run_<seq:06d>_<random>``) sort in arrival order."""
     return f"{RUN_PREFIX}{run_id}"
 
 
+def run_seq_bound(after_seq: int) -> str:
+    """The first row key after those of every run with a sequence number up to ``after_seq``
+    (6 digits), for a range query of the later runs.
+
+    Run ids are ``run_<seq:06d>_<random>``: every key of sequence ``s`` starts with
+    ``run-run_<s:06d>_`` and ``'`'`` is the character right after ``'_'``.
+    """
+    return f"{RUN_PREFIX}run_{max(after_seq, 0):06d}`"
+
+
 def run_entity(chat_id: str, run: Run) -> dict[str, Any]:
-    """A run row; the user message is split like message content, so no size bricks it."""
+    """A run row. Its texts are split like message content and share the row's budget, the
+    JSON that must stay whole first, so no size bricks it; the final answer is not kept here
+    (it is the run's last Assistant message)."""
     entity: dict[str, Any] = {
         "PartitionKey": chat_id,
         "RowKey": run_row_key(run.run_id),
@@ -269,22 +376,25 @@ def run_entity(chat_id: str, run: Run) -> dict[str, Any]:
         "RequestId": run.request_id,
         "Api": run.api,
         "Model": run.model,
-        "Params": _json(run.params),
         "ReplyTo": run.reply_to or "",
         "CreatedAt": run.created_at,
         "ExpiresAt": run.expires_at,
         "Step": run.step,
         "Phase": run.phase,
         "ToolRounds": run.tool_rounds,
-        "PendingCalls": json.dumps([call.to_json() for call in run.pending_calls]),
-        "Handle": _json(run.handle),
         "PollAttempt": run.poll_attempt,
         "TransientFailures": run.transient_failures,
         "ForceFinal": run.force_final,
-        "Usage": _json(run.usage.to_json()),
-        "Error": run.error or "",
-        **split_text("UserMessage", run.user_message),
-        **split_text("Answer", run.content or ""),
+        "Error": cap_text(run.error or "", MAX_ERROR_UNITS),
+        **split_texts(
+            [
+                ("Usage", _json(run.usage.to_json())),
+                ("PendingCalls", _json([call.to_json() for call in run.pending_calls])),
+                ("Handle", _json(run.handle)),
+                ("Params", _json(run.params)),
+                ("UserMessage", run.user_message),
+            ]
+        ),
     }
     if run.started_at is not None:
         entity["StartedAt"] = run.started_at
@@ -293,9 +403,17 @@ def run_entity(chat_id: str, run: Run) -> dict[str, Any]:
     return entity
 
 
+def _json_list(text: str) -> list[Any]:
+    try:
+        value = json.loads(text) if text else []
+    except json.JSONDecodeError:
+        return []
+    return value if isinstance(value, list) else []
+
+
 def run_from_entity(entity: dict[str, Any], etag: str | None) -> Run:
-    pending = json.loads(entity.get("PendingCalls") or "[]")
-    answer = join_text(entity, "Answer")
+    """A run row with its ETag, as a run; ``content`` is None (the answer is a message)."""
+    pending = _json_list(join_text(entity, "PendingCalls"))
     epoch = datetime(1, 1, 1, tzinfo=UTC)
     return Run(
         run_id=str(entity["RunId"]),
@@ -307,18 +425,18 @@ def run_from_entity(entity: dict[str, Any], etag: str | None) -> Run:
         model=str(entity.get("Model") or ""),
         created_at=utc(entity.get("CreatedAt")) or epoch,
         expires_at=utc(entity.get("ExpiresAt")) or epoch,
-        params=_json_dict(entity.get("Params")),
+        params=_json_dict(join_text(entity, "Params")),
         reply_to=entity.get("ReplyTo") or None,
         step=int(entity.get("Step") or 0),
         phase=entity.get("Phase") or "model",
         tool_rounds=int(entity.get("ToolRounds") or 0),
         pending_calls=tuple(PendingCall.from_json(item) for item in pending),
-        handle=_json_dict(entity.get("Handle")),
+        handle=_json_dict(join_text(entity, "Handle")),
         poll_attempt=int(entity.get("PollAttempt") or 0),
         transient_failures=int(entity.get("TransientFailures") or 0),
         force_final=bool(entity.get("ForceFinal", False)),
-        usage=Usage.from_json(_json_dict(entity.get("Usage"))),
-        content=answer or None,
+        usage=Usage.from_json(_json_dict(join_text(entity, "Usage"))),
+        content=None,
         error=entity.get("Error") or None,
         started_at=utc(entity.get("StartedAt")),
         ended_at=utc(entity.get("EndedAt")),
@@ -326,23 +444,32 @@ def run_from_entity(entity: dict[str, Any], etag: str | None) -> Run:
     )
 
 
-def tool_results_prefix(run_id: str) -> str:
-    return f"{TOOL_RESULT_PREFIX}{run_id}-"
+def tool_results_prefix(run_id: str, round_number: int) -> str:
+    """The key prefix of the tool-result rows of one tool round of a run.
+
+    The round is part of the key because OpenAI-compatible servers may reuse call ids across
+    rounds.
+    """
+    return f"{TOOL_RESULT_PREFIX}{run_id}-{round_number:03d}-"
 
 
-def tool_result_row_key(run_id: str, call_id: str) -> str:
+def tool_result_row_key(run_id: str, round_number: int, call_id: str) -> str:
     """One tool call's result row (call ids may hold characters row keys can't)."""
     digest = hashlib.sha256(call_id.encode("utf-8")).hexdigest()[:32]
-    return f"{tool_results_prefix(run_id)}{digest}"
+    return f"{tool_results_prefix(run_id, round_number)}{digest}"
 
 
-def tool_result_entity(chat_id: str, run_id: str, call_id: str, output: str) -> dict[str, Any]:
+def tool_result_entity(
+    chat_id: str, run_id: str, round_number: int, call_id: str, output: str
+) -> dict[str, Any]:
     """A finished tool call's output, kept until the step that ran it is stored, so that a
-    redelivered step does not run the call again."""
+    redelivered step does not run the call again. An output larger than a row holds is cut,
+    with a marker."""
     return {
         "PartitionKey": chat_id,
-        "RowKey": tool_result_row_key(run_id, call_id),
+        "RowKey": tool_result_row_key(run_id, round_number, call_id),
         "RunId": run_id,
+        "Round": round_number,
         "CallId": call_id,
         **split_text("Output", output),
     }

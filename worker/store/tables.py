@@ -2,28 +2,22 @@
 
 Concurrency and idempotency rules, which every method keeps:
 - the ``state`` row is only ever written with its ETag (``If-Match``) or created new, so two
-  workers can never both apply a change read from the same state;
+  workers can never both apply a change read from the same state; it is never deleted but by
+  a delete of the chat, so a chat being reset never looks missing;
 - a request's effect and the row recording that it was applied (``req-...``) are written in one
   entity-group transaction, so a redelivered request either finds its record or finds nothing
   done;
 - OData filters are built with parameters, never by formatting ids into strings.
 """
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from azure.core import MatchConditions
-from azure.core.exceptions import (
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
+from azure.core.exceptions import ResourceNotFoundError, ServiceRequestError, ServiceResponseError
 from azure.data.tables import TableTransactionError, UpdateMode
-from azure.data.tables.aio import TableClient, TableServiceClient
+from azure.data.tables.aio import TableClient
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -31,12 +25,8 @@ from tenacity import (
     wait_exponential,
 )
 
-from schemas.requests import DEFAULT_STORAGE_SETTING
-from worker.azure_clients import table_service
 from worker.errors import PermanentError, TransientError
-from worker.outcome import describe
 from worker.runs.model import Run
-from worker.settings import Settings
 from worker.store.layout import (
     MESSAGE_PREFIX,
     MESSAGE_PREFIX_END,
@@ -48,53 +38,41 @@ from worker.store.layout import (
     ChatMessage,
     ChatState,
     applied_request_entity,
+    entity_payload_bytes,
     join_text,
     message_entity,
     message_from_entity,
+    message_row_key,
     request_row_key,
     run_entity,
     run_from_entity,
     run_row_key,
+    run_seq_bound,
     state_entity,
     state_from_entity,
     tool_result_entity,
     tool_results_prefix,
 )
+from worker.store.stores import ChatStores, storage_errors
 
+__all__ = [
+    "MAX_TRANSACTION_BYTES",
+    "MAX_TRANSACTION_OPERATIONS",
+    "ChatStores",
+    "Conflict",
+    "TableChatStore",
+    "storage_errors",
+]
+
+# Azure's limits of one entity-group transaction: 100 operations and a 4 MiB payload. The
+# estimate (``entity_payload_bytes`` plus ``_OPERATION_BYTES`` per operation) is kept under
+# 3.5 MiB, which leaves room for the multipart framing it does not count exactly.
 MAX_TRANSACTION_OPERATIONS = 100
+MAX_TRANSACTION_BYTES = 3_670_016
+_OPERATION_BYTES = 1_024
 _DELETE_PASSES = 5
-# Status codes of requests the service will refuse however often they are sent.
-_PERMANENT_STATUS = {400, 413}
-
-
-@asynccontextmanager
-async def storage_errors(action: str, where: str) -> AsyncIterator[None]:
-    """Classify the table service's failures, saying where they happened.
-
-    A refusal of the request itself (400, 413) is permanent. An unreachable service, a 5xx or
-    an authentication failure is transient, re-raised naming the storage setting and table so
-    that a dead letter says which connection to fix. Anything else (404, 409, 412) passes
-    through for the caller to handle.
-    """
-    try:
-        yield
-    except HttpResponseError as error:
-        status = error.status_code or 0
-        code = getattr(error, "error_code", None)
-        if status in _PERMANENT_STATUS:
-            raise PermanentError(
-                f"{where}: the table service refused to {action}: {code or error.reason}",
-                error_type="StorageRequestRejected",
-            ) from error
-        if status >= 500 or status in (401, 403):
-            raise TransientError(
-                f"{where}: could not {action}: {describe(error)}", error_type=type(error).__name__
-            ) from error
-        raise
-    except (ServiceRequestError, ServiceResponseError) as error:
-        raise TransientError(
-            f"{where}: could not {action}: {describe(error)}", error_type=type(error).__name__
-        ) from error
+# Run ids carry six-digit sequence numbers; past them keys no longer sort by sequence.
+_SIX_DIGITS = 999_999
 
 
 def _retrying() -> AsyncRetrying:
@@ -110,6 +88,18 @@ def _retrying() -> AsyncRetrying:
 
 class Conflict(Exception):
     """A guarded write lost a race: re-read and decide again."""
+
+
+def _guarded(etag: str | None, mode: UpdateMode = UpdateMode.REPLACE) -> dict[str, Any]:
+    return {"mode": mode, "etag": etag, "match_condition": MatchConditions.IfNotModified}
+
+
+def _delete(chat_id: str, row_key: str, etag: str | None = None) -> tuple[Any, ...]:
+    """A delete operation: guarded by ``etag`` when given, else of whatever is there."""
+    entity = {"PartitionKey": chat_id, "RowKey": row_key}
+    if etag is None:
+        return ("delete", entity)
+    return ("delete", entity, {"etag": etag, "match_condition": MatchConditions.IfNotModified})
 
 
 class TableChatStore:
@@ -162,20 +152,45 @@ class TableChatStore:
             return None
         return run_from_entity(dict(entity), entity.metadata.get("etag"))
 
-    async def queued_runs(self, chat_id: str) -> list[Run]:
-        """The chat's runs waiting for their turn, in arrival order."""
-        async with self._errors("list the queued runs"):
+    async def next_queued_run(self, chat_id: str, after_seq: int) -> Run | None:
+        """The first run waiting for its turn whose sequence number is above ``after_seq``.
+
+        Run row keys sort by sequence number, so the query starts after the keys of
+        ``after_seq`` and asks for one row: the runs that ended before are not read again.
+        Past six digits keys stop sorting by number, so then the later runs are all read.
+        (A run with a seven-digit number queued behind a six-digit one that still runs is
+        not found: that would take a chat with nearly a million runs waiting at once.)
+        """
+        if after_seq < _SIX_DIGITS:
+            low = run_seq_bound(after_seq)
+            found = await self._queued_runs(chat_id, after_seq, low, first_only=True)
+            if not found or found[0].seq <= _SIX_DIGITS:
+                return found[0] if found else None
+        found = await self._queued_runs(chat_id, after_seq, RUN_PREFIX, first_only=False)
+        return min(found, key=lambda run: run.seq) if found else None
+
+    async def _queued_runs(
+        self, chat_id: str, after_seq: int, low: str, *, first_only: bool
+    ) -> list[Run]:
+        async with self._errors("find the next queued run"):
             entities = self.client.query_entities(
-                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and Status eq @status",
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+                " and Status eq @status and Seq gt @seq",
                 parameters={
                     "pk": chat_id,
-                    "lo": RUN_PREFIX,
+                    "lo": low,
                     "hi": RUN_PREFIX_END,
                     "status": "queued",
+                    "seq": after_seq,
                 },
+                results_per_page=1 if first_only else None,
             )
-            runs = [run_from_entity(dict(e), e.metadata.get("etag")) async for e in entities]
-        return sorted(runs, key=lambda run: run.seq)
+            runs = []
+            async for entity in entities:
+                runs.append(run_from_entity(dict(entity), entity.metadata.get("etag")))
+                if first_only:
+                    break
+        return runs
 
     async def runs(self, chat_id: str) -> list[Run]:
         """Every run of the chat, in arrival order."""
@@ -196,19 +211,23 @@ class TableChatStore:
             return False, None
         return True, entity.get("RunId") or None
 
-    async def save_tool_result(self, chat_id: str, run_id: str, call_id: str, output: str) -> None:
-        """Keep one finished tool call's output (idempotent: the same call stores the same row)."""
+    async def save_tool_result(
+        self, chat_id: str, run_id: str, round_number: int, call_id: str, output: str
+    ) -> None:
+        """Keep one finished tool call's output (idempotent: the same call stores the same
+        row). An output larger than a row holds is stored cut, with a marker."""
         async with self._errors("store a tool result"):
             async for attempt in _retrying():
                 with attempt:
                     await self.client.upsert_entity(
-                        tool_result_entity(chat_id, run_id, call_id, output),
+                        tool_result_entity(chat_id, run_id, round_number, call_id, output),
                         mode=UpdateMode.REPLACE,
                     )
 
-    async def tool_results(self, chat_id: str, run_id: str) -> dict[str, str]:
-        """The outputs of the run's tool calls that already finished, by call id."""
-        prefix = tool_results_prefix(run_id)
+    async def tool_results(self, chat_id: str, run_id: str, round_number: int) -> dict[str, str]:
+        """The outputs of the tool calls of one round of a run that already finished, by call
+        id (the rows are ``tool_result_row_key(run_id, round_number, call_id)``)."""
+        prefix = tool_results_prefix(run_id, round_number)
         async with self._errors("read the tool results"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
@@ -241,49 +260,49 @@ class TableChatStore:
         runs: Sequence[tuple[Run, bool]] = (),
         messages: Sequence[ChatMessage] = (),
         applied: AppliedRequest | None = None,
+        deletes: Sequence[str] = (),
     ) -> None:
         """Write a change of the chat in one transaction, or not at all.
 
-        ``state`` carries the ETag it was read with; each run is ``(run, created)``: a new run
-        is created, an existing one replaced under its own ETag. Raises ``Conflict`` when any
-        of them changed meanwhile (or a row to create exists), so the caller can re-read and
-        decide again.
+        ``state`` carries the ETag it was read with and is merged under it (properties the
+        worker does not know survive); each run is ``(run, created)``: a new run is created,
+        an existing one replaced under its own ETag. ``deletes`` are row keys removed in the
+        same transaction; one that is already gone is left out. Raises ``Conflict`` when any
+        guarded row changed meanwhile (or a row to create exists), so the caller can re-read
+        and decide again, and ``PermanentError`` (``TooLarge``) when the change would pass
+        a transaction's limits (100 operations, about 3.5 MiB).
         """
         chat_id = state.chat_id
-        guard = {"match_condition": MatchConditions.IfNotModified}
         operations: list[Any] = [
-            (
-                "update",
-                state_entity(state),
-                {"mode": UpdateMode.REPLACE, "etag": state.etag, **guard},
-            )
+            ("update", state_entity(state), _guarded(state.etag, UpdateMode.MERGE))
         ]
         for run, created in runs:
             if created:
                 operations.append(("create", run_entity(chat_id, run)))
             else:
-                operations.append(
-                    (
-                        "update",
-                        run_entity(chat_id, run),
-                        {"mode": UpdateMode.REPLACE, "etag": run.etag, **guard},
-                    )
-                )
+                operations.append(("update", run_entity(chat_id, run), _guarded(run.etag)))
         operations.extend(("create", message_entity(chat_id, message)) for message in messages)
         if applied is not None:
             operations.append(("create", applied_request_entity(chat_id, applied)))
-        if len(operations) > MAX_TRANSACTION_OPERATIONS:
-            raise PermanentError(
-                f"one step would write {len(operations)} rows; a table transaction takes at most "
-                f"{MAX_TRANSACTION_OPERATIONS}",
-                error_type="TooManyRows",
-            )
-        try:
-            await self._submit(operations, "update the chat")
-        except TableTransactionError as error:
-            if error.status_code in (404, 409, 412):
-                raise Conflict(f"the chat {chat_id!r} changed meanwhile") from error
-            raise
+        operations.extend(_delete(chat_id, row_key) for row_key in deletes)
+        _check_size(operations)
+        while True:
+            try:
+                await self._submit(operations, "update the chat")
+                return
+            except TableTransactionError as error:
+                index = error.index
+                if (
+                    error.status_code == 404
+                    and 0 < index < len(operations)
+                    and operations[index][0] == "delete"
+                ):
+                    # Every operation before it held: only this row was already gone.
+                    del operations[index]
+                    continue
+                if error.status_code in (404, 409, 412):
+                    raise Conflict(f"the chat {chat_id!r} changed meanwhile") from error
+                raise
 
     async def reset_chat(
         self,
@@ -293,32 +312,35 @@ class TableChatStore:
     ) -> bool:
         """Create the chat afresh (the extension's create semantics): False if already applied.
 
-        Old rows are deleted first, then the new ``state``, the system message and the applied
-        record are written in one transaction. A crash in between leaves no record, so the
-        redelivered request simply does it again.
+        The old rows but the ``state`` row and the first message are deleted (the applied
+        records stay); then one transaction replaces the ``state`` row under its ETag (or
+        creates it), writes the first message and the applied record, and deletes the last
+        old rows. The chat never looks missing meanwhile. A crash in between leaves no
+        record, so the redelivered request simply does it again.
         """
         chat_id = state.chat_id
         key = request_row_key(applied.request_id)
+        first_key = message_row_key(first_message.index)
+
+        def final(rows: dict[str, str | None]) -> list[Any]:
+            operations: list[Any] = []
+            for entity in (state_entity(state), message_entity(chat_id, first_message)):
+                row_key = entity["RowKey"]
+                if row_key in rows:
+                    operations.append(("update", entity, _guarded(rows[row_key])))
+                else:
+                    operations.append(("create", entity))
+            operations.append(("create", applied_request_entity(chat_id, applied)))
+            return operations
+
         # One listing of the partition answers "already applied?" and names the rows to delete.
         rows = await self._list_rows(chat_id)
-        if key in rows or await self._delete_history(chat_id, rows, guard=key) is None:
+        if key in rows:
             return False
-        operations: list[Any] = [
-            ("create", state_entity(state)),
-            ("create", message_entity(chat_id, first_message)),
-            ("create", applied_request_entity(chat_id, applied)),
-        ]
-        try:
-            await self._submit(operations, "create the chat")
-        except TableTransactionError as error:
-            if error.status_code != 409:
-                raise
-            if await self.is_applied(chat_id, applied.request_id):
-                return False  # a duplicate delivery won the race
-            raise TransientError(
-                "the chat was written by someone else while it was being created; retrying"
-            ) from error
-        return True
+        deleted = await self._rewrite(
+            chat_id, rows, guard=key, keep=frozenset({STATE_ROW, first_key}), final=final
+        )
+        return deleted is not None
 
     async def delete_chat(self, chat_id: str, applied: AppliedRequest) -> int | None:
         """Delete the chat's rows; the number deleted, or None if the request was applied.
@@ -330,45 +352,41 @@ class TableChatStore:
         rows = await self._list_rows(chat_id)
         if key in rows:
             return None
-        return await self._delete_history(
-            chat_id, rows, guard=key, last=applied_request_entity(chat_id, applied)
+        record = applied_request_entity(chat_id, applied)
+        return await self._rewrite(
+            chat_id, rows, guard=key, keep=frozenset(), final=lambda _: [("create", record)]
         )
 
-    async def _delete_history(
+    async def _rewrite(
         self,
         chat_id: str,
         rows: dict[str, str | None],
         *,
         guard: str,
-        last: dict[str, Any] | None = None,
+        keep: frozenset[str],
+        final: Callable[[dict[str, str | None]], list[Any]],
     ) -> int | None:
-        """Delete every row but the applied-request records; returns how many.
+        """Delete every row but the applied-request records and ``keep``, the last deletes in
+        one transaction with ``final(rows)``; returns how many rows were deleted.
 
-        Each delete is guarded by the row's ETag and a transaction fails whole. When another
-        worker changed the chat meanwhile (404/409/412) the rows are listed again: if that
-        listing holds ``guard`` (this request's own record), a duplicate delivery applied the
-        request meanwhile and None is returned, so that the duplicate does not undo it.
-        ``last`` is a row to create in the final transaction.
+        Each write is guarded by the row's ETag and a transaction fails whole. When another
+        worker changed the chat meanwhile (404/409/412) the rows are listed again and the
+        pass starts over; if that listing holds ``guard`` (this request's own record), a
+        duplicate delivery applied the request meanwhile and None is returned, so that the
+        duplicate is not undone.
         """
-        size = MAX_TRANSACTION_OPERATIONS - (1 if last is not None else 0)
         for _ in range(_DELETE_PASSES):
-            history = list(_history(rows).items())
-            batches = list(_batches(history, size)) or [[]]
+            last = final(rows)
+            doomed = _deletion_order(k for k in _history(rows) if k not in keep)
+            batches = list(_batches(doomed, MAX_TRANSACTION_OPERATIONS - len(last))) or [[]]
             deleted = 0
             try:
                 for number, batch in enumerate(batches, start=1):
-                    operations: list[Any] = [
-                        (
-                            "delete",
-                            {"PartitionKey": chat_id, "RowKey": row_key},
-                            {"etag": etag, "match_condition": MatchConditions.IfNotModified},
-                        )
-                        for row_key, etag in batch
-                    ]
-                    if last is not None and number == len(batches):
-                        operations.append(("create", last))
+                    operations = [_delete(chat_id, row_key, rows[row_key]) for row_key in batch]
+                    if number == len(batches):
+                        operations.extend(last)
                     if operations:
-                        await self._submit(operations, "delete the chat's rows")
+                        await self._submit(operations, "rewrite the chat's rows")
                     deleted += len(batch)
             except TableTransactionError as error:
                 if error.status_code not in (404, 409, 412):
@@ -378,7 +396,7 @@ class TableChatStore:
                     return None
                 continue
             return deleted
-        raise TransientError("the chat kept changing while its rows were being deleted; retrying")
+        raise TransientError("the chat kept changing while its rows were being rewritten; retrying")
 
     async def _list_rows(self, chat_id: str) -> dict[str, str | None]:
         """Every row key of the chat with its ETag."""
@@ -395,72 +413,39 @@ class TableChatStore:
                     await self.client.submit_transaction(operations)
 
 
+def _check_size(operations: Sequence[Any]) -> None:
+    """Refuse a transaction the service would refuse, saying why."""
+    if len(operations) > MAX_TRANSACTION_OPERATIONS:
+        raise PermanentError(
+            f"one step would write {len(operations)} rows; a table transaction takes at most "
+            f"{MAX_TRANSACTION_OPERATIONS}",
+            error_type="TooLarge",
+        )
+    size = sum(_OPERATION_BYTES + entity_payload_bytes(op[1]) for op in operations)
+    if size > MAX_TRANSACTION_BYTES:
+        raise PermanentError(
+            f"one step would write about {size / 2**20:.1f} MiB to the chat; a table "
+            f"transaction takes at most {MAX_TRANSACTION_BYTES / 2**20:.1f} MiB here (4 MiB "
+            "in Azure)",
+            error_type="TooLarge",
+        )
+
+
 def _history(rows: dict[str, str | None]) -> dict[str, str | None]:
     """The rows a reset or delete removes: all but the applied-request records, which must
     survive so that a replay of an older request is still recognised."""
     return {key: etag for key, etag in rows.items() if not key.startswith(REQUEST_PREFIX)}
 
 
+def _deletion_order(keys: Iterable[str]) -> list[str]:
+    """Runs, tool results and the like first, then messages from the newest, then the
+    ``state`` row: until the end, a reader sees the chat with a prefix of its messages."""
+    keys = list(keys)
+    messages = sorted((k for k in keys if k.startswith(MESSAGE_PREFIX)), reverse=True)
+    others = sorted(k for k in keys if k != STATE_ROW and not k.startswith(MESSAGE_PREFIX))
+    return others + messages + [k for k in keys if k == STATE_ROW]
+
+
 def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-class ChatStores:
-    """Chat stores per (connection setting, table), with clients cached per key.
-
-    A request may name only allowed settings (``AzureWebJobsStorage`` and those listed in
-    ``WORKER_STORAGE_SETTINGS``): a producer must not make the worker use any other app
-    setting as a connection string.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        service_factory: Callable[[Any], TableServiceClient] = table_service,
-    ) -> None:
-        self._settings = settings
-        self._service_factory = service_factory
-        self._services: dict[str, TableServiceClient] = {}
-        self._stores: dict[tuple[str, str], TableChatStore] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-
-    def _service(self, setting: str) -> TableServiceClient:
-        connection = self._settings.storage.get(setting)
-        if connection is None:
-            raise PermanentError(
-                f"chatStorageConnectionSetting {setting!r} is not allowed: use "
-                f"{DEFAULT_STORAGE_SETTING} or a name listed in WORKER_STORAGE_SETTINGS",
-                error_type="SettingNotAllowed",
-            )
-        if setting not in self._services:
-            self._services[setting] = self._service_factory(connection)
-        return self._services[setting]
-
-    async def get(self, setting: str, table: str) -> TableChatStore:
-        """The store of ``table`` on the account of ``setting``; the table is created once."""
-        key = (setting, table)
-        store = self._stores.get(key)
-        if store is not None:
-            return store
-        service = self._service(setting)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key not in self._stores:
-                try:
-                    async with storage_errors(
-                        "create the table", f"table '{table}' of storage setting '{setting}'"
-                    ):
-                        await service.create_table(table)
-                except ResourceExistsError:
-                    pass
-                self._stores[key] = TableChatStore(service.get_table_client(table), setting)
-        return self._stores[key]
-
-    async def close(self) -> None:
-        for store in self._stores.values():
-            await store.client.close()
-        for service in self._services.values():
-            await service.close()
-        self._stores.clear()
-        self._services.clear()
