@@ -114,6 +114,10 @@ def _seconds_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _optional_text(text: str) -> str | None:
+    return text or None
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -282,6 +286,27 @@ SPECS: tuple[SettingSpec, ...] = (
         "if set, port of the health, metrics and query HTTP server",
     ),
     SettingSpec(
+        "OPENAI_BASE_URL",
+        "openai_base_url",
+        _optional_text,
+        "",
+        "an OpenAI-compatible server (vLLM, llama.cpp, Ollama); default: OpenAI",
+    ),
+    SettingSpec(
+        "AZURE_OPENAI_ENDPOINT",
+        "azure_openai_endpoint",
+        _optional_text,
+        "",
+        "Azure OpenAI endpoint (its v1 API; the model is the deployment name)",
+    ),
+    SettingSpec(
+        "OPENAI_API_VERSION",
+        "openai_api_version",
+        _optional_text,
+        "",
+        "use Azure OpenAI's dated API with this api-version instead of v1",
+    ),
+    SettingSpec(
         "WORKER_LOG_FORMAT",
         "log_format",
         _choice("auto", "json", "console"),
@@ -365,12 +390,9 @@ class Settings:
         return cls(
             storage=storage,
             openai_api_key=env.get("OPENAI_API_KEY") or None,
-            openai_base_url=env.get("OPENAI_BASE_URL") or None,
-            azure_openai_endpoint=env.get("AZURE_OPENAI_ENDPOINT") or None,
             azure_openai_api_key=(
                 env.get("AZURE_OPENAI_API_KEY") or env.get("AZURE_OPENAI_KEY") or None
             ),
-            openai_api_version=env.get("OPENAI_API_VERSION") or None,
             ai_connections=ai_connections,
             **values,
         )
