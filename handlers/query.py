@@ -8,6 +8,8 @@ from worker.store.layout import ChatMessage
 from worker.store.tables import TableChatStore
 
 NEVER = datetime(1, 1, 1, tzinfo=UTC)
+# The query lists the chat's newest runs only.
+RECENT_RUNS = 20
 
 
 def to_assistant_message(message: ChatMessage) -> AssistantMessage:
@@ -53,6 +55,6 @@ async def get_state(
                 usage=run.usage.to_json(),
                 error=run.error,
             )
-            for run in await store.runs(chat_id)
+            for run in (await store.runs(chat_id))[-RECENT_RUNS:]
         ],
     )

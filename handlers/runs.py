@@ -34,7 +34,13 @@ MAX_CONFLICT_RETRIES = 25
 
 
 class StaleRun(Exception):
-    """The run changed under us: another delivery of this step already advanced it."""
+    """The run changed under us: another delivery of this step already advanced it, or our
+    own write landed and only its answer was lost (then the run carries ``commit_id``)."""
+
+    def __init__(self, run_id: str, commit_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+        self.commit_id = commit_id
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ async def commit_transition(
             state = await store.load_state(chat.chat_id)
         if state is None:
             return ()  # the chat was deleted meanwhile: its runs went with it
-        run = replace(transition.run, etag=before.etag)
+        run = replace(transition.run, etag=before.etag, commit_id=uuid.uuid4().hex)
         index = state.total_messages
         messages = []
         for message in transition.messages:
@@ -140,7 +146,7 @@ async def commit_transition(
         except Conflict:
             current = await store.load_run(chat.chat_id, run.run_id)
             if current is None or current.etag != before.etag:
-                raise StaleRun(run.run_id) from None
+                raise StaleRun(run.run_id, run.commit_id) from None
             # Only the state changed (a post arrived): decide again on the fresh state.
             await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
             continue

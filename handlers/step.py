@@ -15,6 +15,7 @@ from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, los
 from handlers.tool_calls import ToolCall, run_tool_calls
 from schemas import RunStep
 from worker.backends.base import ModelError, TurnRequest
+from worker.errors import PermanentError
 from worker.handling import HandlerResult, MessageContext, Send
 from worker.outcome import RetryPolicy, backoff, describe
 from worker.runs import machine
@@ -29,7 +30,7 @@ from worker.store.layout import (
     cap_text,
     tool_result_row_key,
 )
-from worker.store.tables import MAX_TRANSACTION_BYTES, TableChatStore
+from worker.store.tables import MAX_TRANSACTION_BYTES, MAX_TRANSACTION_OPERATIONS, TableChatStore
 
 MAX_TOOL_ROUNDS = 10
 TOOL_TIMEOUT = 30.0
@@ -81,11 +82,14 @@ def last_tool_outputs(messages: list[ModelMessage]) -> tuple[tuple[str, str], ..
     return ()
 
 
+# Bytes a round's tool results may take in its transaction (room left for the rest).
+ROUND_ROOM = MAX_TRANSACTION_BYTES - 256 * 1024
+
+
 def per_message_cap(count: int) -> int:
     """UTF-16 units each of ``count`` tool results may keep so that all of them fit one
-    transaction (non-ASCII text travels as 6-byte escapes; leave room for the rest)."""
-    room = MAX_TRANSACTION_BYTES - 256 * 1024
-    return max(MIN_TEXT_UNITS, min(MAX_TEXT_UNITS_PER_ROW, room // (6 * max(count, 1))))
+    transaction, whatever the text (non-ASCII travels as 6-byte escapes)."""
+    return max(MIN_TEXT_UNITS, min(MAX_TEXT_UNITS_PER_ROW, ROUND_ROOM // (6 * max(count, 1))))
 
 
 class ToolSetup:
@@ -130,16 +134,17 @@ class StepHandler:
         if run.finished or run.step != step.step or state.active_run_id != run.run_id:
             return HandlerResult(
                 note="stale: the run has moved on",
-                effects=await self._lost_follow_up(store, chat, state, run, step),
+                effects=await self._lost_follow_up(store, chat, state, run, step, context),
                 log_fields={"run_id": run.run_id},
             )
         try:
             transition = await self._perform(store, state, run)
         except Exception as error:
-            if context.dequeue_count < services.settings.max_dequeue_count:
+            last = context.dequeue_count >= services.settings.max_dequeue_count
+            if not (last or isinstance(error, PermanentError)):
                 raise
-            # The last attempt: end the run instead of dead-lettering its step, which would
-            # leave it active for good and every later post of the chat queued behind it.
+            # End the run instead of dead-lettering its step, which would leave it active
+            # for good and every later post of the chat queued behind it.
             transition = machine.fail(run, f"the run failed: {describe(error)}", services.clock())
         # A tools step's per-call records have served their purpose once its results are
         # stored as messages: they go in the same transaction.
@@ -152,14 +157,21 @@ class StepHandler:
             if run.phase == "tools"
             else []
         )
+        if len(transition.messages) + 2 * len(deletes) + 4 > MAX_TRANSACTION_OPERATIONS:
+            deletes = []  # a huge round keeps its records rather than fail to fit
         try:
-            effects = await commit_transition(
-                services, store, chat, run, transition, state=state, deletes=deletes
-            )
-        except StaleRun:
+            try:
+                effects = await commit_transition(
+                    services, store, chat, run, transition, state=state, deletes=deletes
+                )
+            except PermanentError as error:
+                # The transition cannot be stored (too large): store the run's failure instead.
+                failed = machine.fail(run, f"the run failed: {error.reason}", services.clock())
+                effects = await commit_transition(services, store, chat, run, failed, state=state)
+        except StaleRun as stale:
             return HandlerResult(
                 note="stale: another delivery advanced the run",
-                effects=await self._after_stale(store, chat, transition),
+                effects=await self._after_stale(store, chat, stale),
             )
         return HandlerResult(
             note=f"{run.phase} -> {transition.run.status}",
@@ -168,26 +180,34 @@ class StepHandler:
         )
 
     async def _after_stale(
-        self, store: TableChatStore, chat: ChatRef, transition: Transition
+        self, store: TableChatStore, chat: ChatRef, stale: StaleRun
     ) -> tuple[Send, ...]:
         """The commit lost its race, or it landed and only its answer was lost (the service
-        wrote it, the connection dropped, the retry saw a conflict): in that case the run is
-        exactly where this step took it, and its follow-ups must still be sent."""
+        wrote it, the connection dropped, the retry saw a conflict). Only in that second case,
+        recognised by this commit's id on the run, are its follow-ups sent."""
         state = await store.load_state(chat.chat_id)
-        current = await store.load_run(chat.chat_id, transition.run.run_id)
-        if state is None or current is None or current.step != transition.run.step:
+        current = await store.load_run(chat.chat_id, stale.run_id)
+        if state is None or current is None or current.commit_id != stale.commit_id:
             return ()
         return await lost_follow_ups(self._services, store, chat, current, state.active_run_id)
 
     async def _lost_follow_up(
-        self, store: TableChatStore, chat: ChatRef, state: ChatState, run: Run, step: RunStep
+        self,
+        store: TableChatStore,
+        chat: ChatRef,
+        state: ChatState,
+        run: Run,
+        step: RunStep,
+        context: MessageContext,
     ) -> tuple[Send, ...]:
         """Re-send what this delivery's step had to send, when it is the run's direct
         predecessor: it stored its transition, then failed to send (the queue service failed,
         or a reply did not fit) and was retried. Without this the run would stall, or its
         reply or toolCallsRequired event would be lost. Duplicates are harmless: a step acts
         once, and events carry the run id."""
-        if step.step != run.step - 1:
+        # Only a redelivery of the same message can have lost its sends; a first delivery
+        # is a duplicate of a step that did send them, and must not copy itself onward.
+        if step.step != run.step - 1 or context.dequeue_count < 2:
             return ()
         return await lost_follow_ups(self._services, store, chat, run, state.active_run_id)
 
@@ -224,10 +244,11 @@ class StepHandler:
                 if isinstance(failure, BaseException):
                     raise failure
             # One transaction stores every result of the round: together they must fit it.
-            cap = per_message_cap(len(local))
-            return machine.on_tool_results(
-                run, [(c.id, cap_text(outputs[c.id], cap)) for c in local], now
-            )
+            answered = [(c.id, outputs[c.id]) for c in local]
+            if sum(len(json.dumps(text)) for _, text in answered) > ROUND_ROOM:
+                cap = per_message_cap(len(answered))
+                answered = [(call_id, cap_text(text, cap)) for call_id, text in answered]
+            return machine.on_tool_results(run, answered, now)
         if run.phase == "external":
             # Only the deadline step arrives in this phase, and it came early (clocks differ
             # between hosts): arm it again.

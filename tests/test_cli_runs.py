@@ -39,8 +39,10 @@ async def cli(env: dict[str, str], *args: str, within: float = 90) -> tuple[int,
         out, err = await asyncio.wait_for(process.communicate(), within)
     except TimeoutError:
         process.kill()
-        await process.wait()
-        raise
+        out, err = await process.communicate()
+        raise AssertionError(
+            f"{' '.join(args)} did not finish within {within} s:\n{out.decode()}\n{err.decode()}"
+        ) from None
     return int(process.returncode or 0), out.decode(), err.decode()
 
 
@@ -146,7 +148,7 @@ def test_demo_runs_the_weather_conversation_offline(storage: StorageEnv) -> None
         WORKER_RUNS_QUEUE=storage.runs_queue,
         WORKER_MAX_POLLING_INTERVAL="0.5",
     )
-    code, out, err = run(cli(env, "demo", "--once", within=120))
+    code, out, err = run(cli(env, "demo", "--once", within=200))
     assert code == 0, f"{out}\n{err}"
     for line in (
         "[User]      What's the weather like right now in my favorite city?",

@@ -7,7 +7,15 @@ import pytest
 
 from handlers.query import get_state
 from tests.support.env import StorageEnv, run
-from tests.support.runs import ReplyQueue, create_body, eventually, model_env, post_body, serving
+from tests.support.runs import (
+    ReplyQueue,
+    burst,
+    create_body,
+    eventually,
+    model_env,
+    post_body,
+    serving,
+)
 from worker.testing import FakeOpenAI
 
 LOOKUP = {
@@ -33,9 +41,12 @@ def test_waiting_and_queued_runs_get_a_cancelled_reply(
     settings = storage.settings(**model_env(fake.base_url, CHAT_MODEL_DEPLOYMENT_NAME="orders"))
     replies = ReplyQueue(storage, f"rep-{storage.suffix}")
 
+    # The create is applied before any post: a post racing its create is dead-lettered.
+    run(storage.send(create_body(chat_id, "ChatState", tools=[LOOKUP])))
+    run(burst(settings))
+
     async def scenario() -> tuple[list[dict[str, Any]], list[str]]:
         async with serving(settings) as app:
-            await storage.send(create_body(chat_id, "ChatState", tools=[LOOKUP]))
             store = await app.stores.get("AzureWebJobsStorage", "ChatState")
             for n in range(2):
                 await storage.send(post_body(chat_id, "ChatState", f"order {n}?",

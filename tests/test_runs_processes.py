@@ -170,7 +170,7 @@ def test_sigkill_mid_run_then_restart(
             {
                 "tool_calls": [
                     {"name": "note", "arguments": {"label": "quick"}},
-                    {"name": "slow_note", "arguments": {"label": "slow", "seconds": 3}},
+                    {"name": "slow_note", "arguments": {"label": "slow", "seconds": 10}},
                 ]
             },
             {"content": "tools done"},
@@ -197,7 +197,7 @@ def test_sigkill_mid_run_then_restart(
         create_body(in_model, storage.table, chatModel="kill-model"),
     )
     tool_log = ToolLog(tmp_path / "tools.jsonl")
-    env = worker_env(storage, fake, tool_log.path, WORKER_VISIBILITY_TIMEOUT="2")
+    env = worker_env(storage, fake, tool_log.path, WORKER_VISIBILITY_TIMEOUT="4")
     replies = ReplyQueue(storage, f"replies-{storage.suffix}")
 
     def mid_flight() -> bool:

@@ -292,7 +292,13 @@ class Worker:
             try:
                 await self.broker.send(send.queue, body, delay=send.delay)
             except Exception as error:
-                if not send.best_effort:
+                status = getattr(error, "status_code", None)
+                refused = (
+                    isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+                )
+                # A queue that refuses the message will always refuse it; anything else may
+                # pass on a retry (whose redelivery sends the follow-ups again).
+                if not (send.best_effort and refused):
                     raise
                 self._log.warning("reply.dropped", reply_queue=send.queue,
                                   error=self.redact(describe(error)), **fields)  # fmt: skip

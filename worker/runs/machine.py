@@ -212,8 +212,13 @@ def on_transient(run: Run, delay: float) -> Transition:
 
 
 def fail(run: Run, error: str, now: datetime) -> Transition:
-    """The model refused the request (a 4xx other than 429): the run ends ``failed``."""
-    return Transition(_end(run, "failed", now, error=error))
+    """The run ends ``failed`` (the model refused the request, or a step kept failing);
+    open tool calls get a result, so the stored history stays valid."""
+    closing = tuple(
+        NewMessage("Tool", "error: the run failed before this call was answered", tool_call_id=c.id)
+        for c in run.pending_calls
+    )
+    return Transition(_end(run, "failed", now, error=error), closing)
 
 
 def expire(run: Run, now: datetime, timeout: float) -> Transition:

@@ -105,6 +105,8 @@ class Run:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     etag: str | None = None
+    # Set anew by every stored transition: tells which delivery's write landed.
+    commit_id: str = ""
 
     @property
     def finished(self) -> bool:
