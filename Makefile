@@ -8,7 +8,7 @@ STAMP_PY := $(VENV)/.installed
 STAMP_NODE := node_modules/.installed
 AZURITE_DIR := .azurite
 
-.PHONY: run test lint typecheck unit bench schemas clean deps
+.PHONY: run test lint typecheck unit bench chaos schemas clean deps
 
 deps: $(STAMP_PY) $(STAMP_NODE)
 
@@ -41,6 +41,11 @@ typecheck: $(STAMP_PY)
 bench: deps
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.runs
+
+## make chaos: the soak (kills, model faults, a table outage, external tools) and its audit;
+## exits non-zero when an audit line fails. `make chaos CHAOS_ARGS="--seed 2"` passes options.
+chaos: deps
+	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
 ## make schemas: regenerate schemas/json/ from the pydantic models.
 schemas: $(STAMP_PY)

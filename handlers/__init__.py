@@ -1,6 +1,7 @@
 """Message handlers: one module per message type, wired together by ``build_registry``."""
 
 from handlers.create import CreateHandler
+from handlers.deadline import DeadlineHandler
 from handlers.delete import DeleteHandler
 from handlers.post import PostHandler
 from handlers.runs import RunServices
@@ -18,5 +19,5 @@ def build_registry(services: RunServices) -> HandlerRegistry:
             "assistantPost": PostHandler(services),
             "submitToolOutputs": SubmitHandler(services),
         },
-        runs={"runStep": StepHandler(services)},
+        runs={"runStep": StepHandler(services), "runDeadline": DeadlineHandler(services)},
     )

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from handlers.runs import RunServices, cancelled_replies
+from handlers.runs import RunServices, end_removed_runs
 from schemas import AssistantCreate
 from worker.errors import PermanentError
 from worker.handling import HandlerResult, MessageContext
@@ -74,9 +74,11 @@ class CreateHandler:
         )
         system = ChatMessage(index=1, role="System", content=request.instructions, created_at=now)
         applied = AppliedRequest(context.request_id, request.type, context.message_id, now)
-        # A reset ends the chat's runs: the producers waiting on them are told.
-        replies = await cancelled_replies(store, request.id, "the assistant was reset")
-        created = await store.reset_chat(state, system, applied)
-        if not created:
+        removed = await store.reset_chat(state, system, applied)
+        if removed is None:
             return HandlerResult(note="duplicate")
+        # A reset ends the chat's runs: the producers waiting on them are told.
+        replies = await end_removed_runs(
+            self._services, request.id, removed.runs, "the assistant was reset"
+        )
         return HandlerResult(note="created", effects=replies)

@@ -1,6 +1,6 @@
 """``assistantDelete``: remove a chat's rows; its active and queued runs end ``cancelled``."""
 
-from handlers.runs import RunServices, cancelled_replies
+from handlers.runs import RunServices, end_removed_runs
 from schemas import AssistantDelete
 from worker.handling import HandlerResult, MessageContext
 from worker.store.layout import AppliedRequest
@@ -17,10 +17,14 @@ class DeleteHandler:
             request.chat_storage_connection_setting, request.collection_name
         )
         now = self._services.clock()
-        # Read before the rows go: the producers waiting on these runs are told they ended.
-        replies = await cancelled_replies(store, request.id, "the assistant was deleted")
         applied = AppliedRequest(context.request_id, request.type, context.message_id, now)
-        deleted = await store.delete_chat(request.id, applied)
-        if deleted is None:
+        removed = await store.delete_chat(request.id, applied)
+        if removed is None:
             return HandlerResult(note="duplicate")
-        return HandlerResult(note="deleted", effects=replies, log_fields={"rows_deleted": deleted})
+        # The producers waiting on the runs that went are told they ended.
+        replies = await end_removed_runs(
+            self._services, request.id, removed.runs, "the assistant was deleted"
+        )
+        return HandlerResult(
+            note="deleted", effects=replies, log_fields={"rows_deleted": removed.rows_deleted}
+        )

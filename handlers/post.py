@@ -16,20 +16,18 @@ from handlers.runs import (
     ChatRef,
     RunServices,
     new_run_id,
-    step_send,
+    start_sends,
     user_message,
 )
 from schemas import AssistantPost
-from worker.errors import PermanentError, TransientError
-from worker.handling import HandlerResult, MessageContext, Send
+from worker.errors import ChatNotFound, PermanentError, TransientError
+from worker.handling import HandlerResult, MessageContext
+from worker.observability.tracing import run_traceparent
 from worker.runs import machine
 from worker.runs.model import Run
 from worker.store.layout import AppliedRequest, ChatState
 from worker.store.tables import Conflict, TableChatStore
 from worker.transport import poison_queue_name
-
-# Seconds past a run's deadline after which a new post assumes its steps were lost.
-OVERDUE_GRACE = 60.0
 
 
 def check_names(post: AssistantPost, services: RunServices) -> None:
@@ -82,10 +80,10 @@ class PostHandler:
         for attempt in range(MAX_CONFLICT_RETRIES):
             state = await store.load_state(post.id)
             if state is None or not state.exists:
-                raise PermanentError(
+                # Perhaps not yet: the create may be right behind it on the queue.
+                raise ChatNotFound(
                     f"assistant {post.id!r} does not exist in table {post.collection_name!r}: "
-                    "send an assistantCreate first",
-                    error_type="UnknownAssistant",
+                    "send an assistantCreate first"
                 )
             applied, run_id = await store.applied_run(post.id, context.request_id)
             if applied:
@@ -115,11 +113,7 @@ class PostHandler:
                 # Another post or step changed the chat: read it again and decide again.
                 await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
                 continue
-            effects = (
-                (step_send(services, chat, run),)
-                if starts
-                else await self._nudge_overdue(store, chat, state, now)
-            )
+            effects = start_sends(services, chat, run) if starts else ()
             return HandlerResult(
                 note="run started" if starts else "run queued",
                 effects=effects,
@@ -144,22 +138,8 @@ class PostHandler:
             expires_at=now + timedelta(seconds=settings.run_timeout),
             params=run_parameters(post, defaults),
             reply_to=post.reply_to,
+            traceparent=run_traceparent(post.traceparent),
         )
-
-    async def _nudge_overdue(
-        self, store: TableChatStore, chat: ChatRef, state: ChatState, now: datetime
-    ) -> tuple[Send, ...]:
-        """The run this post queues behind is long past its deadline: its steps were lost
-        (a dead-lettered step, a deleted message). A step for it lets it expire, so the
-        chat's queue moves again; a duplicate step is harmless."""
-        if state.active_run_id is None:
-            return ()
-        active = await store.load_run(chat.chat_id, state.active_run_id)
-        if active is None or active.finished:
-            return ()
-        if now < active.expires_at + timedelta(seconds=OVERDUE_GRACE):
-            return ()
-        return (step_send(self._services, chat, active),)
 
     async def _resume(
         self, store: TableChatStore, chat: ChatRef, state: ChatState, run_id: str | None
@@ -171,4 +151,4 @@ class PostHandler:
         run = await store.load_run(chat.chat_id, run_id)
         if run is None or run.finished or run.phase == "external" or run.step != 0:
             return HandlerResult(note="duplicate")
-        return HandlerResult(note="duplicate", effects=(step_send(self._services, chat, run),))
+        return HandlerResult(note="duplicate", effects=start_sends(self._services, chat, run))

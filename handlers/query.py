@@ -36,7 +36,7 @@ async def get_state(
     if state is None:
         # The extension answers with default (year 1) timestamps for a missing chat.
         return AssistantState(id=chat_id, exists=False, created_at=NEVER, last_updated_at=NEVER)
-    messages = await store.read_messages(chat_id)
+    messages = await store.read_messages(chat_id, state.total_messages)
     if since is not None:
         messages = [message for message in messages if message.created_at > since]
     return AssistantState(

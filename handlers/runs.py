@@ -14,12 +14,21 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+import structlog
+
 from handlers.query import to_assistant_message
 from handlers.tools import ToolRegistry
-from schemas import AssistantReply, RunStep, ToolCallRequest, ToolCallsRequired, encode_body
+from schemas import (
+    AssistantReply,
+    RunDeadline,
+    RunStep,
+    ToolCallRequest,
+    ToolCallsRequired,
+    encode_body,
+)
 from schemas.decode import Encoding
 from schemas.events import Usage as UsageEvent
-from worker.backends.base import Backend
+from worker.backends.base import Backend, TurnRequest
 from worker.deadletter import MAX_MESSAGE_BYTES
 from worker.errors import TransientError
 from worker.handling import Send
@@ -31,6 +40,8 @@ from worker.store.layout import AppliedRequest, ChatMessage, ChatState
 from worker.store.tables import ChatStores, Conflict, TableChatStore
 
 MAX_CONFLICT_RETRIES = 25
+
+log = structlog.get_logger("worker.runs")
 
 
 class StaleRun(Exception):
@@ -61,9 +72,34 @@ class RunServices:
     backends: Mapping[str, Backend]
     tools: ToolRegistry
     clock: Callable[[], datetime]
+    # Masks the worker's secrets in texts that leave it (run errors in replies).
+    redact: Callable[[str], str] = lambda text: text
 
     async def store(self, chat: ChatRef) -> TableChatStore:
         return await self.stores.get(chat.storage_setting, chat.collection)
+
+    async def cancel_remote(self, run: Run, remote: Mapping[str, Any]) -> None:
+        """Stop the backend work of a run the worker abandons (expired, failed, cancelled,
+        its chat deleted or reset): a background response or remote run would otherwise go
+        on burning tokens. Best effort: a failure is logged, never raised."""
+        backend = self.backends.get(run.api)
+        if backend is None or not (run.handle or remote):
+            return
+        request = TurnRequest(
+            chat_id="",
+            run_id=run.run_id,
+            model=run.model,
+            messages=(),
+            handle=dict(run.handle),
+            remote=dict(remote),
+            ai_connection=run.params.get("aiConnectionName"),
+        )
+        try:
+            await backend.cancel(request)
+        except Exception as error:
+            log.warning(
+                "run.cancel_remote_failed", run_id=run.run_id, error=self.redact(str(error))
+            )
 
 
 def new_run_id(seq: int) -> str:
@@ -79,8 +115,28 @@ def step_send(services: RunServices, chat: ChatRef, run: Run, delay: float = 0.0
         step=run.step,
         collection_name=chat.collection,
         chat_storage_connection_setting=chat.storage_setting,
+        traceparent=run.traceparent,
     )
     return Send(services.settings.runs_queue, step.to_wire(), delay=delay)
+
+
+def deadline_send(services: RunServices, chat: ChatRef, run: Run) -> Send:
+    """The watchdog of a run that starts: due just after its deadline (SPEC: no run stays
+    active past it, whatever happened to its steps)."""
+    deadline = RunDeadline(
+        id=chat.chat_id,
+        run_id=run.run_id,
+        collection_name=chat.collection,
+        chat_storage_connection_setting=chat.storage_setting,
+        traceparent=run.traceparent,
+    )
+    delay = machine.until_expiry(run, services.clock())
+    return Send(services.settings.deadlines_queue, deadline.to_wire(), delay=delay)
+
+
+def start_sends(services: RunServices, chat: ChatRef, run: Run) -> tuple[Send, Send]:
+    """What a run that becomes active needs: its first step and its deadline."""
+    return (step_send(services, chat, run), deadline_send(services, chat, run))
 
 
 def user_message(run: Run, index: int, now: datetime) -> ChatMessage:
@@ -129,7 +185,7 @@ async def commit_transition(
                 messages.append(user_message(started, index, now))
                 runs.append((started, False))
                 active = started.run_id
-                follow_ups.append(step_send(services, chat, started))
+                follow_ups.extend(start_sends(services, chat, started))
         tokens = transition.last_total_tokens
         changed = replace(
             state,
@@ -150,9 +206,50 @@ async def commit_transition(
             # Only the state changed (a post arrived): decide again on the fresh state.
             await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
             continue
+        if run.status in ("expired", "cancelled", "failed") and not before.finished:
+            # Expired, failed or cancelled mid-way: the backend may still be working on it.
+            await services.cancel_remote(run, state.remote)
         replies = await _replies(services, store, chat, run)
         return (*_transition_sends(services, chat, run, transition), *follow_ups, *replies)
     raise TransientError(f"the chat {chat.chat_id!r} kept changing; retrying the step later")
+
+
+async def release_chat(
+    services: RunServices, store: TableChatStore, chat: ChatRef, state: ChatState, run_id: str
+) -> tuple[Send, ...]:
+    """The chat's active run ``run_id`` has no row any more (a reset or delete that failed
+    half-way removed it): the chat must not wait for it. Its next queued run starts."""
+    for _ in range(MAX_CONFLICT_RETRIES):
+        if state.active_run_id != run_id:
+            return ()
+        now = services.clock()
+        messages: list[ChatMessage] = []
+        runs: list[tuple[Run, bool]] = []
+        sends: tuple[Send, ...] = ()
+        active: str | None = None
+        queued = await store.next_queued_run(chat.chat_id, -1)
+        if queued is not None:
+            started = machine.start(queued, now, services.settings.run_timeout)
+            messages.append(user_message(started, state.total_messages + 1, now))
+            runs.append((started, False))
+            active = started.run_id
+            sends = start_sends(services, chat, started)
+        changed = replace(
+            state,
+            total_messages=state.total_messages + len(messages),
+            last_updated_at=now,
+            active_run_id=active,
+        )
+        try:
+            await store.commit(changed, runs=runs, messages=messages)
+        except Conflict:
+            fresh = await store.load_state(chat.chat_id)
+            if fresh is None:
+                return ()
+            state = fresh
+            continue
+        return sends
+    raise TransientError(f"the chat {chat.chat_id!r} kept changing; retrying later")
 
 
 def _stored(message: NewMessage, index: int, run: Run, now: datetime) -> ChatMessage:
@@ -188,6 +285,7 @@ def tool_calls_required(chat: ChatRef, run: Run, reply_to: str) -> Send:
             for call in run.pending_calls
             if call.external
         ],
+        traceparent=run.traceparent,
     )
     return Send(reply_to, event.to_wire(), best_effort=True)
 
@@ -197,7 +295,9 @@ async def _replies(
 ) -> list[Send]:
     if not run.finished or not run.reply_to:
         return []
-    payload = await reply_payload(store, chat, run, services.settings.message_encoding)
+    payload = await reply_payload(
+        store, chat, run, services.settings.message_encoding, services.redact
+    )
     return [Send(run.reply_to, payload, best_effort=True)]
 
 
@@ -215,25 +315,27 @@ async def lost_follow_ups(
         if active != run.run_id:
             return ()
         if run.phase == "external":
-            # The deadline step too: without it a run nobody answers would never expire.
-            deadline = step_send(services, chat, run, machine.until_expiry(run, services.clock()))
-            announce = (tool_calls_required(chat, run, run.reply_to),) if run.reply_to else ()
-            return (deadline, *announce)
+            return (tool_calls_required(chat, run, run.reply_to),) if run.reply_to else ()
         return (step_send(services, chat, run),)
     sends = await _replies(services, store, chat, run)
     if active and active != run.run_id:
         started = await store.load_run(chat.chat_id, active)
         if started is not None and started.seq > run.seq and started.step == 0:
-            sends.append(step_send(services, chat, started))
+            sends.extend(start_sends(services, chat, started))
     return tuple(sends)
 
 
-async def cancelled_replies(store: TableChatStore, chat_id: str, reason: str) -> tuple[Send, ...]:
-    """``assistantReply`` events, status cancelled, for the chat's runs that have not ended
-    and whose producer asked for a reply (sent when their chat is deleted or reset)."""
+async def end_removed_runs(
+    services: RunServices, chat_id: str, runs: Sequence[Run], reason: str
+) -> tuple[Send, ...]:
+    """The runs a delete or reset removed: those that had not ended stop their remote work,
+    and their producers get an ``assistantReply`` with status cancelled."""
     sends = []
-    for run in await store.runs(chat_id):
-        if run.finished or not run.reply_to:
+    for run in runs:
+        if run.finished:
+            continue
+        await services.cancel_remote(run, {})
+        if not run.reply_to:
             continue
         reply = AssistantReply(
             id=chat_id,
@@ -241,6 +343,7 @@ async def cancelled_replies(store: TableChatStore, chat_id: str, reason: str) ->
             request_id=run.request_id,
             status="cancelled",
             error=reason,
+            traceparent=run.traceparent,
         )
         sends.append(Send(run.reply_to, reply.to_wire(), best_effort=True))
     return tuple(sends)
@@ -254,7 +357,11 @@ REPLY_CUT = (
 
 
 async def reply_payload(
-    store: TableChatStore, chat: ChatRef, run: Run, encoding: Encoding = "none"
+    store: TableChatStore,
+    chat: ChatRef,
+    run: Run,
+    encoding: Encoding = "none",
+    redact: Callable[[str], str] = lambda text: text,
 ) -> dict[str, Any]:
     """The ``assistantReply`` event of a finished run, with the messages it wrote."""
     messages = await store.run_messages(chat.chat_id, run.run_id)
@@ -273,7 +380,8 @@ async def reply_payload(
             completion_tokens=run.usage.completion_tokens,
             total_tokens=run.usage.total_tokens,
         ),
-        error=run.error,
+        error=redact(run.error) if run.error is not None else None,
+        traceparent=run.traceparent,
     )
     return fit_reply(reply, encoding)
 

@@ -8,20 +8,24 @@ become a delayed step (Retry-After when the service gives one) instead of a slee
 import asyncio
 import json
 import random
+import uuid
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, lost_follow_ups
 from handlers.tool_calls import ToolCall, run_tool_calls
 from schemas import RunStep
-from worker.backends.base import ModelError, TurnRequest
-from worker.errors import PermanentError
+from worker.backends.base import Backend, ModelError, TurnRequest
+from worker.backends.responses import RESPONSE_ID
+from worker.errors import PermanentError, TransientError
 from worker.handling import HandlerResult, MessageContext, Send
 from worker.outcome import RetryPolicy, backoff, describe
 from worker.runs import machine
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition
 from worker.runs.model import ModelTurn, Pending, Run, ToolCallRef
+from worker.store.claims import Busy, Done, Superseded, model_claim_row_key
 from worker.store.layout import (
     MAX_TEXT_UNITS_PER_ROW,
     MIN_TEXT_UNITS,
@@ -34,6 +38,10 @@ from worker.store.tables import MAX_TRANSACTION_BYTES, MAX_TRANSACTION_OPERATION
 
 MAX_TOOL_ROUNDS = 10
 TOOL_TIMEOUT = 30.0
+# Seconds a step waits in-process for work claimed by another copy of it (its result, or the
+# claim's expiry when that copy died) before it retries through the queue.
+CLAIM_PATIENCE = 30.0
+
 # History sent to the model: this share of the model's context window.
 CONTEXT_SHARE = 0.75
 # Transient model failures back off from 1 s to 60 s when the service gives no Retry-After.
@@ -86,6 +94,19 @@ def last_tool_outputs(messages: list[ModelMessage]) -> tuple[tuple[str, str], ..
 ROUND_ROOM = MAX_TRANSACTION_BYTES - 256 * 1024
 
 
+def claim_rows(run: Run) -> list[str]:
+    """The claim rows a step of ``run`` may have written (removed when it is stored)."""
+    if run.phase == "tools":
+        return [
+            tool_result_row_key(run.run_id, run.tool_rounds, c.id)
+            for c in run.pending_calls
+            if not c.external
+        ]
+    if run.phase == "model" and run.api == "responses":
+        return [model_claim_row_key(run.run_id, run.step)]
+    return []
+
+
 def per_message_cap(count: int) -> int:
     """UTF-16 units each of ``count`` tool results may keep so that all of them fit one
     transaction, whatever the text (non-ASCII travels as 6-byte escapes)."""
@@ -117,6 +138,10 @@ class ToolSetup:
         self.hosted = tuple(hosted)
 
 
+class StepSuperseded(Exception):
+    """Another copy of this step stored it while this one waited for its claimed work."""
+
+
 class StepHandler:
     """Loads the run, performs its current step, stores the transition."""
 
@@ -131,53 +156,63 @@ class StepHandler:
         run = await store.load_run(step.id, step.run_id)
         if state is None or run is None:
             return HandlerResult(note="stale: the run no longer exists")
+        fields = {"run_id": run.run_id, "step": run.step}
         if run.finished or run.step != step.step or state.active_run_id != run.run_id:
             return HandlerResult(
                 note="stale: the run has moved on",
                 effects=await self._lost_follow_up(store, chat, state, run, step, context),
-                log_fields={"run_id": run.run_id},
+                log_fields=fields,
             )
+        if run.phase == "external" and services.clock() < run.expires_at:
+            # A deadline step of an older version: the run's deadline message ends it now.
+            return HandlerResult(note="waiting for tool outputs", log_fields=fields)
         try:
             transition = await self._perform(store, state, run)
+        except StepSuperseded:
+            return HandlerResult(note="stale: another delivery stored this step", log_fields=fields)
         except Exception as error:
             last = context.dequeue_count >= services.settings.max_dequeue_count
             if not (last or isinstance(error, PermanentError)):
                 raise
             # End the run instead of dead-lettering its step, which would leave it active
-            # for good and every later post of the chat queued behind it.
-            transition = machine.fail(run, f"the run failed: {describe(error)}", services.clock())
-        # A tools step's per-call records have served their purpose once its results are
-        # stored as messages: they go in the same transaction.
-        deletes = (
-            [
-                tool_result_row_key(run.run_id, run.tool_rounds, c.id)
-                for c in run.pending_calls
-                if not c.external
-            ]
-            if run.phase == "tools"
-            else []
-        )
-        if len(transition.messages) + 2 * len(deletes) + 4 > MAX_TRANSACTION_OPERATIONS:
-            deletes = []  # a huge round keeps its records rather than fail to fit
+            # until its deadline, and every later post of the chat queued behind it.
+            reason = services.redact(f"the run failed: {describe(error)}")
+            transition = machine.fail(run, reason, services.clock())
         try:
-            try:
-                effects = await commit_transition(
-                    services, store, chat, run, transition, state=state, deletes=deletes
-                )
-            except PermanentError as error:
-                # The transition cannot be stored (too large): store the run's failure instead.
-                failed = machine.fail(run, f"the run failed: {error.reason}", services.clock())
-                effects = await commit_transition(services, store, chat, run, failed, state=state)
+            effects = await self._commit(store, chat, state, run, transition)
         except StaleRun as stale:
             return HandlerResult(
                 note="stale: another delivery advanced the run",
                 effects=await self._after_stale(store, chat, stale),
             )
+        if transition.run.finished:
+            fields = {**fields, "run_status": transition.run.status, "api": run.api}
         return HandlerResult(
-            note=f"{run.phase} -> {transition.run.status}",
-            effects=effects,
-            log_fields={"run_id": run.run_id, "step": run.step},
+            note=f"{run.phase} -> {transition.run.status}", effects=effects, log_fields=fields
         )
+
+    async def _commit(
+        self,
+        store: TableChatStore,
+        chat: ChatRef,
+        state: ChatState,
+        run: Run,
+        transition: Transition,
+    ) -> tuple[Send, ...]:
+        """Store the transition; the step's claim rows go in the same transaction (they have
+        served their purpose once its results are stored)."""
+        services = self._services
+        deletes = claim_rows(run)
+        if len(transition.messages) + 2 * len(deletes) + 4 > MAX_TRANSACTION_OPERATIONS:
+            deletes = []  # a huge round keeps its records rather than fail to fit
+        try:
+            return await commit_transition(
+                services, store, chat, run, transition, state=state, deletes=deletes
+            )
+        except PermanentError as error:
+            # The transition cannot be stored (too large): store the run's failure instead.
+            failed = machine.fail(run, f"the run failed: {error.reason}", services.clock())
+            return await commit_transition(services, store, chat, run, failed, state=state)
 
     async def _after_stale(
         self, store: TableChatStore, chat: ChatRef, stale: StaleRun
@@ -218,52 +253,16 @@ class StepHandler:
             return machine.expire(run, now, self._services.settings.run_timeout)
         tools = ToolSetup(self._services, state.defaults)
         if run.phase == "tools":
-            local = [c for c in run.pending_calls if not c.external]
-            # Calls a killed or failed delivery of this step already finished are not run again.
-            outputs = await store.tool_results(state.chat_id, run.run_id, run.tool_rounds)
-
-            async def execute(call: ToolCall) -> None:
-                [result] = await run_tool_calls(
-                    self._services.tools, [call], allowed=tools.allowed, timeout=TOOL_TIMEOUT
-                )
-                await store.save_tool_result(
-                    state.chat_id, run.run_id, run.tool_rounds, call.id, result.output
-                )
-                outputs[call.id] = result.output
-
-            results = await asyncio.gather(
-                *(
-                    execute(ToolCall(c.id, c.name, c.arguments))
-                    for c in local
-                    if c.id not in outputs
-                ),
-                return_exceptions=True,
-            )
-            # Raise only once every call has ended: none keeps running behind our back.
-            for failure in results:
-                if isinstance(failure, BaseException):
-                    raise failure
-            # One transaction stores every result of the round: together they must fit it.
-            answered = [(c.id, outputs[c.id]) for c in local]
-            if sum(len(json.dumps(text)) for _, text in answered) > ROUND_ROOM:
-                cap = per_message_cap(len(answered))
-                answered = [(call_id, cap_text(text, cap)) for call_id, text in answered]
-            return machine.on_tool_results(run, answered, now)
-        if run.phase == "external":
-            # Only the deadline step arrives in this phase, and it came early (clocks differ
-            # between hosts): arm it again.
-            return machine.rearm_deadline(run, now)
+            return await self._run_tools(store, state, run, tools, now)
         backend = self._services.backends.get(run.api)
         if backend is None:
             return machine.fail(run, f"unknown model API {run.api!r}", now)
         request = await self._request(store, state, run, tools)
         try:
-            result = await (
-                backend.begin(request) if run.phase == "model" else backend.poll(request)
-            )
+            result = await self._call_model(store, backend, request, run, now)
         except ModelError as error:
             if not error.transient:
-                return machine.fail(run, error.message, now)
+                return machine.fail(run, self._services.redact(error.message), now)
             delay = error.retry_after
             if delay is None:
                 delay = backoff(run.transient_failures + 1, MODEL_RETRY, jitter=random.random())
@@ -279,12 +278,103 @@ class StepHandler:
         remote = {k: v for k, v in turn.handle.items() if k in REMOTE_KEYS}
         return replace(transition, remote=remote or None)
 
+    async def _call_model(
+        self, store: TableChatStore, backend: Backend, request: TurnRequest, run: Run, now: datetime
+    ) -> ModelTurn | Pending:
+        """Start or poll the model. Starting a background response is claimed first: a
+        redelivered step must not create a second response (it would run, and bill, twice)."""
+        if run.phase != "model":
+            return await backend.poll(request)
+        if backend.name != "responses":
+            return await backend.begin(request)
+        key = model_claim_row_key(run.run_id, run.step)
+        claim = await store.claims.acquire(
+            request.chat_id, key, owner=uuid.uuid4().hex, value_property="ResponseId",
+            patience=CLAIM_PATIENCE, extra={"RunId": run.run_id},
+        )  # fmt: skip
+        if isinstance(claim, Superseded):
+            raise StepSuperseded()
+        if isinstance(claim, Done):
+            # An earlier delivery created it: follow that response instead.
+            return await backend.poll(replace(request, handle={RESPONSE_ID: claim.value}))
+        if isinstance(claim, Busy):
+            wait = max((claim.until - now).total_seconds(), 1.0)
+            raise TransientError("another delivery of this step is starting the response",
+                                 retry_after=wait)  # fmt: skip
+        async with store.claims.held(request.chat_id, key, claim):
+            result = await backend.begin(request)
+        response_id = result.handle.get(RESPONSE_ID)
+        if isinstance(response_id, str) and response_id:
+            await store.claims.finish(
+                request.chat_id, key, value_property="ResponseId", value=response_id,
+                extra={"RunId": run.run_id},
+            )  # fmt: skip
+        return result
+
+    async def _run_tools(
+        self, store: TableChatStore, state: ChatState, run: Run, tools: ToolSetup, now: datetime
+    ) -> Transition:
+        """Run the round's local calls, each claimed first, so that no call runs twice even
+        when two copies of this step run at once; calls finished earlier are not run again."""
+        local = [c for c in run.pending_calls if not c.external]
+        outputs = await store.tool_results(state.chat_id, run.run_id, run.tool_rounds)
+        owner = uuid.uuid4().hex
+        busy: list[datetime] = []
+
+        async def execute(call: ToolCall) -> None:
+            key = tool_result_row_key(run.run_id, run.tool_rounds, call.id)
+            extra = {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": call.id}
+            claim = await store.claims.acquire(
+                state.chat_id, key, owner=owner, value_property="Output",
+                patience=TOOL_TIMEOUT + CLAIM_PATIENCE, extra=extra,
+            )  # fmt: skip
+            if isinstance(claim, Superseded):
+                raise StepSuperseded()
+            if isinstance(claim, Done):
+                outputs[call.id] = claim.value
+                return
+            if isinstance(claim, Busy):
+                busy.append(claim.until)
+                return
+            async with store.claims.held(state.chat_id, key, claim):
+                [result] = await run_tool_calls(
+                    self._services.tools, [call], allowed=tools.allowed, timeout=TOOL_TIMEOUT
+                )
+            await store.save_tool_result(
+                state.chat_id, run.run_id, run.tool_rounds, call.id, result.output
+            )
+            outputs[call.id] = result.output
+
+        results = await asyncio.gather(
+            *(execute(ToolCall(c.id, c.name, c.arguments)) for c in local if c.id not in outputs),
+            return_exceptions=True,
+        )
+        # Raise only once every call has ended: none keeps running behind our back.
+        for failure in results:
+            if isinstance(failure, BaseException):
+                raise failure
+        if busy:
+            wait = max((max(busy) - now).total_seconds(), 1.0)
+            raise TransientError(
+                f"{len(busy)} tool call(s) of this step are running in another worker",
+                retry_after=wait,
+            )
+        # One transaction stores every result of the round: together they must fit it.
+        answered = [(c.id, outputs[c.id]) for c in local]
+        if sum(len(json.dumps(text)) for _, text in answered) > ROUND_ROOM:
+            cap = per_message_cap(len(answered))
+            answered = [(call_id, cap_text(text, cap)) for call_id, text in answered]
+        return machine.on_tool_results(run, answered, now)
+
     async def _request(
         self, store: TableChatStore, state: ChatState, run: Run, tools: ToolSetup
     ) -> TurnRequest:
-        stored = await store.read_messages(state.chat_id)
-        messages = prepare_for_model(
-            [to_model_message(m) for m in stored], token_budget(run.model, CONTEXT_SHARE)
+        stored = await store.read_messages(state.chat_id, state.total_messages)
+        # Shaping a long history is CPU work: off the event loop, so leases renew on time.
+        messages = await asyncio.to_thread(
+            prepare_for_model,
+            [to_model_message(m) for m in stored],
+            token_budget(run.model, CONTEXT_SHARE),
         )
         params = run.params
         tool_choice = "none" if run.force_final else params.get("toolChoice")

@@ -1,16 +1,34 @@
-"""``submitToolOutputs``: a producer answers the external tool calls a run waits for."""
+"""``submitToolOutputs``: a producer answers external tool calls a run waits for.
 
-from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, step_send
+Outputs may come from several services, one call each, at the same instant: each submit stores
+its own outputs (with its applied-request record) under the run's ETag, and one that lost the
+race to another submit reads the run again and applies its outputs to the fresh state. The run
+resumes once every pending call has an output. A repeated output for an answered call is
+ignored; outputs for calls the run does not wait for are refused.
+"""
+
+import asyncio
+import random
+
+from handlers.runs import (
+    MAX_CONFLICT_RETRIES,
+    ChatRef,
+    RunServices,
+    StaleRun,
+    commit_transition,
+    lost_follow_ups,
+    step_send,
+)
 from schemas import SubmitToolOutputs
-from worker.errors import PermanentError
+from worker.errors import ChatNotFound, PermanentError, TransientError
 from worker.handling import HandlerResult, MessageContext, Send
 from worker.runs import machine
-from worker.store.layout import AppliedRequest
+from worker.store.layout import AppliedRecord, AppliedRequest
 from worker.store.tables import TableChatStore
 
 
 class SubmitHandler:
-    """Stores the outputs (with the applied-request record) and resumes the run."""
+    """Stores the outputs (with the applied-request record) and resumes the run when complete."""
 
     def __init__(self, services: RunServices) -> None:
         self._services = services
@@ -19,51 +37,84 @@ class SubmitHandler:
         services = self._services
         chat = ChatRef(submit.id, submit.chat_storage_connection_setting, submit.collection_name)
         store = await services.store(chat)
-        applied, _ = await store.applied_run(submit.id, context.request_id)
-        if applied:
-            return HandlerResult(note="duplicate", effects=await self._resume(store, chat, submit))
-        run = await store.load_run(submit.id, submit.run_id)
-        if run is None:
-            raise PermanentError(
-                f"assistant {submit.id!r} has no run {submit.run_id!r} in table "
-                f"{submit.collection_name!r}",
-                error_type="UnknownRun",
+        fields = {"run_id": submit.run_id}
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            record = await store.applied_record(submit.id, context.request_id)
+            if record is not None:
+                effects = await self._resume(store, chat, submit, record)
+                return HandlerResult(note="duplicate", effects=effects, log_fields=fields)
+            state = await store.load_state(submit.id)
+            if state is None or not state.exists:
+                raise ChatNotFound(
+                    f"assistant {submit.id!r} does not exist in table "
+                    f"{submit.collection_name!r}: its tool outputs cannot be applied"
+                )
+            run = await store.load_run(submit.id, submit.run_id)
+            if run is None:
+                raise PermanentError(
+                    f"assistant {submit.id!r} has no run {submit.run_id!r} in table "
+                    f"{submit.collection_name!r}",
+                    error_type="UnknownRun",
+                )
+            given = {output.tool_call_id: output.output for output in submit.tool_outputs}
+            fresh, problem = machine.sort_outputs(
+                run, [o.tool_call_id for o in submit.tool_outputs]
             )
-        outputs = [(output.tool_call_id, output.output) for output in submit.tool_outputs]
-        problem = machine.check_outputs(run, [call_id for call_id, _ in outputs])
-        if problem is not None:
-            raise PermanentError(problem, error_type="InvalidToolOutputs")
-        now = services.clock()
-        transition = machine.on_tool_results(run, outputs, now)
-        record = AppliedRequest(
-            context.request_id, submit.type, context.message_id, now, run_id=run.run_id
-        )
-        try:
-            effects = await commit_transition(
-                services, store, chat, run, transition, applied=record
+            if problem is not None:
+                raise PermanentError(problem, error_type="InvalidToolOutputs")
+            if not fresh:
+                return HandlerResult(note="already answered", log_fields=fields)
+            now = services.clock()
+            transition = machine.on_tool_results(run, [(i, given[i]) for i in fresh], now)
+            applied = AppliedRequest(
+                context.request_id,
+                submit.type,
+                context.message_id,
+                now,
+                run_id=run.run_id,
+                step=transition.run.step,
             )
-        except StaleRun:
-            # The run moved on meanwhile (expired, or the same outputs arrived twice at once):
-            # read it again so that the reason says what happened.
-            raise PermanentError(
-                f"run {submit.run_id!r} changed while its tool outputs were being stored; "
-                "it is no longer waiting for them",
-                error_type="InvalidToolOutputs",
-            ) from None
-        return HandlerResult(
-            note="outputs accepted", effects=effects, log_fields={"run_id": run.run_id}
-        )
+            try:
+                effects = await commit_transition(
+                    services, store, chat, run, transition, applied=applied, state=state
+                )
+            except StaleRun as stale:
+                landed = await self._landed(store, chat, stale)
+                if landed is not None:
+                    return HandlerResult(note="outputs accepted", effects=landed, log_fields=fields)
+                # Another submit (or the deadline) changed the run first: decide again on it.
+                await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+                continue
+            waiting = transition.run.status == "requires_action"
+            note = "outputs stored; waiting for the rest" if waiting else "outputs accepted"
+            return HandlerResult(note=note, effects=effects, log_fields=fields)
+        raise TransientError(f"run {submit.run_id!r} kept changing; retrying the submit later")
+
+    async def _landed(
+        self, store: TableChatStore, chat: ChatRef, stale: StaleRun
+    ) -> tuple[Send, ...] | None:
+        """Our own write landed and only its answer was lost (the run carries this commit's
+        id): the follow-ups it had to send. None when another writer changed the run."""
+        state = await store.load_state(chat.chat_id)
+        current = await store.load_run(chat.chat_id, stale.run_id)
+        if state is None or current is None or current.commit_id != stale.commit_id:
+            return None
+        return await lost_follow_ups(self._services, store, chat, current, state.active_run_id)
 
     async def _resume(
-        self, store: TableChatStore, chat: ChatRef, submit: SubmitToolOutputs
+        self,
+        store: TableChatStore,
+        chat: ChatRef,
+        submit: SubmitToolOutputs,
+        record: AppliedRecord,
     ) -> tuple[Send, ...]:
-        """A redelivered submit: its outputs are stored, but the step that resumes the run
-        may not have been sent before a failure. A duplicate step is harmless; a missing one
-        would stall the run."""
+        """A redelivered submit: its outputs are stored, but the step that resumes the run may
+        not have been sent before a failure. It is sent again only while the run is still at
+        the step this submit brought it to: a run that moved on has had it."""
         state = await store.load_state(submit.id)
         run = await store.load_run(submit.id, submit.run_id)
         if state is None or run is None or run.finished or state.active_run_id != run.run_id:
             return ()
-        if run.phase == "external":
+        if run.phase == "external" or record.step is None or run.step != record.step:
             return ()
         return (step_send(self._services, chat, run),)

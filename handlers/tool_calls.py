@@ -54,8 +54,12 @@ async def run_tool_calls(
     Never raises for a tool's failure (see :func:`run_tool_call`); only cancellation of the
     caller propagates.
     """
+    traced = registry.call_tracer or (lambda _call, running: running)
     results = await asyncio.gather(
-        *(run_tool_call(registry, call, allowed=allowed, timeout=timeout) for call in calls)
+        *(
+            traced(call, run_tool_call(registry, call, allowed=allowed, timeout=timeout))
+            for call in calls
+        )
     )
     return list(results)
 

@@ -7,11 +7,14 @@ run handler, which runs the model's calls with ``handlers.tool_calls``. This mod
 neither Azure nor openai.
 """
 
+import asyncio
 import copy
+import dataclasses
 import importlib
 import inspect
 import re
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -28,6 +31,12 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Called once per executed tool call with (tool name, outcome, seconds); see set_observer.
+ToolObserver = Callable[[str, str, float], None]
+# Runs one call (a handlers.tool_calls.ToolCall and the awaitable of its ToolResult) inside a
+# span and returns its result; see set_call_tracer.
+ToolCallTracer = Callable[[Any, Awaitable[Any]], Awaitable[Any]]
 
 # The attribute ``@tool`` sets on a function; ``tool_spec`` reads it back.
 SPEC_ATTRIBUTE = "__assistant_tool__"
@@ -212,6 +221,11 @@ class ToolRegistry:
 
     def __init__(self, functions: Iterable[Callable[..., Any]] = ()) -> None:
         self._specs: dict[str, ToolSpec] = {}
+        self._observer: ToolObserver | None = None
+        # Traces each call (SPEC §10): off unless the app sets one.
+        self.call_tracer: ToolCallTracer | None = None
+        # name -> (registered spec, its observed copy)
+        self._observed: dict[str, tuple[ToolSpec, ToolSpec]] = {}
         for function in functions:
             self.register(function)
 
@@ -236,8 +250,11 @@ class ToolRegistry:
         return list(self._specs)
 
     def get(self, name: str) -> ToolSpec | None:
-        """The spec registered under ``name``, or ``None``."""
-        return self._specs.get(name)
+        """The spec registered under ``name``, or ``None`` (observed, see ``set_observer``)."""
+        spec = self._specs.get(name)
+        if spec is None or self._observer is None:
+            return spec
+        return self._observed_spec(spec, self._observer)
 
     def __contains__(self, name: object) -> bool:
         return name in self._specs
@@ -265,6 +282,65 @@ class ToolRegistry:
             return list(self._specs.values())
         wanted = set(allowed)
         return [spec for name, spec in self._specs.items() if name in wanted]
+
+    # --- observation (metrics); off unless the app sets an observer ----------------------------
+
+    def set_observer(self, observer: ToolObserver | None) -> None:
+        """Report every execution of a registered tool to ``observer(name, outcome, seconds)``,
+        outcome ``ok``, ``error`` (it raised) or ``cancelled`` (an async tool that timed out,
+        or shutdown; a sync tool's thread cannot be stopped, so one that timed out is reported
+        when it returns). A sync tool reports from its worker thread.
+
+        Calls rejected before running (unknown or not allowed tool, invalid arguments) are not
+        executions and are not reported. ``get`` then returns a copy of the spec whose
+        function reports; the registered spec is unchanged."""
+        self._observer = observer
+        self._observed.clear()
+
+    def set_call_tracer(self, tracer: ToolCallTracer | None) -> None:
+        """Run every tool call (``run_tool_calls``) through ``tracer(call, running)``, which
+        awaits ``running`` inside an ``execute_tool`` span; None: calls run untraced."""
+        self.call_tracer = tracer
+
+    def _observed_spec(self, spec: ToolSpec, observer: ToolObserver) -> ToolSpec:
+        cached = self._observed.get(spec.name)
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        function = spec.function
+        name = spec.name
+
+        if spec.is_async:
+
+            async def reported_async(*args: Any, **kwargs: Any) -> Any:
+                started = time.monotonic()
+                outcome = "error"
+                try:
+                    value = await function(*args, **kwargs)
+                    outcome = "ok"
+                    return value
+                except asyncio.CancelledError:
+                    outcome = "cancelled"
+                    raise
+                finally:
+                    observer(name, outcome, time.monotonic() - started)
+
+            wrapper: Callable[..., Any] = reported_async
+        else:
+
+            def reported(*args: Any, **kwargs: Any) -> Any:
+                started = time.monotonic()
+                outcome = "error"
+                try:
+                    value = function(*args, **kwargs)
+                    outcome = "ok"
+                    return value
+                finally:
+                    observer(name, outcome, time.monotonic() - started)
+
+            wrapper = reported
+        observed = dataclasses.replace(spec, function=wrapper)
+        self._observed[name] = (spec, observed)
+        return observed
 
     @staticmethod
     def _definition(spec: ToolSpec) -> dict[str, Any]:

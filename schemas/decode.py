@@ -27,14 +27,17 @@ class InvalidMessage(ValueError):
         self.message_type = message_type
 
 
-def decode_body(body: str | bytes) -> dict[str, Any]:
-    """Parse a body that is a JSON object, or Base64 of one."""
+def decode_body(body: str | bytes, *, strict_text: bool = True) -> dict[str, Any]:
+    """Parse a body that is a JSON object, or Base64 of one.
+
+    ``strict_text=False`` lets strings that are not valid Unicode through (to keep a refused
+    body in its dead letter as JSON)."""
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     stripped = text.strip()
     if not stripped:
         raise InvalidMessage("the message body is empty; expected a JSON object")
     if stripped[0] in '{["' or stripped in ("null", "true", "false"):
-        return _json_object(stripped, source="JSON")
+        return _json_object(stripped, source="JSON", strict_text=strict_text)
     try:
         raw = base64.b64decode(stripped, validate=True)
     except (binascii.Error, ValueError):
@@ -50,10 +53,10 @@ def decode_body(body: str | bytes) -> dict[str, Any]:
             "the message body is neither JSON nor Base64-encoded JSON "
             f"(starts with {stripped[:20]!r}; read as Base64 it is not UTF-8 text)"
         ) from None
-    return _json_object(decoded.strip(), source="Base64-decoded JSON")
+    return _json_object(decoded.strip(), source="Base64-decoded JSON", strict_text=strict_text)
 
 
-def _json_object(text: str, *, source: str) -> dict[str, Any]:
+def _json_object(text: str, *, source: str, strict_text: bool = True) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -63,12 +66,56 @@ def _json_object(text: str, *, source: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         kind = "array" if isinstance(value, list) else type(value).__name__
         raise InvalidMessage(f"the message body is a JSON {kind}; expected a JSON object")
+    # JSON may escape half of a surrogate pair ("\ud83d", what a JavaScript producer sends
+    # when it cuts a string inside an emoji): a valid Python str that no UTF-8 store or queue
+    # accepts. Refused here, naming the field, so that it never reaches a write.
+    if strict_text and "\\u" in text:
+        field = _field_with_lone_surrogate(value, "")
+        if field is not None:
+            raise InvalidMessage(
+                f"field '{field}' is not valid Unicode text: it holds half of a surrogate pair "
+                "(an escape such as \\ud83d without its partner, e.g. a string cut inside an "
+                "emoji); send whole characters"
+            )
     return value
+
+
+def _field_with_lone_surrogate(value: Any, path: str) -> str | None:
+    """The wire path of the first string (key or value) that UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        return None if _encodable(value) else (path or "body")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if not _encodable(str(key)):
+                return path or "body"
+            found = _field_with_lone_surrogate(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for number, item in enumerate(value):
+            found = _field_with_lone_surrogate(item, f"{path}.{number}" if path else str(number))
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_body(payload: dict[str, Any], encoding: Encoding = "none") -> str:
     """Serialize a message as the worker writes it (compact JSON, optionally Base64)."""
     text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    if not _encodable(text):
+        # A lone surrogate (it can only come from text the worker did not validate, such as a
+        # dead letter's original body): ASCII escapes keep it as valid JSON, so the write
+        # cannot fail on the content.
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
     if encoding == "base64":
         return base64.b64encode(text.encode("utf-8")).decode("ascii")
     return text

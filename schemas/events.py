@@ -71,7 +71,17 @@ class Usage(EventModel):
     total_tokens: int = 0
 
 
-class AssistantReply(EventModel):
+class ReplyEvent(EventModel):
+    """An event on a producer's ``replyTo`` queue: every field is always present (``null``
+    when it has no value), so that consumers in any language can bind it to a fixed type."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+    def to_wire(self) -> dict[str, object]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class AssistantReply(ReplyEvent):
     """Sent to ``replyTo`` when a run ends."""
 
     type: Literal["assistantReply"] = "assistantReply"
@@ -83,6 +93,8 @@ class AssistantReply(EventModel):
     recent_messages: list[AssistantMessage] = Field(default_factory=list)
     usage: Usage | None = None
     error: str | None = None
+    # The W3C trace context of the run, so a consumer can continue the producer's trace.
+    traceparent: str | None = None
 
 
 class ToolCallRequest(EventModel):
@@ -93,13 +105,17 @@ class ToolCallRequest(EventModel):
     arguments: str
 
 
-class ToolCallsRequired(EventModel):
+class ToolCallsRequired(ReplyEvent):
     """Sent to ``replyTo`` when a run waits for external tool outputs."""
 
     type: Literal["toolCallsRequired"] = "toolCallsRequired"
     id: str
     run_id: str
     tool_calls: list[ToolCallRequest]
+    traceparent: str | None = None
+    # Set when the calls' arguments were too large for one queue message and were left out
+    # (the whole calls are in the chat's state: ``assistant-worker state``).
+    truncated: bool = False
 
 
 class DeadLetterInfo(EventModel):

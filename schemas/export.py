@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -16,6 +17,7 @@ from schemas.requests import (
     AssistantCreate,
     AssistantDelete,
     AssistantPost,
+    RunDeadline,
     RunStep,
     SubmitToolOutputs,
 )
@@ -27,6 +29,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "submitToolOutputs": SubmitToolOutputs,
     "assistantDelete": AssistantDelete,
     "runStep": RunStep,
+    "runDeadline": RunDeadline,
     "assistantReply": AssistantReply,
     "toolCallsRequired": ToolCallsRequired,
     "deadLetterEnvelope": DeadLetterEnvelope,
@@ -34,9 +37,17 @@ MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+EVENTS = frozenset({"assistantReply", "toolCallsRequired"})
+
+
 def render(name: str, model: type[BaseModel]) -> str:
     """The schema file's text for one model (stable key order, trailing newline)."""
-    schema = model.model_json_schema(by_alias=True, mode="validation")
+    # Events are described as the worker writes them (every reply field required, possibly
+    # null); requests as the worker accepts them.
+    mode: Literal["validation", "serialization"] = (
+        "serialization" if name in EVENTS else "validation"
+    )
+    schema = model.model_json_schema(by_alias=True, mode=mode)
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"{name}.schema.json",

@@ -20,6 +20,9 @@ ReasoningEffort = Literal["minimal", "low", "medium", "high"]
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(ge=0, le=1)]
 MaxTokens = Annotated[int, Field(gt=0)]
+# W3C trace context header value (version-traceid-parentid-flags); checked loosely, a bad one
+# starts a new trace instead of failing the request.
+TraceParent = Annotated[str, Field(max_length=256)]
 
 
 class ChatRequest(WireModel):
@@ -29,6 +32,8 @@ class ChatRequest(WireModel):
     request_id: RequestId | None = None
     chat_storage_connection_setting: SettingName = DEFAULT_STORAGE_SETTING
     collection_name: TableName = DEFAULT_COLLECTION
+    # The producer's W3C trace context; the run's steps and replies continue its trace.
+    traceparent: TraceParent | None = None
 
 
 class FunctionDefinition(WireModel):
@@ -136,9 +141,25 @@ class RunStep(WireModel):
     step: Annotated[int, Field(ge=0)]
     collection_name: TableName = DEFAULT_COLLECTION
     chat_storage_connection_setting: SettingName = DEFAULT_STORAGE_SETTING
+    traceparent: TraceParent | None = None
 
 
-Message = AssistantCreate | AssistantPost | SubmitToolOutputs | AssistantDelete | RunStep
+class RunDeadline(WireModel):
+    """The watchdog of a run, written by the worker on ``assistant-runs`` when the run starts
+    and due at its deadline: whatever happened to its steps, a run still active then ends
+    ``expired`` and its chat's next queued post starts."""
+
+    type: Literal["runDeadline"] = "runDeadline"
+    id: AssistantId
+    run_id: Annotated[str, Field(min_length=1, max_length=128)]
+    collection_name: TableName = DEFAULT_COLLECTION
+    chat_storage_connection_setting: SettingName = DEFAULT_STORAGE_SETTING
+    traceparent: TraceParent | None = None
+
+
+Message = (
+    AssistantCreate | AssistantPost | SubmitToolOutputs | AssistantDelete | RunStep | RunDeadline
+)
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     "assistantCreate": AssistantCreate,
@@ -146,4 +167,5 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     "submitToolOutputs": SubmitToolOutputs,
     "assistantDelete": AssistantDelete,
     "runStep": RunStep,
+    "runDeadline": RunDeadline,
 }

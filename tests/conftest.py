@@ -6,6 +6,7 @@ import pytest
 
 from tests.support.azurite import Azurite
 from tests.support.env import StorageEnv
+from worker.devtools.azurite import SplitAzurite
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +20,14 @@ def azurite() -> Iterator[Azurite]:
 def storage(azurite: Azurite) -> StorageEnv:
     """Queue and table names of this test only, on the session's Azurite."""
     return StorageEnv.fresh(azurite)
+
+
+@pytest.fixture
+def split_azurite() -> Iterator[SplitAzurite]:
+    """Azurite's queue and table services as separate processes on one temp data folder.
+
+    ``split_azurite.stop_table()`` / ``start_table()`` fail the table service alone (its data
+    survives); ``StorageEnv.fresh(split_azurite)`` gives a test its queues and table on it.
+    """
+    with SplitAzurite() as server:
+        yield server

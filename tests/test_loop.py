@@ -7,6 +7,7 @@ Azurite in the other test files.
 import asyncio
 import json
 import random
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -158,10 +159,24 @@ def test_too_many_deliveries_are_dead_lettered_without_running() -> None:
     send(broker, {"id": "crashy"})
     stored = next(iter(broker.queue(REQUESTS).messages.values()))
     stored.dequeue_count = SETTINGS.max_dequeue_count
+    # Older than the create grace (within it, a request may have waited for its chat).
+    stored.inserted_on -= timedelta(seconds=SETTINGS.create_grace + 1)
     asyncio.run(make_worker(handler, broker).run_until_idle())
     assert handler.calls == []
     [letter] = poison(broker)
     assert letter["deadLetter"]["errorType"] == "MaxDequeueCountExceeded"
+
+
+def test_a_request_waiting_for_its_chat_runs_however_often_it_was_delivered() -> None:
+    """Within the create grace a post may have been delivered many times while it waited
+    for its create (short delays): it is still run, not dead-lettered for its count."""
+    broker, handler = MemoryBroker(), Recorder()
+    send(broker, {"id": "waited"})
+    stored = next(iter(broker.queue(REQUESTS).messages.values()))
+    stored.dequeue_count = SETTINGS.max_dequeue_count * 4
+    asyncio.run(make_worker(handler, broker).run_until_idle())
+    assert [chat for chat, _ in handler.calls] == ["waited"]
+    assert poison(broker) == []
 
 
 def test_effects_are_sent_before_the_message_is_deleted() -> None:

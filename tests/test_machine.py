@@ -59,13 +59,14 @@ class TestModelTurns:
         assert t.next_step_delay == 0.0
 
     def test_external_only_calls_wait_for_the_producer_until_the_deadline(self) -> None:
-        """External calls put the run in requires_action, announce them, and arm a deadline."""
+        """External calls put the run in requires_action and announce them; no step is sent
+        (the run's deadline message ends it if no output comes)."""
         t = machine.on_turn(a_run(), ModelTurn(None, CALLS), NOW, max_rounds=10,
                             external_tools={"weather", "lookup"})  # fmt: skip
         assert t.run.status == "requires_action"
         assert t.run.phase == "external"
         assert t.announce_tool_calls
-        assert t.next_step_delay == 601.0
+        assert t.next_step_delay is None
 
     def test_the_round_cap_answers_every_call_and_forces_a_final_answer(self) -> None:
         """At the cap each open call gets an error result and the next call has no tools."""
@@ -105,11 +106,45 @@ class TestToolResults:
         """Outputs for unknown ids, repeated ids, or a run not waiting are refused, saying why."""
         waiting = a_run(status="requires_action", phase="external",
                         pending_calls=(PendingCall("c2", "lookup", "{}", external=True),))  # fmt: skip
-        assert machine.check_outputs(waiting, ["c2"]) is None
-        assert "no pending tool call 'nope'" in (machine.check_outputs(waiting, ["nope"]) or "")
-        assert "more than once" in (machine.check_outputs(waiting, ["c2", "c2"]) or "")
+        assert machine.sort_outputs(waiting, ["c2"]) == (["c2"], None)
+        assert "no pending tool call 'nope'" in (machine.sort_outputs(waiting, ["nope"])[1] or "")
+        assert "more than once" in (machine.sort_outputs(waiting, ["c2", "c2"])[1] or "")
         done = a_run(status="completed")
-        assert "is not waiting" in (machine.check_outputs(done, ["c2"]) or "")
+        assert "is not waiting" in (machine.sort_outputs(done, ["c2"])[1] or "")
+
+    def test_partial_outputs_accumulate_and_the_last_one_resumes(self) -> None:
+        """Two producers answer one call each: the first leaves the run waiting, silently;
+        the second resumes it; a repeat of an answered call is ignored, not refused."""
+        pending = (
+            PendingCall("a", "lookup", "{}", external=True),
+            PendingCall("b", "price", "{}", external=True),
+        )
+        run = a_run(status="requires_action", phase="external", pending_calls=pending)
+        first = machine.on_tool_results(run, [("a", "1")], NOW)
+        assert first.run.status == "requires_action"
+        assert first.run.answered_calls == ("a",)
+        assert first.next_step_delay is None
+        assert not first.announce_tool_calls
+        assert machine.sort_outputs(first.run, ["a"]) == ([], None)
+        assert machine.sort_outputs(first.run, ["a", "b"]) == (["b"], None)
+        second = machine.on_tool_results(first.run, [("b", "2")], NOW)
+        assert second.run.phase == "model"
+        assert second.next_step_delay == 0.0
+        # After the round resumed, a late repeat of an answered call is still only ignored.
+        assert machine.sort_outputs(second.run, ["b"]) == ([], None)
+
+    def test_missing_and_duplicate_call_ids_get_ids_of_their_own(self) -> None:
+        """A server that sends no ids or one id twice must not make outputs overwrite each
+        other: every call of the turn gets a distinct id."""
+        turn = ModelTurn(
+            None,
+            (ToolCallRef("", "a", "{}"), ToolCallRef("x", "b", "{}"), ToolCallRef("x", "c", "{}")),
+        )
+        t = machine.on_turn(a_run(), turn, NOW, max_rounds=10, external_tools=())
+        ids = [c.id for c in t.run.pending_calls]
+        assert len(set(ids)) == 3
+        assert ids[1] == "x"
+        assert all(ids)
 
 
 class TestPollingAndTime:
@@ -145,12 +180,10 @@ class TestPollingAndTime:
         assert t.run.status == "expired"
         assert [(m.role, m.tool_call_id) for m in t.messages] == [("Tool", "c1")]
 
-    def test_an_early_deadline_step_is_armed_again(self) -> None:
-        """A deadline step that arrives early is sent again for the remaining time."""
+    def test_the_deadline_is_due_just_after_the_run_expires(self) -> None:
+        """The deadline message waits out the run's remaining time, plus a second."""
         run = a_run(status="requires_action", phase="external")
-        t = machine.rearm_deadline(run, NOW + timedelta(seconds=590))
-        assert t.run.step == run.step + 1
-        assert t.next_step_delay == 11.0
+        assert machine.until_expiry(run, run.expires_at - timedelta(seconds=10)) == 11.0
 
     def test_deadlines_are_capped_at_what_a_queue_can_delay(self) -> None:
         """Azure delays a message at most 7 days."""

@@ -287,7 +287,8 @@ def test_pending_run_is_polled_on_the_backoff_schedule_and_expires(
                 **model_env(
                     never.base_url,
                     CHAT_MODEL_DEPLOYMENT_NAME="echo-bot",
-                    WORKER_RUN_TIMEOUT="3",
+                    # Room for three polls of whole seconds even on a loaded machine.
+                    WORKER_RUN_TIMEOUT="5",
                     **backoff,
                 )
             )
@@ -417,7 +418,8 @@ def test_external_tools(storage: StorageEnv, tool_log: ToolLog, api: str) -> Non
     """A tool defined in full by the create and registered nowhere: the run waits in
     `requires_action`, `toolCallsRequired` names the calls on replyTo, a producer's
     `submitToolOutputs` resumes the run to its answer; wrong call ids, and outputs for a run
-    that no longer waits, are dead-lettered with a reason that names them."""
+    that no longer waits, are dead-lettered with a reason that names them; the same outputs
+    sent again are ignored."""
     chat_id = f"ext-tools-{api}-{storage.suffix}"
     model = f"orders-{api}"
     replies = ReplyQueue(storage, f"replies-{storage.suffix}")
@@ -482,11 +484,17 @@ def test_external_tools(storage: StorageEnv, tool_log: ToolLog, api: str) -> Non
                 await storage.send(good)
                 [reply] = await replies.wait_for("assistantReply", 30)
                 result["reply"] = reply
+                # The same outputs again, from another request: ignored, not refused.
                 await storage.send({**good, "requestId": "submit-late"})
+                stray = [{"toolCallId": "call_other", "output": "?"}]
+                await storage.send({**good, "requestId": "submit-stray", "toolOutputs": stray})
                 letters = await eventually(
                     lambda: _at_least(poison_letters(storage, storage.requests_poison), 2),
                     30,
-                    "the late submit in the poison queue",
+                    "the stray submit in the poison queue",
+                )
+                await eventually(
+                    lambda: _queue_empty(storage, storage.requests_queue), 30, "the late submit"
                 )
                 result["late"] = letters
                 assert app.worker.stats["dead_lettered"] == 2
@@ -516,11 +524,9 @@ def test_external_tools(storage: StorageEnv, tool_log: ToolLog, api: str) -> Non
 
     reply = result["reply"]
     assert (reply["status"], reply["content"]) == ("completed", "Both orders have shipped.")
-    late = [
-        letter for letter in result["late"] if letter["deadLetter"]["requestId"] == "submit-late"
-    ]
-    assert len(late) == 1
-    assert "not waiting" in late[0]["deadLetter"]["reason"]
+    late = {letter["deadLetter"]["requestId"]: letter for letter in result["late"]}
+    assert "submit-late" not in late, "a repeated output for an answered call is ignored"
+    assert "not waiting" in late["submit-stray"]["deadLetter"]["reason"]
 
     rows: ChatRows = result["rows"]
     assert rows.roles == ["System", "User", "Assistant", "Tool", "Tool", "Assistant"]
@@ -534,6 +540,10 @@ def test_external_tools(storage: StorageEnv, tool_log: ToolLog, api: str) -> Non
     assert "lookupOrder" in offered and "answered by the producer" in offered
     resumed = json.dumps(calls[-1].json)
     assert "order 1: shipped" in resumed and "order 2: shipped" in resumed
+
+
+async def _queue_empty(storage: StorageEnv, queue: str) -> bool:
+    return await storage.count(queue) == 0
 
 
 async def _at_least(letters: Any, count: int) -> list[dict[str, Any]] | None:

@@ -9,7 +9,7 @@ def test_defaults_follow_the_spec() -> None:
     """With nothing set, the worker uses Azurite and the documented defaults."""
     settings = Settings.from_env({})
     assert settings.default_storage.connection_string == DEV_STORAGE
-    assert settings.work_queues == ("assistant-requests", "assistant-runs")
+    assert settings.work_queues == ("assistant-requests", "assistant-runs", "assistant-deadlines")
     assert settings.concurrency == 16
     assert settings.max_dequeue_count == 5
     assert settings.visibility_timeout == 60

@@ -1,14 +1,15 @@
 """Wiring: from ``Settings`` to a running worker. Used by the CLI, the demo and the tests."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from handlers import build_registry
 from handlers.runs import RunServices
 from handlers.tools import ToolRegistry, load_tools
-from worker.azure_clients import queue_service
+from worker.azure_clients import queue_service, table_service
 from worker.azure_queue import AzureQueueBroker
 from worker.backends.assistants import AssistantsBackend
 from worker.backends.base import Backend
@@ -16,6 +17,19 @@ from worker.backends.chat import ChatBackend
 from worker.backends.clients import ModelClients
 from worker.backends.responses import ResponsesBackend
 from worker.loop import Worker
+from worker.observability import Health
+from worker.observability.http import HttpServer, build_server
+from worker.observability.instrument import instrument_backends
+from worker.observability.metrics import Metrics
+from worker.observability.tracing import (
+    MessageTracing,
+    Tracing,
+    current_tracing,
+    model_provider,
+    tool_call_tracer,
+    trace_backends,
+)
+from worker.outage import StorageGate
 from worker.redact import Redactor
 from worker.settings import Settings
 from worker.store.tables import ChatStores
@@ -29,42 +43,96 @@ class App:
     broker: AzureQueueBroker
     stores: ChatStores
     worker: Worker
+    health: Health = field(default_factory=Health)
+    # Metrics and the HTTP server exist when WORKER_HTTP_PORT is set.
+    metrics: Metrics | None = None
+    http: HttpServer | None = None
 
 
-def build_backends(clients: ModelClients) -> dict[str, Backend]:
-    """The three model APIs a run may use (SPEC §5.1)."""
+def build_backends(
+    clients: ModelClients,
+    metrics: Metrics | None = None,
+    *,
+    tracing: Tracing | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Backend]:
+    """The three model APIs a run may use (SPEC §5.1), each reporting to ``metrics`` if on,
+    and traced if ``tracing`` is on (``settings`` tell the provider: OpenAI or Azure)."""
     backends: list[Backend] = [
         ChatBackend(clients),
         ResponsesBackend(clients),
         AssistantsBackend(clients),
     ]
-    return {backend.name: backend for backend in backends}
+    instrumented = instrument_backends({backend.name: backend for backend in backends}, metrics)
+    provider = model_provider(settings) if settings is not None else None
+    return trace_backends(instrumented, tracing, provider)
 
 
 @asynccontextmanager
-async def open_app(settings: Settings, tools: ToolRegistry | None = None) -> AsyncIterator[App]:
+async def open_app(
+    settings: Settings, tools: ToolRegistry | None = None, *, tracing: Tracing | None = None
+) -> AsyncIterator[App]:
     """Build the broker, the stores, the model clients and the worker; close them on exit.
 
     ``tools`` defaults to the modules named in WORKER_TOOLS (a module that cannot be imported
-    raises ``ToolLoadError`` here, before anything is consumed).
+    raises ``ToolLoadError`` here, before anything is consumed). ``tracing`` defaults to the
+    process's tracer provider if an SDK one is installed (``setup_tracing``), else off.
     """
     registry = tools if tools is not None else load_tools(settings.tool_modules)
-    broker = AzureQueueBroker(queue_service(settings.default_storage))
-    stores = ChatStores(settings)
+    health = Health()
+    metrics = Metrics() if settings.http_port is not None else None
+    requests = metrics.observe_storage_request if metrics is not None else None
+    if metrics is not None:
+        metrics.track_health(health)
+        registry.set_observer(metrics.observe_tool_call)
+    tracing = tracing if tracing is not None else current_tracing()
+    if tracing is not None:
+        registry.set_call_tracer(tool_call_tracer(tracing))
+    broker = AzureQueueBroker(queue_service(settings.default_storage, requests))
+    stores = ChatStores(settings, lambda connection: table_service(connection, requests))
     clients = ModelClients(settings)
     services = RunServices(
         stores=stores,
         settings=settings,
-        backends=build_backends(clients),
+        backends=build_backends(clients, metrics, tracing=tracing, settings=settings),
         tools=registry,
         clock=lambda: datetime.now(UTC),
+        redact=Redactor(settings.secrets()),
     )
+
+    async def probe_storage() -> None:
+        # Both services of the worker's own account: a partial outage pauses too.
+        await asyncio.gather(broker.probe(), stores.probe(settings.default_storage_setting))
+
+    gate = StorageGate(probe_storage)
+    gate.subscribe(health.storage_changed)
     worker = Worker(
-        broker, build_registry(services), settings, redactor=Redactor(settings.secrets())
+        broker,
+        build_registry(services),
+        settings,
+        redactor=Redactor(settings.secrets()),
+        gate=gate,
+        metrics=metrics,
+        health=health,
+        tracing=MessageTracing(tracing) if tracing is not None else None,
     )
+    http: HttpServer | None = None
     try:
-        yield App(settings, broker, stores, worker)
+        if metrics is not None:
+            http = build_server(
+                settings, broker, health, metrics, requests=requests, redactor=worker.redact
+            )
+            await http.start()
+        yield App(settings, broker, stores, worker, health, metrics, http)
     finally:
+        # After the drain: the probes answer (503 not ready) until the worker has stopped.
+        if http is not None:
+            await http.stop()
+        if metrics is not None:
+            registry.set_observer(None)
+        if tracing is not None:
+            registry.set_call_tracer(None)
+        await gate.close()
         await clients.close()
         await stores.close()
         await broker.close()

@@ -141,6 +141,11 @@ class AzureQueueBroker:
 
         await asyncio.gather(*(create(name) for name in missing))
 
+    async def probe(self) -> None:
+        """One cheap request to the queue service; raises if it does not answer."""
+        async for _ in self.service.list_queues(results_per_page=1):
+            break
+
     async def close(self) -> None:
         for queue in self._queues.values():
             await queue.client.close()

@@ -21,7 +21,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 - 1024
 def original_message(body: str) -> Any:
     """The original body as JSON when it was a JSON object (plain or Base64), else raw text."""
     try:
-        return decode_body(body)
+        return decode_body(body, strict_text=False)
     except InvalidMessage:
         return body
 

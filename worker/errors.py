@@ -25,3 +25,25 @@ class TransientError(Exception):
         self.reason = reason
         self.retry_after = retry_after
         self.error_type = error_type
+
+
+class ChatNotFound(Exception):
+    """A post or submit names a chat that does not exist, perhaps not *yet*: queues do not
+    keep order, and a producer's create may still be on its way. Retried with short delays
+    until ``WORKER_CREATE_GRACE`` after the message was enqueued, then dead-lettered."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error_type = "UnknownAssistant"
+
+
+class StorageUnavailable(TransientError):
+    """A storage service did not answer, or answered that it is busy (5xx, 429, a refused or
+    dropped connection): not the message's fault. ``setting`` names the connection."""
+
+    def __init__(
+        self, reason: str, *, setting: str, error_type: str = "StorageUnavailable"
+    ) -> None:
+        super().__init__(reason, error_type=error_type)
+        self.setting = setting

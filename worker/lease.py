@@ -13,6 +13,9 @@ from worker.transport import Delivery, LeaseLost, QueueTransport
 
 log = structlog.get_logger("worker.lease")
 
+# Seconds between renewal attempts after one failed.
+RETRY_INTERVAL = 2.0
+
 
 class Lease:
     """The newest ``Delivery`` of one message, and the task that keeps it leased."""
@@ -42,18 +45,24 @@ class Lease:
 
     async def _keep_alive(self) -> None:
         interval = max(self.visibility_timeout / 2, 0.5)
+        # After a failed renewal, try again soon: waiting a whole half-life could let the
+        # lease run out while the queue service was only briefly unreachable.
+        retry = min(interval / 4, RETRY_INTERVAL)
+        delay = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             try:
                 async with self._lock:
                     self.delivery = await self.queue.extend(self.delivery, self.visibility_timeout)
+                delay = interval
             except LeaseLost:
                 log.warning(
                     "lease.lost", message_id=self.delivery.message_id, queue=self.queue.name
                 )
                 return
             except Exception as error:
-                # Keep trying: the lease may still be ours at the next half-life.
+                # Keep trying: the lease may still be ours.
+                delay = retry
                 log.warning(
                     "lease.renew_failed",
                     message_id=self.delivery.message_id,

@@ -11,6 +11,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 from worker.redact import Redactor
 
@@ -37,6 +38,19 @@ class RedactProcessor:
         return {key: _redact_value(value, self.redactor) for key, value in event.items()}
 
 
+def add_trace_ids(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor: ``trace_id`` and ``span_id`` of the current span while one is
+    recording (tracing on, worker.observability.tracing); nothing otherwise."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        context = span.get_span_context()
+        event.setdefault("trace_id", f"{context.trace_id:032x}")
+        event.setdefault("span_id", f"{context.span_id:016x}")
+    return event
+
+
 class _RedactingFormatter(logging.Formatter):
     def __init__(self, redactor: Redactor) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,6 +69,7 @@ def configure_logging(log_format: str, redactor: Redactor, level: int = logging.
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

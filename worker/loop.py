@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -22,6 +22,8 @@ from worker.deadletter import envelope_body, request_id_of
 from worker.errors import TransientError
 from worker.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole
 from worker.lease import Lease
+from worker.observability.health import Health
+from worker.outage import StorageGate, is_storage_failure
 from worker.outcome import (
     Complete,
     DeadLetter,
@@ -44,6 +46,10 @@ from worker.transport import (
     poison_queue_name,
 )
 
+if TYPE_CHECKING:
+    from worker.observability.metrics import Metrics
+    from worker.observability.tracing import MessageTracing
+
 # Seconds given to releasing abandoned messages at shutdown.
 RELEASE_TIMEOUT = 5.0
 # A handler that runs longer is abandoned and its message retried (model calls and tools
@@ -51,6 +57,13 @@ RELEASE_TIMEOUT = 5.0
 HANDLER_TIMEOUT = 900.0
 # Seconds a receive still in flight at shutdown may take before it is cancelled.
 RECEIVE_GRACE = 1.0
+# Seconds a message that hit a storage outage waits in-process for storage to come back
+# before it is released (then it counts one more attempt).
+PARK_LIMIT = 600.0
+
+
+def _not_observed(*_args: Any) -> None:
+    """Metrics off: message outcomes are only logged."""
 
 
 class Worker:
@@ -65,6 +78,10 @@ class Worker:
         redactor: Redactor | None = None,
         rng: random.Random | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        gate: StorageGate | None = None,
+        metrics: "Metrics | None" = None,
+        health: Health | None = None,
+        tracing: "MessageTracing | None" = None,
     ) -> None:
         self.broker = broker
         self.registry = registry
@@ -74,7 +91,10 @@ class Worker:
             max_dequeue_count=settings.max_dequeue_count,
             base_delay=settings.retry_delay,
             max_delay=settings.retry_max_delay,
+            create_grace=settings.create_grace,
         )
+        # Pauses receiving while the worker's own storage is out (None: never pauses).
+        self.gate = gate
         self.stats: Counter[str] = Counter()
         self._rng = rng or random.Random()
         self._now = now
@@ -83,9 +103,19 @@ class Worker:
         # requests must not starve them into expiry.
         self._queues: list[tuple[QueueTransport, QueueRole]] = [
             (broker.queue(settings.runs_queue), "runs"),
+            (broker.queue(settings.deadlines_queue), "runs"),
             (broker.queue(settings.requests_queue), "requests"),
         ]
         self._inflight: dict[asyncio.Task[None], Lease] = {}
+        # Probes and metrics (worker.observability); metrics None: nothing is reported.
+        self.health = health or Health()
+        self._observe = metrics.observe_message if metrics is not None else _not_observed
+        # One span per message (worker.observability.tracing); None: no spans.
+        self._tracing = tracing
+        if tracing is not None:
+            self._observe = tracing.observing(self._observe)
+        if metrics is not None:
+            metrics.track_in_flight(lambda: len(self._inflight))
         self._stopping = asyncio.Event()
         self._activity = asyncio.Event()
         # The grace period counts from stop(), not from when the loop noticed it.
@@ -95,6 +125,7 @@ class Worker:
         """Stop receiving; in-flight messages get ``shutdown_grace`` seconds to finish."""
         if not self._stopping.is_set():
             self._stop_deadline = time.monotonic() + self.settings.shutdown_grace
+        self.health.mark_draining()
         self._stopping.set()
         self._activity.set()
 
@@ -109,12 +140,17 @@ class Worker:
     async def _serve(self, *, burst: bool) -> None:
         names = [queue.name for queue, _ in self._queues]
         await self.broker.ensure_queues([*names, *(poison_queue_name(n) for n in names)])
+        self.health.queues_present = True
         self._log.info(
             "worker.started", queues=names, burst=burst, concurrency=self.settings.concurrency
         )
         idle = IdleBackoff(maximum=self.settings.max_polling_interval)
         try:
             while not self._stopping.is_set():
+                if self.gate is not None and not self.gate.is_open:
+                    # Storage is out: receiving would only lease messages that cannot run.
+                    await self.gate.wait_open(self.settings.max_polling_interval, self._stopping)
+                    continue
                 if await self._receive_round() > 0:
                     idle.reset()
                     continue
@@ -123,6 +159,7 @@ class Worker:
                 await self._pause(idle.next_delay(self._rng))
         finally:
             await self._drain()
+            self.health.mark_stopped()
             self._log.info("worker.stopped", **dict(self.stats))
 
     async def _receive_round(self) -> int:
@@ -140,12 +177,19 @@ class Worker:
                 self._log.warning(
                     "queue.receive_failed", queue=queue.name, error=self.redact(describe(error))
                 )
+                if self.gate is not None and is_storage_failure(
+                    error, self.settings.default_storage_setting
+                ):
+                    await self.gate.confirm_outage(error)
                 continue
             for delivery in deliveries:
                 lease = Lease(queue, delivery, self.settings.visibility_timeout)
-                task = asyncio.create_task(self._process(role, lease))
+                context, end_span = self._tracing.start(delivery) if self._tracing else (None, None)
+                task = asyncio.create_task(self._process(role, lease), context=context)
                 self._inflight[task] = lease
                 task.add_done_callback(self._finished)
+                if end_span is not None:
+                    task.add_done_callback(end_span)
             received += len(deliveries)
         return received
 
@@ -199,8 +243,14 @@ class Worker:
             await asyncio.wait_for(self._activity.wait(), timeout=delay)
 
     async def _queues_empty(self) -> bool:
+        """Burst mode's end: no request and no step left, visible or delayed. Deadline
+        watchdogs do not count: one waits for every run started, long after it ended."""
         try:
-            counts = [await queue.approximate_count() for queue, _ in self._queues]
+            counts = [
+                await queue.approximate_count()
+                for queue, _ in self._queues
+                if queue.name != self.settings.deadlines_queue
+            ]
         except Exception:
             return False
         return all(count == 0 for count in counts)
@@ -232,6 +282,7 @@ class Worker:
         await asyncio.gather(*releases, return_exceptions=True)
         for lease, release in zip(abandoned, releases, strict=True):
             self.stats["abandoned"] += 1
+            self._observe("abandoned", {"queue": lease.queue.name}, None)
             self._log.warning(
                 "message.abandoned",
                 message_id=lease.delivery.message_id,
@@ -248,27 +299,65 @@ class Worker:
             "attempt": delivery.dequeue_count,
         }
         note: str | None = None
-        outcome: Outcome | None = check_before_running(delivery.dequeue_count, self.policy)
+        age = self._age(delivery)
+        outcome: Outcome | None = check_before_running(delivery.dequeue_count, self.policy, age)
         if outcome is None:
             lease.start_renewal()
-            error: BaseException | None = None
+            try:
+                note, error = await self._attempts(role, lease, fields)
+            finally:
+                await lease.stop_renewal()
+            outcome = decide(
+                error, delivery.dequeue_count, self.policy, self._rng.random(), age=age
+            )
+        await self._apply(outcome, lease, fields, note, started)
+
+    async def _attempts(
+        self, role: QueueRole, lease: Lease, fields: dict[str, Any]
+    ) -> tuple[str | None, BaseException | None]:
+        """Run the handler; while the worker's own storage is out, wait for it and run again.
+
+        A message that failed only because storage did not answer keeps its lease and its
+        attempt count: the gate closes (receiving pauses), and when storage answers the
+        handler runs again in place, as a redelivery would (its attempt number goes up, so a
+        handler that stored its effect and lost its follow-ups sends them again).
+        """
+        attempt = lease.delivery.dequeue_count
+        parked_since: float | None = None
+        while True:
             try:
                 with structlog.contextvars.bound_contextvars(**fields):
                     async with asyncio.timeout(HANDLER_TIMEOUT):
-                        result = await self._handle(role, delivery, fields)
-                note = result.note
+                        result = await self._handle(role, lease.delivery, fields, attempt)
                 fields.update(result.log_fields)
+                return result.note, None
             except TimeoutError:
-                error = TransientError(f"the handler did not finish within {HANDLER_TIMEOUT:g} s")
+                error: BaseException = TransientError(
+                    f"the handler did not finish within {HANDLER_TIMEOUT:g} s"
+                )
             except Exception as failure:
                 error = failure
-            finally:
-                await lease.stop_renewal()
-            outcome = decide(error, delivery.dequeue_count, self.policy, self._rng.random())
-        await self._apply(outcome, lease, fields, note, started)
+            gate = self.gate
+            if gate is None or not is_storage_failure(error, self.settings.default_storage_setting):
+                return None, error
+            if not await gate.confirm_outage(error):
+                return None, error  # storage answers: this one request failed, retry as usual
+            parked_since = parked_since or time.monotonic()
+            waited = time.monotonic() - parked_since
+            self._log.warning("message.parked", reason=self.redact(describe(error)), **fields)
+            if not await gate.wait_open(max(PARK_LIMIT - waited, 0), self._stopping):
+                return None, error
+            attempt += 1
+            self.stats["resumed_after_outage"] += 1
+
+    def _age(self, delivery: Delivery) -> float | None:
+        """Seconds since the message was first enqueued, if the service said when."""
+        if delivery.inserted_on is None:
+            return None
+        return max((self._now() - delivery.inserted_on).total_seconds(), 0.0)
 
     async def _handle(
-        self, role: QueueRole, delivery: Delivery, fields: dict[str, Any]
+        self, role: QueueRole, delivery: Delivery, fields: dict[str, Any], attempt: int
     ) -> HandlerResult:
         message: Message = parse_message(decode_body(delivery.body))
         request_id = getattr(message, "request_id", None) or delivery.message_id
@@ -281,7 +370,7 @@ class Worker:
         context = MessageContext(
             queue=delivery.queue,
             message_id=delivery.message_id,
-            dequeue_count=delivery.dequeue_count,
+            dequeue_count=attempt,
             request_id=request_id,
         )
         result = await handler(message, context)
@@ -319,12 +408,14 @@ class Worker:
                 case Complete():
                     await lease.complete()
                     self.stats["completed"] += 1
+                    self._observe("completed", fields, started)
                     self._log.info(
                         "message.completed", outcome=note, duration_ms=duration_ms, **fields
                     )
                 case Retry(delay=delay, reason=reason):
                     await lease.release(delay)
                     self.stats["retried"] += 1
+                    self._observe("retried", fields, started)
                     self._log.warning(
                         "message.retried",
                         delay_seconds=round(delay, 3),
@@ -335,6 +426,7 @@ class Worker:
                 case DeadLetter(reason=reason, error_type=error_type):
                     await self._dead_letter(lease, self.redact(reason), error_type, fields)
                     self.stats["dead_lettered"] += 1
+                    self._observe("dead_lettered", fields, started, error_type)
                     self._log.error(
                         "message.dead_lettered",
                         reason=self.redact(reason),
@@ -345,10 +437,12 @@ class Worker:
         except LeaseLost:
             # Someone else holds the message now; it will be processed again, harmlessly.
             self.stats["lease_lost"] += 1
+            self._observe("lease_lost", fields, started)
             self._log.warning("message.lease_lost", duration_ms=duration_ms, **fields)
         except Exception as error:
             # The message stays on its queue and reappears when its lease expires.
             self.stats["ack_failed"] += 1
+            self._observe("ack_failed", fields, started)
             self._log.error(
                 "message.ack_failed",
                 error=self.redact(describe(error)),

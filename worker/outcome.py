@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 
 from schemas import InvalidMessage
-from worker.errors import PermanentError, TransientError
+from worker.errors import ChatNotFound, PermanentError, TransientError
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,18 @@ class RetryPolicy:
     max_dequeue_count: int = 5
     base_delay: float = 2.0
     max_delay: float = 300.0
+    # Seconds after enqueue that a request for a chat that does not exist yet keeps waiting.
+    create_grace: float = 120.0
+
+
+# Delays between the attempts of a request waiting for its chat to be created: the create is
+# usually a moment behind, so seconds, not the transient-failure backoff (the last repeats).
+CREATE_WAIT_DELAYS = (1.0, 1.0, 2.0, 2.0, 3.0, 5.0)
+
+
+def create_wait_delay(attempt: int) -> float:
+    """Delay after attempt ``attempt`` (1-based) of a request whose chat does not exist yet."""
+    return CREATE_WAIT_DELAYS[min(max(attempt, 1), len(CREATE_WAIT_DELAYS)) - 1]
 
 
 def backoff(attempt: int, policy: RetryPolicy, *, jitter: float = 0.0) -> float:
@@ -67,11 +79,25 @@ def describe(error: BaseException) -> str:
 
 
 def decide(
-    error: BaseException | None, dequeue_count: int, policy: RetryPolicy, jitter: float = 0.0
+    error: BaseException | None,
+    dequeue_count: int,
+    policy: RetryPolicy,
+    jitter: float = 0.0,
+    *,
+    age: float | None = None,
 ) -> Outcome:
-    """The outcome for a message whose handler ended with ``error`` (None: it succeeded)."""
+    """The outcome for a message whose handler ended with ``error`` (None: it succeeded).
+
+    ``age`` is how long ago the message was first enqueued (None when unknown).
+    """
     if error is None:
         return Complete()
+    if isinstance(error, ChatNotFound):
+        if age is not None and age < policy.create_grace:
+            remaining = policy.create_grace - age
+            return Retry(min(create_wait_delay(dequeue_count), remaining + 1.0), error.reason)
+        waited = f" (it waited {age:.0f} s for its create)" if age is not None else ""
+        return DeadLetter(f"{error.reason}{waited}", error.error_type)
     if isinstance(error, PermanentError):
         return DeadLetter(error.reason, error.error_type)
     if isinstance(error, InvalidMessage):
@@ -87,13 +113,18 @@ def decide(
     return Retry(backoff(dequeue_count, policy, jitter=jitter), reason)
 
 
-def check_before_running(dequeue_count: int, policy: RetryPolicy) -> DeadLetter | None:
+def check_before_running(
+    dequeue_count: int, policy: RetryPolicy, age: float | None = None
+) -> DeadLetter | None:
     """Dead-letter a message delivered more often than allowed before running it again.
 
     That happens when earlier attempts died with the worker (killed, out of memory) so that
     no failure could be recorded: without this check such a message would crash replicas
-    forever.
+    forever. Within the create grace a request may have been delivered many times while it
+    waited for its chat (short delays): it is run, and ``decide`` judges it.
     """
+    if age is not None and age < policy.create_grace:
+        return None
     if dequeue_count > policy.max_dequeue_count:
         return DeadLetter(
             f"delivered {dequeue_count} times without finishing (more than "

@@ -107,6 +107,12 @@ def _optional_port(text: str) -> int | None:
     return value
 
 
+def _host(text: str) -> str:
+    if not text or any(c.isspace() for c in text):
+        raise ValueError("must be a host name or IP address")
+    return text
+
+
 def _seconds_list(text: str) -> tuple[float, ...]:
     values = tuple(_seconds(part) for part in text.split(",") if part.strip())
     if not values:
@@ -174,6 +180,13 @@ SPECS: tuple[SettingSpec, ...] = (
         "queue of the worker's own run-step continuations",
     ),
     SettingSpec(
+        "WORKER_DEADLINES_QUEUE",
+        "deadlines_queue",
+        _base_queue_name,
+        "assistant-deadlines",
+        "queue of the worker's own run deadlines (one delayed watchdog message per run)",
+    ),
+    SettingSpec(
         "WORKER_MESSAGE_ENCODING",
         "message_encoding",
         _choice("none", "base64"),
@@ -237,6 +250,14 @@ SPECS: tuple[SettingSpec, ...] = (
         "seconds after which an unfinished run becomes 'expired'",
     ),
     SettingSpec(
+        "WORKER_CREATE_GRACE",
+        "create_grace",
+        _seconds,
+        "120",
+        "seconds after it was enqueued that a post or submit for a chat that does not exist "
+        "(yet) is retried before it is dead-lettered",
+    ),
+    SettingSpec(
         "WORKER_POLL_BACKOFF",
         "poll_backoff",
         _seconds_list,
@@ -286,6 +307,13 @@ SPECS: tuple[SettingSpec, ...] = (
         "if set, port of the health, metrics and query HTTP server",
     ),
     SettingSpec(
+        "WORKER_HTTP_HOST",
+        "http_host",
+        _host,
+        "0.0.0.0",
+        "address the HTTP server listens on (with WORKER_HTTP_PORT)",
+    ),
+    SettingSpec(
         "OPENAI_BASE_URL",
         "openai_base_url",
         _optional_text,
@@ -323,6 +351,7 @@ class Settings:
     storage: dict[str, StorageConnection]
     requests_queue: str = "assistant-requests"
     runs_queue: str = "assistant-runs"
+    deadlines_queue: str = "assistant-deadlines"
     message_encoding: Literal["none", "base64"] = "none"
     concurrency: int = 16
     max_dequeue_count: int = 5
@@ -332,6 +361,7 @@ class Settings:
     retry_max_delay: float = 300.0
     shutdown_grace: float = 25.0
     run_timeout: float = 600.0
+    create_grace: float = 120.0
     poll_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0)
     chat_model: str = "gpt-4o-mini"
     model_api: str = "chat"
@@ -339,6 +369,7 @@ class Settings:
     storage_setting_names: tuple[str, ...] = ()
     ai_connection_names: tuple[str, ...] = ()
     http_port: int | None = None
+    http_host: str = "0.0.0.0"
     log_format: str = "auto"
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
@@ -361,8 +392,11 @@ class Settings:
                 values[spec.field] = spec.parse(raw.strip())
             except ValueError as error:
                 raise SettingsError(f"{spec.env} (or {spec.flag}) {error}") from None
-        if values["runs_queue"] == values["requests_queue"]:
-            raise SettingsError("WORKER_RUNS_QUEUE must differ from WORKER_REQUESTS_QUEUE")
+        names = [values["requests_queue"], values["runs_queue"], values["deadlines_queue"]]
+        if len(set(names)) != len(names):
+            raise SettingsError(
+                "WORKER_REQUESTS_QUEUE, WORKER_RUNS_QUEUE and WORKER_DEADLINES_QUEUE must differ"
+            )
 
         storage: dict[str, StorageConnection] = {}
         default = storage_connection(DEFAULT_STORAGE_SETTING, env)
@@ -398,14 +432,19 @@ class Settings:
         )
 
     @property
-    def work_queues(self) -> tuple[str, str]:
+    def work_queues(self) -> tuple[str, str, str]:
         """The queues the worker consumes."""
-        return (self.requests_queue, self.runs_queue)
+        return (self.requests_queue, self.runs_queue, self.deadlines_queue)
 
     @property
     def default_storage(self) -> StorageConnection:
         """The ``AzureWebJobsStorage`` account: the work queues live there."""
         return self.storage[DEFAULT_STORAGE_SETTING]
+
+    @property
+    def default_storage_setting(self) -> str:
+        """The name of the setting of the worker's own storage account."""
+        return DEFAULT_STORAGE_SETTING
 
     def with_values(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (tests, the demo)."""

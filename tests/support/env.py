@@ -46,6 +46,10 @@ class StorageEnv:
         return f"runs-{self.suffix}"
 
     @property
+    def deadlines_queue(self) -> str:
+        return f"deadlines-{self.suffix}"
+
+    @property
     def requests_poison(self) -> str:
         return f"{self.requests_queue}-poison"
 
@@ -59,6 +63,7 @@ class StorageEnv:
             "AzureWebJobsStorage": self.connection_string,
             "WORKER_REQUESTS_QUEUE": self.requests_queue,
             "WORKER_RUNS_QUEUE": self.runs_queue,
+            "WORKER_DEADLINES_QUEUE": self.deadlines_queue,
             "WORKER_MAX_POLLING_INTERVAL": "0.5",
             "WORKER_RETRY_DELAY": "1",
             "WORKER_RETRY_MAX_DELAY": "2",

@@ -179,6 +179,11 @@ def _required_ids(run: Run) -> set[str]:
     return {call.id for call in action.submit_tool_outputs.tool_calls}
 
 
+def _thread_busy(error: openai.BadRequestError) -> bool:
+    """The service's 400 for a thread that already has an active run."""
+    return "already has an active run" in str(error.message or error).lower()
+
+
 def _why_ended(run: Run) -> str:
     if run.last_error is not None and run.last_error.message:
         return f"the remote run {run.status}: {run.last_error.message}"
@@ -219,6 +224,17 @@ class AssistantsBackend:
         except openai.OpenAIError as error:
             raise classify(error) from error
 
+    async def cancel(self, request: TurnRequest) -> None:
+        """Cancel the run's remote run, so the thread is free and stops spending tokens."""
+        thread_id = _known(request, THREAD_ID)
+        remote_run = request.handle.get(REMOTE_RUN_ID)
+        if not thread_id or not isinstance(remote_run, str) or not remote_run:
+            return
+        client = model_client(self._clients, request)
+        # A run that already ended refuses to be cancelled: nothing to do then.
+        with contextlib.suppress(openai.BadRequestError, openai.NotFoundError):
+            await _beta(lambda: client.beta.threads.runs.cancel(remote_run, thread_id=thread_id))
+
     # -- starting a run -------------------------------------------------------------------------
 
     async def _start(self, client: openai.AsyncOpenAI, request: TurnRequest) -> ModelTurn | Pending:
@@ -256,7 +272,15 @@ class AssistantsBackend:
                 thread_id = ids[THREAD_ID] = thread.id
                 created = True
             arguments = _run_arguments(request, assistant_id)
-            run = await _beta(lambda: client.beta.threads.runs.create(thread_id, **arguments))
+            try:
+                run = await _beta(lambda: client.beta.threads.runs.create(thread_id, **arguments))
+            except openai.BadRequestError as error:
+                if not _thread_busy(error):
+                    raise
+                # Another copy of this step (or an older run) got the thread first: a race,
+                # not a bad request. The next poll finds this run's remote run, or cancels
+                # the older one and starts it.
+                return Pending(ids)
             return await self._outcome(client, run, {**ids, REMOTE_RUN_ID: run.id})
         except openai.OpenAIError as error:
             problem = classify(error)

@@ -66,3 +66,7 @@ class Backend(Protocol):
 
     async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
         """Check a pending turn named by ``request.handle``."""
+
+    async def cancel(self, request: TurnRequest) -> None:
+        """Stop the remote work named by ``request.handle``, if any (best effort: the run
+        has already ended for the worker)."""

@@ -95,5 +95,8 @@ class ChatBackend:
             else Usage(),
         )
 
+    async def cancel(self, request: TurnRequest) -> None:
+        """Chat Completions calls finish within the step: there is nothing to stop."""
+
     async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
         raise ModelError("the chat API has no pending turns to poll", transient=False)

@@ -11,6 +11,7 @@ Handle keys: ``responseId`` (the newest response of the run) and ``callIds`` (th
 response asked for, so a follow-up is only chained to the response its outputs answer).
 """
 
+import contextlib
 from typing import Any
 
 import openai
@@ -268,3 +269,12 @@ class ResponsesBackend:
         except openai.OpenAIError as error:
             raise classify(error) from error
         return outcome(response)
+
+    async def cancel(self, request: TurnRequest) -> None:
+        """Cancel the run's background response (one that already ended refuses: fine)."""
+        response_id = request.handle.get(RESPONSE_ID)
+        if not isinstance(response_id, str) or not response_id:
+            return
+        client = model_client(self._clients, request)
+        with contextlib.suppress(openai.BadRequestError, openai.NotFoundError):
+            await client.responses.cancel(response_id)

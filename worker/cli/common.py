@@ -19,7 +19,7 @@ class CliError(Exception):
 def add_queue_flags(parser: argparse.ArgumentParser) -> None:
     """The queue names, for commands that send or read messages."""
     for spec in SPECS:
-        if spec.field in {"requests_queue", "runs_queue", "message_encoding"}:
+        if spec.field in {"requests_queue", "runs_queue", "deadlines_queue", "message_encoding"}:
             parser.add_argument(
                 spec.flag,
                 dest=spec.field,

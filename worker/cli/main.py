@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from azure.core.exceptions import AzureError
 
 from worker import __version__
-from worker.cli import demo, poison, run, send, state
+from worker.cli import chats, demo, poison, run, send, state
 from worker.cli.common import CliError
 from worker.errors import PermanentError, TransientError
 from worker.redact import Redactor
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_parser(commands)
     state.add_parser(commands)
     poison.add_parser(commands)
+    chats.add_parser(commands)
     demo.add_parser(commands)
     return parser
 

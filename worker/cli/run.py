@@ -8,6 +8,7 @@ import structlog
 
 from worker.app import open_app
 from worker.logs import configure_logging
+from worker.observability.tracing import setup_tracing
 from worker.redact import Redactor
 from worker.settings import SPECS, Settings
 
@@ -39,16 +40,18 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_format, Redactor(settings.secrets()))
-    return asyncio.run(serve(settings, burst=args.burst))
+    # Traces (SPEC §10) when an exporter is configured; open_app picks the provider up.
+    tracing = setup_tracing()
+    try:
+        return asyncio.run(serve(settings, burst=args.burst))
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
 
 
 async def serve(settings: Settings, *, burst: bool) -> int:
-    if settings.http_port is not None:
-        structlog.get_logger("worker").warning(
-            "http.not_available",
-            detail="WORKER_HTTP_PORT is set, but the health/metrics/query server is not "
-            "implemented yet; nothing listens on that port",
-        )
+    # With WORKER_HTTP_PORT set, open_app serves /healthz, /readyz, /metrics and the query
+    # API on this loop until the worker has drained.
     async with open_app(settings) as app:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

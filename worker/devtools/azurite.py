@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -307,3 +309,392 @@ class Azurite:
     def _remove_location(self) -> None:
         if self._location is not None and self._keep_location is None:
             shutil.rmtree(self._location, ignore_errors=True)
+
+
+# -- queue and table services as separate processes -------------------------------------
+
+AZURITE_QUEUE_BIN = Path("node_modules") / ".bin" / "azurite-queue"
+AZURITE_TABLE_BIN = Path("node_modules") / ".bin" / "azurite-table"
+
+# azurite-queue prints the bound port; azurite-table prints the port it was given (0 stays 0).
+_SPLIT_READY_RE = {
+    "queue": re.compile(r"Azurite Queue service successfully listens on https?://[^\s:]+:(\d+)"),
+    "table": re.compile(r"Azurite Table service successfully started on [^\s:]+:(\d+)"),
+}
+_ADDRESS_IN_USE = "EADDRINUSE"
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGKILL when the thread that started it dies (Linux),
+    so that a SIGKILLed harness leaves no process behind. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class _ServiceProcess:
+    """One Azurite service (``azurite-queue`` or ``azurite-table``) as its own process group."""
+
+    def __init__(
+        self,
+        service: str,
+        binary: Path,
+        location: Path,
+        *,
+        startup_timeout: float,
+        stop_timeout: float,
+        tied: bool = False,
+    ) -> None:
+        self.service = service
+        self.binary = binary
+        self.location = location
+        self.port: int | None = None  # fixed after the first start, so restarts keep it
+        self._tied = tied
+        self._startup_timeout = startup_timeout
+        self._stop_timeout = stop_timeout
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+        self._lines: collections.deque[str] = collections.deque(maxlen=5000)
+        self._ready_port: int | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return "".join(self._lines)
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError(f"Azurite {self.service} service already running")
+        attempts = 1 if self.port is not None or self.service == "queue" else 5
+        for attempt in range(attempts):
+            port = self.port
+            if port is None:
+                # azurite-table cannot report a port it chose itself: pick one (retry on a race).
+                port = 0 if self.service == "queue" else _free_port()
+            try:
+                self._launch(port)
+                return
+            except _PortInUseError:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _launch(self, port: int) -> None:
+        cmd = [
+            str(self.binary),
+            "--silent",
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+            "--location",
+            str(self.location),
+            f"--{self.service}Host",
+            HOST,
+            f"--{self.service}Port",
+            str(port),
+        ]
+        with self._cond:
+            self._ready_port = None
+            self._lines.clear()
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=die_with_parent if self._tied else None,
+        )
+        assert self._proc.stdout is not None
+        self._reader = threading.Thread(
+            target=self._drain,
+            args=(self._proc.stdout,),
+            name=f"azurite-{self.service}-stdout",
+            daemon=True,
+        )
+        self._reader.start()
+        deadline = time.monotonic() + self._startup_timeout
+        proc = self._proc
+        while True:
+            with self._cond:
+                ready = self._ready_port
+                output = "".join(self._lines)
+                if ready is None and proc.poll() is None:
+                    self._cond.wait(timeout=0.2)  # bounded: an exit is seen by poll()
+                    continue_waiting = True
+                else:
+                    continue_waiting = False
+            if ready is not None:
+                self.port = ready if ready else port
+                return
+            if not continue_waiting:
+                self._reap()
+                if _ADDRESS_IN_USE in output:
+                    raise _PortInUseError(output)
+                raise RuntimeError(
+                    f"azurite-{self.service} exited with code {proc.returncode} before "
+                    f"listening. Output:\n{output}"
+                )
+            if time.monotonic() >= deadline:
+                self.stop(kill=True)
+                raise RuntimeError(
+                    f"azurite-{self.service} did not report listening within "
+                    f"{self._startup_timeout:.0f} s. Output:\n{output}"
+                )
+
+    def stop(self, *, kill: bool = False) -> None:
+        """SIGINT (both services save their data and close on it) or SIGKILL; reap.
+
+        Azurite saves its databases every 5 s and on a graceful close: a SIGKILL can lose the
+        last seconds of writes (a crash, not an outage). SIGTERM is not used: azurite-table has
+        no handler for it and would die without saving.
+        """
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGINT)
+            try:
+                proc.wait(timeout=self._stop_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=self._stop_timeout)
+        # A graceful close leaves children (none known) or a killed leader's group behind.
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self._reap()
+
+    def _reap(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=self._stop_timeout)
+        reader_done = True
+        if self._reader is not None:
+            self._reader.join(timeout=self._stop_timeout)
+            reader_done = not self._reader.is_alive()
+            self._reader = None
+        if proc.stdout is not None and reader_done:
+            proc.stdout.close()
+        self._proc = None
+
+    def _drain(self, stream: IO[str]) -> None:
+        try:
+            for line in stream:
+                with self._cond:
+                    self._lines.append(line)
+                    match = _SPLIT_READY_RE[self.service].search(line)
+                    if match:
+                        self._ready_port = int(match.group(1))
+                    self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+
+class _PortInUseError(RuntimeError):
+    pass
+
+
+class SplitAzurite(Azurite):
+    """Azurite's queue and table services as two processes on one ``--location``.
+
+    Lets a test fail the table service alone (a partial outage) while queues keep working:
+    ``stop_table()`` then ``start_table()`` (same port, same data folder: the data survives).
+    ``stop_queue()`` / ``start_queue()`` likewise. No blob service. A subclass of ``Azurite`` so
+    that code typed for it (``StorageEnv``) takes one; its blob endpoint does not exist.
+    """
+
+    def __init__(
+        self,
+        *,
+        repo_root: Path | None = None,
+        startup_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+        location: Path | None = None,
+        die_with_parent: bool = False,
+    ) -> None:
+        """``die_with_parent``: the services get SIGKILL when the thread that started them
+        dies (Linux), for harnesses that must leave nothing behind even when killed."""
+        super().__init__(
+            startup_timeout=startup_timeout, stop_timeout=stop_timeout, location=location
+        )
+        self._repo_root = REPO_ROOT if repo_root is None else repo_root
+        self._queue: _ServiceProcess | None = None
+        self._table: _ServiceProcess | None = None
+        self._tied = die_with_parent
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> SplitAzurite:
+        """Start both services; block until each listens."""
+        if self._queue is not None:
+            raise RuntimeError("SplitAzurite already started")
+        for relative in (AZURITE_QUEUE_BIN, AZURITE_TABLE_BIN):
+            binary = self._repo_root / relative
+            if not binary.is_file():
+                raise AzuriteNotInstalledError(
+                    f"{binary} not found: run `npm ci` in {self._repo_root} (or `make test`)."
+                )
+        if self._keep_location is not None:
+            self._keep_location.mkdir(parents=True, exist_ok=True)
+            self._location = self._keep_location
+        else:
+            self._location = Path(tempfile.mkdtemp(prefix="azurite-split-"))
+        began = time.monotonic()
+        self._queue = _ServiceProcess(
+            "queue",
+            self._repo_root / AZURITE_QUEUE_BIN,
+            self._location,
+            startup_timeout=self._startup_timeout,
+            stop_timeout=self._stop_timeout,
+            tied=self._tied,
+        )
+        self._table = _ServiceProcess(
+            "table",
+            self._repo_root / AZURITE_TABLE_BIN,
+            self._location,
+            startup_timeout=self._startup_timeout,
+            stop_timeout=self._stop_timeout,
+            tied=self._tied,
+        )
+        try:
+            self._queue.start()
+            self._table.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - began
+        return self
+
+    def stop(self) -> None:
+        """Stop both services (gracefully, then SIGKILL) and remove a temporary data folder."""
+        for service in (self._table, self._queue):
+            if service is not None:
+                with contextlib.suppress(Exception):
+                    service.stop()
+        self._remove_location()
+
+    def __enter__(self) -> SplitAzurite:
+        return self.start()
+
+    def stop_table(self, *, kill: bool = False) -> None:
+        """Stop the table service only: SIGINT (saves its data) or, with ``kill``, SIGKILL."""
+        self._service("table").stop(kill=kill)
+
+    def start_table(self) -> None:
+        """Start the table service again on the same port and data folder."""
+        self._service("table").start()
+
+    def stop_queue(self, *, kill: bool = False) -> None:
+        """Stop the queue service only (see ``stop_table``)."""
+        self._service("queue").stop(kill=kill)
+
+    def start_queue(self) -> None:
+        """Start the queue service again on the same port and data folder."""
+        self._service("queue").start()
+
+    @property
+    def table_running(self) -> bool:
+        return self._table is not None and self._table.running
+
+    @property
+    def queue_running(self) -> bool:
+        return self._queue is not None and self._queue.running
+
+    # -- endpoints -------------------------------------------------------------------
+
+    @property
+    def blob_port(self) -> int:
+        raise RuntimeError("SplitAzurite runs no blob service")
+
+    @property
+    def queue_port(self) -> int:
+        return self._service_port("queue")
+
+    @property
+    def table_port(self) -> int:
+        return self._service_port("table")
+
+    def connection_string_with(
+        self,
+        queue_port: int | None = None,
+        table_port: int | None = None,
+        *,
+        blob_port: int | None = None,
+    ) -> str:
+        """Connection string with queue and table endpoints (no blob endpoint)."""
+        queue = self.queue_port if queue_port is None else queue_port
+        table = self.table_port if table_port is None else table_port
+        blob = (
+            ""
+            if blob_port is None
+            else f"BlobEndpoint=http://{HOST}:{blob_port}/{DEV_ACCOUNT_NAME};"
+        )
+        return (
+            "DefaultEndpointsProtocol=http;"
+            f"AccountName={DEV_ACCOUNT_NAME};"
+            f"AccountKey={DEV_ACCOUNT_KEY};"
+            f"{blob}"
+            f"QueueEndpoint=http://{HOST}:{queue}/{DEV_ACCOUNT_NAME};"
+            f"TableEndpoint=http://{HOST}:{table}/{DEV_ACCOUNT_NAME};"
+        )
+
+    # -- introspection ---------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """Process id of the queue service."""
+        pid = self._service("queue").pid
+        if pid is None:
+            raise RuntimeError("queue service not running")
+        return pid
+
+    @property
+    def table_pid(self) -> int | None:
+        return self._service("table").pid
+
+    @property
+    def running(self) -> bool:
+        """True while both services run."""
+        return self.queue_running and self.table_running
+
+    @property
+    def output(self) -> str:
+        """What the running (or last) queue and table processes printed."""
+        parts = [s.output for s in (self._queue, self._table) if s is not None]
+        return "".join(parts)
+
+    def _service(self, name: str) -> _ServiceProcess:
+        service = self._queue if name == "queue" else self._table
+        if service is None:
+            raise RuntimeError("SplitAzurite not started")
+        return service
+
+    def _service_port(self, name: str) -> int:
+        port = self._service(name).port
+        if port is None:
+            raise RuntimeError(f"Azurite {name} port unknown: not started")
+        return port

@@ -64,6 +64,26 @@ def tool_calls_json(calls: Sequence[ToolCallRef]) -> str:
     )
 
 
+def unique_call_ids(calls: Sequence[ToolCallRef], run: Run) -> tuple[ToolCallRef, ...]:
+    """The calls with an id each, unique within the turn.
+
+    Some OpenAI-compatible servers send calls without ids, or reuse one id for several calls
+    of a turn: answered by id, one output would overwrite another. Such calls get an id of
+    their own (the chat backend sends the history, ids included, so any unique id works).
+    """
+    seen: set[str] = set()
+    unique: list[ToolCallRef] = []
+    for number, call in enumerate(calls):
+        call_id = call.id
+        if not call_id or call_id in seen:
+            call_id = f"call_{run.run_id[-10:]}_{run.tool_rounds + 1}_{number}"
+            while call_id in seen:
+                call_id += "_"
+        seen.add(call_id)
+        unique.append(call if call_id == call.id else replace(call, id=call_id))
+    return tuple(unique)
+
+
 def _advance(run: Run, **changes: object) -> Run:
     return replace(run, step=run.step + 1, **changes)  # type: ignore[arg-type]
 
@@ -84,14 +104,8 @@ MAX_DELAY = 7 * 24 * 3600 - 1.0
 
 
 def until_expiry(run: Run, now: datetime) -> float:
-    """Seconds until a run's deadline step: a run waiting for a producer gets one step at
-    its deadline, to expire it if nobody came."""
+    """Seconds until a run's deadline message is due: just after its deadline."""
     return min(max((run.expires_at - now).total_seconds(), 0.0) + 1.0, MAX_DELAY)
-
-
-def rearm_deadline(run: Run, now: datetime) -> Transition:
-    """The deadline step came before the deadline: send it again for the remaining time."""
-    return Transition(_advance(run), next_step_delay=until_expiry(run, now))
 
 
 def on_turn(
@@ -106,7 +120,7 @@ def on_turn(
     usage = run.usage + turn.usage
     handle = {**run.handle, **turn.handle}
     tokens = turn.usage.total_tokens or None
-    calls = turn.tool_calls
+    calls = unique_call_ids(turn.tool_calls, run)
     if not calls:
         text = turn.content or ""
         if turn.incomplete:
@@ -147,52 +161,82 @@ def on_turn(
         usage=usage,
         handle=handle,
         pending_calls=pending,
+        answered_calls=(),
         tool_rounds=run.tool_rounds + 1,
         phase="tools" if has_local else "external",
         status="in_progress" if has_local else "requires_action",
         poll_attempt=0,
     )
+    # A run waiting for a producer gets no step: its outputs resume it, and the run's
+    # deadline message ends it if they never come.
     return Transition(
         waiting,
         (asked,),
-        next_step_delay=0.0 if has_local else until_expiry(run, now),
+        next_step_delay=0.0 if has_local else None,
         announce_tool_calls=not has_local,
         last_total_tokens=tokens,
     )
 
 
 def on_tool_results(run: Run, results: Sequence[tuple[str, str]], now: datetime) -> Transition:
-    """Results for some pending calls (call id, output): store them, then go on or wait."""
+    """Results for some pending calls (call id, output): store them, then go on or wait.
+
+    External outputs may come one submit at a time, from several producers: the run resumes
+    once every pending call has a result, and remembers which calls of the round are answered.
+    """
     answered = {call_id for call_id, _ in results}
     messages = tuple(
         NewMessage("Tool", output, tool_call_id=call_id) for call_id, output in results
     )
     remaining = tuple(call for call in run.pending_calls if call.id not in answered)
+    done = (*run.answered_calls, *(call_id for call_id, _ in results))
     if remaining:
         if any(not call.external for call in remaining):
             # Local calls still open (only possible if a caller passed a subset): run them next.
-            nxt = _advance(run, pending_calls=remaining, phase="tools", status="in_progress")
+            nxt = _advance(
+                run, pending_calls=remaining, answered_calls=done, phase="tools",
+                status="in_progress",
+            )  # fmt: skip
             return Transition(nxt, messages, next_step_delay=0.0)
-        waiting = _advance(run, pending_calls=remaining, phase="external", status="requires_action")
-        return Transition(
-            waiting, messages, next_step_delay=until_expiry(run, now), announce_tool_calls=True
-        )
-    resumed = _advance(run, pending_calls=(), phase="model", status="in_progress")
+        waiting = _advance(
+            run, pending_calls=remaining, answered_calls=done, phase="external",
+            status="requires_action",
+        )  # fmt: skip
+        # Announced once, when the run starts waiting; a partial submit announces nothing.
+        return Transition(waiting, messages, announce_tool_calls=run.phase != "external")
+    resumed = _advance(
+        run, pending_calls=(), answered_calls=done, phase="model", status="in_progress"
+    )
     return Transition(resumed, messages, next_step_delay=0.0)
 
 
-def check_outputs(run: Run, call_ids: Sequence[str]) -> str | None:
-    """Why a producer's tool outputs cannot be accepted for this run, or None if they can."""
+def sort_outputs(run: Run, call_ids: Sequence[str]) -> tuple[list[str], str | None]:
+    """Which of a producer's tool outputs are new for this run, or why none can be accepted.
+
+    An output for a call of the round that already has one is left out (a second service
+    answering the same call, a re-sent submit): ignored, not an error. Outputs for calls the
+    run does not wait for are refused, naming them.
+    """
+    if len(set(call_ids)) != len(call_ids):
+        return [], "the same toolCallId is given more than once"
+    answered = set(run.answered_calls)
+    fresh = [call_id for call_id in call_ids if call_id not in answered]
+    if not fresh:
+        return [], None
     if run.status != "requires_action":
-        return f"run {run.run_id!r} is not waiting for tool outputs (its status is {run.status})"
+        return (
+            [],
+            f"run {run.run_id!r} is not waiting for tool outputs (its status is {run.status})",
+        )
     waiting = {call.id for call in run.pending_calls if call.external}
-    unknown = [call_id for call_id in call_ids if call_id not in waiting]
+    unknown = [call_id for call_id in fresh if call_id not in waiting]
     if unknown:
         expected = ", ".join(sorted(waiting)) or "none"
-        return f"run {run.run_id!r} has no pending tool call {', '.join(map(repr, unknown))} (waiting for: {expected})"
-    if len(set(call_ids)) != len(call_ids):
-        return "the same toolCallId is given more than once"
-    return None
+        return [], (
+            f"run {run.run_id!r} has no pending tool call {', '.join(map(repr, unknown))} "
+            f"(waiting for: {expected})"
+        )
+    return fresh, None
 
 
 def on_pending(run: Run, pending: Pending, now: datetime, schedule: Sequence[float]) -> Transition:

@@ -95,6 +95,9 @@ class Run:
     phase: Phase = "model"
     tool_rounds: int = 0
     pending_calls: tuple[PendingCall, ...] = ()
+    # Ids of this round's calls that already have a result (external outputs arrive one
+    # submit at a time): a repeated output for one of them is ignored, not an error.
+    answered_calls: tuple[str, ...] = ()
     handle: dict[str, Any] = field(default_factory=dict)
     poll_attempt: int = 0
     transient_failures: int = 0
@@ -107,6 +110,9 @@ class Run:
     etag: str | None = None
     # Set anew by every stored transition: tells which delivery's write landed.
     commit_id: str = ""
+    # The W3C trace context the run continues (the producer's, or its post's span): every
+    # step and reply of the run carries it (SPEC §10).
+    traceparent: str | None = None
 
     @property
     def finished(self) -> bool:

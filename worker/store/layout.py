@@ -10,7 +10,7 @@ with a marker, so that no write ever fails for size.
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ MESSAGE_PREFIX_END = "msg."
 # Results of a run's local tool calls, stored as each call finishes
 # (``tool-<runId>-<round:03d>-<hash of the call id>``).
 TOOL_RESULT_PREFIX = "tool-"
+CLAIM_PREFIX = "claim-"
 
 # Azure's limits (see NOTES): a string property holds 64 KiB, i.e. 32,768 UTF-16 code units; an
 # entity 1 MiB, counted with 2 bytes per UTF-16 unit. Text is measured in UTF-16 units so that
@@ -331,6 +332,25 @@ class AppliedRequest:
     message_id: str
     applied_at: datetime
     run_id: str | None = None
+    # The run's step right after this request took effect (a submit's resumed step), so a
+    # redelivery re-sends only a follow-up the run has not moved past.
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class AppliedRecord:
+    """What a ``req-`` row says of an applied request: the run it made or resumed, and the
+    run's step right after it."""
+
+    run_id: str | None
+    step: int | None
+
+
+def applied_record_from_entity(entity: Mapping[str, Any]) -> AppliedRecord:
+    step = entity.get("Step")
+    return AppliedRecord(
+        run_id=entity.get("RunId") or None, step=int(step) if step is not None else None
+    )
 
 
 def applied_request_entity(chat_id: str, applied: AppliedRequest) -> dict[str, Any]:
@@ -345,6 +365,8 @@ def applied_request_entity(chat_id: str, applied: AppliedRequest) -> dict[str, A
     }
     if applied.run_id is not None:
         entity["RunId"] = applied.run_id
+    if applied.step is not None:
+        entity["Step"] = applied.step
     return entity
 
 
@@ -381,6 +403,7 @@ def run_entity(chat_id: str, run: Run) -> dict[str, Any]:
         "ExpiresAt": run.expires_at,
         "Step": run.step,
         "CommitId": run.commit_id,
+        "TraceParent": run.traceparent or "",
         "Phase": run.phase,
         "ToolRounds": run.tool_rounds,
         "PollAttempt": run.poll_attempt,
@@ -390,7 +413,8 @@ def run_entity(chat_id: str, run: Run) -> dict[str, Any]:
         **split_texts(
             [
                 ("Usage", _json(run.usage.to_json())),
-                ("PendingCalls", _json([call.to_json() for call in run.pending_calls])),
+                ("PendingCalls", pending_calls_json(run.pending_calls)),
+                ("CallsAnswered", _json(list(run.answered_calls))),
                 ("Handle", _json(run.handle)),
                 ("Params", _json(run.params)),
                 ("UserMessage", run.user_message),
@@ -402,6 +426,30 @@ def run_entity(chat_id: str, run: Run) -> dict[str, Any]:
     if run.ended_at is not None:
         entity["EndedAt"] = run.ended_at
     return entity
+
+
+# UTF-16 units the pending calls' JSON may take in a run row (the row holds about 400,000).
+PENDING_CALLS_UNITS = 300_000
+
+
+def pending_calls_json(calls: Sequence[PendingCall]) -> str:
+    """The pending calls as JSON that always fits its share of the run row.
+
+    Cutting the JSON itself would leave text that parses as no calls at all, and the run would
+    go on as if the model had asked for nothing. Instead each call's arguments are cut (with a
+    marker) until the whole fits: every call is kept, and one whose arguments were cut gets
+    a tool result saying its arguments are invalid.
+    """
+    text = _json([call.to_json() for call in calls])
+    if utf16_units(text) <= PENDING_CALLS_UNITS or not calls:
+        return text
+    share = PENDING_CALLS_UNITS // (2 * len(calls))
+    while True:
+        cut = [replace(call, arguments=cap_text(call.arguments, share)) for call in calls]
+        text = _json([call.to_json() for call in cut])
+        if utf16_units(text) <= PENDING_CALLS_UNITS or share <= MIN_TEXT_UNITS:
+            return text
+        share //= 2
 
 
 def _json_list(text: str) -> list[Any]:
@@ -430,9 +478,11 @@ def run_from_entity(entity: dict[str, Any], etag: str | None) -> Run:
         reply_to=entity.get("ReplyTo") or None,
         step=int(entity.get("Step") or 0),
         commit_id=str(entity.get("CommitId") or ""),
+        traceparent=entity.get("TraceParent") or None,
         phase=entity.get("Phase") or "model",
         tool_rounds=int(entity.get("ToolRounds") or 0),
         pending_calls=tuple(PendingCall.from_json(item) for item in pending),
+        answered_calls=tuple(str(i) for i in _json_list(join_text(entity, "CallsAnswered"))),
         handle=_json_dict(join_text(entity, "Handle")),
         poll_attempt=int(entity.get("PollAttempt") or 0),
         transient_failures=int(entity.get("TransientFailures") or 0),

@@ -19,7 +19,7 @@ from azure.data.tables.aio import TableServiceClient
 
 from schemas.requests import DEFAULT_STORAGE_SETTING
 from worker.azure_clients import table_service
-from worker.errors import PermanentError, TransientError
+from worker.errors import PermanentError, StorageUnavailable, TransientError
 from worker.outcome import describe
 from worker.settings import Settings
 
@@ -31,13 +31,14 @@ _PERMANENT_STATUS = {400, 413}
 
 
 @asynccontextmanager
-async def storage_errors(action: str, where: str) -> AsyncIterator[None]:
+async def storage_errors(action: str, where: str, setting: str) -> AsyncIterator[None]:
     """Classify the table service's failures, saying where they happened.
 
-    A refusal of the request itself (400, 413) is permanent. An unreachable service, a 5xx or
-    an authentication failure is transient, re-raised naming the storage setting and table so
-    that a dead letter says which connection to fix. Anything else (404, 409, 412) passes
-    through for the caller to handle.
+    A refusal of the request itself (400, 413) is permanent. An unreachable or busy service
+    (no connection, 5xx, 429) is ``StorageUnavailable`` (the loop pauses when it is the
+    worker's own storage); an authentication failure is transient. Both name the storage
+    setting and table, so that a dead letter says which connection to fix. Anything else
+    (404, 409, 412) passes through for the caller to handle.
     """
     try:
         yield
@@ -49,14 +50,22 @@ async def storage_errors(action: str, where: str) -> AsyncIterator[None]:
                 f"{where}: the table service refused to {action}: {code or error.reason}",
                 error_type="StorageRequestRejected",
             ) from error
-        if status >= 500 or status in (401, 403):
+        if status >= 500 or status == 429:
+            raise StorageUnavailable(
+                f"{where}: could not {action}: {describe(error)}",
+                setting=setting,
+                error_type=type(error).__name__,
+            ) from error
+        if status in (401, 403):
             raise TransientError(
                 f"{where}: could not {action}: {describe(error)}", error_type=type(error).__name__
             ) from error
         raise
     except (ServiceRequestError, ServiceResponseError) as error:
-        raise TransientError(
-            f"{where}: could not {action}: {describe(error)}", error_type=type(error).__name__
+        raise StorageUnavailable(
+            f"{where}: could not {action}: {describe(error)}",
+            setting=setting,
+            error_type=type(error).__name__,
         ) from error
 
 
@@ -105,13 +114,25 @@ class ChatStores:
             if key not in self._stores:
                 try:
                     async with storage_errors(
-                        "create the table", f"table '{table}' of storage setting '{setting}'"
+                        "create the table",
+                        f"table '{table}' of storage setting '{setting}'",
+                        setting,
                     ):
                         await service.create_table(table)
                 except ResourceExistsError:
                     pass
                 self._stores[key] = TableChatStore(service.get_table_client(table), setting)
         return self._stores[key]
+
+    async def probe(self, setting: str) -> None:
+        """One cheap request to the table service of ``setting``; raises if it does not
+        answer (the storage gate's probe)."""
+        service = self._service(setting)
+        async with storage_errors(
+            "probe the table service", f"storage setting '{setting}'", setting
+        ):
+            async for _ in service.query_tables("TableName eq @name", parameters={"name": "probe"}):
+                break
 
     async def close(self) -> None:
         """Close every client opened."""

@@ -10,7 +10,7 @@ Concurrency and idempotency rules, which every method keeps:
 - OData filters are built with parameters, never by formatting ids into strings.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -25,24 +25,25 @@ from tenacity import (
     wait_exponential,
 )
 
-from worker.errors import PermanentError, TransientError
+from worker.errors import PermanentError
 from worker.runs.model import Run
+from worker.store.claims import CLAIMED, Claims
 from worker.store.layout import (
     MESSAGE_PREFIX,
     MESSAGE_PREFIX_END,
-    REQUEST_PREFIX,
     RUN_PREFIX,
     RUN_PREFIX_END,
     STATE_ROW,
+    AppliedRecord,
     AppliedRequest,
     ChatMessage,
     ChatState,
+    applied_record_from_entity,
     applied_request_entity,
     entity_payload_bytes,
     join_text,
     message_entity,
     message_from_entity,
-    message_row_key,
     request_row_key,
     run_entity,
     run_from_entity,
@@ -53,6 +54,7 @@ from worker.store.layout import (
     tool_result_entity,
     tool_results_prefix,
 )
+from worker.store.removal import Removal, delete_chat, reset_chat
 from worker.store.stores import ChatStores, storage_errors
 
 __all__ = [
@@ -108,10 +110,12 @@ class TableChatStore:
     def __init__(self, client: TableClient, setting: str) -> None:
         self.client = client
         self.table_name: str = client.table_name
+        self.setting = setting
         self.where = f"table '{self.table_name}' of storage setting '{setting}'"
+        self.claims = Claims(client, self.where, setting)
 
     def _errors(self, action: str) -> AbstractAsyncContextManager[None]:
-        return storage_errors(action, self.where)
+        return storage_errors(action, self.where, self.setting)
 
     async def load_state(self, chat_id: str) -> ChatState | None:
         """The ``state`` row with its ETag, or None when the chat does not exist."""
@@ -133,14 +137,18 @@ class TableChatStore:
             return False
         return True
 
-    async def read_messages(self, chat_id: str) -> list[ChatMessage]:
-        """Every ``msg-`` row of the chat, in order."""
+    async def read_messages(self, chat_id: str, upto: int | None = None) -> list[ChatMessage]:
+        """Every ``msg-`` row of the chat, in order; with ``upto`` (the state's
+        ``TotalMessages``) only those the chat counts: a row past it is left over from a
+        commit that failed half-way, and the next commit overwrites it."""
         async with self._errors("read the chat messages"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                 parameters={"pk": chat_id, "lo": MESSAGE_PREFIX, "hi": MESSAGE_PREFIX_END},
             )
             messages = [message_from_entity(dict(entity)) async for entity in entities]
+        if upto is not None:
+            messages = [message for message in messages if message.index <= upto]
         return sorted(messages, key=lambda message: message.index)
 
     async def load_run(self, chat_id: str, run_id: str) -> Run | None:
@@ -204,12 +212,17 @@ class TableChatStore:
 
     async def applied_run(self, chat_id: str, request_id: str) -> tuple[bool, str | None]:
         """Whether a request was applied, and the run it created if any."""
+        record = await self.applied_record(chat_id, request_id)
+        return (record is not None, record.run_id if record is not None else None)
+
+    async def applied_record(self, chat_id: str, request_id: str) -> AppliedRecord | None:
+        """The record of a request applied to this chat, or None."""
         try:
             async with self._errors("read an applied-request record"):
                 entity = await self.client.get_entity(chat_id, request_row_key(request_id))
         except ResourceNotFoundError:
-            return False, None
-        return True, entity.get("RunId") or None
+            return None
+        return applied_record_from_entity(entity)
 
     async def save_tool_result(
         self, chat_id: str, run_id: str, round_number: int, call_id: str, output: str
@@ -233,9 +246,11 @@ class TableChatStore:
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                 parameters={"pk": chat_id, "lo": prefix, "hi": prefix[:-1] + "."},
             )
+            # A row still only claimed is a call running (or died running) elsewhere.
             return {
                 str(entity["CallId"]): join_text(dict(entity), "Output")
                 async for entity in entities
+                if entity.get("State") != CLAIMED
             }
 
     async def run_messages(self, chat_id: str, run_id: str) -> list[ChatMessage]:
@@ -270,26 +285,47 @@ class TableChatStore:
         same transaction; one that is already gone is left out. Raises ``Conflict`` when any
         guarded row changed meanwhile (or a row to create exists), so the caller can re-read
         and decide again, and ``PermanentError`` (``TooLarge``) when the change would pass
-        a transaction's limits (100 operations, about 3.5 MiB).
+        a transaction's limits (about 3.5 MiB).
+
+        Messages are written insert-or-replace: the guarded ``state`` row in the same
+        transaction already proves that nobody else appended since it was read, so a row past
+        ``TotalMessages`` can only be left over from a write that failed half-way. More
+        messages than one transaction holds (a turn with a hundred parallel tool calls) go
+        first in transactions of their own, each guarded by the state row's newest ETag; the
+        last one moves ``TotalMessages`` past them, so readers never see them before.
         """
         chat_id = state.chat_id
-        operations: list[Any] = [
-            ("update", state_entity(state), _guarded(state.etag, UpdateMode.MERGE))
-        ]
+        rest: list[Any] = []
         for run, created in runs:
             if created:
-                operations.append(("create", run_entity(chat_id, run)))
+                rest.append(("create", run_entity(chat_id, run)))
             else:
-                operations.append(("update", run_entity(chat_id, run), _guarded(run.etag)))
-        operations.extend(("create", message_entity(chat_id, message)) for message in messages)
+                rest.append(("update", run_entity(chat_id, run), _guarded(run.etag)))
         if applied is not None:
-            operations.append(("create", applied_request_entity(chat_id, applied)))
-        operations.extend(_delete(chat_id, row_key) for row_key in deletes)
+            rest.append(("create", applied_request_entity(chat_id, applied)))
+        rest.extend(_delete(chat_id, row_key) for row_key in deletes)
+        writes = [_upsert(message_entity(chat_id, message)) for message in messages]
+        room = MAX_TRANSACTION_OPERATIONS - 1 - len(rest)
+        early, late = (
+            (writes[: len(writes) - room], writes[len(writes) - room :])
+            if room < len(writes)
+            else ([], writes)
+        )
+        etag = state.etag
+        for chunk in _batches(early, MAX_TRANSACTION_OPERATIONS - 1):
+            touch = ("update", _key_entity(chat_id, STATE_ROW), _guarded(etag, UpdateMode.MERGE))
+            results = await self._commit_operations(chat_id, [touch, *chunk])
+            etag = results[0].get("etag") if results else None
+        head = ("update", state_entity(state), _guarded(etag, UpdateMode.MERGE))
+        await self._commit_operations(chat_id, [head, *late, *rest])
+
+    async def _commit_operations(
+        self, chat_id: str, operations: list[Any]
+    ) -> list[Mapping[str, Any]]:
         _check_size(operations)
         while True:
             try:
-                await self._submit(operations, "update the chat")
-                return
+                return await self._submit(operations, "update the chat")
             except TableTransactionError as error:
                 index = error.index
                 if (
@@ -305,112 +341,35 @@ class TableChatStore:
                 raise
 
     async def reset_chat(
-        self,
-        state: ChatState,
-        first_message: ChatMessage,
-        applied: AppliedRequest,
-    ) -> bool:
-        """Create the chat afresh (the extension's create semantics): False if already applied.
+        self, state: ChatState, first_message: ChatMessage, applied: AppliedRequest
+    ) -> Removal | None:
+        """Create the chat afresh (the extension's create semantics); None if already applied.
+        See ``worker.store.removal``."""
+        return await reset_chat(self, state, first_message, applied)
 
-        The old rows but the ``state`` row and the first message are deleted (the applied
-        records stay); then one transaction replaces the ``state`` row under its ETag (or
-        creates it), writes the first message and the applied record, and deletes the last
-        old rows. The chat never looks missing meanwhile. A crash in between leaves no
-        record, so the redelivered request simply does it again.
-        """
-        chat_id = state.chat_id
-        key = request_row_key(applied.request_id)
-        first_key = message_row_key(first_message.index)
+    async def delete_chat(self, chat_id: str, applied: AppliedRequest) -> Removal | None:
+        """Delete the chat's rows; None if the request was applied already."""
+        return await delete_chat(self, chat_id, applied)
 
-        def final(rows: dict[str, str | None]) -> list[Any]:
-            operations: list[Any] = []
-            for entity in (state_entity(state), message_entity(chat_id, first_message)):
-                row_key = entity["RowKey"]
-                if row_key in rows:
-                    operations.append(("update", entity, _guarded(rows[row_key])))
-                else:
-                    operations.append(("create", entity))
-            operations.append(("create", applied_request_entity(chat_id, applied)))
-            return operations
-
-        # One listing of the partition answers "already applied?" and names the rows to delete.
-        rows = await self._list_rows(chat_id)
-        if key in rows:
-            return False
-        deleted = await self._rewrite(
-            chat_id, rows, guard=key, keep=frozenset({STATE_ROW, first_key}), final=final
-        )
-        return deleted is not None
-
-    async def delete_chat(self, chat_id: str, applied: AppliedRequest) -> int | None:
-        """Delete the chat's rows; the number deleted, or None if the request was applied.
-
-        The applied record goes in the same transaction as the last deletes, so a redelivered
-        delete can never remove a chat that a later create rebuilt.
-        """
-        key = request_row_key(applied.request_id)
-        rows = await self._list_rows(chat_id)
-        if key in rows:
-            return None
-        record = applied_request_entity(chat_id, applied)
-        return await self._rewrite(
-            chat_id, rows, guard=key, keep=frozenset(), final=lambda _: [("create", record)]
-        )
-
-    async def _rewrite(
-        self,
-        chat_id: str,
-        rows: dict[str, str | None],
-        *,
-        guard: str,
-        keep: frozenset[str],
-        final: Callable[[dict[str, str | None]], list[Any]],
-    ) -> int | None:
-        """Delete every row but the applied-request records and ``keep``, the last deletes in
-        one transaction with ``final(rows)``; returns how many rows were deleted.
-
-        Each write is guarded by the row's ETag and a transaction fails whole. When another
-        worker changed the chat meanwhile (404/409/412) the rows are listed again and the
-        pass starts over; if that listing holds ``guard`` (this request's own record), a
-        duplicate delivery applied the request meanwhile and None is returned, so that the
-        duplicate is not undone.
-        """
-        for _ in range(_DELETE_PASSES):
-            last = final(rows)
-            doomed = _deletion_order(k for k in _history(rows) if k not in keep)
-            batches = list(_batches(doomed, MAX_TRANSACTION_OPERATIONS - len(last))) or [[]]
-            deleted = 0
-            try:
-                for number, batch in enumerate(batches, start=1):
-                    operations = [_delete(chat_id, row_key, rows[row_key]) for row_key in batch]
-                    if number == len(batches):
-                        operations.extend(last)
-                    if operations:
-                        await self._submit(operations, "rewrite the chat's rows")
-                    deleted += len(batch)
-            except TableTransactionError as error:
-                if error.status_code not in (404, 409, 412):
-                    raise
-                rows = await self._list_rows(chat_id)
-                if guard in rows:
-                    return None
-                continue
-            return deleted
-        raise TransientError("the chat kept changing while its rows were being rewritten; retrying")
-
-    async def _list_rows(self, chat_id: str) -> dict[str, str | None]:
-        """Every row key of the chat with its ETag."""
-        async with self._errors("list the chat's rows"):
-            entities = self.client.query_entities(
-                "PartitionKey eq @pk", parameters={"pk": chat_id}, select=["PartitionKey", "RowKey"]
-            )
-            return {str(entity["RowKey"]): entity.metadata.get("etag") async for entity in entities}
-
-    async def _submit(self, operations: list[Any], action: str) -> None:
+    async def _submit(self, operations: list[Any], action: str) -> list[Mapping[str, Any]]:
         async with self._errors(action):
             async for attempt in _retrying():
                 with attempt:
-                    await self.client.submit_transaction(operations)
+                    return list(await self.client.submit_transaction(operations))
+        return []  # not reached: the last attempt raises
+
+
+def _upsert(entity: dict[str, Any]) -> tuple[Any, ...]:
+    return ("upsert", entity, {"mode": UpdateMode.REPLACE})
+
+
+def _key_entity(chat_id: str, row_key: str) -> dict[str, Any]:
+    return {"PartitionKey": chat_id, "RowKey": row_key}
+
+
+def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _check_size(operations: Sequence[Any]) -> None:
@@ -429,23 +388,3 @@ def _check_size(operations: Sequence[Any]) -> None:
             "in Azure)",
             error_type="TooLarge",
         )
-
-
-def _history(rows: dict[str, str | None]) -> dict[str, str | None]:
-    """The rows a reset or delete removes: all but the applied-request records, which must
-    survive so that a replay of an older request is still recognised."""
-    return {key: etag for key, etag in rows.items() if not key.startswith(REQUEST_PREFIX)}
-
-
-def _deletion_order(keys: Iterable[str]) -> list[str]:
-    """Runs, tool results and the like first, then messages from the newest, then the
-    ``state`` row: until the end, a reader sees the chat with a prefix of its messages."""
-    keys = list(keys)
-    messages = sorted((k for k in keys if k.startswith(MESSAGE_PREFIX)), reverse=True)
-    others = sorted(k for k in keys if k != STATE_ROW and not k.startswith(MESSAGE_PREFIX))
-    return others + messages + [k for k in keys if k == STATE_ROW]
-
-
-def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

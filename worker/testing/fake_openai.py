@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import signal
@@ -33,7 +34,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -159,6 +160,8 @@ class FakeOpenAI:
         endpoint: str | Sequence[str] | None = None,
         retry_after: float | None = None,
         delay: float | None = None,
+        rate: float | None = None,
+        seed: int | None = None,
     ) -> FaultRule:
         """Inject a fault into matching model calls; returns the rule (its `seen`/`fired` count).
 
@@ -168,7 +171,8 @@ class FakeOpenAI:
         K-th, N times; neither: every matching call until `clear_faults`. Filters: `model`,
         `api` (`chat`, `responses`, `assistants`) and `endpoint` (`chat.create`,
         `responses.create`, `responses.retrieve`, `runs.create`, `runs.submit`,
-        `runs.retrieve`); all endpoints by default.
+        `runs.retrieve`); all endpoints by default. `rate=P`: each due call fires with
+        probability P from the rule's own `random.Random(seed)` (deterministic per seed).
         """
         return self._core.faults.add(
             kind,
@@ -179,6 +183,8 @@ class FakeOpenAI:
             endpoint=endpoint,
             retry_after=retry_after,
             delay=delay,
+            rate=rate,
+            seed=seed,
         )
 
     def clear_faults(self) -> None:
@@ -377,14 +383,33 @@ class FakeOpenAI:
                 thread.join(timeout)
 
 
+def load_scenario(spec: str) -> Scenario:
+    """`module:function` imported and returned (a callable `(Conversation) -> turn`)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"expected MODULE:FUNCTION, got {spec!r}")
+    value = getattr(importlib.import_module(module_name), attribute)
+    if not callable(value):
+        raise ValueError(f"{spec} is not callable")
+    return cast(Scenario, value)
+
+
 async def _serve(args: argparse.Namespace) -> None:
+    scenario: str | Scenario = args.scenario
+    if args.scenario_callable:
+        scenario = load_scenario(args.scenario_callable)
     fake = FakeOpenAI(
         args.host,
         args.port,
         background_delay=args.background_delay,
         run_expiry=args.run_expiry,
-        scenario=args.scenario,
+        scenario=scenario,
     )
+    for spec in args.fault or ():
+        options = json.loads(spec)
+        if not isinstance(options, dict) or not isinstance(options.get("kind"), str):
+            raise ValueError(f"--fault wants a JSON object with a 'kind', got {spec!r}")
+        fake.fault(**options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -406,6 +431,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="echo")
     parser.add_argument("--background-delay", type=float, default=0.3, metavar="SECONDS")
     parser.add_argument("--run-expiry", type=float, default=600.0, metavar="SECONDS")
+    parser.add_argument(
+        "--scenario-callable",
+        metavar="MODULE:FUNCTION",
+        help="the default scenario as an importable callable (Conversation) -> turn",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        metavar="JSON",
+        help='a fault rule, as the body of POST /admin/faults: \'{"kind": "500", "rate": 0.1, '
+        '"seed": 1}\' (repeatable)',
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(_serve(args))

@@ -5,7 +5,7 @@ Over HTTP for processes that cannot call `FakeOpenAI` methods (a worker under te
 - `POST /admin/script` `{"model": "...", "turns": [turn, ...]}` queues scripted turns;
 - `POST /admin/default` `{"scenario": "echo" | "weather"}` sets the default scenario;
 - `GET /admin/faults`, `POST /admin/faults` `{"kind", "count", "every", "model", "api",
-  "endpoint", "retry_after", "delay"}`, `DELETE /admin/faults`;
+  "endpoint", "retry_after", "delay", "rate", "seed"}`, `DELETE /admin/faults`;
 - `GET /admin/requests` (the records), `GET /admin/calls?model=&api=&endpoint=` (`{"calls": n}`);
 - `POST /admin/reset`; `GET /health`.
 """
@@ -77,7 +77,18 @@ class AdminApi:
     async def add_fault(self, request: web.Request) -> web.StreamResponse:
         """`POST /admin/faults`: add a rule (the arguments of `FakeOpenAI.fault`)."""
         body = body_of(request)
-        allowed = {"kind", "count", "every", "model", "api", "endpoint", "retry_after", "delay"}
+        allowed = {
+            "kind",
+            "count",
+            "every",
+            "model",
+            "api",
+            "endpoint",
+            "retry_after",
+            "delay",
+            "rate",
+            "seed",
+        }
         unknown = set(body) - allowed
         if unknown or not isinstance(body.get("kind"), str | int):
             raise ApiError(400, f"expected a 'kind' and only the fields {sorted(allowed)}")

@@ -4,13 +4,17 @@ A rule matches model calls by api, endpoint and model. `count=N` fires on the ne
 calls; `every=K` on every K-th matching call (K=2: exactly half of them); both together: every
 K-th call, N times at most. Rules are checked in the order they were added; every rule counts
 every call it matches (whether or not an earlier rule answered it), so `every` stays exact.
+`rate=P` (0 < P <= 1): each matching call fires with probability P, drawn from the rule's own
+`random.Random(seed)`, so a run with the same seed and the same order of calls faults the same
+calls (combined with `count`: at most N times; with `every`: among every K-th call).
 """
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 __all__ = ["APIS", "ENDPOINTS", "FaultBook", "FaultKind", "FaultRule"]
@@ -54,8 +58,19 @@ class FaultRule:
     endpoints: frozenset[str] = frozenset()
     retry_after: float | None = None
     delay: float | None = None
+    rate: float | None = None
+    seed: int | None = None
     seen: int = 0
     fired: int = 0
+    _random: random.Random | None = field(default=None, repr=False, compare=False)
+
+    def draw(self) -> bool:
+        """Whether a due call fires: always without `rate`, else with probability `rate`."""
+        if self.rate is None:
+            return True
+        if self._random is None:
+            self._random = random.Random(self.seed)
+        return self._random.random() < self.rate
 
     @property
     def exhausted(self) -> bool:
@@ -81,6 +96,8 @@ class FaultRule:
             "endpoint": sorted(self.endpoints) or None,
             "retry_after": self.retry_after,
             "delay": self.delay,
+            "rate": self.rate,
+            "seed": self.seed,
             "seen": self.seen,
             "fired": self.fired,
         }
@@ -104,6 +121,8 @@ class FaultBook:
         endpoint: str | Sequence[str] | None = None,
         retry_after: float | None = None,
         delay: float | None = None,
+        rate: float | None = None,
+        seed: int | None = None,
     ) -> FaultRule:
         """Validate and add a rule; raises `ValueError` on bad arguments."""
         if kind not in _KINDS:
@@ -118,6 +137,12 @@ class FaultBook:
                 isinstance(number, bool) or not isinstance(number, int | float) or number < 0
             ):
                 raise ValueError(f"{name} must be a number >= 0")
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1
+        ):
+            raise ValueError("rate must be a number in (0, 1]")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError("seed must be an integer")
         if model is not None and not isinstance(model, str | list | tuple):
             raise ValueError("model must be a string or a list of strings")
         rule = FaultRule(
@@ -132,6 +157,8 @@ class FaultBook:
             if kind == "429"
             else retry_after,
             delay=(1.0 if delay is None else float(delay)) if kind == "slow" else delay,
+            rate=None if rate is None else float(rate),
+            seed=seed,
         )
         with self._lock:
             self._rules.append(rule)
@@ -156,7 +183,9 @@ class FaultBook:
                     continue
                 rule.seen += 1
                 due = rule.every is None or rule.seen % rule.every == 0
-                if due and chosen is None:
+                # Every rate rule draws for every due call, so its sequence depends only on
+                # its seed and the calls it matched, not on which other rule fired.
+                if due and rule.draw() and chosen is None:
                     rule.fired += 1
                     chosen = rule
             self._rules = [r for r in self._rules if not r.exhausted]

@@ -1,0 +1,450 @@
+"""The chaos soak's audit: every chat read back, checked against what the producer sent.
+
+Pure functions over what :mod:`bench.chaos` collected after the soak (the chat table's rows,
+the producer's journal, the tool log, the dead letters, the worker logs); :func:`audit`
+returns the table's lines, each with the chats that failed it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.chaos_model import final_answer, rounds, user_message
+
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
+MAX_SHOWN = 12
+
+
+@dataclass
+class Line:
+    """One line of the audit table."""
+
+    name: str
+    value: str
+    expected: str
+    ok: bool | None  # None: information only
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def result(self) -> str:
+        return "info" if self.ok is None else ("PASS" if self.ok else "FAIL")
+
+
+@dataclass
+class Collected:
+    """Everything the audit reads."""
+
+    plan: Mapping[str, Any]  # the producer's config (chats, posts, modes)
+    rows: Mapping[str, Mapping[str, Mapping[str, Any]]]  # PartitionKey -> RowKey -> entity
+    journal: Sequence[Mapping[str, Any]]
+    leftover_events: Sequence[Mapping[str, Any]]  # reply events still on the queues
+    tool_log: Sequence[Mapping[str, Any]]
+    dead_letters: Sequence[Mapping[str, Any]]
+    worker_events: Counter[str]
+    faults: Sequence[Mapping[str, Any]]
+    model_calls: int
+    kills: int
+    outage_seconds: float
+    wall_seconds: float
+    reads_failed: list[str] = field(default_factory=list)
+    queue_depths: Mapping[str, int] = field(default_factory=dict)
+    # requestId -> what delayed it, from the worker logs: "create wait", "outage", "redelivered"
+    delays: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+def join_text(entity: Mapping[str, Any], name: str) -> str:
+    first = entity.get(name) or ""
+    parts = int(entity.get(f"{name}Parts") or 1)
+    return str(first) + "".join(str(entity.get(f"{name}Part{n}", "")) for n in range(2, parts + 1))
+
+
+def tool_calls_of(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    text = join_text(row, "ToolCalls")
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def history_problems(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """An assistant tool-call message not followed by one result per call, or a stray result."""
+    problems: list[str] = []
+    i = 0
+    while i < len(messages):
+        row = messages[i]
+        key = row["RowKey"]
+        if row.get("Role") == "Tool":
+            problems.append(f"{key}: tool result {row.get('Name')!r} answers no open call")
+            i += 1
+            continue
+        wanted = (
+            [str(c.get("id")) for c in tool_calls_of(row)] if row.get("Role") == "Assistant" else []
+        )
+        i += 1
+        answered: list[str] = []
+        while i < len(messages) and messages[i].get("Role") == "Tool":
+            answered.append(str(messages[i].get("Name")))
+            i += 1
+        if sorted(answered) != sorted(wanted):
+            problems.append(f"{key}: calls {wanted} answered by {answered}")
+    return problems
+
+
+def inversions(order: Sequence[int]) -> int:
+    return sum(
+        1 for i in range(len(order)) for j in range(i + 1, len(order)) if order[i] > order[j]
+    )
+
+
+def audit(data: Collected) -> list[Line]:
+    chats = {chat["id"]: chat for chat in data.plan["chats"]}
+    posts_planned = sum(len(chat["posts"]) for chat in chats.values())
+
+    # -- what the producer did ----------------------------------------------------------
+    sent_posts: dict[str, list[str]] = defaultdict(list)  # chat -> requestIds in send order
+    sends = Counter[str]()
+    for entry in data.journal:
+        if entry.get("kind") == "send":
+            sends[str(entry.get("what"))] += 1
+            if entry.get("what") == "post":
+                sent_posts[str(entry.get("chat"))].append(str(entry.get("requestId")))
+    events = [
+        e["body"]
+        for e in data.journal
+        if e.get("kind") == "event" and isinstance(e.get("body"), dict)
+    ]
+    events.extend(data.leftover_events)
+    replies: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    required = 0
+    for event in events:
+        if event.get("type") == "assistantReply":
+            replies[str(event.get("requestId"))].append(event)
+        elif event.get("type") == "toolCallsRequired":
+            required += 1
+    answers = [e for e in data.journal if e.get("kind") == "answer"]
+
+    ends = Counter(str(e.get("tag")) for e in data.tool_log if e.get("event") == "end")
+    starts = Counter(str(e.get("tag")) for e in data.tool_log if e.get("event") == "start")
+
+    # -- per chat -----------------------------------------------------------------------
+    fail: dict[str, list[str]] = defaultdict(list)
+    totals = Counter[str]()
+    order_info: list[str] = []
+    inversion_causes = Counter[str]()
+    for chat_id, chat in chats.items():
+        partition = data.rows.get(chat_id, {})
+        messages = [partition[k] for k in sorted(partition) if k.startswith("msg-")]
+        runs = [row for key, row in partition.items() if key.startswith("run-")]
+        state = partition.get("state", {})
+        runs_by_request: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+        for row in runs:
+            runs_by_request[str(row.get("RequestId"))].append(row)
+        sent = set(sent_posts.get(chat_id, []))
+        tools_by_content = Counter(
+            join_text(m, "Content") for m in messages if m.get("Role") == "Tool"
+        )
+        users = [join_text(m, "Content") for m in messages if m.get("Role") == "User"]
+        user_counts = Counter(users)
+        if not state:
+            fail["chat exists"].append(f"{chat_id}: no state row")
+        for post in chat["posts"]:
+            request_id = post["requestId"]
+            if request_id not in sent:
+                continue
+            tag, plan = post["tag"], post["plan"]
+            totals["posts"] += 1
+            matching = runs_by_request.get(request_id, [])
+            totals["runs"] += len(matching)
+            if len(matching) != 1:
+                fail["runs"].append(f"{chat_id} {request_id}: {len(matching)} runs")
+            run = matching[0] if matching else None
+            status = str(run.get("Status")) if run else "-"
+            if status == "completed":
+                totals["completed"] += 1
+            else:
+                error = str(run.get("Error") or "")[:160] if run else ""
+                fail["completed"].append(f"{chat_id} {request_id}: {status} {error}".rstrip())
+            if run is not None and status not in TERMINAL:
+                fail["active"].append(
+                    f"{chat_id} {run.get('RunId')}: {status} phase={run.get('Phase')} "
+                    f"step={run.get('Step')}"
+                )
+            text = user_message(tag, plan)
+            stored = user_counts.get(text, 0)
+            if stored == 1:
+                totals["users_once"] += 1
+            else:
+                fail["users"].append(f"{chat_id} {request_id}: user message stored {stored} times")
+            if run is not None and status == "completed":
+                mine = [m for m in messages if m.get("RunId") == run.get("RunId")]
+                last = mine[-1] if mine else None
+                content = join_text(last, "Content") if last else ""
+                if content == final_answer(tag, plan) and last and last.get("Role") == "Assistant":
+                    totals["answers"] += 1
+                else:
+                    fail["answers"].append(f"{chat_id} {request_id}: last message {content[:80]!r}")
+            else:
+                # Not completed: counted once, under "completed".
+                pass
+            replied = replies.get(request_id, [])
+            terminal = [r for r in replied if r.get("status") in TERMINAL]
+            if terminal:
+                totals["replied"] += 1
+            else:
+                fail["replies"].append(f"{chat_id} {request_id}: no final reply")
+            if len(terminal) > 1:
+                totals["duplicate_replies"] += len(terminal) - 1
+            for call_round in rounds(tag, plan):
+                for call in call_round:
+                    stored_results = tools_by_content.get(call.output, 0)
+                    if call.external:
+                        totals["external"] += 1
+                        if stored_results == 1:
+                            totals["external_ok"] += 1
+                        else:
+                            fail["external"].append(
+                                f"{chat_id} {call.tag}: output stored {stored_results} times"
+                            )
+                        continue
+                    totals["local"] += 1
+                    runs_of_call = ends.get(call.tag, 0)
+                    if runs_of_call == 1:
+                        totals["local_once"] += 1
+                    else:
+                        fail["executions"].append(
+                            f"{chat_id} {call.tag}: executed {runs_of_call} times "
+                            f"(started {starts.get(call.tag, 0)}), result stored "
+                            f"{stored_results} times"
+                        )
+                    if starts.get(call.tag, 0) > runs_of_call:
+                        totals["interrupted"] += starts[call.tag] - runs_of_call
+                    if stored_results != 1:
+                        fail["history"].append(
+                            f"{chat_id} {call.tag}: local result stored {stored_results} times"
+                        )
+        expected_requests = {p["requestId"] for p in chat["posts"]}
+        for request_id, extra in runs_by_request.items():
+            if request_id not in expected_requests:
+                fail["runs"].append(
+                    f"{chat_id}: {len(extra)} run(s) for unknown request {request_id}"
+                )
+        for text, count in user_counts.items():
+            if count and not any(user_message(p["tag"], p["plan"]) == text for p in chat["posts"]):
+                fail["users"].append(f"{chat_id}: unexpected user message {text[:60]!r}")
+        if state and state.get("ActiveRunId"):
+            fail["active"].append(f"{chat_id}: state.ActiveRunId={state.get('ActiveRunId')}")
+        for problem in history_problems(messages):
+            fail["history"].append(f"{chat_id} {problem}")
+        # Order: the user messages as stored, against the order their posts were sent.
+        position = {
+            user_message(p["tag"], p["plan"]): n
+            for n, p in enumerate(chat["posts"])
+            if p["requestId"] in sent
+        }
+        send_rank = {rid: n for n, rid in enumerate(sent_posts.get(chat_id, []))}
+        by_text = {user_message(p["tag"], p["plan"]): p["requestId"] for p in chat["posts"]}
+        order = [send_rank[by_text[u]] for u in users if u in position and by_text[u] in send_rank]
+        swapped = inversions(order)
+        sent_order = sent_posts.get(chat_id, [])
+        for i, a in enumerate(order):
+            for b in order[i + 1 :]:
+                if a > b:  # the post sent earlier (b) was applied later
+                    causes = data.delays.get(sent_order[b], frozenset()) or {"none"}
+                    for cause in causes:
+                        inversion_causes[cause] += 1
+        if chat["strict"]:
+            totals["strict_chats"] += 1
+            if order == sorted(order) and len(order) == len(sent):
+                totals["strict_ok"] += 1
+            else:
+                fail["order"].append(
+                    f"{chat_id}: user messages stored in send order {order} "
+                    f"({len(sent)} posts sent)"
+                )
+        elif swapped:
+            totals["burst_inversions"] += swapped
+            order_info.append(f"{chat_id}: {swapped} inversions")
+
+    # -- dead letters ---------------------------------------------------------------------
+    letters = []
+    for letter in data.dead_letters:
+        info = letter.get("deadLetter") or {}
+        message = letter.get("message")
+        body = message if isinstance(message, dict) else {}
+        letters.append(
+            f"{info.get('queue')} {body.get('type', '?')} {body.get('id', '?')} "
+            f"{body.get('requestId') or body.get('runId') or ''}: {info.get('errorType')}: "
+            f"{str(info.get('reason'))[:200]}"
+        )
+
+    # -- the table ------------------------------------------------------------------------
+    posts = totals["posts"]
+    lines = [
+        Line(
+            "posts sent",
+            f"{posts} (+{sends['create']} creates, {sends['submit'] + sends['submit-again']} "
+            "submits)",
+            f"{posts_planned}",
+            posts == posts_planned,
+            [
+                f"{cid}: {len(sent_posts.get(cid, []))} of {len(c['posts'])} posts sent"
+                for cid, c in chats.items()
+                if len(sent_posts.get(cid, [])) != len(c["posts"])
+            ],
+        ),
+        Line(
+            "chats exist",
+            f"{len(chats) - len(fail['chat exists'])}",
+            f"{len(chats)}",
+            not fail["chat exists"],
+            fail["chat exists"],
+        ),
+        Line(
+            "runs (one per post)", f"{totals['runs']}", f"{posts}", not fail["runs"], fail["runs"]
+        ),
+        Line(
+            "completed",
+            f"{totals['completed']}",
+            f"{posts}",
+            not fail["completed"],
+            fail["completed"],
+        ),
+        Line(
+            "final answers right",
+            f"{totals['answers']}",
+            f"{totals['completed']}",
+            not fail["answers"],
+            fail["answers"],
+        ),
+        Line(
+            "final replies received",
+            f"{totals['replied']} (+{totals['duplicate_replies']} dup)",
+            f"{posts}",
+            not fail["replies"],
+            fail["replies"],
+        ),
+        Line(
+            "user messages stored exactly once",
+            f"{totals['users_once']}",
+            f"{posts}",
+            not fail["users"],
+            fail["users"],
+        ),
+        Line(
+            "tool executions per call = 1",
+            f"{totals['local_once']} of {totals['local']}",
+            f"{totals['local']}",
+            not fail["executions"],
+            fail["executions"],
+        ),
+        Line(
+            "external outputs applied once",
+            f"{totals['external_ok']} of {totals['external']} ({required} events, "
+            f"{len(answers)} answered)",
+            f"{totals['external']}",
+            not fail["external"],
+            fail["external"],
+        ),
+        Line(
+            "history valid (calls answered once)",
+            f"{len(fail['history'])} problems",
+            "0",
+            not fail["history"],
+            fail["history"],
+        ),
+        Line(
+            "runs still active", f"{len(fail['active'])}", "0", not fail["active"], fail["active"]
+        ),
+        Line("dead letters", f"{len(letters)}", "0", not letters, letters),
+        Line(
+            "order = post order (strict chats)",
+            f"{totals['strict_ok']} of {totals['strict_chats']} chats",
+            f"{totals['strict_chats']}",
+            not fail["order"],
+            fail["order"],
+        ),
+        Line(
+            "order inversions (burst chats)",
+            f"{totals['burst_inversions']} pairs; the earlier post was delayed by: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(inversion_causes.items())) or "-"),
+            "-",
+            None,
+            order_info,
+        ),
+        Line("tool executions interrupted", f"{totals['interrupted']}", "-", None),
+    ]
+    fired = Counter[str]()
+    seen = 0
+    for rule in data.faults:
+        fired[str(rule.get("kind"))] += int(rule.get("fired") or 0)
+        seen = max(seen, int(rule.get("seen") or 0))  # every rule counts every model call
+    transient = 0
+    for partition in data.rows.values():
+        for key, row in partition.items():
+            if key.startswith("run-"):
+                transient += int(row.get("TransientFailures") or 0)
+    ev = data.worker_events
+    lines.append(
+        Line(
+            "retries",
+            f"faults {sum(fired.values())} of {seen} model requests while on "
+            f"({sum(fired.values()) / max(seen, 1):.0%}; {data.model_calls} model calls in all) "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(fired.items()))}); run transient "
+            f"failures {transient}; message.retried {ev['message.retried']}; lease lost "
+            f"{ev['message.lease_lost']}",
+            "-",
+            None,
+        )
+    )
+    lines.append(
+        Line(
+            "chaos",
+            f"{data.kills} kills, table down {data.outage_seconds:.0f} s, "
+            f"storage.unavailable {ev['storage.unavailable']}",
+            "-",
+            None,
+        )
+    )
+    lines.append(
+        Line(
+            "left on worker queues (delayed)",
+            ", ".join(f"{name} {count}" for name, count in data.queue_depths.items()) or "-",
+            "-",
+            None,
+        )
+    )
+    lines.append(Line("wall time", f"{data.wall_seconds:.0f} s", "-", None))
+    if data.reads_failed:
+        lines.append(Line("audit reads", "failed", "ok", False, data.reads_failed))
+    return lines
+
+
+def render(lines: Sequence[Line]) -> str:
+    """The audit table, then the failing chats of every failed line."""
+    width = max(len(line.name) for line in lines)
+    value_width = min(max(len(line.value) for line in lines), 70)
+    out = [f"{'check':<{width}}  {'value':<{value_width}}  {'expected':>8}  result"]
+    out.append("-" * len(out[0]))
+    for line in lines:
+        out.append(
+            f"{line.name:<{width}}  {line.value:<{value_width}}  {line.expected:>8}  {line.result}"
+        )
+    for line in lines:
+        if line.ok is False and line.failures:
+            out.append("")
+            out.append(f"FAILED {line.name}: {len(line.failures)}")
+            out.extend(f"  {item}" for item in line.failures[:MAX_SHOWN])
+            if len(line.failures) > MAX_SHOWN:
+                out.append(f"  ... and {len(line.failures) - MAX_SHOWN} more")
+    return "\n".join(out)
+
+
+def failed(lines: Sequence[Line]) -> bool:
+    return any(line.ok is False for line in lines)

@@ -1,0 +1,40 @@
+"""The chaos soak's local tool (``WORKER_TOOLS=bench.chaos_tools``).
+
+Tools never learn their call id, so each call carries a unique ``tag`` (see
+``bench.chaos_model``); every execution appends a ``start`` and an ``end`` line to the file
+named by ``CHAOS_TOOL_LOG`` (one JSON object per line, ``O_APPEND`` keeps lines whole across
+the worker processes), and the audit counts executions per tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+from handlers.tools import tool
+
+TOOL_LOG_ENV = "CHAOS_TOOL_LOG"
+
+
+def _record(event: str, tag: str) -> None:
+    path = os.environ.get(TOOL_LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({"event": event, "tag": tag, "pid": os.getpid(), "t": time.time()})
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@tool
+async def chaos_local(tag: str, seconds: float = 0.0) -> str:
+    """Record one execution of the call tagged ``tag`` (after ``seconds``) and return ``ok <tag>``."""
+    _record("start", tag)
+    if seconds > 0:
+        await asyncio.sleep(seconds)
+    _record("end", tag)
+    return f"ok {tag}"

@@ -1,0 +1,389 @@
+// assistant-worker on Azure Container Apps: a Log Analytics workspace, a Container Apps
+// environment, a user-assigned managed identity with data-plane roles on the storage account
+// and the Azure OpenAI account, and the worker app, scaled by KEDA on its two work queues
+// from zero replicas. No keys anywhere: storage, the scaler, the model and the registry are
+// all reached with the managed identity.
+//
+//   az deployment group create -g RESOURCE_GROUP \
+//     -f deploy/containerapp.bicep -p deploy/containerapp.parameters.json
+//
+// See docs/operations.md (deploying, scaling, alerts, runbooks).
+
+targetScope = 'resourceGroup'
+
+@description('Location of every resource this template creates.')
+param location string = resourceGroup().location
+
+@description('Name of the container app; the identity, environment and workspace are named after it.')
+@minLength(2)
+@maxLength(32)
+param appName string = 'assistant-worker'
+
+@description('Image to run, e.g. myregistry.azurecr.io/assistant-worker:0.1.0 (az acr build -f deploy/Dockerfile .).')
+param image string
+
+@description('Existing Azure Container Registry (this resource group) holding the image, pulled with the managed identity. Empty for a public image.')
+param containerRegistryName string = ''
+
+@description('Existing storage account (this resource group) holding the work queues and the ChatState table.')
+param storageAccountName string
+
+@description('Existing Azure OpenAI account (Microsoft.CognitiveServices/accounts, this resource group).')
+param openAiAccountName string
+
+@description('Default model deployment name (CHAT_MODEL_DEPLOYMENT_NAME).')
+param chatModelDeployment string = 'gpt-4o-mini'
+
+@description('Default model API (WORKER_MODEL_API).')
+@allowed([
+  'chat'
+  'responses'
+  'assistants'
+])
+param modelApi string = 'chat'
+
+@description('Queue producers send requests to (WORKER_REQUESTS_QUEUE).')
+param requestsQueueName string = 'assistant-requests'
+
+@description('Queue of the worker\'s run-step continuations (WORKER_RUNS_QUEUE).')
+param runsQueueName string = 'assistant-runs'
+
+@description('Messages processed at once per replica (WORKER_CONCURRENCY).')
+param concurrency int = 16
+
+@description('Scale target: waiting requests per replica.')
+param requestsQueueLength int = 8
+
+@description('Scale target: visible run steps per replica.')
+param runsQueueLength int = 8
+
+@description('Fewest replicas; 0 lets the app scale to zero when both queues are empty.')
+param minReplicas int = 0
+
+@description('Most replicas.')
+param maxReplicas int = 10
+
+@description('Seconds in-flight messages get after SIGTERM (WORKER_SHUTDOWN_GRACE).')
+param shutdownGraceSeconds int = 25
+
+@description('Seconds the container gets beyond the drain before it is killed (release of unfinished leases, exit).')
+param drainMarginSeconds int = 10
+
+@description('Optional Application Insights connection string; traces go there when set.')
+@secure()
+param applicationInsightsConnectionString string = ''
+
+@description('Days the workspace keeps logs.')
+param logRetentionDays int = 30
+
+@description('Tags put on every resource.')
+param tags object = {}
+
+// Built-in role definition ids (the same in every tenant).
+var storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+var storageTableDataContributor = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
+var cognitiveServicesOpenAIUser = '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd'
+var acrPull = '7f951dda-4ed3-4680-a7ca-43fe172d538d'
+
+// /healthz (liveness), /readyz (readiness: 503 while storage is unreachable), /metrics.
+var httpPort = 8080
+var terminationGracePeriodSeconds = shutdownGraceSeconds + drainMarginSeconds
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+resource openAi 'Microsoft.CognitiveServices/accounts@2024-10-01' existing = {
+  name: openAiAccountName
+}
+
+resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' existing = if (!empty(containerRegistryName)) {
+  name: containerRegistryName
+}
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: '${appName}-id'
+  location: location
+  tags: tags
+}
+
+resource queueDataRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, identity.id, storageQueueDataContributor)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageQueueDataContributor)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource tableDataRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, identity.id, storageTableDataContributor)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageTableDataContributor)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource openAiUserRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(openAi.id, identity.id, cognitiveServicesOpenAIUser)
+  scope: openAi
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', cognitiveServicesOpenAIUser)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource acrPullRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(containerRegistryName)) {
+  name: guid(resourceGroup().id, containerRegistryName, identity.id, acrPull)
+  scope: registry
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', acrPull)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
+  name: '${appName}-logs'
+  location: location
+  tags: tags
+  properties: {
+    sku: {
+      name: 'PerGB2018'
+    }
+    retentionInDays: logRetentionDays
+  }
+}
+
+// Logs reach the workspace through a diagnostic setting ('azure-monitor'), so the template
+// never reads the workspace's shared key.
+resource environment 'Microsoft.App/managedEnvironments@2025-01-01' = {
+  name: '${appName}-env'
+  location: location
+  tags: tags
+  properties: {
+    appLogsConfiguration: {
+      destination: 'azure-monitor'
+    }
+    workloadProfiles: [
+      {
+        name: 'Consumption'
+        workloadProfileType: 'Consumption'
+      }
+    ]
+  }
+}
+
+resource environmentLogs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: environment
+  properties: {
+    workspaceId: workspace.id
+    // Resource-specific tables (ContainerAppConsoleLogs, ContainerAppSystemLogs).
+    logAnalyticsDestinationType: 'Dedicated'
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+var baseEnv = [
+  // Identity-based storage: the worker uses DefaultAzureCredential, which picks the
+  // user-assigned identity named by AZURE_CLIENT_ID. __clientId is the Functions host's name
+  // for the same thing, kept so that app settings carry over both ways.
+  {
+    name: 'AzureWebJobsStorage__accountName'
+    value: storageAccountName
+  }
+  {
+    name: 'AzureWebJobsStorage__clientId'
+    value: identity.properties.clientId
+  }
+  {
+    name: 'AZURE_CLIENT_ID'
+    value: identity.properties.clientId
+  }
+  {
+    name: 'AZURE_OPENAI_ENDPOINT'
+    value: openAi.properties.endpoint
+  }
+  {
+    name: 'CHAT_MODEL_DEPLOYMENT_NAME'
+    value: chatModelDeployment
+  }
+  {
+    name: 'WORKER_MODEL_API'
+    value: modelApi
+  }
+  {
+    name: 'WORKER_REQUESTS_QUEUE'
+    value: requestsQueueName
+  }
+  {
+    name: 'WORKER_RUNS_QUEUE'
+    value: runsQueueName
+  }
+  {
+    name: 'WORKER_CONCURRENCY'
+    value: string(concurrency)
+  }
+  {
+    name: 'WORKER_SHUTDOWN_GRACE'
+    value: string(shutdownGraceSeconds)
+  }
+  {
+    name: 'WORKER_HTTP_PORT'
+    value: string(httpPort)
+  }
+  {
+    name: 'WORKER_LOG_FORMAT'
+    value: 'json'
+  }
+  {
+    name: 'OTEL_SERVICE_NAME'
+    value: appName
+  }
+]
+
+var appInsightsEnv = empty(applicationInsightsConnectionString) ? [] : [
+  {
+    name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+    secretRef: 'appinsights-connection-string'
+  }
+]
+
+var appInsightsSecrets = empty(applicationInsightsConnectionString) ? [] : [
+  {
+    name: 'appinsights-connection-string'
+    value: applicationInsightsConnectionString
+  }
+]
+
+var registries = empty(containerRegistryName) ? [] : [
+  {
+    server: '${containerRegistryName}.azurecr.io'
+    identity: identity.id
+  }
+]
+
+resource app 'Microsoft.App/containerApps@2025-01-01' = {
+  name: appName
+  location: location
+  tags: tags
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identity.id}': {}
+    }
+  }
+  // The first replica should find its roles in place (they may still take minutes to apply:
+  // until then storage answers 403 and the worker retries).
+  dependsOn: [
+    queueDataRole
+    tableDataRole
+    openAiUserRole
+    acrPullRole
+  ]
+  properties: {
+    environmentId: environment.id
+    workloadProfileName: 'Consumption'
+    configuration: {
+      // A queue worker takes no HTTP traffic: no ingress. The probes reach the container directly.
+      activeRevisionsMode: 'Single'
+      registries: registries
+      secrets: appInsightsSecrets
+    }
+    template: {
+      // WORKER_SHUTDOWN_GRACE for in-flight messages, plus a margin to release the rest.
+      terminationGracePeriodSeconds: terminationGracePeriodSeconds
+      containers: [
+        {
+          name: 'worker'
+          image: image
+          resources: {
+            cpu: json('0.5')
+            memory: '1Gi'
+          }
+          env: concat(baseEnv, appInsightsEnv)
+          probes: [
+            {
+              type: 'Liveness'
+              httpGet: {
+                path: '/healthz'
+                port: httpPort
+              }
+              initialDelaySeconds: 10
+              periodSeconds: 15
+              timeoutSeconds: 5
+              failureThreshold: 3
+            }
+            {
+              type: 'Readiness'
+              httpGet: {
+                path: '/readyz'
+                port: httpPort
+              }
+              initialDelaySeconds: 5
+              periodSeconds: 10
+              timeoutSeconds: 5
+              failureThreshold: 3
+            }
+          ]
+        }
+      ]
+      scale: {
+        minReplicas: minReplicas
+        maxReplicas: maxReplicas
+        pollingInterval: 30
+        cooldownPeriod: 300
+        rules: [
+          {
+            // Requests: every message counts, waiting or being handled.
+            name: 'requests-queue'
+            azureQueue: {
+              accountName: storageAccountName
+              queueName: requestsQueueName
+              queueLength: requestsQueueLength
+              identity: identity.id
+            }
+          }
+          {
+            // Run steps: only visible ones count, so the delayed polls of a pending background
+            // run do not keep replicas awake. KEDA counts with Peek (at most 32 messages) and
+            // falls back to counting all messages at 32 or more.
+            name: 'runs-queue'
+            custom: {
+              type: 'azure-queue'
+              metadata: {
+                accountName: storageAccountName
+                queueName: runsQueueName
+                queueLength: string(runsQueueLength)
+                queueLengthStrategy: 'visibleonly'
+              }
+              identity: identity.id
+            }
+          }
+        ]
+      }
+    }
+  }
+}
+
+output appName string = app.name
+output identityClientId string = identity.properties.clientId
+output identityPrincipalId string = identity.properties.principalId
+output environmentName string = environment.name
+output workspaceName string = workspace.name

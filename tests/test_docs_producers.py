@@ -1,0 +1,206 @@
+"""docs/producers.md: its Python, JavaScript and curl examples run as printed, end to end.
+
+Each example marked ```` ```LANG producer ```` is written out as a user would save it and run as
+a subprocess, configured only by environment variables (the connection string or a SAS URL, the
+requests queue, a fresh chat id and reply queue), against Azurite and a worker answering through
+the fake model. The test checks that the reply reached the example (it printed it and deleted it
+from its reply queue) and that the chat was stored. The worker writes plain JSON or Base64, so
+both ways of decoding in every example are exercised.
+"""
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from azure.storage.queue import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+from schemas import AssistantCreate, AssistantPost, AssistantReply, parse_message
+from schemas.decode import decode_body
+from tests.support.azurite import DEV_ACCOUNT_KEY, DEV_ACCOUNT_NAME, HOST, REPO_ROOT
+from tests.support.env import StorageEnv, run
+from tests.support.runs import model_env, serving
+from worker.testing import FakeOpenAI
+
+DOC = REPO_ROOT / "docs" / "producers.md"
+QUESTION = "Hello! What can you do?"
+# The fake model's echo scenario (any model name with "echo" in it).
+ANSWER = f"You said: {QUESTION}"
+EXAMPLE_TIMEOUT = 90.0
+_FENCE = re.compile(r"^```([\w#+-]+)([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str, str]]:
+    """Every fenced code block of a markdown text: (language, rest of the info string, code)."""
+    return [(m.group(1), m.group(2).strip(), m.group(3)) for m in _FENCE.finditer(text)]
+
+
+def producer_example(language: str) -> str:
+    """The one block marked ```` ```LANGUAGE producer ````."""
+    found = [
+        code
+        for lang, info, code in fenced_blocks(DOC.read_text())
+        if lang == language and "producer" in info.split()
+    ]
+    assert len(found) == 1, f"expected one ```{language} producer block in {DOC}, got {len(found)}"
+    return found[0]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI().running_in_thread() as server:
+        yield server
+
+
+def example_env(storage: StorageEnv, chat_id: str, reply_queue: str) -> dict[str, str]:
+    """What a user sets: the storage connection, the queues, a chat id; nothing of the test's."""
+    keep = {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT"}
+    env = {key: value for key, value in os.environ.items() if key in keep}
+    sas = generate_account_sas(
+        DEV_ACCOUNT_NAME,
+        DEV_ACCOUNT_KEY,
+        resource_types=ResourceTypes(service=True, container=True, object=True),
+        permission=AccountSasPermissions(
+            read=True, add=True, create=True, process=True, delete=True
+        ),
+        expiry=datetime.now(UTC) + timedelta(hours=1),
+    )
+    env.update(
+        AzureWebJobsStorage=storage.connection_string,
+        QUEUE_SERVICE_URL=f"http://{HOST}:{storage.azurite.queue_port}/{DEV_ACCOUNT_NAME}",
+        QUEUE_SAS=sas,
+        WORKER_REQUESTS_QUEUE=storage.requests_queue,
+        CHAT_ID=chat_id,
+        REPLY_QUEUE=reply_queue,
+        REPLY_TIMEOUT="60",
+    )
+    return env
+
+
+def command(language: str, path: Path) -> list[str]:
+    if language == "python":
+        return [sys.executable, str(path)]
+    if language == "js":
+        return ["node", str(path)]
+    bash = shutil.which("bash")
+    assert bash, "the curl example needs bash"
+    return [bash, str(path)]
+
+
+def example_path(language: str, tmp_path: Path) -> Path:
+    """Where a user would save the example: for JavaScript, in a project that has
+    ``@azure/storage-queue`` in its node_modules (the repository's, linked)."""
+    if language == "js":
+        (tmp_path / "node_modules").symlink_to(REPO_ROOT / "node_modules")
+        return tmp_path / "producer.mjs"
+    return tmp_path / ("producer.py" if language == "python" else "producer.sh")
+
+
+async def run_example(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), EXAMPLE_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        out, err = await process.communicate()
+        raise AssertionError(
+            f"{argv} did not finish within {EXAMPLE_TIMEOUT} s:\n{out.decode()}\n{err.decode()}"
+        ) from None
+    return int(process.returncode or 0), out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("encoding", ["none", "base64"])
+@pytest.mark.parametrize("language", ["python", "js", "sh"])
+def test_example_gets_its_reply(
+    storage: StorageEnv, fake: FakeOpenAI, tmp_path: Path, language: str, encoding: str
+) -> None:
+    """The example creates, posts with replyTo, and prints the reply the worker sent it."""
+    if language == "sh":
+        assert shutil.which("curl"), "the curl example needs curl on PATH"
+    chat_id = f"docs-{language}-{storage.suffix}"
+    reply_queue = f"replies-{storage.suffix}"
+    path = example_path(language, tmp_path)
+    path.write_text(producer_example(language))
+    settings = storage.settings(
+        **model_env(fake.base_url, CHAT_MODEL_DEPLOYMENT_NAME="echo-bot"),
+        WORKER_MESSAGE_ENCODING=encoding,
+    )
+
+    async def scenario() -> tuple[int, str, str]:
+        async with serving(settings):
+            return await run_example(
+                command(language, path), example_env(storage, chat_id, reply_queue), tmp_path
+            )
+
+    code, out, err = run(scenario())
+    assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines, f"the example printed nothing; stderr:\n{err}"
+    reply = json.loads(lines[-1])
+    assert reply["type"] == "assistantReply"
+    assert reply["id"] == chat_id
+    assert reply["status"] == "completed"
+    assert reply["content"] == ANSWER
+    assert reply["error"] is None
+    assert str(reply["requestId"]).startswith("post-")
+    # Every field of the event is present (null when empty).
+    assert set(reply) == {field.alias for field in AssistantReply.model_fields.values()}
+    assert [m["role"] for m in reply["recentMessages"]] == ["User", "Assistant"]
+    # The example deleted the reply it read; the chat holds the conversation.
+    assert run(storage.count(reply_queue)) == 0
+    rows = run(storage.partition(chat_id))
+    assert rows["state"]["Exists"] is True
+    assert rows["msg-0001"]["Role"] == "System"
+    assert rows["msg-0001"]["Content"] == "You are a helpful assistant. Be brief."
+    assert rows["msg-0002"]["Content"] == QUESTION
+    assert rows["msg-0003"]["Content"] == ANSWER
+    assert run(storage.count(storage.requests_poison)) == 0
+
+
+def test_every_json_block_is_a_valid_message() -> None:
+    """The JSON shown on the page is what the worker reads or writes."""
+    blocks = [code for lang, _, code in fenced_blocks(DOC.read_text()) if lang == "json"]
+    assert blocks
+    for code in blocks:
+        payload = decode_body(code)
+        if payload.get("type") == "assistantReply":
+            reply = AssistantReply.model_validate(payload)
+            assert set(payload) == set(reply.to_wire()), "a reply field is missing"
+        else:
+            parse_message(payload)
+
+
+def test_other_examples_build_the_same_requests() -> None:
+    """The C#, PowerShell and Azure CLI examples (not run here: no .NET, pwsh or az on CI) use
+    the same settings and the same request fields as the examples that are run."""
+    text = DOC.read_text()
+    for language in ("csharp", "powershell"):
+        [code] = [c for lang, _, c in fenced_blocks(text) if lang == language]
+        for needle in ("AzureWebJobsStorage", "WORKER_REQUESTS_QUEUE", "REPLY_QUEUE", "CHAT_ID"):
+            assert needle in code, f"{language}: {needle}"
+        for field in ("assistantCreate", "assistantPost", "userMessage", "replyTo", "requestId"):
+            assert field in code, f"{language}: {field}"
+    [az] = [c for lang, _, c in fenced_blocks(text) if lang == "sh" and "az storage" in c]
+    bodies = re.findall(r'--content "(\{.*?\})"', az)
+    assert len(bodies) == 2
+    for body in bodies:
+        # The shell's view of the body, with the variables given values.
+        body = body.replace('\\"', '"').replace("$chat", "chat-42").replace("$replies", "r-q")
+        message = parse_message(json.loads(body.replace("$post_id", "p-1")))
+        assert isinstance(message, AssistantCreate | AssistantPost)
+        assert message.request_id
+        if isinstance(message, AssistantPost):
+            assert message.reply_to == "r-q"

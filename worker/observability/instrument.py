@@ -1,0 +1,75 @@
+"""Metrics around the model backends, without touching them.
+
+``InstrumentedBackend`` wraps a ``Backend``: each ``begin``/``poll`` is timed and its outcome
+and token usage reported; every other attribute is the wrapped backend's.
+"""
+
+import asyncio
+import time
+from typing import Any
+
+from worker.backends.base import Backend, ModelError, TurnRequest
+from worker.observability.metrics import Metrics
+from worker.runs.model import ModelTurn, Pending
+
+
+class InstrumentedBackend:
+    """A backend that reports each model call to ``metrics``; otherwise the backend itself."""
+
+    def __init__(self, backend: Backend, metrics: Metrics) -> None:
+        self._backend = backend
+        self._metrics = metrics
+        self.name: str = backend.name
+
+    @property
+    def wrapped(self) -> Backend:
+        return self._backend
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found here: everything else is the backend's.
+        return getattr(self._backend, name)
+
+    async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
+        return await self._observed(self._backend.begin, request)
+
+    async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
+        return await self._observed(self._backend.poll, request)
+
+    async def cancel(self, request: TurnRequest) -> None:
+        # Not a model call: passed through unobserved.
+        await self._backend.cancel(request)
+
+    async def _observed(self, call: Any, request: TurnRequest) -> ModelTurn | Pending:
+        started = time.monotonic()
+        outcome = "error"
+        result: ModelTurn | Pending | None = None
+        try:
+            result = await call(request)
+        except ModelError as error:
+            outcome = "transient_error" if error.transient else "error"
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        else:
+            outcome = "answered" if isinstance(result, ModelTurn) else "pending"
+            return result
+        finally:
+            usage = result.usage if isinstance(result, ModelTurn) else None
+            self._metrics.observe_model_call(
+                self.name,
+                request.model or "unknown",
+                outcome,
+                time.monotonic() - started,
+                input_tokens=usage.prompt_tokens if usage else 0,
+                output_tokens=usage.completion_tokens if usage else 0,
+            )
+
+
+def instrument_backends(
+    backends: dict[str, Backend], metrics: Metrics | None
+) -> dict[str, Backend]:
+    """The backends, each wrapped when metrics are on (unchanged when off)."""
+    if metrics is None:
+        return backends
+    return {name: InstrumentedBackend(backend, metrics) for name, backend in backends.items()}

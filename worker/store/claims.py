@@ -1,0 +1,201 @@
+"""Claims: at most one worker does a piece of a run's work that must not be done twice.
+
+Two copies of one step can run at once (a lease lost during a long tool call, a duplicated
+step message). Before a tool call runs, or a background response is created, the step claims
+it in the chat's partition by *creating* a row: the table service lets only one create win.
+The winner does the work and stores its result in the same row; a loser finds the result (and
+uses it) or a live claim (and retries later). A claim whose worker died is taken over only
+once it has expired, guarded by the row's ETag so that only one taker wins. A claim lives a few
+seconds and its holder renews it while the work runs (``held``): a worker that died loses it
+soon, one that is busy keeps it however long the work takes.
+
+Rows: the tool-result row of a call (``tool-…``) and ``claim-<runId>-<step>`` for a model
+call. A row without ``State`` is a result written before claims existed.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import UpdateMode
+from azure.data.tables.aio import TableClient
+
+from worker.store.layout import CLAIM_PREFIX, join_text, split_text, utc
+from worker.store.stores import storage_errors
+
+CLAIMED = "claimed"
+_TAKEOVER_ATTEMPTS = 3
+# Seconds a claim lives unless renewed, and how often its holder renews it.
+CLAIM_TTL = 15.0
+RENEW_EVERY = CLAIM_TTL / 3
+# Seconds between looks at a claim held elsewhere, while waiting for its result.
+WAIT_POLL = 1.0
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """This worker holds the claim: do the work, then ``finish`` it."""
+
+    etag: str | None
+
+
+@dataclass(frozen=True)
+class Done:
+    """The work was done already: ``value`` is its stored result."""
+
+    value: str
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Another worker holds a live claim until ``until``."""
+
+    until: datetime
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """The claim row went while we waited: the step holding it was stored meanwhile."""
+
+
+ClaimResult = Claimed | Done | Busy | Superseded
+
+
+def model_claim_row_key(run_id: str, step: int) -> str:
+    """The claim of the model call that one step of a run makes."""
+    return f"{CLAIM_PREFIX}{run_id}-{step:06d}"
+
+
+class Claims:
+    """Claim rows of one table."""
+
+    def __init__(self, client: TableClient, where: str, setting: str) -> None:
+        self._client = client
+        self._where = where
+        self._setting = setting
+
+    async def acquire(
+        self,
+        chat_id: str,
+        row_key: str,
+        *,
+        owner: str,
+        value_property: str,
+        patience: float = 0.0,
+        extra: dict[str, Any] | None = None,
+    ) -> ClaimResult:
+        """Claim ``row_key``, or say who holds it or what it produced.
+
+        While another worker holds the claim, wait up to ``patience`` seconds for its result
+        (or for its claim to expire, when it died): a copy of a step that waits here costs no
+        attempt of its message. A claim row that disappears while we wait was removed by the
+        commit of the step that holds it: the work is stored, and this copy is ``Superseded``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        entity = {"PartitionKey": chat_id, "RowKey": row_key, "State": CLAIMED, "Owner": owner}
+        entity.update(extra or {})
+        async with storage_errors("claim a call", self._where, self._setting):
+            try:
+                created = await self._client.create_entity(_expiring(entity))
+                return Claimed(_etag(created))
+            except ResourceExistsError:
+                pass
+            while True:
+                claim = await self._inspect(chat_id, row_key, entity, value_property)
+                left = deadline - loop.time()
+                if not isinstance(claim, Busy) or left <= 0:
+                    return claim
+                until = (claim.until - datetime.now(UTC)).total_seconds()
+                await asyncio.sleep(min(max(until, 0.2), WAIT_POLL, left))
+
+    async def _inspect(
+        self, chat_id: str, row_key: str, entity: dict[str, Any], value_property: str
+    ) -> ClaimResult:
+        """What an existing claim row says; an expired claim is taken over (one taker wins)."""
+        for _ in range(_TAKEOVER_ATTEMPTS):
+            try:
+                current = await self._client.get_entity(chat_id, row_key)
+            except ResourceNotFoundError:
+                return Superseded()
+            if current.get("State") != CLAIMED:
+                return Done(join_text(dict(current), value_property))
+            now = datetime.now(UTC)
+            expires = utc(current.get("ExpiresAt")) or now
+            if expires > now:
+                return Busy(expires)
+            try:
+                # The holder died: take over, unless another worker just did.
+                taken = await self._client.update_entity(
+                    _expiring(entity),
+                    mode=UpdateMode.REPLACE,
+                    etag=current.metadata.get("etag"),
+                    match_condition=MatchConditions.IfNotModified,
+                )
+                return Claimed(_etag(taken))
+            except ResourceModifiedError:
+                continue
+        return Busy(datetime.now(UTC) + timedelta(seconds=1))
+
+    @contextlib.asynccontextmanager
+    async def held(self, chat_id: str, row_key: str, claim: Claimed) -> AsyncIterator[None]:
+        """Renew the claim every few seconds while the body runs."""
+        renewal = asyncio.create_task(self._renew(chat_id, row_key, claim.etag))
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+
+    async def _renew(self, chat_id: str, row_key: str, etag: str | None) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            expires = datetime.now(UTC) + timedelta(seconds=CLAIM_TTL)
+            patch = {"PartitionKey": chat_id, "RowKey": row_key, "ExpiresAt": expires}
+            try:
+                result = await self._client.update_entity(
+                    patch,
+                    mode=UpdateMode.MERGE,
+                    etag=etag,
+                    match_condition=MatchConditions.IfNotModified,
+                )
+                etag = _etag(result) or etag
+            except (ResourceModifiedError, ResourceNotFoundError):
+                return  # taken over after a stall, or the step was stored: nothing to keep
+            except Exception:
+                continue  # storage hiccup: try again at the next beat; the TTL covers a few
+
+    async def finish(
+        self, chat_id: str, row_key: str, *, value_property: str, value: str, extra: dict[str, Any]
+    ) -> None:
+        """Store the claimed work's result in its row (it is then ``Done`` for everyone)."""
+        entity = {
+            "PartitionKey": chat_id,
+            "RowKey": row_key,
+            "State": "done",
+            **extra,
+            **split_text(value_property, value),
+        }
+        async with storage_errors("store a claimed result", self._where, self._setting):
+            await self._client.upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+
+def _expiring(entity: dict[str, Any]) -> dict[str, Any]:
+    return {**entity, "ExpiresAt": datetime.now(UTC) + timedelta(seconds=CLAIM_TTL)}
+
+
+def _etag(response: Any) -> str | None:
+    if isinstance(response, dict):
+        value = response.get("etag")
+        return str(value) if value else None
+    return None
