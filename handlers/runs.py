@@ -271,12 +271,14 @@ def _transition_sends(
     if transition.next_step_delay is not None and not run.finished:
         sends.append(step_send(services, chat, run, transition.next_step_delay))
     if transition.announce_tool_calls and run.reply_to:
-        sends.append(tool_calls_required(chat, run, run.reply_to))
+        encoding = services.settings.message_encoding
+        sends.append(tool_calls_required(chat, run, run.reply_to, encoding))
     return sends
 
 
-def tool_calls_required(chat: ChatRef, run: Run, reply_to: str) -> Send:
-    """The ``toolCallsRequired`` event of a run waiting for external tool outputs."""
+def tool_calls_required(chat: ChatRef, run: Run, reply_to: str, encoding: Encoding) -> Send:
+    """The ``toolCallsRequired`` event of a run waiting for external tool outputs, cut to
+    fit one queue message (see :func:`fit_tool_calls`)."""
     event = ToolCallsRequired(
         id=chat.chat_id,
         run_id=run.run_id,
@@ -287,7 +289,7 @@ def tool_calls_required(chat: ChatRef, run: Run, reply_to: str) -> Send:
         ],
         traceparent=run.traceparent,
     )
-    return Send(reply_to, event.to_wire(), best_effort=True)
+    return Send(reply_to, fit_tool_calls(event, encoding), best_effort=True)
 
 
 async def _replies(
@@ -315,7 +317,10 @@ async def lost_follow_ups(
         if active != run.run_id:
             return ()
         if run.phase == "external":
-            return (tool_calls_required(chat, run, run.reply_to),) if run.reply_to else ()
+            if not run.reply_to:
+                return ()
+            encoding = services.settings.message_encoding
+            return (tool_calls_required(chat, run, run.reply_to, encoding),)
         return (step_send(services, chat, run),)
     sends = await _replies(services, store, chat, run)
     if active and active != run.run_id:
@@ -422,3 +427,50 @@ def _cut(text: str | None, keep: int) -> str | None:
     if text is None or len(text) <= keep:
         return text
     return text[:keep] + REPLY_CUT.format(shown=keep, total=len(text))
+
+
+# Appended to a tool call's arguments when the calls do not fit one queue message.
+ARGUMENTS_CUT = (
+    "\n\n[truncated by assistant-worker: showing {shown:,} of {total:,} characters; "
+    "the whole call is in the chat (assistant-worker state)]"
+)
+
+
+def fit_tool_calls(event: ToolCallsRequired, encoding: Encoding) -> dict[str, Any]:
+    """The event as a payload that fits one queue message (64 KiB).
+
+    Every call keeps its id and name (a producer must be able to answer each one); the
+    longest arguments are cut first, all of them to the same largest length that fits, each
+    with a marker, and the event says ``truncated``. The chat keeps the whole calls."""
+
+    def payload(keep: int) -> dict[str, Any]:
+        calls = [
+            call
+            if len(call.arguments) <= keep
+            else call.model_copy(
+                update={
+                    "arguments": call.arguments[:keep]
+                    + ARGUMENTS_CUT.format(shown=keep, total=len(call.arguments))
+                }
+            )
+            for call in event.tool_calls
+        ]
+        return event.model_copy(update={"tool_calls": calls, "truncated": True}).to_wire()
+
+    def fits(candidate: dict[str, Any]) -> bool:
+        return len(encode_body(candidate, encoding).encode("utf-8")) <= MAX_MESSAGE_BYTES
+
+    whole = event.to_wire()
+    if fits(whole):
+        return whole
+    # Binary search for the most characters every call's arguments may keep.
+    low, high = 0, max(len(call.arguments) for call in event.tool_calls) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(payload(middle)):
+            low = middle
+        else:
+            high = middle - 1
+    # At 0 it may still not fit (thousands of calls): the ids and names are never dropped,
+    # and a send the queue refuses is logged (the calls are in the chat's state).
+    return payload(low)

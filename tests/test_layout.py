@@ -313,3 +313,22 @@ def test_run_seq_bound_skips_older_runs() -> None:
         assert run_row_key(f"run_{seq:06d}_{suffix}") < bound
     for seq in (42, 100, 999_999):
         assert bound < run_row_key(f"run_{seq:06d}_0000000000") < RUN_PREFIX_END
+
+
+def test_pending_calls_larger_than_a_row_keep_every_call() -> None:
+    """Calls whose arguments together pass what a run row holds are all kept (their
+    arguments cut, with a marker), never cut into JSON that reads back as no calls."""
+    calls = tuple(PendingCall(f"call_{i}", "write_file", "x" * 200_000) for i in range(4))
+    run = make_run(pending_calls=calls)
+    entity = run_entity("chat", run)
+    assert_fits(entity)
+    back = run_from_entity(entity, None)
+    assert [c.id for c in back.pending_calls] == [c.id for c in calls]
+    assert all(c.name == "write_file" for c in back.pending_calls)
+    assert all("truncated" in c.arguments for c in back.pending_calls)
+
+
+def test_answered_calls_round_trip() -> None:
+    """Which calls of the round already have an output survives the row."""
+    run = make_run(answered_calls=("call_a", "call_b"))
+    assert run_from_entity(run_entity("chat", run), None).answered_calls == ("call_a", "call_b")

@@ -396,3 +396,40 @@ def test_delete_removes_all_but_the_applied_records(storage: StorageEnv) -> None
     assert state is None
     rows = run(storage.partition(chat_id, storage.table))
     assert all(key.startswith("req-") for key in rows)
+
+
+def test_a_reset_lists_no_applied_records_and_reports_a_run_that_arrived_mid_way(
+    storage: StorageEnv,
+) -> None:
+    """Applied-request records grow with every request ever applied: a reset never lists them
+    (its own is checked by a point read). A post whose run was stored while the reset was
+    deleting is removed with the rest and named among the removed runs, so its producer gets
+    a reply."""
+    chat_id = f"reset-runs-{storage.suffix}"
+
+    async def scenario() -> tuple[Removal | None, list[str], list[list[Any]]]:
+        async with opened(storage) as store:
+            await fill(store, chat_id, 150)
+            for n in range(40):
+                state = await store.load_state(chat_id)
+                assert state is not None
+                await store.commit(state, applied=applied(f"old-{n}", "assistantPost"))
+            listed = await list_rows(store, chat_id)
+            raced: list[bool] = []
+
+            async def post_meanwhile(operations: list[Any]) -> None:
+                if not raced and any(op[0] != "delete" for op in operations):
+                    raced.append(True)
+                    state = await store.load_state(chat_id)
+                    assert state is not None
+                    late = replace(make_run(99, "queued"), reply_to="replies")
+                    await store.commit(state, runs=[(late, True)])
+
+            watching(store, post_meanwhile)
+            removed = await store.reset_chat(fresh_state(chat_id), system("new"), applied("c-2"))
+            return removed, list(listed), []
+
+    removed, listed, _ = run(scenario())
+    assert not [key for key in listed if key.startswith("req-")]
+    assert removed is not None
+    assert "run_000099_0000000063" in [r.run_id for r in removed.runs]

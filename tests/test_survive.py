@@ -14,11 +14,13 @@ import base64
 import json
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from handlers.runs import ChatRef, reply_payload
 from tests.support.env import StorageEnv, run
 from tests.support.runs import (
     TOOL_LOG_ENV,
@@ -34,6 +36,9 @@ from tests.support.runs import (
     serving,
 )
 from worker.app import App
+from worker.redact import Redactor
+from worker.runs.model import Run
+from worker.store.tables import ChatStores
 from worker.testing import FakeOpenAI
 
 LOOKUP = {
@@ -511,3 +516,77 @@ async def _count_zero(storage: StorageEnv, queue: str, *, visible_only: bool = F
 
 async def _started(app: App) -> bool:
     return app.worker.stats["completed"] >= 2  # the create and the post
+
+
+# --- secrets in run errors ----------------------------------------------------------------------
+
+
+def test_run_errors_reach_replies_redacted(storage: StorageEnv) -> None:
+    """A run's error text (a model or storage error, which may quote a key or a connection
+    string) goes through the redactor before it leaves the worker in a reply."""
+    secret = "sk-live-0123456789abcdef"
+    run_row = Run(
+        run_id="run_000001_0000000001",
+        seq=1,
+        status="failed",
+        request_id="p1",
+        user_message="hi",
+        api="chat",
+        model="m",
+        created_at=datetime.now(UTC),
+        expires_at=datetime.now(UTC),
+        error=f"the run failed: model said: bad key {secret}; AccountKey=abc123def456==",
+    )
+
+    async def scenario() -> dict[str, Any]:
+        stores = ChatStores(storage.settings())
+        try:
+            store = await stores.get("AzureWebJobsStorage", storage.table)
+            chat = ChatRef("secret-chat", "AzureWebJobsStorage", storage.table)
+            return await reply_payload(store, chat, run_row, "none", Redactor([secret]))
+        finally:
+            await stores.close()
+
+    reply = run(scenario())
+    assert secret not in json.dumps(reply)
+    assert "abc123def456" not in json.dumps(reply)
+    assert "the run failed" in reply["error"]
+
+
+# --- remote work the worker abandons ------------------------------------------------------------
+
+
+def test_abandoned_background_responses_are_cancelled(storage: StorageEnv) -> None:
+    """A run that expires while its background response is still working, and a run whose
+    chat is deleted meanwhile, both cancel their response at the model: nothing keeps
+    burning tokens for a run the worker gave up."""
+    expiring, deleted = f"expire-{storage.suffix}", f"delete-{storage.suffix}"
+    replies = ReplyQueue(storage, f"replies-{storage.suffix}")
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[str]]:
+        async with FakeOpenAI(background_delay=10_000) as fake:
+            env = model_env(fake.base_url, WORKER_RUN_TIMEOUT="3", WORKER_POLL_BACKOFF="1")
+            settings = storage.settings(**env)
+            for chat_id in (expiring, deleted):
+                await storage.send(create_body(chat_id, storage.table, api="responses"))
+            async with serving(settings):
+                for chat_id in (expiring, deleted):
+                    await storage.send(
+                        post_body(chat_id, storage.table, "slow", replyTo=replies.name)
+                    )
+                await eventually(
+                    lambda: _created_responses(fake, 2), 20, "both background responses"
+                )
+                delete = {"type": "assistantDelete", "id": deleted, "collectionName": storage.table}
+                await storage.send(delete)
+                events = await replies.wait_for("assistantReply", 30, count=2)
+            cancels = [r.path for r in fake.requests if r.path.endswith("/cancel")]
+            return events, cancels
+
+    events, cancels = run(scenario())
+    assert sorted(e["status"] for e in events) == ["cancelled", "expired"]
+    assert len(cancels) == 2, cancels
+
+
+async def _created_responses(fake: FakeOpenAI, count: int) -> bool:
+    return len([r for r in fake.requests if r.endpoint == "responses.create"]) >= count

@@ -10,9 +10,13 @@ import asyncio
 import json
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from opentelemetry import trace
@@ -468,9 +472,10 @@ def test_no_exporter_installs_nothing() -> None:
 
 
 def test_trace_file_and_console_exporters() -> None:
-    """WORKER_TRACE_FILE: one JSON line per span, with the service name; the default
-    sampler keeps message spans and their children and drops other roots (idle polls);
-    azure-core's native tracing is on. OTEL_TRACES_EXPORTER=console writes JSON to stdout."""
+    """WORKER_TRACE_FILE: one JSON line per span, with the service name; message spans and
+    their children are kept, other roots (idle polls) dropped, whatever OTEL_TRACES_SAMPLER
+    says, which decides for the rest; azure-core's native tracing is on.
+    OTEL_TRACES_EXPORTER=console writes JSON to stdout."""
     code = (
         "import json, os\n"
         "from opentelemetry.trace import SpanKind\n"
@@ -486,23 +491,92 @@ def test_trace_file_and_console_exporters() -> None:
         "tracing.shutdown()\n"
         "print('azure', settings.tracing_enabled())\n"
     )
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "spans.jsonl"
         out = python(code, {"WORKER_TRACE_FILE": str(path), "OTEL_SERVICE_NAME": "svc"})
         assert out.strip() == "azure True"
         records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(r["name"], r["kind"]) for r in records] == [
-        ("GET", "CLIENT"),
-        ("process runStep", "CONSUMER"),
-    ]
-    assert records[0]["parent_span_id"] == records[1]["span_id"]
-    assert {r["service"] for r in records} == {"svc"}
+        assert [(r["name"], r["kind"]) for r in records] == [
+            ("GET", "CLIENT"),
+            ("process runStep", "CONSUMER"),
+        ]
+        assert records[0]["parent_span_id"] == records[1]["span_id"]
+        assert {r["service"] for r in records} == {"svc"}
+
+        # The configured sampler decides among message traces; other roots never start one.
+        path.unlink()
+        python(code, {"WORKER_TRACE_FILE": str(path), "OTEL_TRACES_SAMPLER": "always_on"})
+        assert [json.loads(line)["name"] for line in path.read_text().splitlines()] == [
+            "GET",
+            "process runStep",
+        ]
+        path.unlink()
+        python(code, {"WORKER_TRACE_FILE": str(path), "OTEL_TRACES_SAMPLER": "always_off"})
+        assert not path.exists()
 
     out = python(code, {"OTEL_TRACES_EXPORTER": "console"})
     assert '"name": "process runStep"' in out and "assistant-worker" in out
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """A loopback OTLP/HTTP receiver: keeps the bodies posted to /v1/traces."""
+
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.path == "/v1/traces":
+            self.bodies.append(self.rfile.read(length))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_otlp_over_http_reaches_a_collector() -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT: the spans are posted as OTLP protobuf to
+    ``{endpoint}/v1/traces``, with the default service name (flushed at shutdown)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    _Collector.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        python(
+            "from opentelemetry.trace import SpanKind\n"
+            "from worker.observability.tracing import setup_tracing\n"
+            "tracing = setup_tracing()\n"
+            "with tracing.tracer.start_as_current_span('process assistantPost', kind=SpanKind.CONSUMER):\n"
+            "    pass\n"
+            "tracing.shutdown()\n",
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+                "OTEL_EXPORTER_OTLP_TIMEOUT": "5",
+            },
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert _Collector.bodies, "nothing was posted to /v1/traces"
+    names: list[str] = []
+    services: set[str] = set()
+    for body in _Collector.bodies:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for attribute in resource_spans.resource.attributes:
+                if attribute.key == "service.name":
+                    services.add(attribute.value.string_value)
+            for scope_spans in resource_spans.scope_spans:
+                names.extend(span.name for span in scope_spans.spans)
+    assert names == ["process assistantPost"]
+    assert services == {"assistant-worker"}
 
 
 def test_configuration_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:

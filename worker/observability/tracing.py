@@ -18,7 +18,8 @@ the message's ``traceparent``, so a run's steps, whichever process takes them, c
 producer's trace; ``chat {model}`` per model call and ``execute_tool {name}`` per tool call
 (GenAI semantic conventions); the Azure SDK's own spans for storage calls (azure-core's native
 OpenTelemetry tracing). Storage calls outside a message (idle receives, probes, the depth
-poller) would each start a trace of their own: the default sampler drops such roots.
+poller) would each start a trace of their own: the sampler drops such roots, and leaves the
+rest to the configured one (``OTEL_TRACES_SAMPLER``, Azure Monitor's).
 """
 
 from __future__ import annotations
@@ -207,10 +208,14 @@ def setup_tracing(env: Mapping[str, str] | None = None) -> Tracing | None:
     else:
         from opentelemetry.sdk.trace import TracerProvider
 
-        provider = TracerProvider(resource=resource, sampler=_sampler(env))
+        # No sampler given: OTEL_TRACES_SAMPLER, else parent-based always-on.
+        provider = TracerProvider(resource=resource)
         for processor in processors:
             provider.add_span_processor(processor)
         trace.set_tracer_provider(provider)
+    if hasattr(provider, "sampler"):
+        # Read by every tracer the provider makes from now on (the Azure SDK's included).
+        provider.sampler = message_roots(provider.sampler)
     _enable_azure_sdk_tracing(env)
     shutdown = getattr(provider, "shutdown", None)
     return Tracing.from_provider(provider, capture_content=capture, shutdown=shutdown)
@@ -248,14 +253,11 @@ def _span_processors(
     return processors
 
 
-def _sampler(env: Mapping[str, str]) -> Any:
-    """``OTEL_TRACES_SAMPLER`` when set; else the producer's decision for remote parents,
-    and of new roots only the worker's message spans (CONSUMER): an idle receive, a probe
-    or a depth poll is not a trace."""
+def message_roots(delegate: Any) -> Any:
+    """A sampler that starts traces only at the worker's message spans (CONSUMER) and leaves
+    every other decision to ``delegate`` (the configured sampler): a storage call outside a
+    message (an idle receive, a probe, a depth poll) is not a trace of its own."""
     from opentelemetry.sdk.trace import sampling
-
-    if env.get("OTEL_TRACES_SAMPLER"):
-        return None  # the SDK reads OTEL_TRACES_SAMPLER (and its argument) itself
 
     class MessageRoots(sampling.Sampler):
         def should_sample(
@@ -268,14 +270,18 @@ def _sampler(env: Mapping[str, str]) -> Any:
             links: Sequence[Any] | None = None,
             trace_state: Any = None,
         ) -> sampling.SamplingResult:
-            if kind is SpanKind.CONSUMER:
-                return sampling.SamplingResult(sampling.Decision.RECORD_AND_SAMPLE, attributes)
-            return sampling.SamplingResult(sampling.Decision.DROP)
+            parent = trace.get_current_span(parent_context).get_span_context()
+            if not parent.is_valid and kind is not SpanKind.CONSUMER:
+                return sampling.SamplingResult(sampling.Decision.DROP)
+            result: sampling.SamplingResult = delegate.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
+            return result
 
         def get_description(self) -> str:
-            return "MessageRoots"
+            return f"MessageRoots{{{delegate.get_description()}}}"
 
-    return sampling.ParentBased(root=MessageRoots())
+    return MessageRoots()
 
 
 def _enable_azure_sdk_tracing(env: Mapping[str, str]) -> None:
