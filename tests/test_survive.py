@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.core.exceptions import ServiceResponseError
 
 from handlers.runs import ChatRef, reply_payload
 from tests.support.env import StorageEnv, run
@@ -590,3 +591,64 @@ def test_abandoned_background_responses_are_cancelled(storage: StorageEnv) -> No
 
 async def _created_responses(fake: FakeOpenAI, count: int) -> bool:
     return len([r for r in fake.requests if r.endpoint == "responses.create"]) >= count
+
+
+def test_a_submit_whose_answer_was_lost_still_resumes_the_run(storage: StorageEnv) -> None:
+    """The submit's transaction lands, then the connection drops before its answer (as
+    the SDK reports it): the redelivered submit finds its record and sends the step that
+    resumes the run, once; the run completes and nothing is dead-lettered."""
+    chat_id = f"lost-answer-{storage.suffix}"
+    model = f"orders-lost-{storage.suffix}"
+    replies = ReplyQueue(storage, f"replies-{storage.suffix}")
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+        async with FakeOpenAI() as fake:
+            fake.script(
+                model,
+                [
+                    {"tool_calls": [{"name": "lookupOrder", "arguments": {"orderId": 7}}]},
+                    {"content": "Order 7 shipped."},
+                ],
+            )
+            settings = storage.settings(
+                **model_env(fake.base_url, CHAT_MODEL_DEPLOYMENT_NAME=model)
+            )
+            await storage.send(create_body(chat_id, storage.table, tools=[LOOKUP]))
+            async with serving(settings) as app:
+                store = await app.stores.get("AzureWebJobsStorage", storage.table)
+                lost: list[bool] = []
+                submit = store._submit
+
+                async def answer_lost(operations: list[Any], action: str) -> list[Any]:
+                    result = await submit(operations, action)
+                    is_submit = any(op[1].get("Type") == "submitToolOutputs" for op in operations)
+                    if is_submit and not lost:
+                        lost.append(True)
+                        raise ServiceResponseError("connection reset after the write")
+                    return result
+
+                store._submit = answer_lost  # type: ignore[method-assign]
+                await storage.send(
+                    post_body(chat_id, storage.table, "order?", replyTo=replies.name)
+                )
+                [required] = await replies.wait_for("toolCallsRequired", 30)
+                [call] = required["toolCalls"]
+                await storage.send(
+                    {
+                        "type": "submitToolOutputs",
+                        "id": chat_id,
+                        "collectionName": storage.table,
+                        "runId": required["runId"],
+                        "requestId": "svc-1",
+                        "toolOutputs": [{"toolCallId": call["id"], "output": "shipped"}],
+                    }
+                )
+                [reply] = await replies.wait_for("assistantReply", 30)
+            calls = [r for r in fake.requests if r.endpoint == "chat.create" and r.status == 200]
+            return reply, await poison_letters(storage), len(calls)
+
+    reply, letters, model_calls = run(scenario())
+    assert letters == []
+    assert reply["status"] == "completed"
+    assert reply["content"] == "Order 7 shipped."
+    assert model_calls == 2, "the resumed step ran once"
