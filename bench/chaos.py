@@ -438,8 +438,12 @@ class Soak:
         slot = rng.randrange(len(self.workers))
         worker = self.workers[slot]
         if worker is not None:
+            killed_at = time.time()
             worker.kill()
             self.kills += 1
+            with (self.folder / "kills.jsonl").open("a") as journal:
+                journal.write(json.dumps({"t": killed_at, "pid": worker.proc.pid, "slot": slot}))
+                journal.write("\n")
         self.start_worker(slot)
 
     def chaos(self, rng: random.Random) -> None:
@@ -656,6 +660,7 @@ class Soak:
             reads_failed=problems,
             queue_depths=depths,
             delays={key: frozenset(value) for key, value in delays.items()},
+            killed={int(k["pid"]): float(k["t"]) for k in read_jsonl(self.folder / "kills.jsonl")},
         )
 
 

@@ -54,6 +54,7 @@ class Collected:
     queue_depths: Mapping[str, int] = field(default_factory=dict)
     # requestId -> what delayed it, from the worker logs: "create wait", "outage", "redelivered"
     delays: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    killed: Mapping[int, float] = field(default_factory=dict)  # worker pid -> SIGKILL time
 
 
 def join_text(entity: Mapping[str, Any], name: str) -> str:
@@ -131,6 +132,29 @@ def audit(data: Collected) -> list[Line]:
     answers = [e for e in data.journal if e.get("kind") == "answer"]
 
     ends = Counter(str(e.get("tag")) for e in data.tool_log if e.get("event") == "end")
+    by_tag: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for entry in data.tool_log:
+        by_tag[str(entry.get("tag"))].append(entry)
+
+    def executions_detail(tag: str) -> str:
+        """Who ran a call more than once, and whether the first one was killed right after."""
+        entries = sorted(by_tag.get(tag, []), key=lambda e: float(e.get("t") or 0))
+        parts = []
+        first_t = float(entries[0].get("t") or 0) if entries else 0.0
+        for entry in entries:
+            if entry.get("event") != "end":
+                continue
+            pid = int(entry.get("pid") or 0)
+            ended = float(entry.get("t") or 0)
+            killed_at = data.killed.get(pid)
+            fate = (
+                f", SIGKILLed {killed_at - ended:.2f} s later"
+                if killed_at is not None and killed_at >= ended
+                else ""
+            )
+            parts.append(f"pid {pid} at +{ended - first_t:.1f} s{fate}")
+        return f": {'; '.join(parts)}" if parts else ""
+
     starts = Counter(str(e.get("tag")) for e in data.tool_log if e.get("event") == "start")
 
     # -- per chat -----------------------------------------------------------------------
@@ -221,7 +245,7 @@ def audit(data: Collected) -> list[Line]:
                         fail["executions"].append(
                             f"{chat_id} {call.tag}: executed {runs_of_call} times "
                             f"(started {starts.get(call.tag, 0)}), result stored "
-                            f"{stored_results} times"
+                            f"{stored_results} times{executions_detail(call.tag)}"
                         )
                     if starts.get(call.tag, 0) > runs_of_call:
                         totals["interrupted"] += starts[call.tag] - runs_of_call

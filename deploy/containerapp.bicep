@@ -1,7 +1,7 @@
 // assistant-worker on Azure Container Apps: a Log Analytics workspace, a Container Apps
 // environment, a user-assigned managed identity with data-plane roles on the storage account
-// and the Azure OpenAI account, and the worker app, scaled by KEDA on its two work queues
-// from zero replicas. No keys anywhere: storage, the scaler, the model and the registry are
+// and the Azure OpenAI account, and the worker app, scaled by KEDA on its three work queues
+// (requests, run steps, run deadlines) from zero replicas. No keys anywhere: storage, the scaler, the model and the registry are
 // all reached with the managed identity.
 //
 //   az deployment group create -g RESOURCE_GROUP \
@@ -48,6 +48,9 @@ param requestsQueueName string = 'assistant-requests'
 @description('Queue of the worker\'s run-step continuations (WORKER_RUNS_QUEUE).')
 param runsQueueName string = 'assistant-runs'
 
+@description('Queue of the worker\'s run deadlines: one watchdog per run, delayed until just after WORKER_RUN_TIMEOUT (WORKER_DEADLINES_QUEUE).')
+param deadlinesQueueName string = 'assistant-deadlines'
+
 @description('Messages processed at once per replica (WORKER_CONCURRENCY).')
 param concurrency int = 16
 
@@ -57,7 +60,10 @@ param requestsQueueLength int = 8
 @description('Scale target: visible run steps per replica.')
 param runsQueueLength int = 8
 
-@description('Fewest replicas; 0 lets the app scale to zero when both queues are empty.')
+@description('Scale target: due run deadlines per replica. High on purpose: this rule wakes an idle app when a deadline falls due; the other two size it.')
+param deadlinesQueueLength int = 100
+
+@description('Fewest replicas; 0 lets the app scale to zero when no request waits and no run step or deadline is due.')
 param minReplicas int = 0
 
 @description('Most replicas.')
@@ -237,6 +243,10 @@ var baseEnv = [
     value: runsQueueName
   }
   {
+    name: 'WORKER_DEADLINES_QUEUE'
+    value: deadlinesQueueName
+  }
+  {
     name: 'WORKER_CONCURRENCY'
     value: string(concurrency)
   }
@@ -371,6 +381,24 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
                 accountName: storageAccountName
                 queueName: runsQueueName
                 queueLength: string(runsQueueLength)
+                queueLengthStrategy: 'visibleonly'
+              }
+              identity: identity.id
+            }
+          }
+          {
+            // Run deadlines: every run that starts puts one here, delayed until just after
+            // WORKER_RUN_TIMEOUT. Only visible (due) ones count: an idle app at zero replicas
+            // wakes when a deadline falls due, and the delayed ones of runs that started (one
+            // per run for WORKER_RUN_TIMEOUT) do not keep replicas awake. The same Peek limit
+            // applies: at 32 or more due, KEDA counts the delayed ones too, hence the high target.
+            name: 'deadlines-queue'
+            custom: {
+              type: 'azure-queue'
+              metadata: {
+                accountName: storageAccountName
+                queueName: deadlinesQueueName
+                queueLength: string(deadlinesQueueLength)
                 queueLengthStrategy: 'visibleonly'
               }
               identity: identity.id

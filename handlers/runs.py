@@ -174,18 +174,17 @@ async def commit_transition(
             index += 1
             messages.append(_stored(message, index, run, now))
         runs: list[tuple[Run, bool]] = [(run, False)]
-        follow_ups: list[Send] = []
+        follow_ups: tuple[Send, ...] = ()
         active = state.active_run_id
         if run.finished and active == run.run_id:
-            active = None
-            queued = await store.next_queued_run(chat.chat_id, run.seq)
-            if queued is not None:
-                started = machine.start(queued, now, services.settings.run_timeout)
+            # The chat's next queued run starts in the same transaction.
+            nxt = await _next_run(services, store, chat, run.seq, index, now)
+            active = nxt.run_id
+            if nxt.run is not None:
                 index += 1
-                messages.append(user_message(started, index, now))
-                runs.append((started, False))
-                active = started.run_id
-                follow_ups.extend(start_sends(services, chat, started))
+                messages.extend([nxt.message] if nxt.message is not None else [])
+                runs.append((nxt.run, False))
+                follow_ups = nxt.sends
         tokens = transition.last_total_tokens
         changed = replace(
             state,
@@ -223,22 +222,14 @@ async def release_chat(
         if state.active_run_id != run_id:
             return ()
         now = services.clock()
-        messages: list[ChatMessage] = []
-        runs: list[tuple[Run, bool]] = []
-        sends: tuple[Send, ...] = ()
-        active: str | None = None
-        queued = await store.next_queued_run(chat.chat_id, -1)
-        if queued is not None:
-            started = machine.start(queued, now, services.settings.run_timeout)
-            messages.append(user_message(started, state.total_messages + 1, now))
-            runs.append((started, False))
-            active = started.run_id
-            sends = start_sends(services, chat, started)
+        nxt = await _next_run(services, store, chat, -1, state.total_messages, now)
+        messages = [nxt.message] if nxt.message is not None else []
+        runs = [(nxt.run, False)] if nxt.run is not None else []
         changed = replace(
             state,
             total_messages=state.total_messages + len(messages),
             last_updated_at=now,
-            active_run_id=active,
+            active_run_id=nxt.run_id,
         )
         try:
             await store.commit(changed, runs=runs, messages=messages)
@@ -248,8 +239,39 @@ async def release_chat(
                 return ()
             state = fresh
             continue
-        return sends
+        return nxt.sends
     raise TransientError(f"the chat {chat.chat_id!r} kept changing; retrying later")
+
+
+@dataclass(frozen=True)
+class NextRun:
+    """The chat's next queued run, started (or nothing queued: all None)."""
+
+    run: Run | None = None
+    message: ChatMessage | None = None
+    sends: tuple[Send, ...] = ()
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run is not None else None
+
+
+async def _next_run(
+    services: RunServices,
+    store: TableChatStore,
+    chat: ChatRef,
+    after_seq: int,
+    last_index: int,
+    now: datetime,
+) -> NextRun:
+    """Start the first run queued after ``after_seq``: its user message is appended now (after
+    message ``last_index``), so the history reads User, tool rounds, Assistant, User..."""
+    queued = await store.next_queued_run(chat.chat_id, after_seq)
+    if queued is None:
+        return NextRun()
+    started = machine.start(queued, now, services.settings.run_timeout)
+    message = user_message(started, last_index + 1, now)
+    return NextRun(started, message, start_sends(services, chat, started))
 
 
 def _stored(message: NewMessage, index: int, run: Run, now: datetime) -> ChatMessage:

@@ -13,7 +13,14 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from handlers.runs import ChatRef, RunServices, StaleRun, commit_transition, lost_follow_ups
+from handlers.runs import (
+    ChatRef,
+    RunServices,
+    StaleRun,
+    commit_transition,
+    deadline_send,
+    lost_follow_ups,
+)
 from handlers.tool_calls import ToolCall, run_tool_calls
 from schemas import RunStep
 from worker.backends.base import Backend, ModelError, TurnRequest
@@ -164,8 +171,12 @@ class StepHandler:
                 log_fields=fields,
             )
         if run.phase == "external" and services.clock() < run.expires_at:
-            # A deadline step of an older version: the run's deadline message ends it now.
-            return HandlerResult(note="waiting for tool outputs", log_fields=fields)
+            # The deadline step of an older version: a deadline message takes its place.
+            return HandlerResult(
+                note="waiting for tool outputs",
+                effects=(deadline_send(services, chat, run),),
+                log_fields=fields,
+            )
         try:
             transition = await self._perform(store, state, run)
         except StepSuperseded:
@@ -375,6 +386,9 @@ class StepHandler:
             prepare_for_model,
             [to_model_message(m) for m in stored],
             token_budget(run.model, CONTEXT_SHARE),
+            # Sent beside the history: they take their share of the budget.
+            tools=tools.definitions,
+            instructions=run.params.get("instructions"),
         )
         params = run.params
         tool_choice = "none" if run.force_final else params.get("toolChoice")

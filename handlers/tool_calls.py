@@ -6,9 +6,12 @@ can read and act on: a tool never fails the run. This module imports neither Azu
 """
 
 import asyncio
+import contextvars
+import functools
 import inspect
 import json
 from collections.abc import Collection, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +78,9 @@ async def run_tool_call(
     """Validate and run one call; every failure becomes a result with ``ok=False``.
 
     ``allowed`` is the assistant's tool list (``None``: every registered tool). Sync functions run
-    in a thread (``asyncio.to_thread``); a sync tool that times out keeps its thread until it
-    returns, as threads cannot be stopped, but its late result is discarded.
+    in a thread of the registry's executor (``ToolRegistry.set_executor``; else
+    ``asyncio.to_thread``); a sync tool that times out keeps its thread until it returns, as
+    threads cannot be stopped, but its late result is discarded.
 
     The output is the returned string as is; any other value is JSON (pydantic models,
     dataclasses and dates included, anything else via ``str``). ``None`` becomes ``"null"``,
@@ -115,7 +119,7 @@ async def run_tool_call(
     deadline = asyncio.timeout(timeout)
     try:
         async with deadline:
-            value = await _invoke(spec, args, kwargs)
+            value = await _invoke(spec, args, kwargs, registry.executor)
     except TimeoutError as exc:
         if deadline.expired():
             return failed(f"tool {call.name!r} timed out after {timeout:g} s")
@@ -153,10 +157,19 @@ def _bind(spec: ToolSpec, arguments: dict[str, Any]) -> tuple[list[Any], dict[st
     return args, kwargs
 
 
-async def _invoke(spec: ToolSpec, args: list[Any], kwargs: dict[str, Any]) -> Any:
+async def _invoke(
+    spec: ToolSpec, args: list[Any], kwargs: dict[str, Any], executor: Executor | None
+) -> Any:
     if spec.is_async:
         return await spec.function(*args, **kwargs)
-    value = await asyncio.to_thread(spec.function, *args, **kwargs)
+    if executor is None:
+        value = await asyncio.to_thread(spec.function, *args, **kwargs)
+    else:
+        # As asyncio.to_thread does, on the registry's pool: the caller's context (its trace
+        # span) goes with the call.
+        context = contextvars.copy_context()
+        call = functools.partial(context.run, spec.function, *args, **kwargs)
+        value = await asyncio.get_running_loop().run_in_executor(executor, call)
     # A sync callable may still hand back an awaitable (an object with an async __call__,
     # a partial of a coroutine function): await it here, on the loop.
     if inspect.isawaitable(value):

@@ -15,6 +15,7 @@ import inspect
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -27,6 +28,7 @@ __all__ = [
     "ToolSpec",
     "load_tools",
     "tool",
+    "tool_executor",
     "tool_spec",
 ]
 
@@ -224,6 +226,8 @@ class ToolRegistry:
         self._observer: ToolObserver | None = None
         # Traces each call (SPEC §10): off unless the app sets one.
         self.call_tracer: ToolCallTracer | None = None
+        # Where sync tools run (see set_executor); None: asyncio's default thread pool.
+        self.executor: Executor | None = None
         # name -> (registered spec, its observed copy)
         self._observed: dict[str, tuple[ToolSpec, ToolSpec]] = {}
         for function in functions:
@@ -282,6 +286,12 @@ class ToolRegistry:
             return list(self._specs.values())
         wanted = set(allowed)
         return [spec for name, spec in self._specs.items() if name in wanted]
+
+    def set_executor(self, executor: Executor | None) -> None:
+        """Run sync tools on ``executor`` (``tool_executor``, set by the app for its life);
+        None: on asyncio's default pool, which has only ``min(32, CPUs + 4)`` threads, so
+        that under full concurrency calls would wait for a thread past their timeout."""
+        self.executor = executor
 
     # --- observation (metrics); off unless the app sets an observer ----------------------------
 
@@ -350,6 +360,19 @@ class ToolRegistry:
             "description": spec.description,
             "parameters": copy.deepcopy(dict(spec.parameters)),
         }
+
+
+# Threads of the sync-tool pool at the least, however low the worker's concurrency.
+MIN_TOOL_THREADS = 4
+
+
+def tool_executor(concurrency: int) -> ThreadPoolExecutor:
+    """The threads sync tools run on: one per message the worker processes at once (at least
+    ``MIN_TOOL_THREADS``), named ``tool_N``. Its owner shuts it down (without waiting: a tool
+    that timed out keeps its thread until it returns)."""
+    return ThreadPoolExecutor(
+        max_workers=max(concurrency, MIN_TOOL_THREADS), thread_name_prefix="tool"
+    )
 
 
 def _origin(function: Callable[..., Any]) -> str:

@@ -54,6 +54,17 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 
 DEFAULTS = Settings.from_env({})
+# The settings naming the queues the worker consumes (requests, run steps, run deadlines),
+# found from the code: a queue added to ``Settings.work_queues`` is checked here too.
+QUEUE_SPECS = tuple(spec for spec in SPECS if getattr(DEFAULTS, spec.field) in DEFAULTS.work_queues)
+# What each work queue's scale rule must count: requests every message (in flight too, so
+# that a busy replica is not scaled away), the worker's own delayed messages only the visible
+# ones (so that a delayed poll or deadline does not keep replicas awake).
+QUEUE_LENGTH_STRATEGY = {
+    DEFAULTS.requests_queue: "all",
+    DEFAULTS.runs_queue: "visibleonly",
+    DEFAULTS.deadlines_queue: "visibleonly",
+}
 HTTP_PORT = 8080
 LIVENESS_PATH = "/healthz"
 READINESS_PATH = "/readyz"
@@ -130,12 +141,15 @@ def test_the_worker_reads_the_names_the_manifests_rely_on() -> None:
         "AzureWebJobsStorage__accountName",
         "WORKER_REQUESTS_QUEUE",
         "WORKER_RUNS_QUEUE",
+        "WORKER_DEADLINES_QUEUE",
         "WORKER_SHUTDOWN_GRACE",
         "WORKER_HTTP_PORT",
         "AZURE_OPENAI_ENDPOINT",
         "OPENAI_API_KEY",
         "AZURE_OPENAI_API_KEY",
     } <= names
+    assert len(QUEUE_SPECS) == len(DEFAULTS.work_queues) == 3, "one setting per work queue"
+    assert set(QUEUE_LENGTH_STRATEGY) == set(DEFAULTS.work_queues), "a strategy per work queue"
 
 
 def check_environment(env: Mapping[str, str], where: str) -> Settings:
@@ -144,6 +158,11 @@ def check_environment(env: Mapping[str, str], where: str) -> Settings:
     assert not unknown, f"{where} sets names the worker never reads: {sorted(unknown)}"
     secrets = set(env) & SECRET_SETTINGS
     assert not secrets, f"{where} passes secrets as settings: {sorted(secrets)} (use identities)"
+    listed = {spec.env for spec in QUEUE_SPECS} & set(env)
+    assert listed in (set(), {spec.env for spec in QUEUE_SPECS}), (
+        f"{where} names some work queues and not others: {sorted(listed)} "
+        "(a replica would consume a queue the others do not)"
+    )
     settings = Settings.from_env(env)
     connection = settings.default_storage
     assert connection.connection_string is None, f"{where}: storage must be identity-based"
@@ -152,8 +171,11 @@ def check_environment(env: Mapping[str, str], where: str) -> Settings:
 
 
 def check_settings_match_defaults(settings: Settings, where: str) -> None:
-    assert settings.requests_queue == DEFAULTS.requests_queue, where
-    assert settings.runs_queue == DEFAULTS.runs_queue, where
+    for spec in QUEUE_SPECS:
+        assert getattr(settings, spec.field) == getattr(DEFAULTS, spec.field), (
+            f"{where}: {spec.env}"
+        )
+    assert settings.work_queues == DEFAULTS.work_queues, where
     assert settings.shutdown_grace == DEFAULTS.shutdown_grace, where
     assert settings.http_port == HTTP_PORT, f"{where}: WORKER_HTTP_PORT"
     assert settings.log_format == "json", f"{where}: logs must be JSON off a terminal"
@@ -484,31 +506,67 @@ def test_bicep_environment_is_what_the_worker_reads(with_parameter_file: bool) -
     assert env["AZURE_OPENAI_ENDPOINT"] == "<openAi.properties.endpoint>"
 
 
-def test_bicep_names_the_default_queues_and_scales_on_both() -> None:
-    bicep = Bicep.read()
-    assert bicep.defaults["requestsQueueName"] == DEFAULTS.requests_queue
-    assert bicep.defaults["runsQueueName"] == DEFAULTS.runs_queue
-    assert bicep.values["requestsQueueName"] == DEFAULTS.requests_queue
-    assert bicep.values["runsQueueName"] == DEFAULTS.runs_queue
+def bicep_scale_rules(bicep: Bicep) -> dict[str, str]:
+    """The scale rules of the app, by the queue each one reads (its ``queueName`` resolved)."""
+    scale = bicep_block(bicep.text, "scale: {")
+    rules_block = bicep_block(scale, "rules: [")
+    rules: list[str] = []
+    depth = 0
+    for position, char in enumerate(rules_block[1:-1], start=1):
+        if char == "{":
+            if depth == 0:
+                rules.append(bicep_block(rules_block[position:], "{"))
+            depth += 1
+        elif char == "}":
+            depth -= 1
+    by_queue = {}
+    for rule in rules:
+        name = re.search(r"queueName: (\S+)", rule)
+        assert name, f"a scale rule reads no queue:\n{rule}"
+        queue = bicep.resolve(name.group(1))
+        assert isinstance(queue, str), f"unresolvable queueName {name.group(1)}"
+        assert queue not in by_queue, f"two scale rules read {queue}"
+        by_queue[queue] = rule
+    return by_queue
+
+
+@pytest.mark.parametrize("with_parameter_file", [False, True], ids=["defaults", "parameters"])
+def test_bicep_names_the_default_queues_and_scales_on_each(with_parameter_file: bool) -> None:
+    bicep = Bicep.read(with_parameter_file)
+    env = bicep.env()
+    for spec in QUEUE_SPECS:
+        assert spec.env in env, f"the app's env does not name {spec.env}"
+        assert env[spec.env] == getattr(DEFAULTS, spec.field), spec.env
 
     scale = bicep_block(bicep.text, "scale: {")
     assert re.search(r"^\s*minReplicas: minReplicas$", scale, re.MULTILINE)
     assert bicep.defaults["minReplicas"] == 0 and bicep.values["minReplicas"] == 0
-
-    requests = bicep_block(scale, "azureQueue:")
-    assert "queueName: requestsQueueName" in requests
-    assert "accountName: storageAccountName" in requests
-    assert "identity: identity.id" in requests, "the scaler authenticates with the identity"
-
-    runs = bicep_block(scale, "custom:")
-    assert "type: 'azure-queue'" in runs
-    assert "identity: identity.id" in runs
-    metadata = bicep_block(runs, "metadata:")
-    assert "queueName: runsQueueName" in metadata
-    assert "accountName: storageAccountName" in metadata
-    assert "queueLengthStrategy: 'visibleonly'" in metadata
-    assert "queueLength: string(runsQueueLength)" in metadata, "metadata values are strings"
     assert "auth:" not in scale, "no secrets in scale rules"
+
+    rules = bicep_scale_rules(bicep)
+    assert set(rules) == set(DEFAULTS.work_queues), "one scale rule per work queue"
+    for queue, rule in rules.items():
+        assert "accountName: storageAccountName" in rule, queue
+        assert "identity: identity.id" in rule, (
+            f"{queue}: the scaler authenticates with the identity"
+        )
+        # The rule reads the parameter the app's env passes to the worker.
+        [parameter] = re.findall(r"queueName: (\w+)", rule)
+        assert re.search(rf"value: {parameter}\n", bicep_block(bicep.text, "var baseEnv =")), queue
+        if QUEUE_LENGTH_STRATEGY[queue] == "all":
+            # The built-in rule counts every message, in flight too.
+            block = bicep_block(rule, "azureQueue:")
+            assert "queueLengthStrategy" not in block, queue
+            assert re.search(r"queueLength: \w+QueueLength\n", block), queue
+        else:
+            # Only a custom rule takes KEDA's metadata, where visibleonly is set.
+            custom = bicep_block(rule, "custom:")
+            assert "type: 'azure-queue'" in custom, queue
+            metadata = bicep_block(custom, "metadata:")
+            assert f"queueLengthStrategy: '{QUEUE_LENGTH_STRATEGY[queue]}'" in metadata, queue
+            length = re.search(r"queueLength: string\((\w+)\)", metadata)
+            assert length, f"{queue}: metadata values are strings"
+            assert isinstance(bicep.values[length.group(1)], int), queue
 
 
 def test_bicep_uses_an_api_version_with_identity_on_scale_rules() -> None:
@@ -676,13 +734,14 @@ def triggers() -> dict[str, dict[str, Any]]:
     return found
 
 
-def test_scaled_object_scales_the_deployment_on_both_queues_from_zero() -> None:
+def test_scaled_object_scales_the_deployment_on_each_queue_from_zero() -> None:
     kinds = manifests()
     spec = kinds["ScaledObject"]["spec"]
     assert spec["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
     assert spec["minReplicaCount"] == 0
     by_queue = triggers()
-    assert set(by_queue) == {DEFAULTS.requests_queue, DEFAULTS.runs_queue}
+    assert set(by_queue) == set(DEFAULTS.work_queues), "one trigger per work queue"
+    assert set(by_queue) == set(Settings.from_env(deployment_env()).work_queues)
     account = deployment_env()["AzureWebJobsStorage__accountName"]
     auth = kinds["TriggerAuthentication"]
     for trigger in by_queue.values():
@@ -692,8 +751,9 @@ def test_scaled_object_scales_the_deployment_on_both_queues_from_zero() -> None:
         assert int(metadata["queueLength"]) >= 1
         assert not {"connection", "connectionFromEnv"} & set(metadata), "identity, no secrets"
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
-    assert by_queue[DEFAULTS.runs_queue]["metadata"]["queueLengthStrategy"] == "visibleonly"
-    assert by_queue[DEFAULTS.requests_queue]["metadata"].get("queueLengthStrategy", "all") == "all"
+    for queue, strategy in QUEUE_LENGTH_STRATEGY.items():
+        metadata = by_queue[queue]["metadata"]
+        assert metadata.get("queueLengthStrategy", "all") == strategy, queue
     assert auth["spec"]["podIdentity"]["provider"] == "azure-workload"
 
 
@@ -701,14 +761,11 @@ def test_scaled_object_and_container_app_scale_alike() -> None:
     bicep = Bicep.read()
     by_queue = triggers()
     spec = manifests()["ScaledObject"]["spec"]
-    assert (
-        int(by_queue[DEFAULTS.requests_queue]["metadata"]["queueLength"])
-        == bicep.values["requestsQueueLength"]
-    )
-    assert (
-        int(by_queue[DEFAULTS.runs_queue]["metadata"]["queueLength"])
-        == bicep.values["runsQueueLength"]
-    )
+    rules = bicep_scale_rules(bicep)
+    for queue, trigger in by_queue.items():
+        length = re.search(r"queueLength: (?:string\()?(\w+)", rules[queue])
+        assert length, queue
+        assert int(trigger["metadata"]["queueLength"]) == bicep.values[length.group(1)], queue
     assert spec["maxReplicaCount"] == bicep.values["maxReplicas"]
     scale = bicep_block(bicep.text, "scale: {")
     for field, value in [
@@ -913,7 +970,8 @@ def test_image_entrypoint_runs_from_the_wheel_as_an_unprivileged_user(
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
-    work_queues = {storage.requests_queue, storage.runs_queue}
+    work_queues = set(Settings.from_env(env).work_queues)
+    assert storage.deadlines_queue in work_queues
     expected = work_queues | {poison_queue_name(name) for name in work_queues}
     assert expected <= asyncio.run(_queue_names(storage))
     rows = asyncio.run(storage.partition(chat_id, storage.table))

@@ -5,7 +5,10 @@ JSON Schema of the pydantic models in ``schemas/`` (``schemas.export.MODELS`` an
 models in their ``$defs``), so a field added to a model and not to the page fails here. The
 settings table (after ``<!-- settings -->``) is compared with what ``worker.settings`` reads:
 the ``SPECS`` registry (variable, flag, default) and the other variables read in that module,
-found by parsing its source. The CLI section is compared with the argument parser.
+found by parsing its source. The table of queues lists every queue the worker consumes
+(``Settings.work_queues``) with its setting and default, and the dead letters' ``errorType``
+lists every class of permanent failure the code raises. The CLI section is compared with the
+argument parser.
 """
 
 import argparse
@@ -23,9 +26,11 @@ from schemas.requests import DEFAULT_STORAGE_SETTING, MESSAGE_TYPES, ChatRequest
 from tests.support.azurite import REPO_ROOT
 from worker import settings as settings_module
 from worker.cli.main import build_parser
-from worker.settings import SPECS
+from worker.settings import SPECS, Settings
 
 DOC = REPO_ROOT / "docs" / "reference.md"
+# The code whose failure classes the dead letters' errorType must name.
+SOURCES = ("worker", "handlers", "schemas")
 _MARKER = re.compile(r"<!--\s*(fields:\s*(\w+)|settings)\s*-->")
 _CODE = re.compile(r"`([^`]+)`")
 # Models documented with their own table besides the exported ones: the fields every request has.
@@ -215,6 +220,100 @@ def test_run_has_a_flag_per_setting() -> None:
     [run] = [parser for path, parser in commands() if path == "run"]
     options = {o for action in run._actions for o in action.option_strings}
     assert {spec.flag for spec in SPECS} <= options
+
+
+# --- queues -------------------------------------------------------------------------------------
+
+
+def section_table(heading: str) -> list[dict[str, str]]:
+    """The first table after the line ``heading`` (a markdown heading of the page)."""
+    lines = DOC.read_text().splitlines()
+    assert heading in lines, f"{DOC.name} has no {heading!r} section"
+    return markdown_table(lines, lines.index(heading) + 1)
+
+
+def test_queues_table_lists_every_work_queue() -> None:
+    """Each queue the worker consumes has its row: the default name and the setting that
+    changes it, as ``worker.settings`` defines them; no row names a queue setting that the
+    worker does not have."""
+    defaults = Settings.from_env({})
+    queue_specs = {
+        spec.env: spec for spec in SPECS if getattr(defaults, spec.field) in defaults.work_queues
+    }
+    assert len(queue_specs) == len(defaults.work_queues)
+    rows = {}
+    for row in section_table("## Queues"):
+        settings = [name for name in _CODE.findall(row["setting"]) if name.isupper()]
+        for name in settings:
+            rows[name] = row
+    assert sorted(set(queue_specs) - set(rows)) == [], "work queues missing from the table"
+    unknown = [name for name in rows if name.startswith("WORKER_") and name not in queue_specs]
+    assert unknown == [], "queue settings in the table that the worker does not have"
+    for name, spec in queue_specs.items():
+        queue = first_code(rows[name]["queue (default name)"])
+        assert queue == getattr(defaults, spec.field) == spec.default, name
+
+
+def test_each_worker_message_type_names_its_queue() -> None:
+    """The worker's own messages (``runStep``, ``runDeadline``) are in the queues table, in the
+    row of the queue the code sends them to."""
+    defaults = Settings.from_env({})
+    by_queue = {first_code(row["queue (default name)"]): row for row in section_table("## Queues")}
+    expected = {"runStep": defaults.runs_queue, "runDeadline": defaults.deadlines_queue}
+    assert set(expected) <= set(MESSAGE_TYPES)
+    for message_type, queue in expected.items():
+        assert f"`{message_type}`" in by_queue[queue]["holds"], f"{message_type} on {queue}"
+        others = [
+            q for q, row in by_queue.items() if q != queue and f"`{message_type}`" in row["holds"]
+        ]
+        assert others == [], f"{message_type} is said to be on {others} too"
+
+
+# --- dead letters -------------------------------------------------------------------------------
+
+
+def permanent_error_types() -> set[str]:
+    """Every constant error class the code dead-letters with: ``error_type="..."`` passed to
+    ``PermanentError`` or ``DeadLetter`` (or a ``DeadLetter``'s second argument), and
+    ``self.error_type = "..."`` in an exception class."""
+    found: set[str] = set()
+    for package in SOURCES:
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call):
+                    func = node.func
+                    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                    if name not in {"PermanentError", "DeadLetter"}:
+                        continue
+                    values = [k.value for k in node.keywords if k.arg == "error_type"]
+                    if name == "DeadLetter" and len(node.args) >= 2:
+                        values.append(node.args[1])
+                    found |= {
+                        v.value
+                        for v in values
+                        if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                    }
+                elif (
+                    isinstance(node, ast.Assign)
+                    and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, str)
+                    and any(
+                        isinstance(target, ast.Attribute) and target.attr == "error_type"
+                        for target in node.targets
+                    )
+                ):
+                    found.add(node.value.value)
+    return found
+
+
+def test_dead_letter_error_types_are_documented() -> None:
+    """The ``errorType`` row of the dead letters names every class of permanent failure."""
+    found = permanent_error_types()
+    assert {"InvalidMessage", "UnknownAssistant", "InvalidToolOutputs", "UnknownRun"} <= found
+    table = tables()["fields:DeadLetterInfo"]
+    [row] = [row for row in table if first_code(row["field"]) == "errorType"]
+    documented = set(_CODE.findall(row["meaning"]))
+    assert sorted(found - documented) == [], "error types missing from the errorType row"
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """The history sent to the model: estimates, context windows, repair, caps, trimming, encoding."""
 
+import json
+import math
+
 import pytest
 
 from worker.runs.history import (
@@ -12,6 +15,7 @@ from worker.runs.history import (
     estimate_total,
     prepare_for_model,
     repair_tool_pairs,
+    request_overhead_tokens,
     to_chat_messages,
     token_budget,
     trim_history,
@@ -121,29 +125,62 @@ class TestTrim:
         trimmed = trim_history(messages, 1_000_000)
         assert trimmed == messages and trimmed is not messages
 
+    # HISTORY after its system message, as groups (a message and the tool results after it).
+    GROUPS = ((1,), (2, 3, 4), (5,), (6,), (7, 8), (9,))
+    # What goes first: the older turn, oldest first; then the current turn's earlier round.
+    # The current user message (group 3) and the newest group (5) never go.
+    DROP_ORDER = (0, 1, 2, 4)
+
     def test_drops_oldest_groups_first_and_never_splits_tool_rounds(self) -> None:
-        """Each budget gives a suffix of whole groups after the system message."""
+        """Each budget drops the fewest whole groups, in DROP_ORDER, that make it fit."""
         messages = list(self.HISTORY)
         for budget in range(0, estimate_total(messages) + 10, 7):
             trimmed = trim_history(messages, budget)
-            assert trimmed[0] == messages[0]
-            rest = trimmed[1:]
-            assert rest == messages[len(messages) - len(rest) :]
-            # Never starts with a tool message: its assistant message would be missing.
-            assert rest[0].role != "tool"
-            assert estimate_total(trimmed) <= budget or rest == [messages[-1]]
-            # Nothing more was dropped than needed: one more group would not fit.
-            start = len(messages) - len(rest)
-            if start > 1:
-                previous = start - 1
-                while messages[previous].role == "tool":
-                    previous -= 1
-                assert estimate_total(messages[:1] + messages[previous:]) > budget
+            for dropped in range(len(self.DROP_ORDER) + 1):
+                gone = {i for g in self.DROP_ORDER[:dropped] for i in self.GROUPS[g]}
+                expected = [m for i, m in enumerate(messages) if i not in gone]
+                if estimate_total(expected) <= budget or dropped == len(self.DROP_ORDER):
+                    break
+            assert trimmed == expected, budget
+            # Never a tool message without its assistant message just before the results.
+            for index, message in enumerate(trimmed):
+                if message.role == "tool":
+                    assert trimmed[index - 1].role in ("assistant", "tool")
 
-    def test_keeps_newest_group_even_over_budget(self) -> None:
-        """The newest group survives a budget it exceeds on its own."""
-        messages = [system(), user("old"), assistant("", "c1"), tool("c1", "x" * 100_000)]
-        assert trim_history(messages, 10) == [messages[0], messages[2], messages[3]]
+    def test_keeps_the_current_user_message_and_newest_group_even_over_budget(self) -> None:
+        """One tool round alone over the budget: the current user message still goes with it
+        (the model must see what it is answering); the older turn goes."""
+        messages = [
+            system(),
+            user("older question"),
+            assistant("older answer"),
+            user("now"),
+            assistant("", "c1"),
+            tool("c1", "x" * 100_000),
+        ]
+        assert trim_history(messages, 10) == [messages[0], *messages[3:]]
+
+    def test_the_current_turns_earlier_rounds_go_before_its_user_message(self) -> None:
+        """Several rounds of the current turn over the budget: its earlier rounds are dropped
+        (oldest first), never its user message or its newest round."""
+        messages = [
+            system(),
+            user("now"),
+            assistant("", "c1"),
+            tool("c1", "a" * 40_000),
+            assistant("", "c2"),
+            tool("c2", "b" * 40_000),
+            assistant("", "c3"),
+            tool("c3", "c" * 400),
+        ]
+        budget = estimate_total([*messages[:2], *messages[4:]])
+        assert trim_history(messages, budget) == [*messages[:2], *messages[4:]]
+        assert trim_history(messages, 10) == [*messages[:2], *messages[6:]]
+
+    def test_without_a_user_message_the_newest_group_is_kept(self) -> None:
+        """A history with no user message at all keeps its newest group, as before."""
+        messages = [system(), assistant("a" * 4000), assistant("", "c1"), tool("c1")]
+        assert trim_history(messages, 10) == [messages[0], *messages[2:]]
 
     def test_keeps_every_leading_system_message(self) -> None:
         """All leading system messages stay; a later one is an ordinary group."""
@@ -258,6 +295,80 @@ class TestCap:
         prepared = prepare_for_model(messages, 1_000_000, max_tool_output_chars=100)
         assert prepared[1].content == "u" * 500
         assert prepared[3].content.startswith("t" * 100 + "\n\n[truncated")
+
+
+def schema(name: str, description: str) -> dict[str, object]:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+
+
+class TestBudget:
+    """What the request sends beside the history counts in the budget; the current user
+    message is always sent."""
+
+    TOOLS = tuple(schema(f"tool_{n}", "Looks something up. " * 40) for n in range(3))
+    HISTORY = (
+        system(),
+        user("first " * 200),
+        assistant("answer " * 200),
+        user("second " * 200),
+        assistant("answer " * 200),
+        user("now?"),
+    )
+
+    def test_tool_schemas_are_estimated_as_the_json_sent(self) -> None:
+        """The schemas count a quarter of their JSON's bytes; none count nothing."""
+        text = json.dumps(list(self.TOOLS), separators=(",", ":"))
+        assert request_overhead_tokens(self.TOOLS) == math.ceil(len(text) / 4)
+        assert request_overhead_tokens() == 0
+        assert request_overhead_tokens(self.TOOLS[:1]) < request_overhead_tokens(self.TOOLS)
+
+    def test_instructions_count_as_a_system_message(self) -> None:
+        """The run's extra instructions count as the message they are sent as."""
+        text = "Answer in French. " * 100
+        assert request_overhead_tokens((), text) == estimate_tokens(system(text))
+        assert request_overhead_tokens((), "") == 0
+        both = request_overhead_tokens(self.TOOLS, text)
+        assert both == request_overhead_tokens(self.TOOLS) + estimate_tokens(system(text))
+
+    def test_tool_schemas_leave_less_room_for_the_history(self) -> None:
+        """A history that fits the budget alone loses its oldest turns to the tool schemas,
+        so that schemas and history together fit."""
+        messages = list(self.HISTORY)
+        budget = estimate_total(messages)
+        assert prepare_for_model(messages, budget) == messages
+        prepared = prepare_for_model(messages, budget, tools=self.TOOLS)
+        assert prepared[0] == messages[0] and prepared[-1] == messages[-1]
+        assert len(prepared) < len(messages)
+        assert estimate_total(prepared) + request_overhead_tokens(self.TOOLS) <= budget
+
+    def test_instructions_leave_less_room_for_the_history(self) -> None:
+        """The same for the run's extra instructions."""
+        messages = list(self.HISTORY)
+        budget = estimate_total(messages)
+        instructions = "Be very thorough. " * 100
+        prepared = prepare_for_model(messages, budget, instructions=instructions)
+        assert prepared == [messages[0], *messages[3:]]
+        assert estimate_total(prepared) + estimate_tokens(system(instructions)) <= budget
+
+    def test_overhead_over_the_budget_still_sends_the_current_turn(self) -> None:
+        """Schemas larger than the whole budget: the system message, the current user
+        message and the newest round are still sent (capped), never an empty history."""
+        messages = [
+            *self.HISTORY,
+            assistant("", "c1"),
+            tool("c1", "t" * 200_000),
+        ]
+        prepared = prepare_for_model(messages, 100, tools=self.TOOLS, instructions="Be brief.")
+        assert [m.role for m in prepared] == ["system", "user", "assistant", "tool"]
+        assert prepared[1] == user("now?")
+        assert prepared[3].content.startswith("t" * 65_536 + "\n\n[truncated")
 
 
 class TestEncoding:

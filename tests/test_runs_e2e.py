@@ -334,14 +334,14 @@ def test_pending_run_is_polled_on_the_backoff_schedule_and_expires(
     assert done["rows"].roles == ["System", "User", "Assistant"]
     assert done["rows"].messages[-1]["Content"] == "You said: Hi"
     assert never_run["Status"] == "expired"
-    assert "3 s" in never_run["Error"]
+    assert "5 s" in never_run["Error"]
     assert history_problems(never["rows"].messages) == []
 
     by_run = {e["runId"]: e for e in replies.events if e["type"] == "assistantReply"}
     assert by_run[done_run["RunId"]]["status"] == "completed"
     assert by_run[done_run["RunId"]]["content"] == "You said: Hi"
     assert by_run[never_run["RunId"]]["status"] == "expired"
-    assert "3 s" in by_run[never_run["RunId"]]["error"]
+    assert "5 s" in by_run[never_run["RunId"]]["error"]
 
 
 # --- 5. a 429 storm ---------------------------------------------------------------------------

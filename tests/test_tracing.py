@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -124,6 +124,54 @@ def test_traceparent_parsing_and_the_runs_trace_context(recorder: Recorder) -> N
         assert run_traceparent(None) == mine
         assert run_traceparent("00-broken") == mine
         assert run_traceparent(TRACEPARENT) == TRACEPARENT
+
+
+def test_the_runs_messages_and_events_carry_its_trace_context() -> None:
+    """runStep, runDeadline, toolCallsRequired and a cancelled reply carry the run's
+    traceparent; a run without one sends none."""
+    from datetime import UTC, datetime
+
+    from handlers.runs import (
+        ChatRef,
+        deadline_send,
+        end_removed_runs,
+        step_send,
+        tool_calls_required,
+    )
+    from worker.runs.model import PendingCall, Run
+    from worker.settings import Settings
+
+    now = datetime.now(UTC)
+    chat = ChatRef("c1", "AzureWebJobsStorage", "ChatState")
+    traced = Run(
+        run_id="run_1",
+        seq=1,
+        status="requires_action",
+        request_id="r1",
+        user_message="hi",
+        api="chat",
+        model="m",
+        created_at=now,
+        expires_at=now,
+        reply_to="replies",
+        pending_calls=(PendingCall("call_1", "external_tool", "{}", external=True),),
+        traceparent=TRACEPARENT,
+    )
+    services: Any = type("Services", (), {"settings": Settings.from_env({}), "clock": lambda: now})
+    for run_ in (traced, replace(traced, traceparent=None)):
+        sends = [
+            step_send(services, chat, run_),
+            deadline_send(services, chat, run_),
+            tool_calls_required(chat, run_, "replies", "none"),
+        ]
+        assert [send.payload.get("traceparent") for send in sends] == [run_.traceparent] * 3
+
+    class NoRemote:
+        async def cancel_remote(self, run: Run, remote: Any) -> None:
+            pass
+
+    [reply] = asyncio.run(end_removed_runs(NoRemote(), "c1", [traced], "deleted"))  # type: ignore[arg-type]
+    assert reply.payload["traceparent"] == TRACEPARENT
 
 
 def delivery(body: str, queue: str = "assistant-requests", count: int = 1) -> Delivery:

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from handlers import build_registry
 from handlers.runs import RunServices
-from handlers.tools import ToolRegistry, load_tools
-from worker.azure_clients import queue_service, table_service
+from handlers.tools import ToolRegistry, load_tools, tool_executor
+from worker.azure_clients import CREDENTIAL, queue_service, table_service
 from worker.azure_queue import AzureQueueBroker
 from worker.backends.assistants import AssistantsBackend
 from worker.backends.base import Backend
@@ -88,6 +88,12 @@ async def open_app(
     tracing = tracing if tracing is not None else current_tracing()
     if tracing is not None:
         registry.set_call_tracer(tool_call_tracer(tracing))
+    # Sync tools get a thread per message processed at once (asyncio's default pool is
+    # smaller: calls would wait for a thread past their timeout).
+    threads = tool_executor(settings.concurrency)
+    registry.set_executor(threads)
+    # Every client with an identity uses the process's one credential, closed at the end.
+    CREDENTIAL.retain()
     broker = AzureQueueBroker(queue_service(settings.default_storage, requests))
     stores = ChatStores(settings, lambda connection: table_service(connection, requests))
     clients = ModelClients(settings)
@@ -136,3 +142,6 @@ async def open_app(
         await clients.close()
         await stores.close()
         await broker.close()
+        await CREDENTIAL.release()
+        registry.set_executor(None)
+        threads.shutdown(wait=False, cancel_futures=True)

@@ -5,6 +5,8 @@ anything longer goes back to the queue as a delayed retry. With ``requests`` giv
 storage request (each attempt) is reported to it (``assistant_worker_storage_requests_total``).
 """
 
+import asyncio
+import threading
 from typing import Any
 
 from azure.data.tables.aio import TableServiceClient
@@ -18,10 +20,63 @@ CONNECTION_TIMEOUT = 10
 READ_TIMEOUT = 30
 
 
-def _credential() -> Any:
-    from azure.identity.aio import DefaultAzureCredential
+class SharedCredential:
+    """The process's one ``DefaultAzureCredential``, for every storage client and the Azure
+    OpenAI token provider: one token cache, one managed-identity probe, one set of sessions
+    (a credential per client would each fetch and refresh its own tokens).
 
-    return DefaultAzureCredential()
+    Built on first use. ``retain``/``release`` bracket an app's life (``open_app``); the last
+    release closes it, and a later use builds a new one. A credential is tied to the event
+    loop it was built on (its sessions are): used from another loop (a second
+    ``asyncio.run`` in one process) it is replaced, never shared across loops.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._credential: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._holders = 0
+
+    def get(self) -> Any:
+        """The credential (built now if there is none for the running loop)."""
+        loop = _running_loop()
+        with self._lock:
+            if self._credential is None or self._loop is not loop:
+                from azure.identity.aio import DefaultAzureCredential
+
+                self._credential = DefaultAzureCredential()
+                self._loop = loop
+            return self._credential
+
+    def retain(self) -> None:
+        """One more user that will ``release`` it (an app while it runs)."""
+        with self._lock:
+            self._holders += 1
+
+    async def release(self) -> None:
+        """One user fewer; the last one closes the credential (if one was built)."""
+        with self._lock:
+            self._holders = max(self._holders - 1, 0)
+            if self._holders:
+                return
+            credential, self._credential, self._loop = self._credential, None, None
+        if credential is not None:
+            await credential.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+CREDENTIAL = SharedCredential()
+
+
+def shared_credential() -> Any:
+    """The process's ``DefaultAzureCredential`` (see :class:`SharedCredential`)."""
+    return CREDENTIAL.get()
 
 
 def _counted(service: str, requests: RequestObserver | None, options: dict[str, Any]) -> None:
@@ -55,7 +110,7 @@ def queue_service(
         return QueueServiceClient.from_connection_string(connection.connection_string, **options)
     if not connection.queue_service_uri:
         raise ValueError(f"{connection.setting}__queueServiceUri or __accountName is not set")
-    return QueueServiceClient(connection.queue_service_uri, credential=_credential(), **options)
+    return QueueServiceClient(connection.queue_service_uri, credential=shared_credential(), **options)
 
 
 def table_service(
@@ -74,4 +129,4 @@ def table_service(
         return TableServiceClient.from_connection_string(connection.connection_string, **options)
     if not connection.table_service_uri:
         raise ValueError(f"{connection.setting}__tableServiceUri or __accountName is not set")
-    return TableServiceClient(connection.table_service_uri, credential=_credential(), **options)
+    return TableServiceClient(connection.table_service_uri, credential=shared_credential(), **options)

@@ -3,8 +3,8 @@
 - OpenAI or any OpenAI-compatible server: ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``.
 - Azure OpenAI: ``AZURE_OPENAI_ENDPOINT`` through the v1 path (``{endpoint}/openai/v1/``, the
   model is the deployment name) with ``AZURE_OPENAI_API_KEY``, or an Entra token provider
-  (``DefaultAzureCredential``) when no key is set; the dated ``api-version`` paths only when
-  ``OPENAI_API_VERSION`` is set.
+  (on the process's one ``DefaultAzureCredential``, see ``worker.azure_clients``) when no key
+  is set; the dated ``api-version`` paths only when ``OPENAI_API_VERSION`` is set.
 - Named connections (``aiConnectionName``): ``<name>__endpoint`` / ``<name>__key``, Azure-style.
 The SDK's own retries are kept small: long waits go back to the queue as delayed steps.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 
+from worker.azure_clients import shared_credential
 from worker.settings import Settings
 
 # No SDK retries: it would sleep out a 429's Retry-After (up to 120 s) inside the handler;
@@ -33,7 +34,7 @@ class ModelClients:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
-        self._credentials: list[Any] = []
+        self._token_provider_: Callable[[], Any] | None = None
 
     def client(self, ai_connection: str | None = None) -> openai.AsyncOpenAI:
         """The client for a request's ``aiConnectionName`` (None: the default endpoint)."""
@@ -90,11 +91,12 @@ class ModelClients:
 
     def _token_provider(self) -> Callable[[], Any]:
         # Called before each request, so Entra tokens refresh without rebuilding the client.
-        from azure.identity.aio import DefaultAzureCredential, get_bearer_token_provider
+        # One provider, on the process's one credential (closed by the app, not here).
+        if self._token_provider_ is None:
+            from azure.identity.aio import get_bearer_token_provider
 
-        credential = DefaultAzureCredential()
-        self._credentials.append(credential)
-        return get_bearer_token_provider(credential, AZURE_SCOPE)
+            self._token_provider_ = get_bearer_token_provider(shared_credential(), AZURE_SCOPE)
+        return self._token_provider_
 
     def _cached(
         self, key: tuple[str, str], build: Callable[[], openai.AsyncOpenAI]
@@ -106,7 +108,5 @@ class ModelClients:
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
-        for credential in self._credentials:
-            await credential.close()
         self._clients.clear()
-        self._credentials.clear()
+        self._token_provider_ = None

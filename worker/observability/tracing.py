@@ -203,7 +203,11 @@ def setup_tracing(env: Mapping[str, str] | None = None) -> Tracing | None:
                 "is not installed: pip install 'assistant-worker[azure-monitor]'"
             ) from error
         # It installs the global providers itself, with Azure SDK tracing on.
-        configure_azure_monitor(resource=resource, span_processors=processors)
+        configure_azure_monitor(
+            connection_string=env["APPLICATIONINSIGHTS_CONNECTION_STRING"],
+            resource=resource,
+            span_processors=processors,
+        )
         provider: Any = trace.get_tracer_provider()
     else:
         from opentelemetry.sdk.trace import TracerProvider

@@ -7,13 +7,16 @@ shaped here, in this order (see :func:`prepare_for_model`):
    right after its assistant message, no stray tool messages);
 2. :func:`cap_tool_output` truncates huge tool outputs, with an explicit marker;
 3. :func:`trim_history` drops the oldest messages to fit a token budget, never splitting an
-   assistant tool-call message from its results and never dropping the leading system messages;
+   assistant tool-call message from its results and never dropping the leading system messages
+   or the current user message; the budget is first reduced by what the request sends beside
+   the history (:func:`request_overhead_tokens`: tool schemas, the run's instructions);
 4. :func:`to_chat_messages` encodes the result as the ``messages`` array.
 """
 
+import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -32,6 +35,7 @@ __all__ = [
     "estimate_total",
     "prepare_for_model",
     "repair_tool_pairs",
+    "request_overhead_tokens",
     "to_chat_messages",
     "token_budget",
     "trim_history",
@@ -92,6 +96,21 @@ def estimate_tokens(message: ModelMessage) -> int:
 def estimate_total(messages: Iterable[ModelMessage]) -> int:
     """The estimate of a whole message list."""
     return sum(estimate_tokens(message) for message in messages)
+
+
+def request_overhead_tokens(
+    tools: Sequence[Mapping[str, Any]] = (), instructions: str | None = None
+) -> int:
+    """The estimate of what a request sends beside the history: the tool schemas (as the
+    JSON they are sent as) and the run's extra instructions (a system message or the
+    ``instructions`` field), on the same bytes / 4 scale as :func:`estimate_tokens`."""
+    tokens = 0
+    if tools:
+        schemas = json.dumps(list(tools), separators=(",", ":"), ensure_ascii=False, default=str)
+        tokens += math.ceil(_utf8_len(schemas) / 4)
+    if instructions:
+        tokens += estimate_tokens(ModelMessage("system", instructions))
+    return tokens
 
 
 def _utf8_len(text: str) -> int:
@@ -215,9 +234,13 @@ def trim_history(messages: Sequence[ModelMessage], budget_tokens: int) -> list[M
 
     The leading system messages are always kept. The rest is cut into groups, each starting at
     a non-tool message and holding the tool messages after it, so an assistant tool-call
-    message is never separated from its results. The newest group is always kept, even if it
-    alone exceeds the budget (the caller caps tool outputs to keep that reasonable). Expects a
-    repaired history (:func:`repair_tool_pairs`). Returns a new list; the input is untouched.
+    message is never separated from its results. Two groups are always kept, even if they
+    alone exceed the budget (the caller caps tool outputs to keep that reasonable): the
+    current user message (the last user message), without which the model would answer a
+    question nobody asked now, and the newest group. Groups before the user message go
+    first, oldest first; if that is not enough, the current turn's older tool rounds (between
+    the user message and the newest group), oldest first. Expects a repaired history
+    (:func:`repair_tool_pairs`). Returns a new list; the input is untouched.
     """
     head = 0
     while head < len(messages) and messages[head].role == "system":
@@ -231,23 +254,34 @@ def trim_history(messages: Sequence[ModelMessage], budget_tokens: int) -> list[M
         else:
             groups[-1].append(message)
 
+    newest = len(groups) - 1
+    current = next(
+        (index for index in range(newest, -1, -1) if groups[index][0].role == "user"), newest
+    )
+    keep = [True] * len(groups)
     total = estimate_total(system) + sum(estimate_total(group) for group in groups)
-    first = 0
-    while total > budget_tokens and first < len(groups) - 1:
-        total -= estimate_total(groups[first])
-        first += 1
-    return system + [message for group in groups[first:] for message in group]
+    # Older turns first, then the current turn's earlier rounds; each oldest first.
+    for index in [*range(current), *range(current + 1, newest)]:
+        if total <= budget_tokens:
+            break
+        total -= estimate_total(groups[index])
+        keep[index] = False
+    return system + [m for index, group in enumerate(groups) if keep[index] for m in group]
 
 
 def prepare_for_model(
     messages: Sequence[ModelMessage],
     budget_tokens: int,
     *,
+    tools: Sequence[Mapping[str, Any]] = (),
+    instructions: str | None = None,
     max_tool_output_chars: int = DEFAULT_MAX_TOOL_OUTPUT_CHARS,
 ) -> list[ModelMessage]:
     """Repair, cap tool outputs, then trim: the history to send, in the order that is safe.
 
-    Capping comes before trimming so the estimate is of what is actually sent.
+    Capping comes before trimming so the estimate is of what is actually sent. ``tools`` (the
+    request's function definitions) and ``instructions`` (the run's extra instructions) are
+    sent too: the history gets the budget they leave.
     """
     capped = [
         replace(message, content=cap_tool_output(message.content, max_tool_output_chars))
@@ -255,7 +289,8 @@ def prepare_for_model(
         else message
         for message in repair_tool_pairs(messages)
     ]
-    return trim_history(capped, budget_tokens)
+    room = budget_tokens - request_overhead_tokens(tools, instructions)
+    return trim_history(capped, max(room, 0))
 
 
 # --- encoding ----------------------------------------------------------------------------------
