@@ -8,26 +8,32 @@
   ``python -X importtime``.
 - Which heavy packages the ``run`` path loads at all (``sys.modules`` after ``--burst``).
 
-``--save-baseline FILE`` writes the figures as JSON; ``--baseline FILE`` prints them beside the
-current ones ("before" and "after"). Run: ``python -m bench.startup``.
+"before" is the tree of ``--before`` (default: the main issue 7 started from, taken with
+``git archive`` into a temp folder and put first on ``PYTHONPATH``), "after" the work tree; their
+runs are interleaved so that the machine's load hits both alike. Run:
+``python -m bench.startup``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, VENV_BIN, Report, median, table
 from worker.devtools.azurite import Azurite
 
-BASELINE = REPO_ROOT / "bench" / "startup_baseline.json"
+# The main that issue 7 started from: the "before" of the start-up figures.
+BEFORE_COMMIT = "ffe155c"
 # Packages a worker needs only on some paths (a backend's first call, Entra credentials,
 # WORKER_HTTP_PORT, an OTLP exporter): they should not load before the first message.
 HEAVY = (
@@ -52,7 +58,7 @@ MODULES_PROBE = (
 )
 
 
-def _env(connection: str, suffix: str) -> dict[str, str]:
+def _env(connection: str, suffix: str, tree: Path | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "OTEL_"))}
     env.update(
         {
@@ -61,17 +67,19 @@ def _env(connection: str, suffix: str) -> dict[str, str]:
             "WORKER_RUNS_QUEUE": f"sruns-{suffix}",
             "WORKER_DEADLINES_QUEUE": f"sdl-{suffix}",
             "WORKER_LOG_FORMAT": "json",
-            "PYTHONDONTWRITEBYTECODE": "",
         }
     )
-    env.pop("OPENAI_API_KEY", None)
+    for name in ("OPENAI_API_KEY", "PYTHONPATH", "AZURE_OPENAI_ENDPOINT"):
+        env.pop(name, None)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)  # ahead of the editable install of the work tree
     return env
 
 
-def _timed(cmd: list[str], env: dict[str, str], timeout: float = 60.0) -> float:
+def _timed(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 60.0) -> float:
     began = time.perf_counter()
     done = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, check=False
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
     )
     elapsed = time.perf_counter() - began
     if done.returncode != 0:
@@ -79,15 +87,16 @@ def _timed(cmd: list[str], env: dict[str, str], timeout: float = 60.0) -> float:
     return elapsed
 
 
-def import_profile(top: int = 15) -> list[tuple[str, float, float]]:
+def import_profile(env: dict[str, str], cwd: Path, top: int = 15) -> list[tuple[str, float, float]]:
     """(module with its nesting, self ms, cumulative ms) of ``import worker.cli.main``, the
     heaviest ``top`` by cumulative time."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import worker.cli.main"],
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=REPO_ROOT,
+        cwd=cwd,
         check=True,
     )
     rows: list[tuple[str, float, float]] = []
@@ -101,7 +110,7 @@ def import_profile(top: int = 15) -> list[tuple[str, float, float]]:
     return rows[:top]
 
 
-def loaded_on_run(env: dict[str, str]) -> dict[str, bool]:
+def loaded_on_run(env: dict[str, str], cwd: Path) -> dict[str, bool]:
     """Which of ``HEAVY`` are in ``sys.modules`` after ``run --burst`` on empty queues."""
     done = subprocess.run(
         [sys.executable, "-c", MODULES_PROBE],
@@ -109,7 +118,7 @@ def loaded_on_run(env: dict[str, str]) -> dict[str, bool]:
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=REPO_ROOT,
+        cwd=cwd,
         check=False,
     )
     modules: set[str] = set()
@@ -119,30 +128,79 @@ def loaded_on_run(env: dict[str, str]) -> dict[str, bool]:
     return {name: name in modules for name in HEAVY}
 
 
-def measure(runs: int = 5, top: int = 15) -> dict[str, Any]:
-    """The start-up figures of the current tree."""
+@contextlib.contextmanager
+def tree_of(commit: str | None) -> Iterator[Path | None]:
+    """The source tree of ``commit`` (``git archive``, read-only) in a temp folder; None for
+    the work tree."""
+    if commit is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as folder:
+        archive = subprocess.run(
+            ["git", "archive", commit, "worker", "handlers", "schemas"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, timeout=60, check=True)
+        yield Path(folder)
+
+
+def measure(runs: int = 5, top: int = 15, before: str | None = BEFORE_COMMIT) -> dict[str, Any]:
+    """The start-up figures of the work tree ("after") and of ``before`` (a commit; None:
+    none), runs interleaved so that the machine's load hits both alike."""
     cli = str(VENV_BIN / "assistant-worker")
     python = sys.executable
-    suffix = uuid.uuid4().hex[:8]
-    with Azurite() as azurite:
-        env = _env(azurite.connection_string, suffix)
-        _timed([cli, "run", "--burst"], env)  # creates the queues; not timed
-        burst = [_timed([cli, "run", "--burst"], env) for _ in range(runs)]
-        loaded = loaded_on_run(env)
-    bare = [_timed([python, "-c", "pass"], os.environ.copy()) for _ in range(runs)]
-    imports = [_timed([python, "-c", "import worker.cli.main"], os.environ.copy()) for _ in range(runs)]  # fmt: skip
-    return {
-        "run_burst_s": median(burst),
-        "run_burst_all_s": burst,
-        "python_bare_s": median(bare),
-        "import_cli_s": median(imports) - median(bare),
-        "top_imports": import_profile(top),
-        "loaded_on_run": loaded,
-    }
+    results: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        trees: dict[str, Path | None] = {"after": None}
+        if before is not None:
+            try:
+                trees["before"] = stack.enter_context(tree_of(before))
+            except (subprocess.CalledProcessError, OSError):
+                pass  # not a git checkout, or the commit is unknown: no "before"
+        azurite = stack.enter_context(Azurite())
+        samples: dict[str, dict[str, list[float]]] = {
+            name: {"burst": [], "bare": [], "import": []} for name in trees
+        }
+        envs = {
+            name: _env(azurite.connection_string, uuid.uuid4().hex[:8], tree)
+            for name, tree in trees.items()
+        }
+        cwds = {name: tree or REPO_ROOT for name, tree in trees.items()}
+        for name in trees:
+            _timed([cli, "run", "--burst"], envs[name], cwds[name])  # creates the queues
+        for _ in range(runs):
+            for name in trees:
+                env, cwd = envs[name], cwds[name]
+                samples[name]["burst"].append(_timed([cli, "run", "--burst"], env, cwd))
+                samples[name]["bare"].append(_timed([python, "-c", "pass"], env, cwd))
+                samples[name]["import"].append(
+                    _timed([python, "-c", "import worker.cli.main"], env, cwd)
+                )
+        for name in trees:
+            results[name] = {
+                "run_burst_s": median(samples[name]["burst"]),
+                "run_burst_all_s": samples[name]["burst"],
+                "python_bare_s": median(samples[name]["bare"]),
+                "import_cli_s": median(samples[name]["import"]) - median(samples[name]["bare"]),
+                "top_imports": import_profile(envs[name], cwds[name], top),
+                "loaded_on_run": loaded_on_run(envs[name], cwds[name]),
+            }
+    results["before_commit"] = before if "before" in results else None
+    return results
 
 
-def report(current: dict[str, Any], baseline: dict[str, Any] | None) -> Report:
+def report(results: dict[str, Any]) -> Report:
+    current = results["after"]
+    baseline = results.get("before")
     out = Report("Start-up (`run --burst` on empty queues, importing the CLI)")
+    if baseline:
+        out.add(
+            f"before: commit `{results['before_commit']}` (extracted with `git archive`), after: "
+            "the work tree; the runs of both are interleaved on the same Azurite."
+        )
     rows = []
     for key, label in (
         ("run_burst_s", "`assistant-worker run --burst`, empty queues (median)"),
@@ -173,6 +231,7 @@ def report(current: dict[str, Any], baseline: dict[str, Any] | None) -> Report:
         "run_burst_s": current["run_burst_s"],
         "import_cli_s": current["import_cli_s"],
         "before_run_burst_s": baseline["run_burst_s"] if baseline else None,
+        "before_import_cli_s": baseline["import_cli_s"] if baseline else None,
     }
     return out
 
@@ -185,15 +244,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--save-baseline", type=Path, help="write the figures as JSON here")
-    parser.add_argument("--baseline", type=Path, default=BASELINE, help="'before' figures (JSON)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each (median)")
+    parser.add_argument("--before", default=BEFORE_COMMIT, help="commit of the 'before' figures")
+    parser.add_argument("--no-before", action="store_true", help="measure the work tree only")
     args = parser.parse_args()
-    current = measure(args.runs)
-    if args.save_baseline:
-        args.save_baseline.write_text(json.dumps(current, indent=1) + "\n")
-    baseline = json.loads(args.baseline.read_text()) if args.baseline.is_file() else None
-    print(report(current, baseline if not args.save_baseline else None).markdown())
+    results = measure(args.runs, before=None if args.no_before else args.before)
+    print(report(results).markdown())
 
 
 if __name__ == "__main__":

@@ -19,5 +19,6 @@ def build_registry(services: RunServices) -> HandlerRegistry:
             "assistantPost": PostHandler(services),
             "submitToolOutputs": SubmitHandler(services),
         },
-        runs={"runStep": StepHandler(services), "runDeadline": DeadlineHandler(services)},
+        runs={"runStep": StepHandler(services)},
+        deadlines={"runDeadline": DeadlineHandler(services)},
     )

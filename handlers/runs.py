@@ -486,7 +486,7 @@ def fit_tool_calls(event: ToolCallsRequired, encoding: Encoding) -> dict[str, An
     if fits(whole):
         return whole
     # Binary search for the most characters every call's arguments may keep.
-    low, high = 0, max(len(call.arguments) for call in event.tool_calls) - 1
+    low, high = 0, max((len(call.arguments) for call in event.tool_calls), default=1) - 1
     while low < high:
         middle = (low + high + 1) // 2
         if fits(payload(middle)):

@@ -24,7 +24,6 @@ from handlers.runs import (
 from handlers.tool_calls import ToolCall, run_tool_calls
 from schemas import RunStep
 from worker.backends.base import Backend, ModelError, TurnRequest
-from worker.backends.responses import RESPONSE_ID
 from worker.errors import PermanentError, TransientError
 from worker.handling import HandlerResult, MessageContext, Send
 from worker.outcome import RetryPolicy, backoff, describe
@@ -54,6 +53,8 @@ CONTEXT_SHARE = 0.75
 # Transient model failures back off from 1 s to 60 s when the service gives no Retry-After.
 MODEL_RETRY = RetryPolicy(max_dequeue_count=1_000_000, base_delay=1.0, max_delay=60.0)
 
+# Backends whose model call starts work that goes on remotely (claimed before it starts).
+REMOTE_BACKENDS = frozenset({"responses", "assistants"})
 # Handle keys that live as long as the chat, not the run (the Assistants API's objects).
 REMOTE_KEYS = ("assistantId", "threadId")
 
@@ -109,7 +110,7 @@ def claim_rows(run: Run) -> list[str]:
             for c in run.pending_calls
             if not c.external
         ]
-    if run.phase == "model" and run.api == "responses":
+    if run.phase == "model" and run.api in REMOTE_BACKENDS:
         return [model_claim_row_key(run.run_id, run.step)]
     return []
 
@@ -292,32 +293,32 @@ class StepHandler:
     async def _call_model(
         self, store: TableChatStore, backend: Backend, request: TurnRequest, run: Run, now: datetime
     ) -> ModelTurn | Pending:
-        """Start or poll the model. Starting a background response is claimed first: a
-        redelivered step must not create a second response (it would run, and bill, twice)."""
+        """Start or poll the model. Starting remote work (a background response, a remote run)
+        is claimed first: a redelivered or duplicated step must not start it twice (it would
+        run, and bill, twice); a copy that finds it started follows it instead."""
         if run.phase != "model":
             return await backend.poll(request)
-        if backend.name != "responses":
+        if backend.name not in REMOTE_BACKENDS:
             return await backend.begin(request)
         key = model_claim_row_key(run.run_id, run.step)
         claim = await store.claims.acquire(
-            request.chat_id, key, owner=uuid.uuid4().hex, value_property="ResponseId",
+            request.chat_id, key, owner=uuid.uuid4().hex, value_property="Handle",
             patience=CLAIM_PATIENCE, extra={"RunId": run.run_id},
         )  # fmt: skip
         if isinstance(claim, Superseded):
             raise StepSuperseded()
         if isinstance(claim, Done):
-            # An earlier delivery created it: follow that response instead.
-            return await backend.poll(replace(request, handle={RESPONSE_ID: claim.value}))
+            started = json.loads(claim.value) if claim.value else {}
+            return await backend.poll(replace(request, handle={**request.handle, **started}))
         if isinstance(claim, Busy):
             wait = max((claim.until - now).total_seconds(), 1.0)
-            raise TransientError("another delivery of this step is starting the response",
+            raise TransientError("another delivery of this step is starting the model call",
                                  retry_after=wait)  # fmt: skip
         async with store.claims.held(request.chat_id, key, claim):
             result = await backend.begin(request)
-        response_id = result.handle.get(RESPONSE_ID)
-        if isinstance(response_id, str) and response_id:
+        if result.handle:
             await store.claims.finish(
-                request.chat_id, key, value_property="ResponseId", value=response_id,
+                request.chat_id, key, value_property="Handle", value=json.dumps(result.handle),
                 extra={"RunId": run.run_id},
             )  # fmt: skip
         return result

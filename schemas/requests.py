@@ -1,4 +1,5 @@
-"""Requests: what producers put on ``assistant-requests`` and the worker on ``assistant-runs``.
+"""Requests: what producers put on ``assistant-requests``, and the worker on ``assistant-runs``
+and ``assistant-deadlines``.
 
 Field names on the wire are camelCase, as in the Azure Functions OpenAI extension, so that the
 extension's ``assistantCreate`` / ``assistantPost`` payloads validate unchanged.
@@ -145,8 +146,8 @@ class RunStep(WireModel):
 
 
 class RunDeadline(WireModel):
-    """The watchdog of a run, written by the worker on ``assistant-runs`` when the run starts
-    and due at its deadline: whatever happened to its steps, a run still active then ends
+    """The watchdog of a run, written by the worker on ``assistant-deadlines`` when the run
+    starts and due at its deadline: whatever happened to its steps, a run still active then ends
     ``expired`` and its chat's next queued post starts."""
 
     type: Literal["runDeadline"] = "runDeadline"

@@ -723,3 +723,59 @@ def test_assistants_tool_outputs_without_a_remote_run_are_refused(fake: FakeOpen
 
     run_with(openai_settings(fake), body)
     assert fake.requests == []
+
+
+def test_assistants_two_copies_of_a_first_step_start_one_remote_run(fake: FakeOpenAI) -> None:
+    """Two copies of a run's first step start it at the same instant on the chat's thread
+    (a duplicated step, a lease lost mid-call). Both see the thread free; the service takes
+    one ``runs.create`` and refuses the other with 400 "already has an active run" (the
+    fake, as the real API). That is a race, not a failure: the refused copy returns Pending
+    and its poll adopts the run the other started. One remote run; both copies follow it to
+    the same answer; the user message is in the thread once."""
+
+    async def body(clients: ModelClients) -> tuple[list[ModelTurn | Pending], list[Outcome]]:
+        backend = AssistantsBackend(clients)
+        chat = weather_chat()
+        await drive(backend, chat, model=ECHO_MODEL)  # the chat's assistant and thread
+        chat.messages.append(ModelMessage("user", "And now?"))
+        # The first runs.create to arrive is held a while, so that the other copy's
+        # create lands first and the held one meets a thread with an active run (the
+        # remote run keeps "thinking" meanwhile).
+        fake.fault("slow", count=1, delay=0.5, endpoint="runs.create")
+        fake.background_delay = 30.0
+        request = request_for(chat, run_id="run-2", handle={}, model=ECHO_MODEL)
+        started = list(await asyncio.gather(backend.begin(request), backend.begin(request)))
+        fake.background_delay = DELAY
+        followed = []
+        for copy in started:
+            assert isinstance(copy, Pending) and copy.ended is None
+            followed.append(
+                await drive(
+                    backend,
+                    Chat(list(chat.messages), dict(chat.remote)),
+                    run_id="run-2",
+                    handle=copy.handle,
+                    phase="poll",
+                    model=ECHO_MODEL,
+                )
+            )
+        return started, followed
+
+    started, followed = run_with(openai_settings(fake), body)
+
+    creates = [r for r in fake.requests if r.endpoint == "runs.create"]
+    assert sorted(r.status or 0 for r in creates) == [200, 200, 400]  # run-1; run-2 and its race
+    (refused_create,) = [r for r in creates if r.status == 400]
+    assert refused_create.fault == "slow"  # the held copy was the one refused
+    assert sorted("remoteRunId" in copy.handle for copy in started) == [False, True]
+    (winner,) = {copy.handle["remoteRunId"] for copy in started if "remoteRunId" in copy.handle}
+    for outcome in followed:
+        assert isinstance(outcome.final, ModelTurn)
+        assert outcome.final.content == "You said: And now?"
+        assert outcome.handle["remoteRunId"] == winner
+    thread_id = started[0].handle["threadId"]
+    assert texts(thread_messages(fake, thread_id))[-2:] == [
+        ("user", "And now?"),
+        ("assistant", "You said: And now?"),
+    ]
+    assert [text for role, text in texts(thread_messages(fake, thread_id))].count("And now?") == 1

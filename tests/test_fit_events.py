@@ -8,6 +8,7 @@ from typing import Any
 
 from handlers.runs import fit_tool_calls
 from schemas import ToolCallRequest, ToolCallsRequired, encode_body
+from schemas.decode import Encoding
 from tests.support.env import StorageEnv, run
 from tests.support.runs import (
     ReplyQueue,
@@ -26,8 +27,8 @@ from worker.testing import FakeOpenAI
 MARKER = "[truncated by assistant-worker: showing "
 
 
-def size(payload: dict[str, Any], encoding: str = "none") -> int:
-    return len(encode_body(payload, encoding).encode("utf-8"))  # type: ignore[arg-type]
+def size(payload: dict[str, Any], encoding: Encoding = "none") -> int:
+    return len(encode_body(payload, encoding).encode("utf-8"))
 
 
 def event(*arguments: str) -> ToolCallsRequired:
@@ -54,7 +55,7 @@ def test_the_longest_arguments_are_cut_and_every_call_kept() -> None:
     huge = json.dumps({"note": "x" * 200_000})
     big = event('{"orderId": 1}', huge, '{"orderId": 3}')
     for encoding in ("none", "base64"):
-        payload = fit_tool_calls(big, encoding)  # type: ignore[arg-type]
+        payload = fit_tool_calls(big, encoding)
         assert size(payload, encoding) <= MAX_MESSAGE_BYTES
         assert payload["truncated"] is True
         calls = payload["toolCalls"]
@@ -90,7 +91,9 @@ def test_multibyte_text_is_measured_in_bytes() -> None:
 
 def test_many_calls_keep_every_id() -> None:
     """Hundreds of calls of a few KB each: each keeps its id and name, the event fits."""
-    payload = fit_tool_calls(event(*(f'{{"n": "{n:04d}{"y" * 2_000}"}}' for n in range(300))), "none")
+    payload = fit_tool_calls(
+        event(*(f'{{"n": "{n:04d}{"y" * 2_000}"}}' for n in range(300))), "none"
+    )
     assert size(payload) <= MAX_MESSAGE_BYTES
     assert [c["id"] for c in payload["toolCalls"]] == [f"call_{n}" for n in range(300)]
 

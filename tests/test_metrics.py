@@ -51,7 +51,7 @@ def test_worker_metrics_move_as_messages_are_handled(storage: StorageEnv) -> Non
     async def scenario() -> tuple[Samples, list[dict[str, Any]]]:
         async with FakeOpenAI() as fake:
             fake.fault("429", count=1, retry_after=0, model="weather-bot")
-            settings = http_settings(storage, **model_env(fake.base_url), WORKER_CREATE_GRACE="1")
+            settings = http_settings(storage, **model_env(fake.base_url), WORKER_CREATE_GRACE="4")
             async with serving(settings) as app:
                 assert app.http is not None
                 await storage.send(create_body(chat_id, storage.table))

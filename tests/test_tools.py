@@ -3,15 +3,26 @@
 import asyncio
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from handlers.tool_calls import ToolCall, ToolResult, run_tool_call, run_tool_calls
-from handlers.tools import ToolLoadError, ToolRegistry, load_tools, tool, tool_spec
+from handlers.tools import (
+    MIN_TOOL_THREADS,
+    ToolLoadError,
+    ToolRegistry,
+    load_tools,
+    tool,
+    tool_executor,
+    tool_spec,
+)
 from tests import sample_tools
 from tests.sample_tools import echo, fail, find_order, get_weather, nothing, slow, slow_sync
+from tests.support.env import StorageEnv
+from worker.app import open_app
 
 SAMPLES = "tests.sample_tools"
 
@@ -357,3 +368,91 @@ class TestRunToolCalls:
         )
         assert not result.ok
         assert result.output.startswith("error: tool 'loop' returned a value that is not JSON: ")
+
+
+class TestToolThreads:
+    """Sync tools run on the registry's thread pool, sized to the worker's concurrency
+    (asyncio's default pool has ``min(32, CPUs + 4)`` threads: 6 on a 2-core machine)."""
+
+    CALLS = 16
+
+    def blocking_registry(self) -> tuple[ToolRegistry, list[str]]:
+        """A registry whose ``hold`` tool blocks until all CALLS calls are running at once
+        (bounded: 5 s), and answers whether they were; ``names`` gets each call's thread."""
+        lock = threading.Lock()
+        running = [0]
+        everyone_in = threading.Event()
+        names: list[str] = []
+
+        @tool
+        def hold(label: str) -> str:
+            """Blocks until every call of the batch is running."""
+            with lock:
+                running[0] += 1
+                names.append(threading.current_thread().name)
+                if running[0] == self.CALLS:
+                    everyone_in.set()
+            # No call returns before all of them started, unless they never all run at once.
+            return "together" if everyone_in.wait(timeout=5.0) else "alone"
+
+        return ToolRegistry([hold]), names
+
+    def run_batch(self, registry: ToolRegistry) -> list[ToolResult]:
+        calls = [
+            ToolCall(f"c{n}", "hold", json.dumps({"label": str(n)})) for n in range(self.CALLS)
+        ]
+        return asyncio.run(run_tool_calls(registry, calls, allowed=None, timeout=10.0))
+
+    def test_sixteen_blocking_sync_tools_all_run_at_once(self) -> None:
+        """16 sync calls that each block until all 16 are running: on a pool of the
+        worker's concurrency (16) every call started before any finished, each on a
+        ``tool_N`` thread, and all finish within their timeout."""
+        registry, names = self.blocking_registry()
+        threads = tool_executor(16)
+        registry.set_executor(threads)
+        try:
+            results = self.run_batch(registry)
+        finally:
+            threads.shutdown(wait=False, cancel_futures=True)
+        assert [r.output for r in results] == ["together"] * self.CALLS
+        assert len(set(names)) == self.CALLS
+        assert all(name.startswith("tool_") for name in names)
+
+    def test_the_app_gives_the_registry_its_pool_and_takes_it_back(
+        self, storage: StorageEnv
+    ) -> None:
+        """``open_app`` sets a pool sized to WORKER_CONCURRENCY (default 16) for its life."""
+        registry, names = self.blocking_registry()
+
+        async def scenario() -> list[ToolResult]:
+            async with open_app(storage.settings(), tools=registry):
+                assert registry.executor is not None
+                calls = [ToolCall(f"c{n}", "hold", json.dumps({"label": str(n)}))
+                         for n in range(self.CALLS)]  # fmt: skip
+                return await run_tool_calls(registry, calls, allowed=None, timeout=10.0)
+
+        results = asyncio.run(scenario())
+        assert [r.output for r in results] == ["together"] * self.CALLS
+        assert all(name.startswith("tool_") for name in names)
+        assert registry.executor is None
+
+    def test_small_concurrency_still_gets_a_few_threads(self) -> None:
+        """A worker processing one message at a time still runs a few calls at once."""
+        pool = tool_executor(1)
+        try:
+            assert pool._max_workers == MIN_TOOL_THREADS
+        finally:
+            pool.shutdown(wait=False)
+
+    def test_without_a_pool_sync_tools_use_asyncio_default(self) -> None:
+        """No executor set (a registry used on its own): asyncio's default pool, as before."""
+
+        @tool
+        def where() -> str:
+            """The name of the thread it runs on."""
+            return threading.current_thread().name
+
+        [result] = asyncio.run(
+            run_tool_calls(ToolRegistry([where]), [ToolCall("a", "where", "")], allowed=None)
+        )
+        assert result.ok and result.output.startswith("asyncio_")

@@ -1,10 +1,13 @@
 """Wiring: from ``Settings`` to a running worker. Used by the CLI, the demo and the tests."""
 
+from __future__ import annotations
+
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from handlers import build_registry
 from handlers.runs import RunServices
@@ -18,9 +21,7 @@ from worker.backends.clients import ModelClients
 from worker.backends.responses import ResponsesBackend
 from worker.loop import Worker
 from worker.observability import Health
-from worker.observability.http import HttpServer, build_server
 from worker.observability.instrument import instrument_backends
-from worker.observability.metrics import Metrics
 from worker.observability.tracing import (
     MessageTracing,
     Tracing,
@@ -33,6 +34,11 @@ from worker.outage import StorageGate
 from worker.redact import Redactor
 from worker.settings import Settings
 from worker.store.tables import ChatStores
+
+if TYPE_CHECKING:
+    # With WORKER_HTTP_PORT only: prometheus-client and aiohttp's web server load then.
+    from worker.observability.http import HttpServer
+    from worker.observability.metrics import Metrics
 
 
 @dataclass
@@ -80,7 +86,11 @@ async def open_app(
     """
     registry = tools if tools is not None else load_tools(settings.tool_modules)
     health = Health()
-    metrics = Metrics() if settings.http_port is not None else None
+    metrics: Metrics | None = None
+    if settings.http_port is not None:
+        from worker.observability.metrics import Metrics
+
+        metrics = Metrics()
     requests = metrics.observe_storage_request if metrics is not None else None
     if metrics is not None:
         metrics.track_health(health)
@@ -125,6 +135,8 @@ async def open_app(
     http: HttpServer | None = None
     try:
         if metrics is not None:
+            from worker.observability.http import build_server
+
             http = build_server(
                 settings, broker, health, metrics, requests=requests, redactor=worker.redact
             )

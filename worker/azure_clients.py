@@ -110,7 +110,9 @@ def queue_service(
         return QueueServiceClient.from_connection_string(connection.connection_string, **options)
     if not connection.queue_service_uri:
         raise ValueError(f"{connection.setting}__queueServiceUri or __accountName is not set")
-    return QueueServiceClient(connection.queue_service_uri, credential=shared_credential(), **options)
+    return QueueServiceClient(
+        connection.queue_service_uri, credential=shared_credential(), **options
+    )
 
 
 def table_service(
@@ -129,4 +131,6 @@ def table_service(
         return TableServiceClient.from_connection_string(connection.connection_string, **options)
     if not connection.table_service_uri:
         raise ValueError(f"{connection.setting}__tableServiceUri or __accountName is not set")
-    return TableServiceClient(connection.table_service_uri, credential=shared_credential(), **options)
+    return TableServiceClient(
+        connection.table_service_uri, credential=shared_credential(), **options
+    )

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from schemas import Message
 from worker.errors import PermanentError
 
-QueueRole = Literal["requests", "runs"]
+QueueRole = Literal["requests", "runs", "deadlines"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,16 @@ Handler = Callable[[Any, MessageContext], Awaitable[HandlerResult]]
 class HandlerRegistry:
     """Which handler serves which message type, per queue role. Passed to the worker."""
 
-    def __init__(self, requests: Mapping[str, Handler], runs: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        requests: Mapping[str, Handler],
+        runs: Mapping[str, Handler],
+        deadlines: Mapping[str, Handler] | None = None,
+    ) -> None:
         self._handlers: dict[QueueRole, Mapping[str, Handler]] = {
             "requests": dict(requests),
             "runs": dict(runs),
+            "deadlines": dict(deadlines or {}),
         }
 
     def handler_for(self, role: QueueRole, message: Message) -> Handler:
@@ -63,12 +69,12 @@ class HandlerRegistry:
         handler = handlers.get(message.type)
         if handler is not None:
             return handler
-        other: QueueRole = "runs" if role == "requests" else "requests"
-        if message.type in self._handlers[other]:
-            raise PermanentError(
-                f"{message.type} messages belong on the {other} queue, not the {role} queue",
-                error_type="WrongQueue",
-            )
+        for other, served in self._handlers.items():
+            if other != role and message.type in served:
+                raise PermanentError(
+                    f"{message.type} messages belong on the {other} queue, not the {role} queue",
+                    error_type="WrongQueue",
+                )
         raise PermanentError(
             f"this worker has no handler for {message.type} messages yet",
             error_type="UnsupportedMessageType",

@@ -103,7 +103,7 @@ class Worker:
         # requests must not starve them into expiry.
         self._queues: list[tuple[QueueTransport, QueueRole]] = [
             (broker.queue(settings.runs_queue), "runs"),
-            (broker.queue(settings.deadlines_queue), "runs"),
+            (broker.queue(settings.deadlines_queue), "deadlines"),
             (broker.queue(settings.requests_queue), "requests"),
         ]
         self._inflight: dict[asyncio.Task[None], Lease] = {}

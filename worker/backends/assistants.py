@@ -30,13 +30,12 @@ Handle keys: ``assistantId``, ``threadId`` (also stored chat-wide by the step ha
 of the same call fails, so that they are never orphaned.
 """
 
+from __future__ import annotations
+
 import contextlib
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import openai
-from openai.types.beta.threads import Run
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from worker.backends.base import ModelError, TurnRequest
 from worker.backends.clients import ModelClients
@@ -44,6 +43,10 @@ from worker.backends.errors import classify
 from worker.backends.responses import hosted_ids, model_client
 from worker.runs.history import ModelMessage, cap_tool_output
 from worker.runs.model import ModelTurn, Pending, RunStatus, ToolCallRef, Usage
+
+if TYPE_CHECKING:
+    import openai
+    from openai.types.beta.threads import Run
 
 ASSISTANT_ID = "assistantId"
 THREAD_ID = "threadId"
@@ -208,6 +211,8 @@ class AssistantsBackend:
         return await self._start(client, request)
 
     async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
+        import openai  # loaded with the first model call, not at start-up
+
         client = model_client(self._clients, request)
         thread_id = _known(request, THREAD_ID)
         remote_run = request.handle.get(REMOTE_RUN_ID)
@@ -226,6 +231,8 @@ class AssistantsBackend:
 
     async def cancel(self, request: TurnRequest) -> None:
         """Cancel the run's remote run, so the thread is free and stops spending tokens."""
+        import openai  # loaded with the first model call, not at start-up
+
         thread_id = _known(request, THREAD_ID)
         remote_run = request.handle.get(REMOTE_RUN_ID)
         if not thread_id or not isinstance(remote_run, str) or not remote_run:
@@ -238,6 +245,8 @@ class AssistantsBackend:
     # -- starting a run -------------------------------------------------------------------------
 
     async def _start(self, client: openai.AsyncOpenAI, request: TurnRequest) -> ModelTurn | Pending:
+        import openai  # loaded with the first model call, not at start-up
+
         ids: dict[str, str] = {}
         assistant_id = _known(request, ASSISTANT_ID)
         thread_id = _known(request, THREAD_ID)
@@ -317,6 +326,8 @@ class AssistantsBackend:
     ) -> ModelTurn | Pending | None:
         """This run's remote run if an earlier delivery started it; Pending while an older
         run still holds the thread (it is cancelled); None when the thread is free."""
+        import openai  # loaded with the first model call, not at start-up
+
         page = await _beta(lambda: client.beta.threads.runs.list(thread_id, limit=1, order="desc"))
         if not page.data:
             return None
@@ -336,6 +347,8 @@ class AssistantsBackend:
     async def _submit(
         self, client: openai.AsyncOpenAI, request: TurnRequest
     ) -> ModelTurn | Pending:
+        import openai  # loaded with the first model call, not at start-up
+
         thread_id = _known(request, THREAD_ID)
         remote_run = request.handle.get(REMOTE_RUN_ID)
         if not thread_id or not isinstance(remote_run, str) or not remote_run:

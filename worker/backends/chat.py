@@ -4,8 +4,6 @@ Works with OpenAI, Azure OpenAI and any OpenAI-compatible server (vLLM, llama.cp
 
 from typing import Any
 
-import openai
-
 from worker.backends.base import ModelError, TurnRequest
 from worker.backends.clients import ModelClients, ModelNotConfigured
 from worker.backends.errors import classify
@@ -50,6 +48,8 @@ class ChatBackend:
         self._clients = clients
 
     async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
+        import openai  # loaded with the first model call, not at start-up
+
         if request.hosted_tools:
             kinds = ", ".join(sorted({str(tool.get("type")) for tool in request.hosted_tools}))
             raise ModelError(

@@ -9,13 +9,16 @@
 The SDK's own retries are kept small: long waits go back to the queue as delayed steps.
 """
 
-from collections.abc import Callable
-from typing import Any
+from __future__ import annotations
 
-import openai
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from worker.azure_clients import shared_credential
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    import openai
 
 # No SDK retries: it would sleep out a 429's Retry-After (up to 120 s) inside the handler;
 # the worker re-sends the step with that delay instead (SPEC §5: never sleep on a run).
@@ -38,6 +41,8 @@ class ModelClients:
 
     def client(self, ai_connection: str | None = None) -> openai.AsyncOpenAI:
         """The client for a request's ``aiConnectionName`` (None: the default endpoint)."""
+        import openai  # loaded with the first model call, not at start-up
+
         settings = self._settings
         if ai_connection:
             named = settings.ai_connections.get(ai_connection)
@@ -65,6 +70,8 @@ class ModelClients:
         )
 
     def _azure(self, endpoint: str, key: str | None, *, key_name: str) -> openai.AsyncOpenAI:
+        import openai
+
         endpoint = endpoint.rstrip("/")
         api_key: Any = key if key else self._token_provider()
         version = self._settings.openai_api_version

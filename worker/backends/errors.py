@@ -1,8 +1,13 @@
 """From openai SDK exceptions to ``ModelError``: which failures are worth retrying."""
 
-import openai
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from worker.backends.base import ModelError
+
+if TYPE_CHECKING:
+    import openai
 
 # Longest Retry-After we honour; longer waits are capped (the run timeout bounds them anyway).
 MAX_RETRY_AFTER = 300.0
@@ -25,6 +30,8 @@ def retry_after_seconds(error: openai.APIStatusError) -> float | None:
 def classify(error: Exception) -> ModelError:
     """Transient: 408/409/429, 5xx, timeouts and connection errors. Anything else 4xx ends
     the run ``failed`` (bad request, content filter, context length, auth)."""
+    import openai  # loaded with the first model call, not at start-up
+
     if isinstance(error, openai.APITimeoutError):
         return ModelError("the model service timed out", transient=True)
     if isinstance(error, openai.APIConnectionError):

@@ -11,17 +11,20 @@ Handle keys: ``responseId`` (the newest response of the run) and ``callIds`` (th
 response asked for, so a follow-up is only chained to the response its outputs answer).
 """
 
-import contextlib
-from typing import Any
+from __future__ import annotations
 
-import openai
-from openai.types.responses import Response
+import contextlib
+from typing import TYPE_CHECKING, Any
 
 from worker.backends.base import ModelError, TurnRequest
 from worker.backends.clients import ModelClients, ModelNotConfigured
 from worker.backends.errors import classify
 from worker.runs.history import ModelMessage
 from worker.runs.model import ModelTurn, Pending, RunStatus, ToolCallRef, Usage
+
+if TYPE_CHECKING:
+    import openai
+    from openai.types.responses import Response
 
 RESPONSE_ID = "responseId"
 CALL_IDS = "callIds"
@@ -162,6 +165,8 @@ def _chains_to(request: TurnRequest) -> str | None:
 
 
 def _is_missing_previous(error: openai.OpenAIError) -> bool:
+    import openai
+
     if not isinstance(error, openai.BadRequestError | openai.NotFoundError):
         return False
     body = error.body
@@ -221,6 +226,8 @@ class ResponsesBackend:
         self._clients = clients
 
     async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
+        import openai  # loaded with the first model call, not at start-up
+
         client = model_client(self._clients, request)
         arguments: dict[str, Any] = {
             "model": request.model,
@@ -260,6 +267,8 @@ class ResponsesBackend:
         return outcome(response)
 
     async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
+        import openai
+
         response_id = request.handle.get(RESPONSE_ID)
         if not isinstance(response_id, str) or not response_id:
             raise ModelError("there is no response to poll (no responseId)", transient=False)
@@ -272,6 +281,8 @@ class ResponsesBackend:
 
     async def cancel(self, request: TurnRequest) -> None:
         """Cancel the run's background response (one that already ended refuses: fine)."""
+        import openai
+
         response_id = request.handle.get(RESPONSE_ID)
         if not isinstance(response_id, str) or not response_id:
             return

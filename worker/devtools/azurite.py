@@ -84,10 +84,13 @@ class Azurite:
         stop_timeout: float = 5.0,
         location: Path | None = None,
         ports: tuple[int, int, int] = (0, 0, 0),
+        debug_log: Path | None = None,
     ) -> None:
         """``location`` keeps the data (else a temp folder, removed on stop); ``ports`` are
-        (blob, queue, table), 0 meaning a free port."""
+        (blob, queue, table), 0 meaning a free port; ``debug_log``: Azurite's ``--debug`` file,
+        one line per request among others (benchmarks count storage requests from it)."""
         self._binary = binary
+        self._debug_log = debug_log
         self._keep_location = location
         self._requested_ports = ports
         self._startup_timeout = startup_timeout
@@ -134,6 +137,8 @@ class Azurite:
             "--tablePort",
             table_port,
         ]
+        if self._debug_log is not None:
+            cmd += ["--debug", str(self._debug_log)]
         began = time.monotonic()
         try:
             self._proc = subprocess.Popen(

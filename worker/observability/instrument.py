@@ -4,13 +4,18 @@
 and token usage reported; every other attribute is the wrapped backend's.
 """
 
+from __future__ import annotations
+
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.backends.base import Backend, ModelError, TurnRequest
-from worker.observability.metrics import Metrics
 from worker.runs.model import ModelTurn, Pending
+
+if TYPE_CHECKING:
+    # prometheus-client loads only when metrics are on (WORKER_HTTP_PORT).
+    from worker.observability.metrics import Metrics
 
 
 class InstrumentedBackend:

@@ -1,0 +1,160 @@
+"""Storage requests per run: the weather-bot turn on a short chat and on a long one.
+
+The turn of the OpenAI Assistants function-calling sample (3 model calls, 2 tool rounds, the
+``chat`` backend, the instant fake model, the tools of ``worker.devtools.weather``) through one
+``assistant-worker run`` process with its default settings, on Azurite started with ``--debug``.
+Each measured run is bounded by two marks in Azurite's log (``bench.requests``); the worker's
+requests between them are counted by kind. Empty receives before the worker picked the post up
+and after its last write are idle polling, not the run's: they are shown apart.
+
+The long chat has ``--history`` earlier messages (posts answered by the echo model): if a
+figure grows from the short column to the long one, a step reads (or a run scans) the history.
+
+Run: ``python -m bench.requests_per_run`` (``--history 200 --runs 3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from bench.common import Report, quiet_logs, table
+from bench.harness import ECHO_MODEL, Producer, WorkerProcess, wait_created, worker_env
+from bench.requests import (
+    RequestLog,
+    StorageRequest,
+    by_kind,
+    by_operation,
+    entities_read,
+    kinds_table,
+)
+from worker.devtools.azurite import Azurite
+from worker.testing import FakeOpenAI
+
+ISSUE_FIGURE = 45  # measured on the main issue 7 started from
+TARGET = 15
+
+
+def run_span(requests: list[StorageRequest]) -> tuple[list[StorageRequest], int]:
+    """The requests from the worker's first to its last that was not an empty receive, and
+    how many empty receives fell outside (idle polling before pickup and after the run)."""
+    busy = [i for i, r in enumerate(requests) if not (r.operation == "Messages_Dequeue" and r.items == 0)]  # fmt: skip
+    if not busy:
+        return [], len(requests)
+    span = requests[busy[0] : busy[-1] + 1]
+    return span, len(requests) - len(span)
+
+
+async def _measure(
+    azurite: Azurite, log: RequestLog, fake: FakeOpenAI, folder: Path, history: int, runs: int
+) -> dict[str, dict[str, object]]:
+    suffix = uuid.uuid4().hex[:8]
+    env = worker_env(azurite.connection_string, suffix, base_url=fake.base_url)
+    results: dict[str, dict[str, object]] = {}
+    with WorkerProcess(env, folder / "worker.log") as worker:
+        async with Producer(azurite.connection_string, worker.requests_queue) as producer:
+            chats = {"short chat": f"short-{suffix}", f"{history} earlier messages": f"long-{suffix}"}  # fmt: skip
+            for chat_id in chats.values():
+                await producer.create(chat_id, instructions="You are a weather bot.")
+            await wait_created(azurite.connection_string, list(chats.values()))
+            long_id = chats[f"{history} earlier messages"]
+            seeds = [
+                (await producer.post(long_id, f"earlier message {n}", chatModel=ECHO_MODEL))[0]
+                for n in range(history // 2)
+            ]
+            await producer.wait_replies(seeds, timeout=60 + history)
+            for name, chat_id in chats.items():
+                kinds: Counter[str] = Counter()
+                operations: Counter[str] = Counter()
+                idle = entities = model_calls = 0
+                seconds = 0.0
+                for _ in range(runs):
+                    await asyncio.sleep(0.5)  # the worker's last run's acks
+                    calls_before = fake.calls()
+                    start = await log.amark()
+                    began = time.perf_counter()
+                    request_id, _sent = await producer.post(chat_id)
+                    reply = await producer.reply(request_id, timeout=60)
+                    assert reply.event.get("status") == "completed", reply.event
+                    seconds += time.perf_counter() - began
+                    await asyncio.sleep(1.0)  # its last acknowledgements
+                    end = await log.amark()
+                    span, outside = run_span(log.worker_requests(start, end))
+                    kinds += by_kind(span)
+                    operations += by_operation(span)
+                    idle += outside
+                    entities += entities_read(span)
+                    model_calls += fake.calls() - calls_before
+                results[name] = {
+                    "kinds": Counter({k: v / runs for k, v in kinds.items()}),
+                    "operations": Counter({k: v / runs for k, v in operations.items()}),
+                    "idle": idle / runs,
+                    "entities": entities / runs,
+                    "model_calls": model_calls / runs,
+                    "seconds": seconds / runs,
+                }
+    return results
+
+
+def measure(history: int = 200, runs: int = 2) -> Report:
+    quiet_logs()
+    with tempfile.TemporaryDirectory(prefix="bench-requests-") as tmp:
+        folder = Path(tmp)
+        log_path = folder / "azurite-debug.log"
+        with Azurite(debug_log=log_path) as azurite, FakeOpenAI().running_in_thread() as fake:
+            log = RequestLog(log_path, azurite)
+            results = asyncio.run(_measure(azurite, log, fake, folder, history, runs))
+    names = list(results)
+    out = Report("Storage requests per run (weather-bot turn: 3 model calls, 2 tool rounds)")
+    out.add(
+        f"One `assistant-worker run` process, default settings, `chat` backend, instant fake "
+        f"model; mean of {runs} runs per chat, counted from Azurite's `--debug` log "
+        f"(issue 7: {ISSUE_FIGURE} on the main it started from; target <= {TARGET})."
+    )
+    kinds = {n: Counter({k: round(v, 1) for k, v in results[n]["kinds"].items()}) for n in names}  # type: ignore[attr-defined]
+    out.add(kinds_table(kinds))
+    operations = {n: results[n]["operations"] for n in names}
+    all_ops = sorted({op for n in names for op in operations[n]})  # type: ignore[attr-defined]
+    out.add(
+        "By Azurite operation:\n\n"
+        + table(["operation", *names], [(op, *(round(operations[n][op], 1) for n in names)) for op in all_ops])  # type: ignore[index]  # fmt: skip
+    )
+    out.add(
+        table(
+            ["per run", *names],
+            [
+                ("entities read (queries + point reads)", *(results[n]["entities"] for n in names)),
+                ("model calls", *(results[n]["model_calls"] for n in names)),
+                ("idle empty receives around the run (not counted)", *(results[n]["idle"] for n in names)),  # fmt: skip
+                ("post to reply, seconds", *(round(results[n]["seconds"], 2) for n in names)),  # type: ignore[call-overload]
+            ],
+        )
+    )
+    totals = {n: sum(results[n]["kinds"].values()) for n in names}  # type: ignore[attr-defined]
+    out.numbers = {
+        "short_total": totals[names[0]],
+        "long_total": totals[names[1]],
+        "short_entities": results[names[0]]["entities"],
+        "long_entities": results[names[1]]["entities"],
+        "model_calls": results[names[0]]["model_calls"],
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--history", type=int, default=200, help="earlier messages (long chat)")
+    parser.add_argument("--runs", type=int, default=2, help="measured runs per chat")
+    args = parser.parse_args()
+    print(measure(args.history, args.runs).markdown())
+
+
+if __name__ == "__main__":
+    main()
