@@ -203,9 +203,20 @@ async def _run(azurite: Azurite, fake: FakeOpenAI, folder: Path, turns: int, sam
                 await delayed_producer.create(delayed_chat, api="responses", chatModel="echo-bot")
                 await wait_created(connection, [*chats.values(), delayed_chat])
                 jobs = [
-                    *(_pickup(producers[n], fake, chats[n], n, samples[i]) for i, n in enumerate(idle_ns)),  # fmt: skip
+                    *(
+                        _pickup(producers[n], fake, chats[n], n, samples[i])
+                        for i, n in enumerate(idle_ns)
+                    ),  # fmt: skip
                     _delayed(delayed_producer, fake, delayed_chat, background),
-                    *(_idle_rate(log, idle_producers[c], p.requests_queue.removeprefix("req-"), idle_seconds) for c, p in caps.items()),  # fmt: skip
+                    *(
+                        _idle_rate(
+                            log,
+                            idle_producers[c],
+                            p.requests_queue.removeprefix("req-"),
+                            idle_seconds,
+                        )
+                        for c, p in caps.items()
+                    ),  # fmt: skip
                 ]
                 done = await asyncio.gather(*jobs)
             finally:
@@ -235,7 +246,17 @@ def measure(turns: int = 8, samples: Sequence[int] = (4, 3, 2), idle_seconds: fl
     out.add(
         "Turn overhead: first model call to the reply's arrival; warm pickup: post sent right "
         "after the previous reply to the first model call (target: overhead p50 <= 0.15 s).\n\n"
-        + table(["", "turns", "overhead p50 s", "overhead max s", "warm pickup p50 s", "warm pickup max s"], rows)  # fmt: skip
+        + table(
+            [
+                "",
+                "turns",
+                "overhead p50 s",
+                "overhead max s",
+                "warm pickup p50 s",
+                "warm pickup max s",
+            ],
+            rows,
+        )  # fmt: skip
     )
     rows = [(f"{n:g} s", len(v), median(v), max(v)) for n, v in results["pickup"].items()]
     out.add(

@@ -122,7 +122,10 @@ def measure(history: int = 200, runs: int = 2) -> Report:
     all_ops = sorted({op for n in names for op in operations[n]})  # type: ignore[attr-defined]
     out.add(
         "By Azurite operation:\n\n"
-        + table(["operation", *names], [(op, *(round(operations[n][op], 1) for n in names)) for op in all_ops])  # type: ignore[index]  # fmt: skip
+        + table(
+            ["operation", *names],
+            [(op, *(round(operations[n][op], 1) for n in names)) for op in all_ops],
+        )  # type: ignore[index]  # fmt: skip
     )
     out.add(
         table(
@@ -130,7 +133,10 @@ def measure(history: int = 200, runs: int = 2) -> Report:
             [
                 ("entities read (queries + point reads)", *(results[n]["entities"] for n in names)),
                 ("model calls", *(results[n]["model_calls"] for n in names)),
-                ("idle empty receives around the run (not counted)", *(results[n]["idle"] for n in names)),  # fmt: skip
+                (
+                    "idle empty receives around the run (not counted)",
+                    *(results[n]["idle"] for n in names),
+                ),  # fmt: skip
                 ("post to reply, seconds", *(round(results[n]["seconds"], 2) for n in names)),  # type: ignore[call-overload]
             ],
         )

@@ -4,7 +4,7 @@ from handlers.create import CreateHandler
 from handlers.deadline import DeadlineHandler
 from handlers.delete import DeleteHandler
 from handlers.post import PostHandler
-from handlers.runs import RunServices
+from handlers.services import RunServices
 from handlers.step import StepHandler
 from handlers.submit import SubmitHandler
 from worker.handling import HandlerRegistry

@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from handlers.runs import RunServices, end_removed_runs
+from handlers.replies import end_removed_runs
+from handlers.services import RunServices
 from schemas import AssistantCreate
 from worker.errors import PermanentError
 from worker.handling import HandlerResult, MessageContext

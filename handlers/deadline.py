@@ -8,14 +8,8 @@ chat's next queued post starts. A run that already ended makes this a no-op, so 
 are harmless.
 """
 
-from handlers.runs import (
-    ChatRef,
-    RunServices,
-    StaleRun,
-    commit_transition,
-    deadline_send,
-    release_chat,
-)
+from handlers.runs import StaleRun, commit_transition, deadline_send, release_chat
+from handlers.services import ChatRef, RunServices
 from schemas import RunDeadline
 from worker.errors import TransientError
 from worker.handling import HandlerResult, MessageContext

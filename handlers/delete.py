@@ -1,6 +1,7 @@
 """``assistantDelete``: remove a chat's rows; its active and queued runs end ``cancelled``."""
 
-from handlers.runs import RunServices, end_removed_runs
+from handlers.replies import end_removed_runs
+from handlers.services import RunServices
 from schemas import AssistantDelete
 from worker.handling import HandlerResult, MessageContext
 from worker.store.layout import AppliedRequest

@@ -11,14 +11,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from handlers.runs import (
-    MAX_CONFLICT_RETRIES,
-    ChatRef,
-    RunServices,
-    new_run_id,
-    start_sends,
-    user_message,
-)
+from handlers.runs import MAX_CONFLICT_RETRIES, new_run_id, start_sends, user_message
+from handlers.services import ChatRef, RunServices
 from schemas import AssistantPost
 from worker.errors import ChatNotFound, PermanentError, TransientError
 from worker.handling import HandlerResult, MessageContext

@@ -13,14 +13,8 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from handlers.runs import (
-    ChatRef,
-    RunServices,
-    StaleRun,
-    commit_transition,
-    deadline_send,
-    lost_follow_ups,
-)
+from handlers.runs import StaleRun, commit_transition, deadline_send, lost_follow_ups
+from handlers.services import ChatRef, RunServices
 from handlers.tool_calls import ToolCall, run_tool_calls
 from schemas import RunStep
 from worker.backends.base import Backend, ModelError, TurnRequest

@@ -12,13 +12,12 @@ import random
 
 from handlers.runs import (
     MAX_CONFLICT_RETRIES,
-    ChatRef,
-    RunServices,
     StaleRun,
     commit_transition,
     lost_follow_ups,
     step_send,
 )
+from handlers.services import ChatRef, RunServices
 from schemas import SubmitToolOutputs
 from worker.errors import ChatNotFound, PermanentError, TransientError
 from worker.handling import HandlerResult, MessageContext, Send

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from handlers.runs import fit_tool_calls
+from handlers.replies import fit_tool_calls
 from schemas import ToolCallRequest, ToolCallsRequired, encode_body
 from schemas.decode import Encoding
 from tests.support.env import StorageEnv, run

@@ -2,7 +2,7 @@
 
 import json
 
-from handlers.runs import fit_reply
+from handlers.replies import fit_reply
 from schemas import AssistantMessage, AssistantReply, encode_body
 from worker.deadletter import MAX_MESSAGE_BYTES
 

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from azure.core.exceptions import ServiceResponseError
 
-from handlers.runs import ChatRef, reply_payload
+from handlers.replies import reply_payload
+from handlers.services import ChatRef
 from tests.support.env import StorageEnv, run
 from tests.support.runs import (
     TOOL_LOG_ENV,

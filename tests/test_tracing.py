@@ -131,13 +131,9 @@ def test_the_runs_messages_and_events_carry_its_trace_context() -> None:
     traceparent; a run without one sends none."""
     from datetime import UTC, datetime
 
-    from handlers.runs import (
-        ChatRef,
-        deadline_send,
-        end_removed_runs,
-        step_send,
-        tool_calls_required,
-    )
+    from handlers.replies import end_removed_runs, tool_calls_required
+    from handlers.runs import deadline_send, step_send
+    from handlers.services import ChatRef
     from worker.runs.model import PendingCall, Run
     from worker.settings import Settings
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from handlers import build_registry
-from handlers.runs import RunServices
+from handlers.services import RunServices
 from handlers.tools import ToolRegistry, load_tools, tool_executor
 from worker.azure_clients import CREDENTIAL, queue_service, table_service
 from worker.azure_queue import AzureQueueBroker
