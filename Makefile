@@ -38,9 +38,9 @@ typecheck: $(STAMP_PY)
 	$(BIN)/mypy
 
 ## make bench: the worker against hand-written baselines measured in the same run, on Azurite.
+## Writes bench/RESULTS.md (`python -m bench.all --only latency,creates` runs a few).
 bench: deps
-	$(BIN)/python -m bench.throughput
-	$(BIN)/python -m bench.runs
+	$(BIN)/python -m bench.all
 
 ## make chaos: the soak (kills, model faults, a table outage, external tools) and its audit;
 ## exits non-zero when an audit line fails. `make chaos CHAOS_ARGS="--seed 2"` passes options.

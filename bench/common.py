@@ -7,6 +7,7 @@ tables and a few headline numbers) and a ``main()`` for ``python -m bench.NAME``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -127,10 +128,8 @@ def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and its live descendants (Azurite is node under a shell)."""
     total = 0.0
     for child in [pid, *descendants(pid)]:
-        try:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             total += cpu_seconds(child)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
     return total
 
 
@@ -152,6 +151,15 @@ def status_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine spent busy so far (``/proc/stat``): the
+    other sessions' load shows in it too."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields[:8]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / CLOCK_TICKS
 
 
 class Stopwatch:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -51,14 +52,14 @@ def create_bodies(ids: list[str]) -> list[str]:
 
 async def fill(connection: str, queue: str, bodies: list[str]) -> None:
     """Put ``bodies`` on ``queue`` (created), 16 sends at a time."""
+    from azure.core.exceptions import ResourceExistsError
+
     from bench.requests import bench_queue_service
 
     async with bench_queue_service(connection) as service:
         client = service.get_queue_client(queue)
-        try:
+        with contextlib.suppress(ResourceExistsError):
             await client.create_queue()
-        except Exception:  # exists
-            pass
         semaphore = asyncio.Semaphore(CONCURRENCY)
 
         async def put(body: str) -> None:
@@ -74,12 +75,10 @@ async def floor(connection: str, queue: str, count: int, table_name: str = "Benc
 
     from bench.requests import bench_queue_service, bench_table_service
 
-    async with bench_queue_service(connection) as queues, bench_table_service(connection) as tables:  # fmt: skip
+    async with bench_queue_service(connection) as queues, bench_table_service(connection) as tables:
         client = queues.get_queue_client(queue)
-        try:
+        with contextlib.suppress(ResourceExistsError):
             await tables.create_table(table_name)
-        except ResourceExistsError:
-            pass
         table_client = tables.get_table_client(table_name)
         semaphore = asyncio.Semaphore(CONCURRENCY)
         done = 0
@@ -91,10 +90,17 @@ async def floor(connection: str, queue: str, count: int, table_name: str = "Benc
                 await table_client.submit_transaction(
                     [
                         ("upsert", {"PartitionKey": chat, "RowKey": "state", "Total": 1}),
-                        ("upsert", {"PartitionKey": chat, "RowKey": "msg-00000001",
-                                    "Role": "system", "Content": payload["instructions"]}),
+                        (
+                            "upsert",
+                            {
+                                "PartitionKey": chat,
+                                "RowKey": "msg-00000001",
+                                "Role": "system",
+                                "Content": payload["instructions"],
+                            },
+                        ),
                     ]
-                )  # fmt: skip
+                )
                 await client.delete_message(message.id, message.pop_receipt)
 
         while done < count:
@@ -154,9 +160,13 @@ def measure(messages: int = 300) -> Report:
         suffix = uuid.uuid4().hex[:8]
         for case in ("new chats", "resets"):
             asyncio.run(fill(connection, floor_queue, bodies))
-            results[(case, "floor")] = _timed(azurite, lambda: floor(connection, floor_queue, messages), messages)  # fmt: skip
+            results[(case, "floor")] = _timed(
+                azurite, lambda: floor(connection, floor_queue, messages), messages
+            )
             asyncio.run(fill(connection, f"creq-{suffix}", bodies))
-            results[(case, "worker")] = _timed(azurite, lambda: through_worker(connection, suffix, messages), messages)  # fmt: skip
+            results[(case, "worker")] = _timed(
+                azurite, lambda: through_worker(connection, suffix, messages), messages
+            )
     out = Report("Creates against the floor")
     rows = []
     ratios = {}
@@ -167,8 +177,18 @@ def measure(messages: int = 300) -> Report:
             ratio = t.rate / reference.rate
             if name == "worker":
                 ratios[case] = ratio
-            rows.append((case, name, t.count, round(t.seconds, 2), round(t.rate), f"{ratio:.2f}x",
-                         round(t.cpu / t.count * 1000, 1), round(t.azurite_cpu / t.count * 1000, 1)))  # fmt: skip
+            rows.append(
+                (
+                    case,
+                    name,
+                    t.count,
+                    round(t.seconds, 2),
+                    round(t.rate),
+                    f"{ratio:.2f}x",
+                    round(t.cpu / t.count * 1000, 1),
+                    round(t.azurite_cpu / t.count * 1000, 1),
+                )
+            )
     out.add(
         f"{messages} `assistantCreate` messages per row, 16 in flight, same Azurite, same run "
         "(target: worker >= 0.9x the floor; stretch > 1.0x).\n\n"
@@ -184,7 +204,7 @@ def measure(messages: int = 300) -> Report:
                 "Azurite CPU ms/msg",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
     out.add(
         "Floor ratios: "

@@ -176,14 +176,14 @@ class Producer:
         }
         return request_id, await self.send(payload)
 
-    async def reply(self, request_id: str, timeout: float = 60.0) -> Reply:
-        """The ``assistantReply`` of ``request_id`` (TimeoutError after ``timeout``)."""
-        async with asyncio.timeout(timeout), self._arrived:
+    async def reply(self, request_id: str, within: float = 60.0) -> Reply:
+        """The ``assistantReply`` of ``request_id`` (TimeoutError after ``within`` s)."""
+        async with asyncio.timeout(within), self._arrived:
             await self._arrived.wait_for(lambda: request_id in self.replies)
         return self.replies[request_id]
 
-    async def wait_replies(self, request_ids: list[str], timeout: float) -> None:
-        async with asyncio.timeout(timeout), self._arrived:
+    async def wait_replies(self, request_ids: list[str], within: float) -> None:
+        async with asyncio.timeout(within), self._arrived:
             await self._arrived.wait_for(lambda: all(r in self.replies for r in request_ids))
 
     async def _read(self) -> None:
@@ -212,7 +212,7 @@ class Producer:
 
 
 async def wait_created(
-    connection: str, chat_ids: list[str], timeout: float = 60.0, table: str = "ChatState"
+    connection: str, chat_ids: list[str], within: float = 60.0, table: str = "ChatState"
 ) -> None:
     """Until every chat exists (read on a tagged table client, one state row each)."""
     from azure.core.exceptions import ResourceNotFoundError
@@ -220,7 +220,7 @@ async def wait_created(
     from worker.store.layout import STATE_ROW
 
     pending = list(chat_ids)
-    async with bench_table_service(connection) as service, asyncio.timeout(timeout):
+    async with bench_table_service(connection) as service, asyncio.timeout(within):
         client = service.get_table_client(table)
         while pending:
             still = []

@@ -45,23 +45,32 @@ DEFAULT_BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)
 
 
 def _first_call(fake: FakeOpenAI, tag: str) -> float | None:
-    times = [r.at for r in fake.requests if r.endpoint == "chat.create" and tag in json.dumps((r.json or {}).get("messages", [])[-1:])]  # fmt: skip
+    times = [
+        r.at
+        for r in fake.requests
+        if r.endpoint == "chat.create"
+        and tag in json.dumps((r.json or {}).get("messages", [])[-1:])
+    ]
     return min(times) if times else None
 
 
-async def _turns(producer: Producer, fake: FakeOpenAI, chat_id: str, turns: int) -> list[dict[str, float]]:  # fmt: skip
+async def _turns(
+    producer: Producer, fake: FakeOpenAI, chat_id: str, turns: int
+) -> list[dict[str, float]]:
     rows = []
     for n in range(turns):
         tag = f"[t{n}-{uuid.uuid4().hex[:6]}]"
         request_id, sent = await producer.post(chat_id, f"{QUESTION} {tag}")
-        reply = await producer.reply(request_id, timeout=60)
+        reply = await producer.reply(request_id, within=60)
         first = _first_call(fake, tag)
         assert first is not None and reply.event.get("status") == "completed", reply.event
         rows.append({"overhead": reply.arrived - first, "pickup": first - sent})
     return rows
 
 
-async def by_hand(connection: str, fake: FakeOpenAI, producer: Producer, turns: int) -> list[dict[str, float]]:  # fmt: skip
+async def by_hand(
+    connection: str, fake: FakeOpenAI, producer: Producer, turns: int
+) -> list[dict[str, float]]:
     """The baseline: the same turns, driven with the SDKs (openai, tables, queues) directly."""
     import openai
 
@@ -81,7 +90,11 @@ async def by_hand(connection: str, fake: FakeOpenAI, producer: Producer, turns: 
             operations: list[Any] = []
             for message in messages:
                 seq += 1
-                row = {"PartitionKey": chat_id, "RowKey": f"msg-{seq:08d}", "Body": json.dumps(message)}  # fmt: skip
+                row = {
+                    "PartitionKey": chat_id,
+                    "RowKey": f"msg-{seq:08d}",
+                    "Body": json.dumps(message),
+                }
                 operations.append(("upsert", row))
             operations.append(("upsert", {"PartitionKey": chat_id, "RowKey": "state", "Seq": seq}))
             await table_client.submit_transaction(operations)
@@ -115,34 +128,45 @@ async def by_hand(connection: str, fake: FakeOpenAI, producer: Producer, turns: 
                     outputs.append({"role": "tool", "tool_call_id": call.id, "content": output})
                 history.extend(outputs)
                 await write([answer, *outputs][:99])
-            reply = {"type": "assistantReply", "id": chat_id, "requestId": request_id,
-                     "status": "completed", "content": message.content}  # fmt: skip
+            reply = {
+                "type": "assistantReply",
+                "id": chat_id,
+                "requestId": request_id,
+                "status": "completed",
+                "content": message.content,
+            }
             await producer.broker.send(producer.reply_queue, json.dumps(reply))
-            arrived = (await producer.reply(request_id, timeout=30)).arrived
+            arrived = (await producer.reply(request_id, within=30)).arrived
             rows.append({"overhead": arrived - first, "pickup": first - sent})
     await client.close()
     return rows
 
 
-async def _pickup(producer: Producer, fake: FakeOpenAI, chat_id: str, idle: float, samples: int) -> list[float]:  # fmt: skip
+async def _pickup(
+    producer: Producer, fake: FakeOpenAI, chat_id: str, idle: float, samples: int
+) -> list[float]:
     await _turns(producer, fake, chat_id, 1)  # the last activity before the first idle spell
     found = []
     for n in range(samples):
         await asyncio.sleep(idle)
         tag = f"[p{idle:g}-{n}-{uuid.uuid4().hex[:6]}]"
         request_id, sent = await producer.post(chat_id, f"{QUESTION} {tag}")
-        await producer.reply(request_id, timeout=120)
+        await producer.reply(request_id, within=120)
         first = _first_call(fake, tag)
         assert first is not None
         found.append(first - sent)
     return found
 
 
-async def _delayed(producer: Producer, fake: FakeOpenAI, chat_id: str, background: float) -> list[float]:  # fmt: skip
+async def _delayed(
+    producer: Producer, fake: FakeOpenAI, chat_id: str, background: float
+) -> list[float]:
     await asyncio.sleep(3.0)  # otherwise idle: the worker has backed off
     request_id, _ = await producer.post(chat_id, "Say something slowly.")
-    await producer.reply(request_id, timeout=background + 60)
-    polls = [r.at for r in fake.requests if r.endpoint in ("responses.create", "responses.retrieve")]  # fmt: skip
+    await producer.reply(request_id, within=background + 60)
+    polls = [
+        r.at for r in fake.requests if r.endpoint in ("responses.create", "responses.retrieve")
+    ]
     lateness = []
     for i in range(1, len(polls)):
         scheduled = DEFAULT_BACKOFF[min(i - 1, len(DEFAULT_BACKOFF) - 1)]
@@ -150,7 +174,9 @@ async def _delayed(producer: Producer, fake: FakeOpenAI, chat_id: str, backgroun
     return lateness
 
 
-async def _idle_rate(log: RequestLog, producer: Producer, suffix: str, seconds: float) -> dict[str, float]:  # fmt: skip
+async def _idle_rate(
+    log: RequestLog, producer: Producer, suffix: str, seconds: float
+) -> dict[str, float]:
     await producer.create(f"idle-{suffix}")
     await asyncio.sleep(5.0)
     start = await log.amark()
@@ -162,13 +188,25 @@ async def _idle_rate(log: RequestLog, producer: Producer, suffix: str, seconds: 
     return {"requests": len(mine), "per_minute": len(mine) * 60 / elapsed, "seconds": elapsed}
 
 
-async def _run(azurite: Azurite, fake: FakeOpenAI, folder: Path, turns: int, samples: Sequence[int], idle_seconds: float, background: float, idle_ns: Sequence[float]) -> dict[str, Any]:  # fmt: skip
+async def _run(
+    azurite: Azurite,
+    fake: FakeOpenAI,
+    folder: Path,
+    turns: int,
+    samples: Sequence[int],
+    idle_seconds: float,
+    background: float,
+    idle_ns: Sequence[float],
+    polling_caps: Sequence[str] = POLLING_CAPS,
+) -> dict[str, Any]:
     connection = azurite.connection_string
     log = RequestLog(folder / "azurite-debug.log", azurite)
     results: dict[str, Any] = {}
 
     def worker(name: str, **settings: str) -> WorkerProcess:
-        env = worker_env(connection, f"{name}{uuid.uuid4().hex[:6]}", base_url=fake.base_url, **settings)  # fmt: skip
+        env = worker_env(
+            connection, f"{name}{uuid.uuid4().hex[:6]}", base_url=fake.base_url, **settings
+        )
         return WorkerProcess(env, folder / f"worker-{name}.log")
 
     # 1. turn overhead, and the by-hand baseline
@@ -184,7 +222,10 @@ async def _run(azurite: Azurite, fake: FakeOpenAI, folder: Path, turns: int, sam
     # 2-4 at once, one worker each
     fake.background_delay = background
     pickups = {n: worker(f"p{i}") for i, n in enumerate(idle_ns)}
-    caps = {cap: worker(f"i{cap.replace('.', '')}", WORKER_MAX_POLLING_INTERVAL=cap) for cap in POLLING_CAPS}  # fmt: skip
+    caps = {
+        cap: worker(f"i{cap.replace('.', '')}", WORKER_MAX_POLLING_INTERVAL=cap)
+        for cap in polling_caps
+    }
     delayed = worker("delay", WORKER_MODEL_API="responses")
     everyone = [*pickups.values(), *caps.values(), delayed]
     try:
@@ -206,7 +247,7 @@ async def _run(azurite: Azurite, fake: FakeOpenAI, folder: Path, turns: int, sam
                     *(
                         _pickup(producers[n], fake, chats[n], n, samples[i])
                         for i, n in enumerate(idle_ns)
-                    ),  # fmt: skip
+                    ),
                     _delayed(delayed_producer, fake, delayed_chat, background),
                     *(
                         _idle_rate(
@@ -216,7 +257,7 @@ async def _run(azurite: Azurite, fake: FakeOpenAI, folder: Path, turns: int, sam
                             idle_seconds,
                         )
                         for c, p in caps.items()
-                    ),  # fmt: skip
+                    ),
                 ]
                 done = await asyncio.gather(*jobs)
             finally:
@@ -227,22 +268,45 @@ async def _run(azurite: Azurite, fake: FakeOpenAI, folder: Path, turns: int, sam
             process.stop()
     results["pickup"] = dict(zip(idle_ns, done[: len(idle_ns)], strict=True))
     results["delayed"] = done[len(idle_ns)]
-    results["idle"] = dict(zip(POLLING_CAPS, done[len(idle_ns) + 1 :], strict=True))
+    results["idle"] = dict(zip(polling_caps, done[len(idle_ns) + 1 :], strict=True))
     return results
 
 
-def measure(turns: int = 8, samples: Sequence[int] = (4, 3, 2), idle_seconds: float = 30.0, background: float = 12.0, idle_ns: Sequence[float] = IDLE_NS) -> Report:  # fmt: skip
+def measure(
+    turns: int = 8,
+    samples: Sequence[int] = (4, 3, 2),
+    idle_seconds: float = 30.0,
+    background: float = 12.0,
+    idle_ns: Sequence[float] = IDLE_NS,
+    polling_caps: Sequence[str] = POLLING_CAPS,
+) -> Report:
     quiet_logs()
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         folder = Path(tmp)
-        with Azurite(debug_log=folder / "azurite-debug.log") as azurite, FakeOpenAI().running_in_thread() as fake:  # fmt: skip
-            results = asyncio.run(_run(azurite, fake, folder, turns, samples, idle_seconds, background, idle_ns))  # fmt: skip
+        with (
+            Azurite(debug_log=folder / "azurite-debug.log") as azurite,
+            FakeOpenAI().running_in_thread() as fake,
+        ):
+            results = asyncio.run(
+                _run(
+                    azurite,
+                    fake,
+                    folder,
+                    turns,
+                    samples,
+                    idle_seconds,
+                    background,
+                    idle_ns,
+                    polling_caps,
+                )
+            )
     out = Report("Turn latency (instant model)")
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     for name in ("worker", "by hand"):
         overhead = [r["overhead"] for r in results[name]]
         pickup = [r["pickup"] for r in results[name]]
-        rows.append((name, len(overhead), median(overhead), max(overhead), median(pickup), max(pickup)))  # fmt: skip
+        warm = (median(pickup), max(pickup)) if name == "worker" else ("-", "-")  # no queue hop
+        rows.append((name, len(overhead), median(overhead), max(overhead), *warm))
     out.add(
         "Turn overhead: first model call to the reply's arrival; warm pickup: post sent right "
         "after the previous reply to the first model call (target: overhead p50 <= 0.15 s).\n\n"
@@ -256,7 +320,7 @@ def measure(turns: int = 8, samples: Sequence[int] = (4, 3, 2), idle_seconds: fl
                 "warm pickup max s",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
     rows = [(f"{n:g} s", len(v), median(v), max(v)) for n, v in results["pickup"].items()]
     out.add(
@@ -268,10 +332,13 @@ def measure(turns: int = 8, samples: Sequence[int] = (4, 3, 2), idle_seconds: fl
     out.add(
         f"Delayed steps (polls of a background response of {background:g} s, default "
         f"`WORKER_POLL_BACKOFF`, worker otherwise idle; target <= 0.5 s late): "
-        f"{len(late)} polls, lateness p50 {median(late):.2f} s, max {max(late, default=float('nan')):.2f} s "  # fmt: skip
+        f"{len(late)} polls, lateness p50 {median(late):.2f} s, max {max(late, default=float('nan')):.2f} s "
         f"(each: {', '.join(f'{x:.2f}' for x in late)})."
     )
-    rows = [(f"{cap} s", round(v["seconds"]), v["requests"], round(v["per_minute"], 1)) for cap, v in results["idle"].items()]  # fmt: skip
+    rows = [
+        (f"{cap} s", round(v["seconds"]), v["requests"], round(v["per_minute"], 1))
+        for cap, v in results["idle"].items()
+    ]
     out.add(
         "Idle storage requests per minute by `WORKER_MAX_POLLING_INTERVAL` (counted from 5 s "
         "after the last message; target <= 12/min for a worker idle for long):\n\n"

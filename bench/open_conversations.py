@@ -47,11 +47,26 @@ def _stats(delays: list[float]) -> tuple[float, float, float]:
     return percentile(delays, 50), percentile(delays, 95), max(delays, default=float("nan"))
 
 
-async def _wave(azurite: Azurite, fake: FakeOpenAI, folder: Path, name: str, backoff: str, posts: int, delay: float) -> dict[str, Any]:  # fmt: skip
+async def _wave(
+    azurite: Azurite,
+    fake: FakeOpenAI,
+    folder: Path,
+    name: str,
+    backoff: str,
+    posts: int,
+    delay: float,
+) -> dict[str, Any]:
     connection = azurite.connection_string
     suffix = uuid.uuid4().hex[:8]
-    env = worker_env(connection, f"oc{suffix}", base_url=fake.base_url, model=ECHO_MODEL, tools="",
-                     WORKER_MODEL_API="responses", WORKER_POLL_BACKOFF=backoff)  # fmt: skip
+    env = worker_env(
+        connection,
+        f"oc{suffix}",
+        base_url=fake.base_url,
+        model=ECHO_MODEL,
+        tools="",
+        WORKER_MODEL_API="responses",
+        WORKER_POLL_BACKOFF=backoff,
+    )
     fake.reset()
     with WorkerProcess(env, folder / f"worker-{suffix}.log") as worker:
         async with Producer(connection, worker.requests_queue, poll_interval=0.05) as producer:
@@ -63,19 +78,19 @@ async def _wave(azurite: Azurite, fake: FakeOpenAI, folder: Path, name: str, bac
                     return await coroutine
 
             await asyncio.gather(*(send(producer.create(c, api="responses")) for c in chats))
-            await wait_created(connection, chats, timeout=120 + posts / 5)
+            await wait_created(connection, chats, within=120 + posts / 5)
             cpu_before = cpu_seconds(worker.pid)
             fake.reset()
             sent = await asyncio.gather(*(send(producer.post(c, f"hello {c}")) for c in chats))
             request_ids = [request_id for request_id, _ in sent]
-            await producer.wait_replies(request_ids, timeout=delay + 120 + posts / 5)
+            await producer.wait_replies(request_ids, within=delay + 120 + posts / 5)
             cpu = cpu_seconds(worker.pid) - cpu_before
             peak_kib = status_kib(worker.pid, "VmHWM")
-            created = {}
+            created: dict[str, float] = {}
             for record in fake.requests:
                 if record.endpoint == "responses.create":
                     chat = ((record.json or {}).get("metadata") or {}).get("chatId")
-                    created.setdefault(chat, record.at)
+                    created.setdefault(str(chat), record.at)
             delays = [
                 producer.replies[request_id].arrived - (created[chat] + delay)
                 for chat, request_id in zip(chats, request_ids, strict=True)
@@ -130,10 +145,23 @@ def _self_pid() -> int:
 def _sample(fake: FakeOpenAI, posts: int, delay: float) -> dict[str, Any]:
     fake.reset()
     done = subprocess.run(
-        [sys.executable, "-m", "bench.open_conversations", "--sample-child", fake.base_url,
-         "--posts", str(posts), "--delay", str(delay)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=delay + 300, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.open_conversations",
+            "--sample-child",
+            fake.base_url,
+            "--posts",
+            str(posts),
+            "--delay",
+            str(delay),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=delay + 300,
+        check=True,
+    )
     child = json.loads(done.stdout.strip().splitlines()[-1])
     calls = fake.calls(endpoint=["responses.create", "responses.retrieve"])
     polls = fake.calls(endpoint="responses.retrieve")
@@ -147,26 +175,53 @@ def _sample(fake: FakeOpenAI, posts: int, delay: float) -> dict[str, Any]:
     }
 
 
-def measure(posts: int = 300, delay: float = 30.0, schedules: dict[str, str] | None = None) -> Report:  # fmt: skip
+def measure(
+    posts: int = 300, delay: float = 30.0, schedules: dict[str, str] | None = None
+) -> Report:
     quiet_logs()
     schedules = schedules or SCHEDULES
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-open-") as tmp, Azurite() as azurite:
-        with FakeOpenAI(background_delay=delay).running_in_thread() as fake:
-            for name, backoff in schedules.items():
-                rows.append(asyncio.run(_wave(azurite, fake, Path(tmp), name, backoff, posts, delay)))  # fmt: skip
-            rows.append(_sample(fake, posts, delay))
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-open-") as tmp,
+        Azurite() as azurite,
+        FakeOpenAI(background_delay=delay).running_in_thread() as fake,
+    ):
+        for name, backoff in schedules.items():
+            rows.append(asyncio.run(_wave(azurite, fake, Path(tmp), name, backoff, posts, delay)))
+        rows.append(_sample(fake, posts, delay))
     out = Report(f"Open conversations: {posts} background responses of {delay:g} s, one worker")
     body = []
     for row in rows:
         p50, p95, worst = _stats(row["delays"])
-        body.append((row["name"], round(row["calls_per_run"], 1), round(p50, 2), round(p95, 2), round(worst, 2),
-                     round(row["rss_mb"]), round(row["cpu_ms_per_run"], 1), round(row["cpu_ms_per_poll"], 2)))  # fmt: skip
+        body.append(
+            (
+                row["name"],
+                round(row["calls_per_run"], 1),
+                round(p50, 2),
+                round(p95, 2),
+                round(worst, 2),
+                round(row["rss_mb"]),
+                round(row["cpu_ms_per_run"], 1),
+                round(row["cpu_ms_per_poll"], 2),
+            )
+        )
     out.add(
         "Delay: from the response finishing at the model (created + delay) to the reply at the "
         "producer. RSS: peak (VmHWM) of the worker process (of the sample's process for the "
         "sample). CPU: the worker's, over the wave.\n\n"
-        + table(["schedule (WORKER_POLL_BACKOFF)", "API calls/run", "delay p50 s", "delay p95 s", "max s", "peak RSS MB", "CPU ms/run", "CPU ms/poll"], body)  # fmt: skip
+        + table(
+            [
+                "schedule (WORKER_POLL_BACKOFF)",
+                "API calls/run",
+                "delay p50 s",
+                "delay p95 s",
+                "max s",
+                "peak RSS MB",
+                "CPU ms/run",
+                "CPU ms/poll",
+            ],
+            body,
+        )
     )
     sample_calls = rows[-1]["calls_per_run"]
     default = rows[0]

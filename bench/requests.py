@@ -14,6 +14,7 @@ logged it: everything logged before the mark happened before it, so two marks bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import urllib.error
@@ -97,10 +98,9 @@ class RequestLog:
         request = urllib.request.Request(
             url + "?comp=metadata", headers={"User-Agent": f"{BENCH_USER_AGENT}-mark"}
         )
-        try:
+        # Unauthenticated: refused, but logged first.
+        with contextlib.suppress(urllib.error.HTTPError, urllib.error.URLError, OSError):
             urllib.request.urlopen(request, timeout=5).close()
-        except (urllib.error.HTTPError, urllib.error.URLError, OSError):
-            pass  # unauthenticated: refused, but logged first
         deadline = time.monotonic() + timeout
         needle = token.encode()
         while time.monotonic() < deadline:

@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import Report, quiet_logs, table
@@ -43,61 +44,85 @@ TARGET = 15
 def run_span(requests: list[StorageRequest]) -> tuple[list[StorageRequest], int]:
     """The requests from the worker's first to its last that was not an empty receive, and
     how many empty receives fell outside (idle polling before pickup and after the run)."""
-    busy = [i for i, r in enumerate(requests) if not (r.operation == "Messages_Dequeue" and r.items == 0)]  # fmt: skip
+    busy = [
+        i
+        for i, r in enumerate(requests)
+        if not (r.operation == "Messages_Dequeue" and r.items == 0)
+    ]
     if not busy:
         return [], len(requests)
     span = requests[busy[0] : busy[-1] + 1]
     return span, len(requests) - len(span)
 
 
+@dataclass
+class Case:
+    """Means per run over the measured runs of one chat."""
+
+    kinds: Counter[str] = field(default_factory=Counter)
+    operations: Counter[str] = field(default_factory=Counter)
+    idle: float = 0.0
+    entities: float = 0.0
+    model_calls: float = 0.0
+    seconds: float = 0.0
+
+    def mean(self, runs: int) -> Case:
+        return Case(
+            Counter({k: v / runs for k, v in self.kinds.items()}),
+            Counter({k: v / runs for k, v in self.operations.items()}),
+            self.idle / runs,
+            self.entities / runs,
+            self.model_calls / runs,
+            self.seconds / runs,
+        )
+
+    @property
+    def total(self) -> float:
+        return sum(self.kinds.values())
+
+
 async def _measure(
     azurite: Azurite, log: RequestLog, fake: FakeOpenAI, folder: Path, history: int, runs: int
-) -> dict[str, dict[str, object]]:
+) -> dict[str, Case]:
     suffix = uuid.uuid4().hex[:8]
     env = worker_env(azurite.connection_string, suffix, base_url=fake.base_url)
-    results: dict[str, dict[str, object]] = {}
+    results: dict[str, Case] = {}
+    long_name = f"{history} earlier messages"
     with WorkerProcess(env, folder / "worker.log") as worker:
         async with Producer(azurite.connection_string, worker.requests_queue) as producer:
-            chats = {"short chat": f"short-{suffix}", f"{history} earlier messages": f"long-{suffix}"}  # fmt: skip
+            chats = {"short chat": f"short-{suffix}", long_name: f"long-{suffix}"}
             for chat_id in chats.values():
                 await producer.create(chat_id, instructions="You are a weather bot.")
             await wait_created(azurite.connection_string, list(chats.values()))
-            long_id = chats[f"{history} earlier messages"]
             seeds = [
-                (await producer.post(long_id, f"earlier message {n}", chatModel=ECHO_MODEL))[0]
+                (
+                    await producer.post(
+                        chats[long_name], f"earlier message {n}", chatModel=ECHO_MODEL
+                    )
+                )[0]
                 for n in range(history // 2)
             ]
-            await producer.wait_replies(seeds, timeout=60 + history)
+            await producer.wait_replies(seeds, within=60 + history)
             for name, chat_id in chats.items():
-                kinds: Counter[str] = Counter()
-                operations: Counter[str] = Counter()
-                idle = entities = model_calls = 0
-                seconds = 0.0
+                case = Case()
                 for _ in range(runs):
                     await asyncio.sleep(0.5)  # the worker's last run's acks
                     calls_before = fake.calls()
                     start = await log.amark()
                     began = time.perf_counter()
                     request_id, _sent = await producer.post(chat_id)
-                    reply = await producer.reply(request_id, timeout=60)
+                    reply = await producer.reply(request_id, within=60)
                     assert reply.event.get("status") == "completed", reply.event
-                    seconds += time.perf_counter() - began
+                    case.seconds += time.perf_counter() - began
                     await asyncio.sleep(1.0)  # its last acknowledgements
                     end = await log.amark()
                     span, outside = run_span(log.worker_requests(start, end))
-                    kinds += by_kind(span)
-                    operations += by_operation(span)
-                    idle += outside
-                    entities += entities_read(span)
-                    model_calls += fake.calls() - calls_before
-                results[name] = {
-                    "kinds": Counter({k: v / runs for k, v in kinds.items()}),
-                    "operations": Counter({k: v / runs for k, v in operations.items()}),
-                    "idle": idle / runs,
-                    "entities": entities / runs,
-                    "model_calls": model_calls / runs,
-                    "seconds": seconds / runs,
-                }
+                    case.kinds += by_kind(span)
+                    case.operations += by_operation(span)
+                    case.idle += outside
+                    case.entities += entities_read(span)
+                    case.model_calls += fake.calls() - calls_before
+                results[name] = case.mean(runs)
     return results
 
 
@@ -110,44 +135,44 @@ def measure(history: int = 200, runs: int = 2) -> Report:
             log = RequestLog(log_path, azurite)
             results = asyncio.run(_measure(azurite, log, fake, folder, history, runs))
     names = list(results)
+    cases = [results[n] for n in names]
     out = Report("Storage requests per run (weather-bot turn: 3 model calls, 2 tool rounds)")
     out.add(
         f"One `assistant-worker run` process, default settings, `chat` backend, instant fake "
         f"model; mean of {runs} runs per chat, counted from Azurite's `--debug` log "
         f"(issue 7: {ISSUE_FIGURE} on the main it started from; target <= {TARGET})."
     )
-    kinds = {n: Counter({k: round(v, 1) for k, v in results[n]["kinds"].items()}) for n in names}  # type: ignore[attr-defined]
-    out.add(kinds_table(kinds))
-    operations = {n: results[n]["operations"] for n in names}
-    all_ops = sorted({op for n in names for op in operations[n]})  # type: ignore[attr-defined]
     out.add(
-        "By Azurite operation:\n\n"
+        kinds_table(
+            {n: Counter({k: round(v, 1) for k, v in results[n].kinds.items()}) for n in names}
+        )
+    )
+    all_ops = sorted({op for c in cases for op in c.operations})
+    out.add(
+        "By Azurite operation (`Messages_Dequeue (empty)`: receives that returned nothing, "
+        "within the run's span):\n\n"
         + table(
             ["operation", *names],
-            [(op, *(round(operations[n][op], 1) for n in names)) for op in all_ops],
-        )  # type: ignore[index]  # fmt: skip
+            [(op, *(round(c.operations[op], 1) for c in cases)) for op in all_ops],
+        )
     )
     out.add(
         table(
             ["per run", *names],
             [
-                ("entities read (queries + point reads)", *(results[n]["entities"] for n in names)),
-                ("model calls", *(results[n]["model_calls"] for n in names)),
-                (
-                    "idle empty receives around the run (not counted)",
-                    *(results[n]["idle"] for n in names),
-                ),  # fmt: skip
-                ("post to reply, seconds", *(round(results[n]["seconds"], 2) for n in names)),  # type: ignore[call-overload]
+                ("entities read (queries + point reads)", *(c.entities for c in cases)),
+                ("model calls", *(c.model_calls for c in cases)),
+                ("idle empty receives around the run (not counted)", *(c.idle for c in cases)),
+                ("post to reply, seconds", *(round(c.seconds, 2) for c in cases)),
             ],
         )
     )
-    totals = {n: sum(results[n]["kinds"].values()) for n in names}  # type: ignore[attr-defined]
     out.numbers = {
-        "short_total": totals[names[0]],
-        "long_total": totals[names[1]],
-        "short_entities": results[names[0]]["entities"],
-        "long_entities": results[names[1]]["entities"],
-        "model_calls": results[names[0]]["model_calls"],
+        "short_total": cases[0].total,
+        "long_total": cases[1].total,
+        "short_entities": cases[0].entities,
+        "long_entities": cases[1].entities,
+        "model_calls": cases[0].model_calls,
     }
     return out
 

@@ -156,10 +156,9 @@ def measure(runs: int = 5, top: int = 15, before: str | None = BEFORE_COMMIT) ->
     with contextlib.ExitStack() as stack:
         trees: dict[str, Path | None] = {"after": None}
         if before is not None:
-            try:
+            # Not a git checkout, or the commit is unknown: no "before".
+            with contextlib.suppress(subprocess.CalledProcessError, OSError):
                 trees["before"] = stack.enter_context(tree_of(before))
-            except (subprocess.CalledProcessError, OSError):
-                pass  # not a git checkout, or the commit is unknown: no "before"
         azurite = stack.enter_context(Azurite())
         samples: dict[str, dict[str, list[float]]] = {
             name: {"burst": [], "bare": [], "import": []} for name in trees
@@ -221,8 +220,10 @@ def report(results: dict[str, Any]) -> Report:
     for name, profile in (("before", baseline), ("after", current)):
         if profile is None:
             continue
-        rows = [(f"`{module}`", f"{self_ms:.1f}", f"{cumulative:.1f}")
-                for module, self_ms, cumulative in profile["top_imports"]]  # fmt: skip
+        rows = [
+            (f"`{module}`", f"{self_ms:.1f}", f"{cumulative:.1f}")
+            for module, self_ms, cumulative in profile["top_imports"]
+        ]
         out.add(
             f"`python -X importtime -c 'import worker.cli.main'`, heaviest by cumulative time "
             f"({name}):\n\n" + table(["module", "self ms", "cumulative ms"], rows)

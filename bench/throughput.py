@@ -1,8 +1,9 @@
 """Throughput of the worker on Azurite, against baselines measured in the same run.
 
 Scenarios (each on fresh queues of one Azurite):
-- ``baseline``: the least I/O a create needs, by hand: receive in batches of 32, one table
-  transaction per message, delete; 16 at a time. The worker cannot beat this.
+- ``baseline``: the least I/O a create needs, by hand: receive in batches of 32, one 2-row table
+  transaction per message, delete; 16 at a time (``bench.creates.floor``, which also compares
+  resets and CPU per message).
 - ``worker``: the same number of extension create payloads through ``Worker.run_until_idle``.
 - ``loop only``: the worker loop on the in-memory broker with a no-op handler: its own
   overhead per message, without any I/O.
@@ -14,17 +15,15 @@ measure the emulator rather than the worker.
 
 import argparse
 import asyncio
-import contextlib
 import json
 import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from azure.core.exceptions import ResourceExistsError
-from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue.aio import QueueServiceClient
 
+from bench.creates import floor
 from worker.app import open_app
 from worker.devtools.azurite import Azurite
 from worker.handling import HandlerRegistry, HandlerResult, MessageContext
@@ -62,37 +61,11 @@ def create_bodies(count: int) -> list[str]:
 
 
 async def baseline(connection: str, count: int) -> float:
+    """The floor of ``bench.creates`` (receive 32, one 2-row transaction, delete; 16 at once)."""
     queue = f"base-{uuid.uuid4().hex[:8]}"
     await fill(connection, queue, create_bodies(count))
     started = time.perf_counter()
-    async with (
-        QueueServiceClient.from_connection_string(connection) as queues,
-        TableServiceClient.from_connection_string(connection) as tables,
-    ):
-        client = queues.get_queue_client(queue)
-        table = tables.get_table_client("BenchBaseline")
-        with contextlib.suppress(ResourceExistsError):
-            await tables.create_table("BenchBaseline")
-        semaphore = asyncio.Semaphore(CONCURRENCY)
-        done = 0
-
-        async def handle(message: Any) -> None:
-            async with semaphore:
-                payload = json.loads(message.content)
-                await table.submit_transaction(
-                    [("upsert", {"PartitionKey": payload["id"], "RowKey": "state", "Exists": True})]
-                )
-                await client.delete_message(message.id, message.pop_receipt)
-
-        while done < count:
-            batch = [
-                m async for m in client.receive_messages(messages_per_page=32, max_messages=32)
-            ]
-            if not batch:
-                await asyncio.sleep(0.01)
-                continue
-            await asyncio.gather(*(handle(message) for message in batch))
-            done += len(batch)
+    await floor(connection, queue, count, "BenchBaseline")
     return time.perf_counter() - started
 
 

@@ -20,7 +20,8 @@ from worker.observability.tracing import run_traceparent
 from worker.runs import machine
 from worker.runs.model import Run
 from worker.store.layout import AppliedRequest, ChatState
-from worker.store.tables import Conflict, TableChatStore
+from worker.store.protocol import ChatStore
+from worker.store.tables import Conflict
 from worker.transport import poison_queue_name
 
 
@@ -136,7 +137,7 @@ class PostHandler:
         )
 
     async def _resume(
-        self, store: TableChatStore, chat: ChatRef, state: ChatState, run_id: str | None
+        self, store: ChatStore, chat: ChatRef, state: ChatState, run_id: str | None
     ) -> HandlerResult:
         """A redelivered post: make sure its run is not stuck (the step may not have been
         sent before a crash); a duplicate step is harmless, a missing one would stall."""

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from schemas import AssistantMessage, AssistantState
 from schemas.events import RunSummary
 from worker.store.layout import ChatMessage
-from worker.store.tables import TableChatStore
+from worker.store.protocol import ChatStore
 
 NEVER = datetime(1, 1, 1, tzinfo=UTC)
 # The query lists the chat's newest runs only.
@@ -26,7 +26,7 @@ def to_assistant_message(message: ChatMessage) -> AssistantMessage:
 
 
 async def get_state(
-    store: TableChatStore, chat_id: str, since: datetime | None = None
+    store: ChatStore, chat_id: str, since: datetime | None = None
 ) -> AssistantState:
     """The chat's state and its messages created after ``since`` (all when None).
 

@@ -14,7 +14,7 @@ from schemas.events import Usage as UsageEvent
 from worker.deadletter import MAX_MESSAGE_BYTES
 from worker.handling import Send
 from worker.runs.model import Run
-from worker.store.tables import TableChatStore
+from worker.store.protocol import ChatStore
 
 
 def tool_calls_required(chat: ChatRef, run: Run, reply_to: str, encoding: Encoding) -> Send:
@@ -34,7 +34,7 @@ def tool_calls_required(chat: ChatRef, run: Run, reply_to: str, encoding: Encodi
 
 
 async def replies_of(
-    services: RunServices, store: TableChatStore, chat: ChatRef, run: Run
+    services: RunServices, store: ChatStore, chat: ChatRef, run: Run
 ) -> list[Send]:
     if not run.finished or not run.reply_to:
         return []
@@ -76,7 +76,7 @@ REPLY_CUT = (
 
 
 async def reply_payload(
-    store: TableChatStore,
+    store: ChatStore,
     chat: ChatRef,
     run: Run,
     encoding: Encoding = "none",

@@ -28,7 +28,8 @@ from worker.runs import machine
 from worker.runs.machine import NewMessage, Transition
 from worker.runs.model import Run
 from worker.store.layout import AppliedRequest, ChatMessage, ChatState
-from worker.store.tables import Conflict, TableChatStore
+from worker.store.protocol import ChatStore
+from worker.store.tables import Conflict
 
 MAX_CONFLICT_RETRIES = 25
 
@@ -88,7 +89,7 @@ def user_message(run: Run, index: int, now: datetime) -> ChatMessage:
 
 async def commit_transition(
     services: RunServices,
-    store: TableChatStore,
+    store: ChatStore,
     chat: ChatRef,
     before: Run,
     transition: Transition,
@@ -157,7 +158,7 @@ async def commit_transition(
 
 
 async def release_chat(
-    services: RunServices, store: TableChatStore, chat: ChatRef, state: ChatState, run_id: str
+    services: RunServices, store: ChatStore, chat: ChatRef, state: ChatState, run_id: str
 ) -> tuple[Send, ...]:
     """The chat's active run ``run_id`` has no row any more (a reset or delete that failed
     half-way removed it): the chat must not wait for it. Its next queued run starts."""
@@ -201,7 +202,7 @@ class NextRun:
 
 async def _next_run(
     services: RunServices,
-    store: TableChatStore,
+    store: ChatStore,
     chat: ChatRef,
     after_seq: int,
     last_index: int,
@@ -242,7 +243,7 @@ def _transition_sends(
 
 
 async def lost_follow_ups(
-    services: RunServices, store: TableChatStore, chat: ChatRef, run: Run, active: str | None
+    services: RunServices, store: ChatStore, chat: ChatRef, run: Run, active: str | None
 ) -> tuple[Send, ...]:
     """What the step that brought ``run`` to its current state had to send, sent again.
 

@@ -11,7 +11,8 @@ from handlers.tools import ToolRegistry
 from worker.backends.base import Backend, TurnRequest
 from worker.runs.model import Run
 from worker.settings import Settings
-from worker.store.tables import ChatStores, TableChatStore
+from worker.store.protocol import ChatStore
+from worker.store.tables import ChatStores
 
 log = structlog.get_logger("worker.runs")
 
@@ -37,7 +38,7 @@ class RunServices:
     # Masks the worker's secrets in texts that leave it (run errors in replies).
     redact: Callable[[str], str] = lambda text: text
 
-    async def store(self, chat: ChatRef) -> TableChatStore:
+    async def store(self, chat: ChatRef) -> ChatStore:
         return await self.stores.get(chat.storage_setting, chat.collection)
 
     async def cancel_remote(self, run: Run, remote: Mapping[str, Any]) -> None:

@@ -34,7 +34,8 @@ from worker.store.layout import (
     cap_text,
     tool_result_row_key,
 )
-from worker.store.tables import MAX_TRANSACTION_BYTES, MAX_TRANSACTION_OPERATIONS, TableChatStore
+from worker.store.protocol import ChatStore
+from worker.store.tables import MAX_TRANSACTION_BYTES, MAX_TRANSACTION_OPERATIONS
 
 MAX_TOOL_ROUNDS = 10
 TOOL_TIMEOUT = 30.0
@@ -199,7 +200,7 @@ class StepHandler:
 
     async def _commit(
         self,
-        store: TableChatStore,
+        store: ChatStore,
         chat: ChatRef,
         state: ChatState,
         run: Run,
@@ -221,7 +222,7 @@ class StepHandler:
             return await commit_transition(services, store, chat, run, failed, state=state)
 
     async def _after_stale(
-        self, store: TableChatStore, chat: ChatRef, stale: StaleRun
+        self, store: ChatStore, chat: ChatRef, stale: StaleRun
     ) -> tuple[Send, ...]:
         """The commit lost its race, or it landed and only its answer was lost (the service
         wrote it, the connection dropped, the retry saw a conflict). Only in that second case,
@@ -234,7 +235,7 @@ class StepHandler:
 
     async def _lost_follow_up(
         self,
-        store: TableChatStore,
+        store: ChatStore,
         chat: ChatRef,
         state: ChatState,
         run: Run,
@@ -252,7 +253,7 @@ class StepHandler:
             return ()
         return await lost_follow_ups(self._services, store, chat, run, state.active_run_id)
 
-    async def _perform(self, store: TableChatStore, state: ChatState, run: Run) -> Transition:
+    async def _perform(self, store: ChatStore, state: ChatState, run: Run) -> Transition:
         """Do the run's current step (call or poll the model, or run tools): its transition."""
         now = self._services.clock()
         if now >= run.expires_at:
@@ -285,7 +286,7 @@ class StepHandler:
         return replace(transition, remote=remote or None)
 
     async def _call_model(
-        self, store: TableChatStore, backend: Backend, request: TurnRequest, run: Run, now: datetime
+        self, store: ChatStore, backend: Backend, request: TurnRequest, run: Run, now: datetime
     ) -> ModelTurn | Pending:
         """Start or poll the model. Starting remote work (a background response, a remote run)
         is claimed first: a redelivered or duplicated step must not start it twice (it would
@@ -318,7 +319,7 @@ class StepHandler:
         return result
 
     async def _run_tools(
-        self, store: TableChatStore, state: ChatState, run: Run, tools: ToolSetup, now: datetime
+        self, store: ChatStore, state: ChatState, run: Run, tools: ToolSetup, now: datetime
     ) -> Transition:
         """Run the round's local calls, each claimed first, so that no call runs twice even
         when two copies of this step run at once; calls finished earlier are not run again."""
@@ -373,7 +374,7 @@ class StepHandler:
         return machine.on_tool_results(run, answered, now)
 
     async def _request(
-        self, store: TableChatStore, state: ChatState, run: Run, tools: ToolSetup
+        self, store: ChatStore, state: ChatState, run: Run, tools: ToolSetup
     ) -> TurnRequest:
         stored = await store.read_messages(state.chat_id, state.total_messages)
         # Shaping a long history is CPU work: off the event loop, so leases renew on time.

@@ -23,7 +23,7 @@ from worker.errors import ChatNotFound, PermanentError, TransientError
 from worker.handling import HandlerResult, MessageContext, Send
 from worker.runs import machine
 from worker.store.layout import AppliedRecord, AppliedRequest
-from worker.store.tables import TableChatStore
+from worker.store.protocol import ChatStore
 
 
 class SubmitHandler:
@@ -90,7 +90,7 @@ class SubmitHandler:
         raise TransientError(f"run {submit.run_id!r} kept changing; retrying the submit later")
 
     async def _landed(
-        self, store: TableChatStore, chat: ChatRef, stale: StaleRun
+        self, store: ChatStore, chat: ChatRef, stale: StaleRun
     ) -> tuple[Send, ...] | None:
         """Our own write landed and only its answer was lost (the run carries this commit's
         id): the follow-ups it had to send. None when another writer changed the run."""
@@ -102,7 +102,7 @@ class SubmitHandler:
 
     async def _resume(
         self,
-        store: TableChatStore,
+        store: ChatStore,
         chat: ChatRef,
         submit: SubmitToolOutputs,
         record: AppliedRecord,

@@ -1,0 +1,97 @@
+"""Smoke runs of the benchmarks of ``bench/`` at tiny sizes: they run, print their tables, and
+their numbers are sane. No performance threshold: ``make bench`` measures, these only check
+that it still can."""
+
+import math
+import re
+
+import pytest
+
+from bench import creates, latency, open_conversations, requests_per_run, scaleout, startup
+from bench.common import Report, percentile, table
+
+
+def _tables(report: Report) -> int:
+    text = report.markdown()
+    assert text.startswith("## ")
+    return len(re.findall(r"^\|[-:|]+\|$", text, flags=re.M))
+
+
+def _finite(*values: float) -> bool:
+    return all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+
+
+def test_table_and_percentile_helpers() -> None:
+    text = table(["a", "b"], [("x", 1.234), ("y", float("nan"))])
+    assert text.splitlines()[1] == "|---|---:|"
+    assert "| y | - |" in text
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert math.isnan(percentile([], 95))
+
+
+def test_requests_per_run_counts_the_worker_only() -> None:
+    report = requests_per_run.measure(history=4, runs=1)
+    numbers = report.numbers
+    assert _tables(report) >= 3
+    assert numbers["model_calls"] == 3  # the weather turn
+    # Storage requests of a turn: some table reads and writes, queue sends and deletes.
+    assert 5 <= numbers["short_total"] < 500
+    assert 5 <= numbers["long_total"] < 500
+    assert "Table GET" in report.markdown() and "Queue DELETE" in report.markdown()
+    assert numbers["long_entities"] >= numbers["short_entities"] > 0
+
+
+def test_latency_smoke() -> None:
+    report = latency.measure(
+        turns=1,
+        samples=(1,),
+        idle_seconds=2.0,
+        background=1.5,
+        idle_ns=(0.5,),
+        polling_caps=("1",),
+    )
+    numbers = report.numbers
+    assert _tables(report) == 3
+    assert 0 < numbers["overhead_p50"] < 60
+    assert 0 < numbers["by_hand_overhead_p50"] < 60
+    assert _finite(*numbers["pickup_p50"].values())
+    assert numbers["idle_per_minute"]["1"] > 0  # a worker polls its queues while idle
+
+
+def test_creates_smoke() -> None:
+    report = creates.measure(messages=8)
+    assert _tables(report) == 1
+    assert 0 < report.numbers["ratio_new"] < 10
+    assert 0 < report.numbers["ratio_reset"] < 10
+
+
+def test_open_conversations_smoke() -> None:
+    report = open_conversations.measure(
+        posts=4, delay=1.0, schedules={"default 0.5,1,2,3,5": "0.5,1,2,3,5"}
+    )
+    numbers = report.numbers
+    assert _tables(report) == 1
+    assert numbers["replies"] == 4
+    assert numbers["default_calls_per_run"] >= 2  # a create and at least one poll
+    assert numbers["sample_calls_per_run"] >= 2
+    assert 10 < numbers["default_rss_mb"] < 2000
+    assert numbers["default_p50"] > -1.0  # a reply never comes long before its response ends
+
+
+def test_scaleout_smoke() -> None:
+    report = scaleout.measure(posts=4, processes=(1, 2))
+    assert _tables(report) == 1
+    rates = report.numbers["rates"]
+    assert set(rates) == {1, 2} and all(rate > 0 for rate in rates.values())
+
+
+@pytest.mark.parametrize("before", [None])
+def test_startup_smoke(before: str | None) -> None:
+    results = startup.measure(runs=1, top=5, before=before)
+    report = startup.report(results)
+    assert _tables(report) == 3  # figures, packages loaded, the import profile
+    assert 0 < report.numbers["run_burst_s"] < 60
+    assert len(results["after"]["top_imports"]) == 5
+    # The run path on empty queues loads no model SDK and no metrics library.
+    loaded = results["after"]["loaded_on_run"]
+    assert not loaded["openai"] and not loaded["prometheus_client"]
