@@ -467,7 +467,12 @@ class Soak:
                 next_kill = now + self.options.kill_every * rng.uniform(0.6, 1.4)
             if outage == "pending" and int(status.get("sent_posts", 0)) >= posts // 2:
                 self.say(f"table service stopped for {self.options.outage:g} s")
+                stopping = time.monotonic()
                 self.azurite.stop_table()
+                self.say(
+                    f"table service stopped ({self.azurite.table_last_stop}, "
+                    f"{time.monotonic() - stopping:.1f} s)"
+                )
                 down_at = now
                 outage = "down"
             elif outage == "down" and now - down_at >= self.options.outage:

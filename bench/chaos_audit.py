@@ -7,6 +7,7 @@ returns the table's lines, each with the chats that failed it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -136,6 +137,18 @@ def audit(data: Collected) -> list[Line]:
     for entry in data.tool_log:
         by_tag[str(entry.get("tag"))].append(entry)
 
+    def rerun_after_kill(tag: str) -> bool:
+        """Whether every execution but the last ended in a worker SIGKILLed before the next
+        execution began (its result was never stored: a crash re-run, not a race)."""
+        entries = sorted(by_tag.get(tag, []), key=lambda e: float(e.get("t") or 0))
+        finished = [e for e in entries if e.get("event") == "end"]
+        for earlier, later in itertools.pairwise(finished):
+            killed_at = data.killed.get(int(earlier.get("pid") or 0))
+            ended, next_end = float(earlier.get("t") or 0), float(later.get("t") or 0)
+            if killed_at is None or not ended <= killed_at <= next_end:
+                return False
+        return True
+
     def executions_detail(tag: str) -> str:
         """Who ran a call more than once, and whether the first one was killed right after."""
         entries = sorted(by_tag.get(tag, []), key=lambda e: float(e.get("t") or 0))
@@ -162,6 +175,7 @@ def audit(data: Collected) -> list[Line]:
     totals = Counter[str]()
     order_info: list[str] = []
     inversion_causes = Counter[str]()
+    orphan_claims: list[str] = []
     for chat_id, chat in chats.items():
         partition = data.rows.get(chat_id, {})
         messages = [partition[k] for k in sorted(partition) if k.startswith("msg-")]
@@ -242,6 +256,10 @@ def audit(data: Collected) -> list[Line]:
                     if runs_of_call == 1:
                         totals["local_once"] += 1
                     else:
+                        if runs_of_call > 1:
+                            totals["local_twice"] += 1
+                            if rerun_after_kill(call.tag):
+                                totals["local_rerun_after_kill"] += 1
                         fail["executions"].append(
                             f"{chat_id} {call.tag}: executed {runs_of_call} times "
                             f"(started {starts.get(call.tag, 0)}), result stored "
@@ -262,6 +280,14 @@ def audit(data: Collected) -> list[Line]:
         for text, count in user_counts.items():
             if count and not any(user_message(p["tag"], p["plan"]) == text for p in chat["posts"]):
                 fail["users"].append(f"{chat_id}: unexpected user message {text[:60]!r}")
+        terminal_runs = {str(r.get("RunId")) for r in runs if r.get("Status") in TERMINAL}
+        for key, row in partition.items():
+            # Claim rows (tool results, model claims) are removed when their step is stored;
+            # one left by a finished run was written again by a copy of the step that ran
+            # after that commit (see "tool executions per call").
+            if key.startswith(("tool-", "claim-")) and str(row.get("RunId")) in terminal_runs:
+                totals["orphan_claims"] += 1
+                orphan_claims.append(f"{chat_id} {key} (run {row.get('RunId')})")
         if state and state.get("ActiveRunId"):
             fail["active"].append(f"{chat_id}: state.ActiveRunId={state.get('ActiveRunId')}")
         for problem in history_problems(messages):
@@ -363,7 +389,9 @@ def audit(data: Collected) -> list[Line]:
         ),
         Line(
             "tool executions per call = 1",
-            f"{totals['local_once']} of {totals['local']}",
+            f"{totals['local_once']} of {totals['local']} ({totals['local_twice']} run twice, "
+            f"{totals['local_rerun_after_kill']} of them after their first worker was "
+            "SIGKILLed before storing the result)",
             f"{totals['local']}",
             not fail["executions"],
             fail["executions"],
@@ -403,6 +431,13 @@ def audit(data: Collected) -> list[Line]:
             order_info,
         ),
         Line("tool executions interrupted", f"{totals['interrupted']}", "-", None),
+        Line(
+            "claim rows left by finished runs",
+            f"{totals['orphan_claims']}",
+            "-",
+            None,
+            orphan_claims,
+        ),
     ]
     fired = Counter[str]()
     seen = 0

@@ -53,11 +53,15 @@ async def _wave(
     folder: Path,
     name: str,
     backoff: str,
-    posts: int,
+    chats: list[str],
     delay: float,
+    create: bool,
 ) -> dict[str, Any]:
+    """One wave: a post on each of ``chats`` (created first if ``create``: later waves post
+    again on the same chats, whose history of one turn changes nothing)."""
     connection = azurite.connection_string
     suffix = uuid.uuid4().hex[:8]
+    posts = len(chats)
     env = worker_env(
         connection,
         f"oc{suffix}",
@@ -70,15 +74,15 @@ async def _wave(
     fake.reset()
     with WorkerProcess(env, folder / f"worker-{suffix}.log") as worker:
         async with Producer(connection, worker.requests_queue, poll_interval=0.05) as producer:
-            chats = [f"oc-{suffix}-{n}" for n in range(posts)]
             limiter = asyncio.Semaphore(16)
 
             async def send(coroutine: Any) -> Any:
                 async with limiter:
                     return await coroutine
 
-            await asyncio.gather(*(send(producer.create(c, api="responses")) for c in chats))
-            await wait_created(connection, chats, within=120 + posts / 5)
+            if create:
+                await asyncio.gather(*(send(producer.create(c, api="responses")) for c in chats))
+                await wait_created(connection, chats, within=120 + posts / 5)
             cpu_before = cpu_seconds(worker.pid)
             fake.reset()
             sent = await asyncio.gather(*(send(producer.post(c, f"hello {c}")) for c in chats))
@@ -186,8 +190,10 @@ def measure(
         Azurite() as azurite,
         FakeOpenAI(background_delay=delay).running_in_thread() as fake,
     ):
-        for name, backoff in schedules.items():
-            rows.append(asyncio.run(_wave(azurite, fake, Path(tmp), name, backoff, posts, delay)))
+        chats = [f"oc-{uuid.uuid4().hex[:8]}-{n}" for n in range(posts)]
+        for n, (name, backoff) in enumerate(schedules.items()):
+            wave = _wave(azurite, fake, Path(tmp), name, backoff, chats, delay, create=n == 0)
+            rows.append(asyncio.run(wave))
         rows.append(_sample(fake, posts, delay))
     out = Report(f"Open conversations: {posts} background responses of {delay:g} s, one worker")
     body = []

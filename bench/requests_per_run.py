@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,6 +67,8 @@ class Case:
     entities: float = 0.0
     model_calls: float = 0.0
     seconds: float = 0.0
+    # The requests of the last measured run, in order (the trace below the tables).
+    last: list[StorageRequest] = field(default_factory=list)
 
     def mean(self, runs: int) -> Case:
         return Case(
@@ -74,11 +78,33 @@ class Case:
             self.entities / runs,
             self.model_calls / runs,
             self.seconds / runs,
+            self.last,
         )
 
     @property
     def total(self) -> float:
         return sum(self.kinds.values())
+
+
+def trace(requests: list[StorageRequest]) -> str:
+    """One line per request: operation, path shape, entities/messages returned."""
+    lines: list[str] = []
+    empty = 0
+    for r in requests:
+        if r.operation == "Messages_Dequeue" and r.items == 0:
+            empty += 1
+            continue
+        path = re.sub(r"^https?://[^/]+/[^/]+", "", r.url)
+        path = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "ID", path)
+        path = re.sub(r"popreceipt=[^&]+", "popreceipt=…", path)
+        path = re.sub(r"(short|long)-[0-9a-f]{8}", "CHAT", path)
+        path = re.sub(r"-[0-9a-f]{8}\b", "-…", path)
+        path = urllib.parse.unquote(path)[:110]
+        items = f"  -> {r.items}" if r.items is not None else ""
+        skipped = f"  (+{empty} empty receives before)" if empty else ""
+        lines.append(f"{r.operation or r.kind:<45} {path}{items}{skipped}")
+        empty = 0
+    return "\n".join(lines)
 
 
 async def _measure(
@@ -117,6 +143,7 @@ async def _measure(
                     await asyncio.sleep(1.0)  # its last acknowledgements
                     end = await log.amark()
                     span, outside = run_span(log.worker_requests(start, end))
+                    case.last = span
                     case.kinds += by_kind(span)
                     case.operations += by_operation(span)
                     case.idle += outside
@@ -166,6 +193,10 @@ def measure(history: int = 200, runs: int = 2) -> Report:
                 ("post to reply, seconds", *(round(c.seconds, 2) for c in cases)),
             ],
         )
+    )
+    out.add(
+        f"The worker's requests of one run on the {names[0]}, in order (ids elided; empty "
+        "receives folded into the next request):\n\n```\n" + trace(cases[0].last) + "\n```"
     )
     out.numbers = {
         "short_total": cases[0].total,

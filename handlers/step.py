@@ -48,6 +48,14 @@ CONTEXT_SHARE = 0.75
 # Transient model failures back off from 1 s to 60 s when the service gives no Retry-After.
 MODEL_RETRY = RetryPolicy(max_dequeue_count=1_000_000, base_delay=1.0, max_delay=60.0)
 
+# The result of a call whose worker died while running it, unless its tool is idempotent: it
+# may have taken effect, so it is not run a second time.
+INTERRUPTED = (
+    "error: the call to {name} was interrupted (the worker running it stopped) and was not "
+    "run again, so that it does not run twice; it may or may not have taken effect"
+)
+# Outputs kept in memory while their result rows cannot be written (see ``_finished``).
+MAX_UNSTORED = 10_000
 # Backends whose model call starts work that goes on remotely (claimed before it starts).
 REMOTE_BACKENDS = frozenset({"responses", "assistants"})
 # Handle keys that live as long as the chat, not the run (the Assistants API's objects).
@@ -150,6 +158,13 @@ class StepHandler:
 
     def __init__(self, services: RunServices) -> None:
         self._services = services
+        # Outputs of tool calls this process ran whose result row could not be written yet
+        # (storage went away): the step's next attempt stores them instead of running again.
+        self._finished: dict[tuple[str, str], str] = {}
+
+    def _rerun_allowed(self, name: str) -> bool:
+        spec = self._services.tools.get(name)
+        return spec is not None and spec.idempotent
 
     async def __call__(self, step: RunStep, context: MessageContext) -> HandlerResult:
         services = self._services
@@ -331,6 +346,15 @@ class StepHandler:
         async def execute(call: ToolCall) -> None:
             key = tool_result_row_key(run.run_id, run.tool_rounds, call.id)
             extra = {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": call.id}
+            finished = self._finished.get((state.chat_id, key))
+            if finished is not None:
+                # Run by this process in an attempt whose result did not reach the table (a
+                # storage outage): stored now, not run again.
+                await store.save_tool_result(
+                    state.chat_id, run.run_id, run.tool_rounds, call.id, finished
+                )
+                outputs[call.id] = self._finished.pop((state.chat_id, key))
+                return
             claim = await store.claims.acquire(
                 state.chat_id, key, owner=owner, value_property="Output",
                 patience=TOOL_TIMEOUT + CLAIM_PATIENCE, extra=extra,
@@ -343,14 +367,22 @@ class StepHandler:
             if isinstance(claim, Busy):
                 busy.append(claim.until)
                 return
-            async with store.claims.held(state.chat_id, key, claim):
-                [result] = await run_tool_calls(
-                    self._services.tools, [call], allowed=tools.allowed, timeout=TOOL_TIMEOUT
-                )
+            if claim.taken_over and not self._rerun_allowed(call.name):
+                output = INTERRUPTED.format(name=call.name)
+            else:
+                async with store.claims.held(state.chat_id, key, claim):
+                    [result] = await run_tool_calls(
+                        self._services.tools, [call], allowed=tools.allowed, timeout=TOOL_TIMEOUT
+                    )
+                output = result.output
+            if len(self._finished) >= MAX_UNSTORED:
+                self._finished.clear()  # bounded: only ever more than a few during an outage
+            self._finished[(state.chat_id, key)] = output
             await store.save_tool_result(
-                state.chat_id, run.run_id, run.tool_rounds, call.id, result.output
+                state.chat_id, run.run_id, run.tool_rounds, call.id, output
             )
-            outputs[call.id] = result.output
+            self._finished.pop((state.chat_id, key), None)
+            outputs[call.id] = output
 
         results = await asyncio.gather(
             *(execute(ToolCall(c.id, c.name, c.arguments)) for c in local if c.id not in outputs),

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar, overload
 
 import pydantic
@@ -69,6 +69,9 @@ class ToolSpec:
     fields: tuple[tuple[str, str, bool], ...] = ()
     accepts_extra: bool = False
     is_async: bool = False
+    # Safe to run again: a call interrupted when its worker died is run again, not answered
+    # with an "interrupted" error (reads and other idempotent tools should say so).
+    idempotent: bool = False
 
 
 # --- the decorator -----------------------------------------------------------------------------
@@ -84,6 +87,7 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     parameters: Mapping[str, Any] | None = None,
+    idempotent: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -94,6 +98,7 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     parameters: Mapping[str, Any] | None = None,
+    idempotent: bool = False,
 ) -> F | Callable[[F], F]:
     """Mark a sync or async function as a tool; use bare (``@tool``) or with overrides.
 
@@ -102,10 +107,15 @@ def tool(
     ``Annotated[str, Field(description=...)]`` documents a parameter). The function is returned
     unchanged and stays callable as before. A signature pydantic cannot describe raises
     ``TypeError`` here, at import time, so a broken tool stops the worker at start.
+
+    Each call runs at most once: a call whose worker died while running it is answered with an
+    "interrupted" error rather than run again, since it may have taken effect. A tool that is
+    safe to run twice (a lookup) says ``idempotent=True``, and is then run again.
     """
 
     def decorate(fn: F) -> F:
-        setattr(fn, SPEC_ATTRIBUTE, build_spec(fn, name, description, parameters))
+        spec = build_spec(fn, name, description, parameters)
+        setattr(fn, SPEC_ATTRIBUTE, replace(spec, idempotent=idempotent))
         return fn
 
     return decorate(function) if function is not None else decorate

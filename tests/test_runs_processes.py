@@ -255,3 +255,40 @@ def test_sigkill_mid_run_then_restart(
         "a tool that finished before the kill, in the same round as one that did not, "
         "is not run again"
     )
+
+
+def test_a_tool_interrupted_by_a_kill_is_not_run_twice(
+    storage: StorageEnv, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """A tool that is not idempotent, running when its worker is SIGKILLed: the next worker
+    takes the call over once its claim expired and answers it as interrupted instead of
+    running it again (it may have taken effect); the run completes."""
+    chat_id = f"once-{storage.suffix}"
+    fake.script(
+        "send-once",
+        [
+            {"tool_calls": [{"name": "slow_once", "arguments": {"label": "mail", "seconds": 10}}]},
+            {"content": "told you"},
+        ],
+    )
+    create(storage, fake, create_body(chat_id, storage.table, chatModel="send-once"))
+    tool_log = ToolLog(tmp_path / "tools.jsonl")
+    env = worker_env(storage, fake, tool_log.path, WORKER_VISIBILITY_TIMEOUT="4")
+    replies = ReplyQueue(storage, f"replies-{storage.suffix}")
+    with WorkerProcess(env, tmp_path / "first.log") as first:
+        first.wait_for_events("worker.started", 1, timeout=30)
+        run(storage.send(post_body(chat_id, storage.table, "Go", replyTo=replies.name)))
+        wait_until(
+            lambda: tool_log.has("slow_once", "mail", "start"),
+            timeout=30,
+            what=lambda: f"the tool to start:\n{first.tail()}",
+        )
+        first.kill()
+    with WorkerProcess(env, tmp_path / "second.log") as second:
+        rows = wait_until(lambda: finished(storage, chat_id, 1), timeout=60, what=second.tail)
+    [only_run] = rows.runs
+    assert only_run["Status"] == "completed"
+    tool_row = rows.messages[3]
+    assert tool_row["Role"] == "Tool" and "interrupted" in tool_row["Content"]
+    assert tool_log.count("start")[("slow_once", "mail")] == 1, "never run a second time"
+    assert rows.messages[-1]["Content"] == "told you"

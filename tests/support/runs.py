@@ -87,13 +87,24 @@ def note(label: str) -> str:
     return f"noted {label}"
 
 
-@tool
+@tool(idempotent=True)
 async def slow_note(label: str, seconds: float) -> str:
-    """Record a label after ``seconds`` (a tool still running when its worker is killed)."""
+    """Record a label after ``seconds`` (a tool still running when its worker is killed; safe
+    to run again, so an interrupted call is started again)."""
     _log_tool("slow_note", "start", label)
     await asyncio.sleep(seconds)
     _log_tool("slow_note", "end", label)
     return f"slowly noted {label}"
+
+
+@tool
+async def slow_once(label: str, seconds: float) -> str:
+    """Like ``slow_note``, but not safe to run twice (it "sends an email"): a call interrupted
+    by its worker's death is answered as interrupted, never run again."""
+    _log_tool("slow_once", "start", label)
+    await asyncio.sleep(seconds)
+    _log_tool("slow_once", "end", label)
+    return f"sent {label}"
 
 
 @tool

@@ -364,6 +364,8 @@ class _ServiceProcess:
         self.location = location
         self.port: int | None = None  # fixed after the first start, so restarts keep it
         self._tied = tied
+        # How the last stop went: "graceful", "killed", or "killed after the stop timeout".
+        self.last_stop: str | None = None
         self._startup_timeout = startup_timeout
         self._stop_timeout = stop_timeout
         self._proc: subprocess.Popen[str] | None = None
@@ -474,11 +476,14 @@ class _ServiceProcess:
         """
         proc = self._proc
         if proc is not None and proc.poll() is None:
+            self.last_stop = "killed" if kill else "graceful"
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGINT)
             try:
                 proc.wait(timeout=self._stop_timeout)
             except subprocess.TimeoutExpired:
+                # Did not close in time: killed, and what it had not saved is lost.
+                self.last_stop = "killed after the stop timeout"
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=self._stop_timeout)
@@ -620,6 +625,11 @@ class SplitAzurite(Azurite):
     def start_queue(self) -> None:
         """Start the queue service again on the same port and data folder."""
         self._service("queue").start()
+
+    @property
+    def table_last_stop(self) -> str | None:
+        """How the table service last stopped (see ``_ServiceProcess.stop``)."""
+        return self._service("table").last_stop
 
     @property
     def table_running(self) -> bool:

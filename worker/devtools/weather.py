@@ -1,7 +1,8 @@
 """The weather bot's tools, from the OpenAI Assistants function-calling docs (used by the demo).
 
 ``WORKER_TOOLS=worker.devtools.weather`` registers them. Their answers are fixed, as in the
-docs' sample, so the offline demo always tells the same story.
+docs' sample, so the offline demo always tells the same story. They only read, so they are
+``idempotent``: a call interrupted by a crash is simply run again.
 """
 
 from handlers.tools import tool
@@ -9,13 +10,13 @@ from handlers.tools import tool
 NICKNAMES = {"Seattle, WA": "The Emerald City", "San Francisco, CA": "The Golden City"}
 
 
-@tool
+@tool(idempotent=True)
 def getUserFavoriteCity() -> str:
     """Get the user's favorite city."""
     return "Seattle, WA"
 
 
-@tool
+@tool(idempotent=True)
 def getCityNickname(location: str) -> str:
     """Get the nickname of a city.
 
@@ -24,7 +25,7 @@ def getCityNickname(location: str) -> str:
     return NICKNAMES.get(location, f"The {location.split(',')[0]} Metropolis")
 
 
-@tool
+@tool(idempotent=True)
 def getWeatherAtLocation(location: str, unit: str = "f") -> str:
     """Get the current weather at a location.
 

@@ -43,9 +43,11 @@ WAIT_POLL = 1.0
 
 @dataclass(frozen=True)
 class Claimed:
-    """This worker holds the claim: do the work, then ``finish`` it."""
+    """This worker holds the claim: do the work, then ``finish`` it. ``taken_over``: the
+    claim was another worker's, which died holding it (its work may have been done)."""
 
     etag: str | None
+    taken_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Claims:
                     etag=current.metadata.get("etag"),
                     match_condition=MatchConditions.IfNotModified,
                 )
-                return Claimed(_etag(taken))
+                return Claimed(_etag(taken), taken_over=True)
             except ResourceModifiedError:
                 continue
         return Busy(datetime.now(UTC) + timedelta(seconds=1))
