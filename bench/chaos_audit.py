@@ -16,6 +16,8 @@ from typing import Any
 
 from bench.chaos_model import final_answer, rounds, user_message
 
+# What the worker stores for a tool call whose worker died while running it (at most once).
+INTERRUPTED = "was interrupted"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
 MAX_SHOWN = 12
 
@@ -189,6 +191,21 @@ def audit(data: Collected) -> list[Line]:
             join_text(m, "Content") for m in messages if m.get("Role") == "Tool"
         )
         users = [join_text(m, "Content") for m in messages if m.get("Role") == "User"]
+        # Each call's results by its tag (the tag is in the call's arguments; a result names
+        # its call id): an interrupted call's result is an error without the tag.
+        id_to_tag: dict[str, str] = {}
+        for m in messages:
+            for tool_call in tool_calls_of(m):
+                try:
+                    arguments = json.loads(str(tool_call.get("functionArguments") or "{}"))
+                except ValueError:
+                    continue
+                if isinstance(arguments, dict) and "tag" in arguments:
+                    id_to_tag[str(tool_call.get("id"))] = str(arguments["tag"])
+        tag_results: dict[str, list[str]] = defaultdict(list)
+        for m in messages:
+            if m.get("Role") == "Tool" and str(m.get("Name")) in id_to_tag:
+                tag_results[id_to_tag[str(m.get("Name"))]].append(join_text(m, "Content"))
         user_counts = Counter(users)
         if not state:
             fail["chat exists"].append(f"{chat_id}: no state row")
@@ -252,24 +269,38 @@ def audit(data: Collected) -> list[Line]:
                             )
                         continue
                     totals["local"] += 1
-                    runs_of_call = ends.get(call.tag, 0)
-                    if runs_of_call == 1:
-                        totals["local_once"] += 1
-                    else:
-                        if runs_of_call > 1:
-                            totals["local_twice"] += 1
-                            if rerun_after_kill(call.tag):
-                                totals["local_rerun_after_kill"] += 1
+                    started, finished = starts.get(call.tag, 0), ends.get(call.tag, 0)
+                    results = tag_results.get(call.tag, [])
+                    interrupted = [r for r in results if INTERRUPTED in r]
+                    if started > 1 or finished > 1:
+                        totals["local_twice"] += 1
+                        if rerun_after_kill(call.tag):
+                            totals["local_rerun_after_kill"] += 1
                         fail["executions"].append(
-                            f"{chat_id} {call.tag}: executed {runs_of_call} times "
-                            f"(started {starts.get(call.tag, 0)}), result stored "
-                            f"{stored_results} times{executions_detail(call.tag)}"
+                            f"{chat_id} {call.tag}: executed {finished} times (started "
+                            f"{started}), results stored {len(results)}"
+                            f"{executions_detail(call.tag)}"
                         )
-                    if starts.get(call.tag, 0) > runs_of_call:
-                        totals["interrupted"] += starts[call.tag] - runs_of_call
-                    if stored_results != 1:
+                    elif finished == 1:
+                        totals["local_once"] += 1
+                    elif interrupted:
+                        # At most once: the worker running it died; not run again, answered
+                        # with an error that says so.
+                        totals["local_interrupted"] += 1
+                    else:
+                        fail["executions"].append(
+                            f"{chat_id} {call.tag}: never executed (started {started}) and "
+                            f"no interruption recorded; results {[r[:60] for r in results]}"
+                        )
+                    if started > finished:
+                        totals["interrupted"] += started - finished
+                    if finished == 1 and results and results[0] != call.output:
+                        totals["result_lost"] += 1
+                    good = len(results) == 1 and (results[0] == call.output or interrupted)
+                    if not good:
                         fail["history"].append(
-                            f"{chat_id} {call.tag}: local result stored {stored_results} times"
+                            f"{chat_id} {call.tag}: local results stored "
+                            f"{[r[:60] for r in results]}"
                         )
         expected_requests = {p["requestId"] for p in chat["posts"]}
         for request_id, extra in runs_by_request.items():
@@ -388,10 +419,12 @@ def audit(data: Collected) -> list[Line]:
             fail["users"],
         ),
         Line(
-            "tool executions per call = 1",
-            f"{totals['local_once']} of {totals['local']} ({totals['local_twice']} run twice, "
-            f"{totals['local_rerun_after_kill']} of them after their first worker was "
-            "SIGKILLed before storing the result)",
+            "tool executions per call = 1 (0 if interrupted)",
+            f"{totals['local_once']} of {totals['local']} once; "
+            f"{totals['local_interrupted']} interrupted by a kill and answered with an error, "
+            f"not re-run; {totals['local_twice']} run twice "
+            f"({totals['local_rerun_after_kill']} after their first worker was SIGKILLed "
+            "before storing the result)",
             f"{totals['local']}",
             not fail["executions"],
             fail["executions"],
@@ -430,7 +463,12 @@ def audit(data: Collected) -> list[Line]:
             None,
             order_info,
         ),
-        Line("tool executions interrupted", f"{totals['interrupted']}", "-", None),
+        Line(
+            "tool executions interrupted",
+            f"{totals['interrupted']} (finished but result lost: {totals['result_lost']})",
+            "-",
+            None,
+        ),
         Line(
             "claim rows left by finished runs",
             f"{totals['orphan_claims']}",

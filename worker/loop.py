@@ -141,6 +141,10 @@ class Worker:
         names = [queue.name for queue, _ in self._queues]
         await self.broker.ensure_queues([*names, *(poison_queue_name(n) for n in names)])
         self.health.queues_present = True
+        if self.gate is not None:
+            # A worker (re)started during an outage must not lease messages only to park them:
+            # each lease it took and then lost (a kill) would cost them an attempt.
+            await self.gate.check()
         self._log.info(
             "worker.started", queues=names, burst=burst, concurrency=self.settings.concurrency
         )

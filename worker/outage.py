@@ -79,6 +79,12 @@ class StorageGate:
         self._close(f"{type(error).__name__}: {error}".splitlines()[0][:300])
         return True
 
+    async def check(self) -> bool:
+        """Probe now (at start): close the gate if storage does not answer. True if open."""
+        if self.is_open and await self._probe_fails():
+            self._close("storage did not answer the start-up probe")
+        return self.is_open
+
     async def wait_open(self, within: float, stopping: asyncio.Event) -> bool:
         """Wait until the gate opens (True), or ``within`` seconds pass or ``stopping`` is set."""
         if self.is_open:
