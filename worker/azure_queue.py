@@ -36,27 +36,29 @@ class AzureQueue:
 
     async def receive(self, max_messages: int, visibility_timeout: float) -> list[Delivery]:
         count = max(1, min(max_messages, MAX_RECEIVE))
-        # max_messages bounds the pager: without it, it keeps leasing page after page.
-        pager = self.client.receive_messages(
+        # One page, one request: iterated item by item, the pager asks for another page
+        # whenever the first was not full (an empty second GET per receive), and without
+        # max_messages it keeps leasing page after page.
+        pages = self.client.receive_messages(
             messages_per_page=count,
             max_messages=count,
             visibility_timeout=max(1, _whole_seconds(visibility_timeout)),
-        )
+        ).by_page()
         deliveries = []
-        async for message in pager:
-            deliveries.append(
-                Delivery(
-                    queue=self.name,
-                    message_id=message.id,
-                    pop_receipt=message.pop_receipt or "",
-                    dequeue_count=message.dequeue_count or 1,
-                    body=message.content
-                    if isinstance(message.content, str)
-                    else str(message.content),
-                    inserted_on=message.inserted_on,
-                )
-            )
+        async for page in pages:
+            deliveries.extend([self._delivery(message) async for message in page])
+            break
         return deliveries
+
+    def _delivery(self, message: Any) -> Delivery:
+        return Delivery(
+            queue=self.name,
+            message_id=message.id,
+            pop_receipt=message.pop_receipt or "",
+            dequeue_count=message.dequeue_count or 1,
+            body=message.content if isinstance(message.content, str) else str(message.content),
+            inserted_on=message.inserted_on,
+        )
 
     async def extend(self, delivery: Delivery, visibility_timeout: float) -> Delivery:
         try:

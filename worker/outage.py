@@ -80,9 +80,18 @@ class StorageGate:
         return True
 
     async def check(self) -> bool:
-        """Probe now (at start): close the gate if storage does not answer. True if open."""
-        if self.is_open and await self._probe_fails():
-            self._close("storage did not answer the start-up probe")
+        """Probe now (at start): close the gate if storage refuses or fails the probe. True
+        if open. A probe that is only slow does not close it: the first handler that fails
+        on storage will tell."""
+        if not self.is_open:
+            return False
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._probe()
+        except TimeoutError:
+            return True
+        except Exception as error:
+            self._close(f"storage failed the start-up probe: {type(error).__name__}")
         return self.is_open
 
     async def wait_open(self, within: float, stopping: asyncio.Event) -> bool:
