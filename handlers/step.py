@@ -25,7 +25,7 @@ from worker.runs import machine
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition
 from worker.runs.model import ModelTurn, Pending, Run, ToolCallRef
-from worker.store.claims import Busy, Done, Superseded, model_claim_row_key
+from worker.store.claims import Busy, Claimed, Done, Superseded, model_claim_row_key
 from worker.store.layout import (
     MAX_TEXT_UNITS_PER_ROW,
     MIN_TEXT_UNITS,
@@ -162,6 +162,17 @@ class StepHandler:
         # (storage went away): the step's next attempt stores them instead of running again.
         self._finished: dict[tuple[str, str], str] = {}
 
+    async def _check_current(
+        self, store: ChatStore, chat_id: str, run: Run, key: str, claim: Claimed
+    ) -> None:
+        """A claim won by creating its row is only worth something while the run is still at
+        this step: the step's commit deletes its claim rows, so a copy of the step that comes
+        after that commit would win a fresh claim on work already done and stored."""
+        current = await store.load_run(chat_id, run.run_id)
+        if current is None or current.step != run.step or current.commit_id != run.commit_id:
+            await store.claims.release(chat_id, key, claim)
+            raise StepSuperseded()
+
     def _rerun_allowed(self, name: str) -> bool:
         spec = self._services.tools.get(name)
         return spec is not None and spec.idempotent
@@ -189,6 +200,8 @@ class StepHandler:
                 log_fields=fields,
             )
         try:
+            if context.give_up is not None:
+                raise PermanentError(context.give_up, error_type="MaxDequeueCountExceeded")
             transition = await self._perform(store, state, run)
         except StepSuperseded:
             return HandlerResult(note="stale: another delivery stored this step", log_fields=fields)
@@ -317,6 +330,8 @@ class StepHandler:
         )  # fmt: skip
         if isinstance(claim, Superseded):
             raise StepSuperseded()
+        if isinstance(claim, Claimed):
+            await self._check_current(store, request.chat_id, run, key, claim)
         if isinstance(claim, Done):
             started = json.loads(claim.value) if claim.value else {}
             return await backend.poll(replace(request, handle={**request.handle, **started}))
@@ -361,6 +376,8 @@ class StepHandler:
             )  # fmt: skip
             if isinstance(claim, Superseded):
                 raise StepSuperseded()
+            if isinstance(claim, Claimed):
+                await self._check_current(store, state.chat_id, run, key, claim)
             if isinstance(claim, Done):
                 outputs[call.id] = claim.value
                 return

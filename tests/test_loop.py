@@ -348,3 +348,18 @@ def test_oversized_and_deeply_nested_bodies_are_still_dead_lettered() -> None:
     assert huge.startswith(truncated["head"])
     assert by_reason[False]["message"] in (deep, json.loads(deep))
     assert broker.queue(REQUESTS).messages == {}
+
+
+def test_a_step_delivered_too_often_ends_its_run_instead_of_being_dead_lettered() -> None:
+    """A runStep past the dequeue limit reaches its handler once more, told to give up (so
+    that it can end the run failed and the chat goes on); it is not dead-lettered."""
+    broker, steps = MemoryBroker(), Recorder()
+    registry = HandlerRegistry(requests={}, runs={"runStep": steps})
+    send(broker, {"type": "runStep", "id": "c", "runId": "r", "step": 2}, SETTINGS.runs_queue)
+    stored = next(iter(broker.queue(SETTINGS.runs_queue).messages.values()))
+    stored.dequeue_count = SETTINGS.max_dequeue_count
+    stored.inserted_on -= timedelta(seconds=SETTINGS.create_grace + 1)
+    asyncio.run(Worker(broker, registry, SETTINGS).run_until_idle())
+    [(_, context)] = steps.calls
+    assert context.give_up is not None and "without finishing" in context.give_up
+    assert poison(broker) == []

@@ -44,6 +44,9 @@ class MessageContext:
     message_id: str
     dequeue_count: int
     request_id: str
+    # Set when the message was delivered more often than allowed (earlier attempts may have
+    # crashed the worker): a handler that can end its work safely does so, saying why.
+    give_up: str | None = None
 
 
 Handler = Callable[[Any, MessageContext], Awaitable[HandlerResult]]

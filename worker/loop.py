@@ -304,11 +304,18 @@ class Worker:
         }
         note: str | None = None
         age = self._age(delivery)
-        outcome: Outcome | None = check_before_running(delivery.dequeue_count, self.policy, age)
+        early = check_before_running(delivery.dequeue_count, self.policy, age)
+        outcome: Outcome | None = early
+        give_up: str | None = None
+        if early is not None and role == "runs":
+            # A step is not dead-lettered before it runs: its handler ends the run failed
+            # instead (without doing the step), so that the run's producer hears of it and
+            # the chat's next post starts now, not at the run's deadline.
+            give_up, outcome = early.reason, None
         if outcome is None:
             lease.start_renewal()
             try:
-                note, error = await self._attempts(role, lease, fields)
+                note, error = await self._attempts(role, lease, fields, give_up)
             finally:
                 await lease.stop_renewal()
             outcome = decide(
@@ -317,7 +324,7 @@ class Worker:
         await self._apply(outcome, lease, fields, note, started)
 
     async def _attempts(
-        self, role: QueueRole, lease: Lease, fields: dict[str, Any]
+        self, role: QueueRole, lease: Lease, fields: dict[str, Any], give_up: str | None = None
     ) -> tuple[str | None, BaseException | None]:
         """Run the handler; while the worker's own storage is out, wait for it and run again.
 
@@ -332,7 +339,7 @@ class Worker:
             try:
                 with structlog.contextvars.bound_contextvars(**fields):
                     async with asyncio.timeout(HANDLER_TIMEOUT):
-                        result = await self._handle(role, lease.delivery, fields, attempt)
+                        result = await self._handle(role, lease.delivery, fields, attempt, give_up)
                 fields.update(result.log_fields)
                 return result.note, None
             except TimeoutError:
@@ -361,7 +368,12 @@ class Worker:
         return max((self._now() - delivery.inserted_on).total_seconds(), 0.0)
 
     async def _handle(
-        self, role: QueueRole, delivery: Delivery, fields: dict[str, Any], attempt: int
+        self,
+        role: QueueRole,
+        delivery: Delivery,
+        fields: dict[str, Any],
+        attempt: int,
+        give_up: str | None = None,
     ) -> HandlerResult:
         message: Message = parse_message(decode_body(delivery.body))
         request_id = getattr(message, "request_id", None) or delivery.message_id
@@ -376,6 +388,7 @@ class Worker:
             message_id=delivery.message_id,
             dequeue_count=attempt,
             request_id=request_id,
+            give_up=give_up,
         )
         result = await handler(message, context)
         # Follow-ups go out before the ack: if we die in between, the redelivered message

@@ -177,6 +177,17 @@ class Claims:
             except Exception:
                 continue  # storage hiccup: try again at the next beat; the TTL covers a few
 
+    async def release(self, chat_id: str, row_key: str, claim: Claimed) -> None:
+        """Give a claim back unused (its step turned out to be stale): delete its row."""
+        with contextlib.suppress(ResourceNotFoundError, ResourceModifiedError):
+            async with storage_errors("release a claim", self._where, self._setting):
+                await self._client.delete_entity(
+                    chat_id,
+                    row_key,
+                    etag=claim.etag,
+                    match_condition=MatchConditions.IfNotModified,
+                )
+
     async def finish(
         self, chat_id: str, row_key: str, *, value_property: str, value: str, extra: dict[str, Any]
     ) -> None:
