@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from tests.support.azurite import Azurite
 from tests.support.env import StorageEnv
@@ -31,3 +32,12 @@ def split_azurite() -> Iterator[SplitAzurite]:
     """
     with SplitAzurite() as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def default_logging() -> Iterator[None]:
+    """Every test starts from structlog's defaults: a test (or a benchmark run in-process)
+    that configured logging must not hide the events later tests capture."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
