@@ -5,7 +5,6 @@ one: no failure, one remote run, the run completes."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from tests.support.env import StorageEnv, run
@@ -13,30 +12,13 @@ from tests.support.runs import (
     ReplyQueue,
     chat_rows,
     create_body,
+    duplicate_steps,
     model_env,
     poison_letters,
     post_body,
     serving,
 )
-from worker.app import App
 from worker.testing import FakeOpenAI, RecordedRequest
-
-
-def duplicate_steps(app: App) -> list[str]:
-    """Send every runStep twice, so both copies are taken together and run at once."""
-    original = app.broker.send
-    doubled: list[str] = []
-
-    async def send(queue: str, body: str, **options: Any) -> str:
-        message_id = await original(queue, body, **options)
-        payload = json.loads(body) if body.startswith("{") else {}
-        if payload.get("type") == "runStep":
-            doubled.append(str(payload["runId"]))
-            await original(queue, body, **options)
-        return message_id
-
-    app.broker.send = send  # type: ignore[method-assign]
-    return doubled
 
 
 def test_two_copies_of_a_first_step_start_one_remote_run(storage: StorageEnv) -> None:

@@ -252,6 +252,44 @@ def record_sends(app: App, into: list[SentMessage]) -> Callable[..., Awaitable[s
     return send
 
 
+# --- faults in what a worker sends ---------------------------------------------------------
+
+
+def lose_steps(app: App) -> None:
+    """Drop the steps of the first run the worker starts (as if they were lost or
+    dead-lettered); the steps of later runs go out as usual."""
+    original = app.broker.send
+    lost: list[str] = []
+
+    async def send(queue: str, body: str, **options: Any) -> str:
+        payload = json.loads(body) if body.startswith("{") else {}
+        if payload.get("type") == "runStep":
+            lost[:] = lost or [payload["runId"]]
+            if payload["runId"] == lost[0]:
+                return "lost"
+        return await original(queue, body, **options)
+
+    app.broker.send = send  # type: ignore[method-assign]
+
+
+def duplicate_steps(app: App) -> list[str]:
+    """Send every runStep twice (as a duplicated message would be): both copies are taken
+    together, so the same step runs twice at the same time. Returns the duplicated run ids."""
+    original = app.broker.send
+    doubled: list[str] = []
+
+    async def send(queue: str, body: str, **options: Any) -> str:
+        message_id = await original(queue, body, **options)
+        payload = json.loads(body) if body.startswith("{") else {}
+        if payload.get("type") == "runStep":
+            doubled.append(str(payload["runId"]))
+            await original(queue, body, **options)
+        return message_id
+
+    app.broker.send = send  # type: ignore[method-assign]
+    return doubled
+
+
 async def eventually(
     check: Callable[[], Awaitable[T | None]], within: float, what: str | Callable[[], str]
 ) -> T:
