@@ -70,3 +70,30 @@ class Backend(Protocol):
     async def cancel(self, request: TurnRequest) -> None:
         """Stop the remote work named by ``request.handle``, if any (best effort: the run
         has already ended for the worker)."""
+
+
+class BackendWrapper:
+    """A backend around another: ``begin``, ``poll`` and ``cancel`` pass through, as does every
+    other attribute. Subclasses observe the calls they override (metrics, traces)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self.name: str = backend.name
+
+    @property
+    def wrapped(self) -> Backend:
+        return self._backend
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found here: everything else is the backend's.
+        return getattr(self._backend, name)
+
+    async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
+        return await self._backend.begin(request)
+
+    async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
+        return await self._backend.poll(request)
+
+    async def cancel(self, request: TurnRequest) -> None:
+        # Not a model call: never observed.
+        await self._backend.cancel(request)

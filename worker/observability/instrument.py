@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from worker.backends.base import Backend, ModelError, TurnRequest
+from worker.backends.base import Backend, BackendWrapper, ModelError, TurnRequest
 from worker.runs.model import ModelTurn, Pending
 
 if TYPE_CHECKING:
@@ -18,31 +18,18 @@ if TYPE_CHECKING:
     from worker.observability.metrics import Metrics
 
 
-class InstrumentedBackend:
+class InstrumentedBackend(BackendWrapper):
     """A backend that reports each model call to ``metrics``; otherwise the backend itself."""
 
     def __init__(self, backend: Backend, metrics: Metrics) -> None:
-        self._backend = backend
+        super().__init__(backend)
         self._metrics = metrics
-        self.name: str = backend.name
-
-    @property
-    def wrapped(self) -> Backend:
-        return self._backend
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called for attributes not found here: everything else is the backend's.
-        return getattr(self._backend, name)
 
     async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
         return await self._observed(self._backend.begin, request)
 
     async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
         return await self._observed(self._backend.poll, request)
-
-    async def cancel(self, request: TurnRequest) -> None:
-        # Not a model call: passed through unobserved.
-        await self._backend.cancel(request)
 
     async def _observed(self, call: Any, request: TurnRequest) -> ModelTurn | Pending:
         started = time.monotonic()

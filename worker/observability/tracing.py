@@ -46,6 +46,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from schemas.decode import decode_body, infer_type, unwrap_dead_letter
+from worker.backends.base import BackendWrapper
 from worker.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -477,7 +478,7 @@ def finish_reason(turn: ModelTurn) -> str:
     return "incomplete"
 
 
-class TracedBackend:
+class TracedBackend(BackendWrapper):
     """A backend whose model calls (``begin``/``poll``) are ``chat {model}`` CLIENT spans;
     otherwise the backend itself."""
 
@@ -487,27 +488,16 @@ class TracedBackend:
         tracing: Tracing,
         provider: Callable[[TurnRequest], str] = lambda _request: PROVIDER_OPENAI,
     ) -> None:
-        self._backend = backend
+        super().__init__(backend)
         self._tracer = tracing.tracer
         self._capture = tracing.capture_content
         self._provider = provider
-        self.name: str = backend.name
-
-    @property
-    def wrapped(self) -> Backend:
-        return self._backend
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
 
     async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
         return await self._traced(self._backend.begin, request, "begin")
 
     async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
         return await self._traced(self._backend.poll, request, "poll")
-
-    async def cancel(self, request: TurnRequest) -> None:
-        await self._backend.cancel(request)
 
     async def _traced(
         self,
