@@ -118,8 +118,14 @@ async def _rewrite(
     """
     for _ in range(_DELETE_PASSES):
         rows = await list_rows(store, chat_id)
-        # After the listing: every run it names was created before this read.
-        runs = {f"{RUN_PREFIX}{run.run_id}": run for run in await store.runs(chat_id)}
+        # After the listing: every run it names was created before this read (and a chat with
+        # no run rows, a new one, costs no read of them).
+        listed_runs = any(key.startswith(RUN_PREFIX) for key in rows)
+        runs = (
+            {f"{RUN_PREFIX}{run.run_id}": run for run in await store.runs(chat_id)}
+            if listed_runs
+            else {}
+        )
         last = final(rows)
         doomed = _deletion_order(key for key in rows if key not in keep)
         batches = list(_batches(doomed, _MAX_OPERATIONS - len(last))) or [[]]
@@ -143,18 +149,17 @@ async def _rewrite(
 
 async def list_rows(store: "TableChatStore", chat_id: str) -> Rows:
     """Every row key of the chat with its ETag, but the applied-request records."""
-    ranges = (
-        ("PartitionKey eq @pk and RowKey lt @key", REQUEST_PREFIX),
-        ("PartitionKey eq @pk and RowKey ge @key", _REQUEST_PREFIX_END),
-    )
     rows: Rows = {}
     async with store._errors("list the chat's rows"):
-        for query, key in ranges:
-            entities = store.client.query_entities(
-                query, parameters={"pk": chat_id, "key": key}, select=["PartitionKey", "RowKey"]
-            )
-            async for entity in entities:
-                rows[str(entity["RowKey"])] = entity.metadata.get("etag")
+        # One query for both sides of the req- range. The spaces inside the parentheses
+        # matter: the SDK reads a parameter name up to the next space.
+        entities = store.client.query_entities(
+            "PartitionKey eq @pk and ( RowKey lt @before or RowKey ge @after )",
+            parameters={"pk": chat_id, "before": REQUEST_PREFIX, "after": _REQUEST_PREFIX_END},
+            select=["PartitionKey", "RowKey"],
+        )
+        async for entity in entities:
+            rows[str(entity["RowKey"])] = entity.metadata.get("etag")
     return rows
 
 
