@@ -21,7 +21,15 @@ RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
 
 
 def _benchmarks() -> dict[str, Callable[[], Report]]:
-    from bench import creates, latency, open_conversations, requests_per_run, scaleout, startup
+    from bench import (
+        creates,
+        latency,
+        open_conversations,
+        profile,
+        requests_per_run,
+        scaleout,
+        startup,
+    )
 
     return {
         "requests_per_run": lambda: requests_per_run.measure(history=200, runs=2),
@@ -30,6 +38,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         "open_conversations": lambda: open_conversations.measure(posts=300),
         "scaleout": lambda: scaleout.measure(posts=200),
         "startup": lambda: startup.report(startup.measure(runs=5)),
+        "profile": lambda: profile.measure(chats=40),
         "throughput": lambda: _module("throughput", "Throughput (creates; loop only)"),
         "runs": lambda: _module("runs", "Runs through the worker against the same turns by hand"),
     }

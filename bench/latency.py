@@ -13,12 +13,18 @@ instant fake model in this process, the weather-bot turn (3 model calls, 2 tool 
 3. **delayed step lateness**: a ``responses`` run whose background response takes
    ``--background`` s, on a worker otherwise idle: each poll is a step sent with the next delay
    of ``WORKER_POLL_BACKOFF``; its lateness is the gap between two polls minus that delay
-   (the queue's visibility delays are whole seconds: 0.5 s waits 1 s).
-4. **idle storage requests per minute** for a few ``WORKER_MAX_POLLING_INTERVAL`` values: one
-   worker each, idle from 5 s after its last message, counted by queue name over ``--idle``
-   seconds from Azurite's ``--debug`` log.
+   rounded up to whole seconds (the queue's visibility delays are whole seconds: 0.5 s waits
+   1 s), so it includes the step's own work. Twice: the default schedule (polls within
+   seconds of the worker's last activity) and one poll ``--long-delay`` s out (past the warm
+   window: the worker is idle and backed off when it falls due).
+4. **idle storage requests** for a few ``WORKER_MAX_POLLING_INTERVAL`` values: one worker
+   each, counted by queue name from Azurite's ``--debug`` log: the requests of the first
+   ``--settle`` s after its last message (warm, then backing off), then the rate per minute
+   over ``--idle`` s (idle for long); and the **cold pickup**: one post each to ``--cold``
+   more workers per value, sent when they have been idle ``--settle`` + ``--idle`` s since
+   a turn (made once phase 2 is done), plus a random part of one polling interval.
 
-Phases 2-4 run at the same time (about 70 s). Run: ``python -m bench.latency``.
+Phases 2-4 run at the same time (about 4 min, 19 worker processes). Run: ``python -m bench.latency``.
 """
 
 from __future__ import annotations
@@ -26,22 +32,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import random
+import re
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from bench.common import Report, median, percentile, quiet_logs, table
-from bench.harness import QUESTION, WEATHER_MODEL, Producer, WorkerProcess, wait_created, worker_env
-from bench.requests import RequestLog, bench_table_service
+from bench.harness import (
+    ECHO_MODEL,
+    QUESTION,
+    WEATHER_MODEL,
+    Producer,
+    WorkerProcess,
+    wait_created,
+    worker_env,
+)
+from bench.requests import RequestLog, StorageRequest, bench_table_service
 from worker.devtools.azurite import Azurite
 from worker.testing import FakeOpenAI
 
 IDLE_NS = (1, 5, 30)
-POLLING_CAPS = ("1", "10", "30")
+POLLING_CAPS = ("5", "10", "30")
 DEFAULT_BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)
+# Seconds after the last message until a worker counts as idle for long (past its warm
+# window and the backoff's climb to its cap).
+SETTLE = 45.0
+LONG_DELAY = 40.0
+# The first fields of an Azurite --debug log line: its time and the request's id.
+_STAMP = re.compile(r"^(?P<at>\S+) (?P<id>[0-9a-f-]{36}) ")
 
 
 def _first_call(fake: FakeOpenAI, tag: str) -> float | None:
@@ -143,9 +167,11 @@ async def by_hand(
 
 
 async def _pickup(
-    producer: Producer, fake: FakeOpenAI, chat_id: str, idle: float, samples: int
-) -> list[float]:
+    producer: Producer, fake: FakeOpenAI, log: RequestLog, chat_id: str, idle: float, samples: int
+) -> tuple[list[float], tuple[int, int]]:
+    """Send to first model call of each post, and the span of Azurite's log they fall in."""
     await _turns(producer, fake, chat_id, 1)  # the last activity before the first idle spell
+    start = await log.amark()
     found = []
     for n in range(samples):
         await asyncio.sleep(idle)
@@ -155,37 +181,142 @@ async def _pickup(
         first = _first_call(fake, tag)
         assert first is not None
         found.append(first - sent)
-    return found
+    return found, (start, await log.amark())
+
+
+class _LogIndex:
+    """Azurite's log, read once after the measurements (reading it meanwhile would stall
+    the event loop, and with it the timing of every job)."""
+
+    def __init__(self, log: RequestLog) -> None:
+        self.requests = log.requests()
+        self.stamps: dict[str, float] = {}  # when Azurite began each request, by id
+        with log.path.open("rb") as lines:
+            for raw in lines:
+                match = _STAMP.match(raw.decode("utf-8", "replace"))
+                if match is not None and match.group("id") not in self.stamps:
+                    at = datetime.fromisoformat(match.group("at").replace("Z", "+00:00"))
+                    self.stamps[match.group("id")] = at.timestamp()
+
+    def between(self, span: tuple[int, int], fragment: str) -> list[StorageRequest]:
+        start, end = span
+        return [
+            r
+            for r in self.requests
+            if start <= r.offset < end and fragment in r.url and r.operation is not None
+        ]
+
+
+def _taken(index: _LogIndex, span: tuple[int, int], queue: str) -> list[float]:
+    """For each message the benchmark put on ``queue``, how long until a receive of the
+    worker returned messages (the polling's part of the pickup)."""
+    stamps = index.stamps
+    mine = index.between(span, f"/{queue}/")
+    waits = []
+    for i, request in enumerate(mine):
+        if not (request.is_bench and request.operation == "Messages_Enqueue"):
+            continue
+        taken = next(
+            (
+                r
+                for r in mine[i + 1 :]
+                if not r.is_bench and r.operation == "Messages_Dequeue" and (r.items or 0) > 0
+            ),
+            None,
+        )
+        if taken is not None:
+            waits.append(stamps[taken.request_id] - stamps[request.request_id])
+    return waits
+
+
+def _received_late(index: _LogIndex, span: tuple[int, int], queue: str) -> list[float]:
+    """For each message the worker put on ``queue`` with a delay, how long after it became
+    visible a receive of the worker took it (Azurite's own clock both times)."""
+    stamps = index.stamps
+    mine = [r for r in index.between(span, f"/{queue}/") if not r.is_bench]
+    late = []
+    for i, request in enumerate(mine):
+        delay = re.search(r"visibilitytimeout=(\d+)", request.url)
+        if request.operation != "Messages_Enqueue" or delay is None:
+            continue
+        due = stamps[request.request_id] + int(delay.group(1))
+        # The first receive that returned messages once it was visible (one before that took
+        # another message).
+        taken = next(
+            (
+                r
+                for r in mine[i + 1 :]
+                if r.operation == "Messages_Dequeue"
+                and (r.items or 0) > 0
+                and stamps[r.request_id] >= due - 0.005
+            ),
+            None,
+        )
+        if taken is not None:
+            late.append(stamps[taken.request_id] - due)
+    return late
 
 
 async def _delayed(
-    producer: Producer, fake: FakeOpenAI, chat_id: str, background: float
-) -> list[float]:
-    await asyncio.sleep(3.0)  # otherwise idle: the worker has backed off
+    producer: Producer,
+    fake: FakeOpenAI,
+    log: RequestLog,
+    chat_id: str,
+    runs_queue: str,
+    background: float,
+    schedule: Sequence[float] = DEFAULT_BACKOFF,
+    model: str = ECHO_MODEL,
+) -> dict[str, Any]:
+    await asyncio.sleep(3.0)  # otherwise idle
+    start = await log.amark()
     request_id, _ = await producer.post(chat_id, "Say something slowly.")
-    await producer.reply(request_id, within=background + 60)
+    await producer.reply(request_id, within=background + max(schedule) + 60)
+    end = await log.amark()
     polls = [
-        r.at for r in fake.requests if r.endpoint in ("responses.create", "responses.retrieve")
+        r.at
+        for r in fake.requests
+        if r.endpoint in ("responses.create", "responses.retrieve") and r.model == model
     ]
     lateness = []
     for i in range(1, len(polls)):
-        scheduled = DEFAULT_BACKOFF[min(i - 1, len(DEFAULT_BACKOFF) - 1)]
+        scheduled = math.ceil(schedule[min(i - 1, len(schedule) - 1)])
         lateness.append(polls[i] - polls[i - 1] - scheduled)
-    return lateness
+    return {"polls": lateness, "span": (start, end), "queue": runs_queue}
 
 
 async def _idle_rate(
-    log: RequestLog, producer: Producer, suffix: str, seconds: float
-) -> dict[str, float]:
-    await producer.create(f"idle-{suffix}")
-    await asyncio.sleep(5.0)
+    log: RequestLog, producer: Producer, suffix: str, settle: float, seconds: float
+) -> dict[str, Any]:
+    chat_id = f"idle-{suffix}"
+    await producer.create(chat_id)
+    await wait_created(producer.connection, [chat_id])
     start = await log.amark()
+    await asyncio.sleep(settle)
+    middle = await log.amark()
     began = time.monotonic()
     await asyncio.sleep(seconds)
     end = await log.amark()
-    elapsed = time.monotonic() - began
-    mine = [r for r in log.worker_requests(start, end) if f"-{suffix}" in r.url]
-    return {"requests": len(mine), "per_minute": len(mine) * 60 / elapsed, "seconds": elapsed}
+    return {"marks": (start, middle, end), "seconds": time.monotonic() - began, "suffix": suffix}
+
+
+async def _cold_pickup(
+    producer: Producer, fake: FakeOpenAI, log: RequestLog, lead_in: float, idle: float
+) -> tuple[float, tuple[int, int]]:
+    """One post to a worker idle ``idle`` s since its last turn. The turn comes ``lead_in`` s
+    after the start (once the warm pickups are done: fewer warm workers at once)."""
+    await asyncio.sleep(lead_in)
+    chat_id = f"cold-{uuid.uuid4().hex[:8]}"
+    await producer.create(chat_id, instructions="You are a weather bot.")
+    await wait_created(producer.connection, [chat_id])
+    await _turns(producer, fake, chat_id, 1)  # the last activity (and openai imported)
+    await asyncio.sleep(idle)
+    start = await log.amark()
+    tag = f"[c-{uuid.uuid4().hex[:6]}]"
+    request_id, sent = await producer.post(chat_id, f"{QUESTION} {tag}")
+    await producer.reply(request_id, within=120)
+    first = _first_call(fake, tag)
+    assert first is not None
+    return first - sent, (start, await log.amark())
 
 
 async def _run(
@@ -197,7 +328,10 @@ async def _run(
     idle_seconds: float,
     background: float,
     idle_ns: Sequence[float],
-    polling_caps: Sequence[str] = POLLING_CAPS,
+    polling_caps: Sequence[str],
+    settle: float,
+    cold: int,
+    long_delay: float,
 ) -> dict[str, Any]:
     connection = azurite.connection_string
     log = RequestLog(folder / "azurite-debug.log", azurite)
@@ -226,59 +360,129 @@ async def _run(
         cap: worker(f"i{cap.replace('.', '')}", WORKER_MAX_POLLING_INTERVAL=cap)
         for cap in polling_caps
     }
-    delayed = worker("delay", WORKER_MODEL_API="responses")
-    everyone = [*pickups.values(), *caps.values(), delayed]
+    colds = {
+        (cap, n): worker(f"c{cap.replace('.', '')}x{n}", WORKER_MAX_POLLING_INTERVAL=cap)
+        for cap in polling_caps
+        for n in range(cold)
+    }
+    long_schedule = (long_delay,)
+    delayed = {
+        "default": (worker("delay", WORKER_MODEL_API="responses"), DEFAULT_BACKOFF, ECHO_MODEL),
+        "long": (
+            worker(
+                "delaylong",
+                WORKER_MODEL_API="responses",
+                WORKER_POLL_BACKOFF=",".join(f"{x:g}" for x in long_schedule),
+            ),
+            long_schedule,
+            f"{ECHO_MODEL}-long",
+        ),
+    }
+    everyone = [
+        *pickups.values(),
+        *caps.values(),
+        *colds.values(),
+        *(w for w, _, _ in delayed.values()),
+    ]
+    producers: dict[Any, Producer] = {}
     try:
         for process in everyone:
             process.start()
-        async with Producer(connection, delayed.requests_queue) as delayed_producer:
-            producers = {n: Producer(connection, p.requests_queue) for n, p in pickups.items()}
-            idle_producers = {c: Producer(connection, p.requests_queue) for c, p in caps.items()}
-            for p in [*producers.values(), *idle_producers.values()]:
-                await p.__aenter__()
-            try:
-                chats = {n: f"pick{n}-{uuid.uuid4().hex[:6]}" for n in idle_ns}
-                delayed_chat = f"delay-{uuid.uuid4().hex[:6]}"
-                for n, chat in chats.items():
-                    await producers[n].create(chat, instructions="You are a weather bot.")
-                await delayed_producer.create(delayed_chat, api="responses", chatModel="echo-bot")
-                await wait_created(connection, [*chats.values(), delayed_chat])
-                jobs = [
-                    *(
-                        _pickup(producers[n], fake, chats[n], n, samples[i])
-                        for i, n in enumerate(idle_ns)
-                    ),
-                    _delayed(delayed_producer, fake, delayed_chat, background),
-                    *(
-                        _idle_rate(
-                            log,
-                            idle_producers[c],
-                            p.requests_queue.removeprefix("req-"),
-                            idle_seconds,
-                        )
-                        for c, p in caps.items()
-                    ),
-                ]
-                done = await asyncio.gather(*jobs)
-            finally:
-                for p in [*producers.values(), *idle_producers.values()]:
-                    await p.__aexit__(None, None, None)
+        for key, process in [
+            *pickups.items(),
+            *caps.items(),
+            *colds.items(),
+            *((k, w) for k, (w, _, _) in delayed.items()),
+        ]:
+            producers[key] = Producer(connection, process.requests_queue)
+            await producers[key].__aenter__()
+        chats = {n: f"pick{n}-{uuid.uuid4().hex[:6]}" for n in idle_ns}
+        delayed_chats = {k: f"delay{k}-{uuid.uuid4().hex[:6]}" for k in delayed}
+        for n, chat in chats.items():
+            await producers[n].create(chat, instructions="You are a weather bot.")
+        for k, chat in delayed_chats.items():
+            await producers[k].create(chat, api="responses", chatModel=delayed[k][2])
+        await wait_created(connection, [*chats.values(), *delayed_chats.values()])
+        lead_in = max(k * (n + 1.5) for k, n in zip(samples, idle_ns, strict=False)) + 5
+        jobs = [
+            *(
+                _pickup(producers[n], fake, log, chats[n], n, samples[i])
+                for i, n in enumerate(idle_ns)
+            ),
+            *(
+                _delayed(
+                    producers[k],
+                    fake,
+                    log,
+                    delayed_chats[k],
+                    w.env["WORKER_RUNS_QUEUE"],
+                    background,
+                    schedule,
+                    model,
+                )
+                for k, (w, schedule, model) in delayed.items()
+            ),
+            *(
+                _idle_rate(
+                    log, producers[c], p.requests_queue.removeprefix("req-"), settle, idle_seconds
+                )
+                for c, p in caps.items()
+            ),
+            # A random part of one interval more: the posts fall at any phase of the polls.
+            *(
+                _cold_pickup(
+                    producers[key],
+                    fake,
+                    log,
+                    lead_in,
+                    settle + idle_seconds + random.uniform(0, float(key[0])),
+                )
+                for key in colds
+            ),
+        ]
+        done: list[Any] = list(await asyncio.gather(*jobs))
     finally:
+        for producer in producers.values():
+            await producer.__aexit__(None, None, None)
         for process in everyone:
             process.stop()
-    results["pickup"] = dict(zip(idle_ns, done[: len(idle_ns)], strict=True))
-    results["delayed"] = done[len(idle_ns)]
-    results["idle"] = dict(zip(polling_caps, done[len(idle_ns) + 1 :], strict=True))
+    index = _LogIndex(log)
+    queues = {n: p.requests_queue for n, p in producers.items()}
+    results["pickup"] = {n: found for n, (found, _) in zip(idle_ns, done, strict=False)}
+    results["taken"] = {
+        n: _taken(index, span, queues[n]) for n, (_, span) in zip(idle_ns, done, strict=False)
+    }
+    results["delayed"] = dict(
+        zip(delayed, done[len(idle_ns) : len(idle_ns) + len(delayed)], strict=True)
+    )
+    for found in results["delayed"].values():
+        found["received"] = _received_late(index, found["span"], found["queue"])
+    rates = done[len(idle_ns) + len(delayed) : len(idle_ns) + len(delayed) + len(caps)]
+    results["idle"] = dict(zip(polling_caps, rates, strict=True))
+    for rate in rates:
+        start, middle, end = rate["marks"]
+        counted = [r for r in index.requests if not r.is_bench and f"-{rate['suffix']}" in r.url]
+        rate["warm"] = len([r for r in counted if start <= r.offset < middle])
+        rate["requests"] = len([r for r in counted if middle <= r.offset < end])
+        rate["per_minute"] = rate["requests"] * 60 / rate["seconds"]
+    cold_times = done[len(idle_ns) + len(delayed) + len(caps) :]
+    for (cap, n), (pickup, span) in zip(colds, cold_times, strict=True):
+        results["idle"][cap].setdefault("cold", []).append(pickup)
+        taken = _taken(index, span, queues[(cap, n)])
+        results["idle"][cap].setdefault("cold_taken", []).extend(taken)
     return results
 
 
 def measure(
     turns: int = 8,
     samples: Sequence[int] = (4, 3, 2),
-    idle_seconds: float = 30.0,
+    idle_seconds: float = 60.0,
     background: float = 12.0,
     idle_ns: Sequence[float] = IDLE_NS,
     polling_caps: Sequence[str] = POLLING_CAPS,
+    settle: float = SETTLE,
+    cold: int = 3,
+    long_delay: float = LONG_DELAY,
 ) -> Report:
     quiet_logs()
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
@@ -298,6 +502,9 @@ def measure(
                     background,
                     idle_ns,
                     polling_caps,
+                    settle,
+                    cold,
+                    long_delay,
                 )
             )
     out = Report("Turn latency (instant model)")
@@ -322,35 +529,97 @@ def measure(
             rows,
         )
     )
-    rows = [(f"{n:g} s", len(v), median(v), max(v)) for n, v in results["pickup"].items()]
+    rows = [
+        (f"{n:g} s", len(v), median(v), max(v), median(t), max(t, default=float("nan")))
+        for (n, v), t in zip(results["pickup"].items(), results["taken"].values(), strict=True)
+    ]
     out.add(
         "Pickup after the worker was idle N s (send to first model call; target p50 <= 0.3 s "
-        "within 30 s of the last activity; default `WORKER_MAX_POLLING_INTERVAL` 10 s):\n\n"
-        + table(["idle", "posts", "p50 s", "max s"], rows)
+        "within 30 s of the last activity; default `WORKER_MAX_POLLING_INTERVAL` 10 s); taken: "
+        "from the send to the worker's receive that returned it (Azurite's log), the polling's "
+        "part:\n\n" + table(["idle", "posts", "p50 s", "max s", "taken p50 s", "taken max s"], rows)
     )
-    late = results["delayed"]
+    rows = []
+    for key, found in results["delayed"].items():
+        schedule = "default `0.5,1,2,3,5`" if key == "default" else f"`{long_delay:g}`"
+        late, taken = found["polls"], found["received"]
+        rows.append(
+            (
+                schedule,
+                len(late),
+                max(taken, default=float("nan")),
+                ", ".join(f"{x:.2f}" for x in taken),
+                median(late),
+                max(late, default=float("nan")),
+                ", ".join(f"{x:.2f}" for x in late),
+            )
+        )
     out.add(
-        f"Delayed steps (polls of a background response of {background:g} s, default "
-        f"`WORKER_POLL_BACKOFF`, worker otherwise idle; target <= 0.5 s late): "
-        f"{len(late)} polls, lateness p50 {median(late):.2f} s, max {max(late, default=float('nan')):.2f} s "
-        f"(each: {', '.join(f'{x:.2f}' for x in late)})."
+        f"Delayed steps: polls of a background response of {background:g} s by "
+        "`WORKER_POLL_BACKOFF`, worker otherwise idle. Received late: from the step's visibility "
+        "(its send plus the delay in whole seconds) to the receive that took it, on Azurite's "
+        "clock (target <= 0.5 s); poll gap late: the gap between two model calls minus that "
+        "delay (the step's own work included):\n\n"
+        + table(
+            [
+                "poll schedule",
+                "polls",
+                "received late max s",
+                "each s",
+                "poll gap late p50 s",
+                "max s",
+                "each s",
+            ],
+            rows,
+        )
     )
     rows = [
-        (f"{cap} s", round(v["seconds"]), v["requests"], round(v["per_minute"], 1))
+        (
+            f"{cap} s",
+            v["warm"],
+            round(v["seconds"]),
+            v["requests"],
+            round(v["per_minute"], 1),
+            len(v.get("cold", [])),
+            median(v.get("cold", [])),
+            max(v.get("cold", []), default=float("nan")),
+            median(v.get("cold_taken", [])),
+        )
         for cap, v in results["idle"].items()
     ]
     out.add(
-        "Idle storage requests per minute by `WORKER_MAX_POLLING_INTERVAL` (counted from 5 s "
-        "after the last message; target <= 12/min for a worker idle for long):\n\n"
-        + table(["max polling interval", "window s", "requests", "per minute"], rows)
+        f"Idle storage requests by `WORKER_MAX_POLLING_INTERVAL`: in the first {settle:g} s after "
+        f"the last message, then per minute (idle for long; target <= 12/min); cold pickup: "
+        f"one post each to {cold} more workers idle {settle + idle_seconds:g} s (plus up to one "
+        f"interval, at random) since a turn:\n\n"
+        + table(
+            [
+                "max polling interval",
+                f"requests in first {settle:g} s",
+                "idle window s",
+                "requests",
+                "per minute",
+                "cold posts",
+                "cold pickup p50 s",
+                "cold pickup max s",
+                "cold taken p50 s",
+            ],
+            rows,
+        )
     )
     worker_overhead = [r["overhead"] for r in results["worker"]]
+    received_all = [x for v in results["delayed"].values() for x in v["received"]]
     out.numbers = {
         "overhead_p50": median(worker_overhead),
         "by_hand_overhead_p50": median([r["overhead"] for r in results["by hand"]]),
         "pickup_p50": {n: median(v) for n, v in results["pickup"].items()},
-        "delayed_p50": median(late),
+        "taken_p50": {n: median(v) for n, v in results["taken"].items()},
+        "delayed_p50": median(results["delayed"]["default"]["polls"]),
+        "delayed_long_max": max(results["delayed"]["long"]["polls"], default=float("nan")),
+        "received_late_max": max(received_all, default=float("nan")),
         "idle_per_minute": {cap: v["per_minute"] for cap, v in results["idle"].items()},
+        "settle_requests": {cap: v["warm"] for cap, v in results["idle"].items()},
+        "cold_pickup_p50": {cap: median(v.get("cold", [])) for cap, v in results["idle"].items()},
         "pickup_p95_all": percentile([x for v in results["pickup"].values() for x in v], 95),
     }
     return out
@@ -362,11 +631,27 @@ def main() -> None:
     )
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--samples", default="4,3,2", help="posts after idle 1, 5 and 30 s")
-    parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle counting")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle counting")
     parser.add_argument("--background", type=float, default=12.0, help="background response s")
+    parser.add_argument(
+        "--caps", default=",".join(POLLING_CAPS), help="WORKER_MAX_POLLING_INTERVAL values"
+    )
+    parser.add_argument("--settle", type=float, default=SETTLE, help="s until idle for long")
+    parser.add_argument("--cold", type=int, default=3, help="cold workers per polling cap")
+    parser.add_argument("--long-delay", type=float, default=LONG_DELAY, help="long poll delay s")
     args = parser.parse_args()
     samples = tuple(int(x) for x in args.samples.split(","))
-    print(measure(args.turns, samples, args.idle, args.background).markdown())
+    report = measure(
+        args.turns,
+        samples,
+        args.idle,
+        args.background,
+        polling_caps=tuple(args.caps.split(",")),
+        settle=args.settle,
+        cold=args.cold,
+        long_delay=args.long_delay,
+    )
+    print(report.markdown())
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
   exec to exit (median of ``--runs``; one untimed run first creates the queues). Scale-from-zero
   waits on this.
 - ``import worker.cli.main``: wall time of ``python -c "import worker.cli.main"`` minus that of
-  ``python -c pass`` (median), and the heaviest imports by cumulative time from
-  ``python -X importtime``.
+  ``python -c pass`` (median); the CLI loads a subcommand's module only when it runs.
+- What ``run`` imports (``import worker.cli.main, worker.cli.run``): the same, and the heaviest
+  of those imports by cumulative time from ``python -X importtime``.
 - Which heavy packages the ``run`` path loads at all (``sys.modules`` after ``--burst``).
 
 "before" is the tree of ``--before`` (default: the main issue 7 started from, taken with
@@ -49,6 +50,8 @@ HEAVY = (
     "azure.storage.queue",
     "azure.data.tables",
 )
+# What the ``run`` subcommand imports before it starts (its module, loaded on dispatch).
+RUN_IMPORTS = "import worker.cli.main, worker.cli.run"
 MODULES_PROBE = (
     "import sys, runpy; sys.argv=['assistant-worker', 'run', '--burst'];\n"
     "from worker.cli.main import main\n"
@@ -88,10 +91,10 @@ def _timed(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 60.0
 
 
 def import_profile(env: dict[str, str], cwd: Path, top: int = 15) -> list[tuple[str, float, float]]:
-    """(module with its nesting, self ms, cumulative ms) of ``import worker.cli.main``, the
-    heaviest ``top`` by cumulative time."""
+    """(module with its nesting, self ms, cumulative ms) of ``RUN_IMPORTS``, the heaviest
+    ``top`` by cumulative time."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import worker.cli.main"],
+        [sys.executable, "-X", "importtime", "-c", RUN_IMPORTS],
         env=env,
         capture_output=True,
         text=True,
@@ -161,7 +164,7 @@ def measure(runs: int = 5, top: int = 15, before: str | None = BEFORE_COMMIT) ->
                 trees["before"] = stack.enter_context(tree_of(before))
         azurite = stack.enter_context(Azurite())
         samples: dict[str, dict[str, list[float]]] = {
-            name: {"burst": [], "bare": [], "import": []} for name in trees
+            name: {"burst": [], "bare": [], "import": [], "run_import": []} for name in trees
         }
         envs = {
             name: _env(azurite.connection_string, uuid.uuid4().hex[:8], tree)
@@ -178,12 +181,14 @@ def measure(runs: int = 5, top: int = 15, before: str | None = BEFORE_COMMIT) ->
                 samples[name]["import"].append(
                     _timed([python, "-c", "import worker.cli.main"], env, cwd)
                 )
+                samples[name]["run_import"].append(_timed([python, "-c", RUN_IMPORTS], env, cwd))
         for name in trees:
             results[name] = {
                 "run_burst_s": median(samples[name]["burst"]),
                 "run_burst_all_s": samples[name]["burst"],
                 "python_bare_s": median(samples[name]["bare"]),
                 "import_cli_s": median(samples[name]["import"]) - median(samples[name]["bare"]),
+                "import_run_s": median(samples[name]["run_import"]) - median(samples[name]["bare"]),
                 "top_imports": import_profile(envs[name], cwds[name], top),
                 "loaded_on_run": loaded_on_run(envs[name], cwds[name]),
             }
@@ -204,6 +209,7 @@ def report(results: dict[str, Any]) -> Report:
     for key, label in (
         ("run_burst_s", "`assistant-worker run --burst`, empty queues (median)"),
         ("import_cli_s", "`import worker.cli.main` (median, minus bare `python -c pass`)"),
+        ("import_run_s", f"`{RUN_IMPORTS}` (median, minus bare `python -c pass`)"),
         ("python_bare_s", "bare `python -c pass`"),
     ):
         before = f"{baseline[key]:.2f}" if baseline else "-"
@@ -225,12 +231,13 @@ def report(results: dict[str, Any]) -> Report:
             for module, self_ms, cumulative in profile["top_imports"]
         ]
         out.add(
-            f"`python -X importtime -c 'import worker.cli.main'`, heaviest by cumulative time "
+            f"`python -X importtime -c '{RUN_IMPORTS}'`, heaviest by cumulative time "
             f"({name}):\n\n" + table(["module", "self ms", "cumulative ms"], rows)
         )
     out.numbers = {
         "run_burst_s": current["run_burst_s"],
         "import_cli_s": current["import_cli_s"],
+        "import_run_s": current["import_run_s"],
         "before_run_burst_s": baseline["run_burst_s"] if baseline else None,
         "before_import_cli_s": baseline["import_cli_s"] if baseline else None,
     }

@@ -11,7 +11,13 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from handlers.runs import MAX_CONFLICT_RETRIES, new_run_id, start_sends, user_message
+from handlers.runs import (
+    MAX_CONFLICT_RETRIES,
+    lost_follow_ups,
+    new_run_id,
+    start_sends,
+    user_message,
+)
 from handlers.services import ChatRef, RunServices
 from schemas import AssistantPost
 from worker.errors import ChatNotFound, PermanentError, TransientError
@@ -80,15 +86,23 @@ class PostHandler:
                     f"assistant {post.id!r} does not exist in table {post.collection_name!r}: "
                     "send an assistantCreate first"
                 )
-            applied, run_id = await store.applied_run(post.id, context.request_id)
-            if applied:
-                return await self._resume(store, chat, state, run_id)
+            if attempt > 0 or context.dequeue_count > 1:
+                # A first delivery's first try skips this read: its commit creates the
+                # applied record, and fails (a conflict) if the record is there already.
+                applied, run_id = await store.applied_run(post.id, context.request_id)
+                if applied:
+                    return await self._resume(store, chat, state, run_id, context)
             now = services.clock()
             run = self._new_run(post, state, context, now)
             starts = state.active_run_id is None
             messages = []
             if starts:
-                run = machine.start(run, now, services.settings.run_timeout)
+                # This post carries its run: its first steps are taken in-process, and a
+                # redelivery of it continues the run if this worker dies meanwhile.
+                run = replace(
+                    machine.start(run, now, services.settings.run_timeout),
+                    carrier=context.message_id,
+                )
                 messages.append(user_message(run, state.total_messages + 1, now))
             changed = replace(
                 state,
@@ -108,7 +122,7 @@ class PostHandler:
                 # Another post or step changed the chat: read it again and decide again.
                 await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
                 continue
-            effects = start_sends(services, chat, run) if starts else ()
+            effects = start_sends(services, chat, run, in_process=True) if starts else ()
             return HandlerResult(
                 note="run started" if starts else "run queued",
                 effects=effects,
@@ -137,13 +151,32 @@ class PostHandler:
         )
 
     async def _resume(
-        self, store: ChatStore, chat: ChatRef, state: ChatState, run_id: str | None
+        self,
+        store: ChatStore,
+        chat: ChatRef,
+        state: ChatState,
+        run_id: str | None,
+        context: MessageContext,
     ) -> HandlerResult:
-        """A redelivered post: make sure its run is not stuck (the step may not have been
-        sent before a crash); a duplicate step is harmless, a missing one would stall."""
-        if run_id is None or state.active_run_id != run_id:
+        """A redelivered post: make sure its run is not stuck. The run this post carries
+        (a worker took its steps in-process and died) continues from where it was stored;
+        a run at step 0 gets its first step (it may not have been sent before a crash). A
+        duplicate step is harmless, a missing one would stall the run."""
+        if run_id is None:
             return HandlerResult(note="duplicate")
         run = await store.load_run(chat.chat_id, run_id)
-        if run is None or run.finished or run.phase == "external" or run.step != 0:
+        if run is None:
+            return HandlerResult(note="duplicate")
+        if run.carrier and run.carrier == context.message_id and context.dequeue_count > 1:
+            effects = await lost_follow_ups(
+                self._services, store, chat, run, state.active_run_id, in_process=True
+            )
+            return HandlerResult(note="duplicate: its run continues", effects=effects)
+        if (
+            state.active_run_id != run_id
+            or run.finished
+            or run.phase == "external"
+            or run.step != 0
+        ):
             return HandlerResult(note="duplicate")
         return HandlerResult(note="duplicate", effects=start_sends(self._services, chat, run))

@@ -14,6 +14,7 @@ from schemas.events import Usage as UsageEvent
 from worker.deadletter import MAX_MESSAGE_BYTES
 from worker.handling import Send
 from worker.runs.model import Run
+from worker.store.layout import ChatState
 from worker.store.protocol import ChatStore
 
 
@@ -34,12 +35,17 @@ def tool_calls_required(chat: ChatRef, run: Run, reply_to: str, encoding: Encodi
 
 
 async def replies_of(
-    services: RunServices, store: ChatStore, chat: ChatRef, run: Run
+    services: RunServices,
+    store: ChatStore,
+    chat: ChatRef,
+    run: Run,
+    state: ChatState | None = None,
 ) -> list[Send]:
+    """The reply of a finished run; ``state``: the chat as the run's last commit left it."""
     if not run.finished or not run.reply_to:
         return []
     payload = await reply_payload(
-        store, chat, run, services.settings.message_encoding, services.redact
+        store, chat, run, services.settings.message_encoding, services.redact, state=state
     )
     return [Send(run.reply_to, payload, best_effort=True)]
 
@@ -81,9 +87,18 @@ async def reply_payload(
     run: Run,
     encoding: Encoding = "none",
     redact: Callable[[str], str] = lambda text: text,
+    *,
+    state: ChatState | None = None,
 ) -> dict[str, Any]:
-    """The ``assistantReply`` event of a finished run, with the messages it wrote."""
-    messages = await store.run_messages(chat.chat_id, run.run_id)
+    """The ``assistantReply`` event of a finished run, with the messages it wrote.
+
+    Given the ``state`` its last commit wrote, they are taken from the chat's history (which
+    the worker usually has in memory), not found by a scan of the chat's rows."""
+    if state is not None:
+        history = await store.history(state)
+        messages = [m for m in history if m.run_id == run.run_id]
+    else:
+        messages = await store.run_messages(chat.chat_id, run.run_id)
     # A run row does not keep the answer (it may be large): the chat has it.
     answers = [m.content for m in messages if m.role == "Assistant" and not m.tool_calls]
     content = run.content if run.content is not None else (answers[-1] if answers else None)

@@ -27,6 +27,7 @@ from worker.handling import Send
 from worker.runs import machine
 from worker.runs.machine import NewMessage, Transition
 from worker.runs.model import Run
+from worker.store.claims import NewClaim
 from worker.store.layout import AppliedRequest, ChatMessage, ChatState
 from worker.store.protocol import ChatStore
 from worker.store.tables import Conflict
@@ -51,8 +52,11 @@ def new_run_id(seq: int) -> str:
     return f"run_{seq:06d}_{uuid.uuid4().hex[:10]}"
 
 
-def step_send(services: RunServices, chat: ChatRef, run: Run, delay: float = 0.0) -> Send:
-    """The runStep message for the run's current step."""
+def step_send(
+    services: RunServices, chat: ChatRef, run: Run, delay: float = 0.0, *, in_process: bool = False
+) -> Send:
+    """The runStep message for the run's current step; ``in_process``: the worker holding
+    the run's carrier may take it at once instead (only a step due now)."""
     step = RunStep(
         id=chat.chat_id,
         run_id=run.run_id,
@@ -61,7 +65,12 @@ def step_send(services: RunServices, chat: ChatRef, run: Run, delay: float = 0.0
         chat_storage_connection_setting=chat.storage_setting,
         traceparent=run.traceparent,
     )
-    return Send(services.settings.runs_queue, step.to_wire(), delay=delay)
+    return Send(
+        services.settings.runs_queue,
+        step.to_wire(),
+        delay=delay,
+        in_process=in_process and delay == 0,
+    )
 
 
 def deadline_send(services: RunServices, chat: ChatRef, run: Run) -> Send:
@@ -78,9 +87,12 @@ def deadline_send(services: RunServices, chat: ChatRef, run: Run) -> Send:
     return Send(services.settings.deadlines_queue, deadline.to_wire(), delay=delay)
 
 
-def start_sends(services: RunServices, chat: ChatRef, run: Run) -> tuple[Send, Send]:
+def start_sends(
+    services: RunServices, chat: ChatRef, run: Run, *, in_process: bool = False
+) -> tuple[Send, Send]:
     """What a run that becomes active needs: its first step and its deadline."""
-    return (step_send(services, chat, run), deadline_send(services, chat, run))
+    step = step_send(services, chat, run, in_process=in_process)
+    return (step, deadline_send(services, chat, run))
 
 
 def user_message(run: Run, index: int, now: datetime) -> ChatMessage:
@@ -97,11 +109,16 @@ async def commit_transition(
     applied: AppliedRequest | None = None,
     state: ChatState | None = None,
     deletes: Sequence[str] = (),
+    carrier: str | None = None,
+    claims: Sequence[NewClaim] = (),
 ) -> tuple[Send, ...]:
     """Store ``transition`` of ``before`` and return the messages to send after it.
 
     When the run finishes, the chat's next queued run starts in the same transaction: its
     user message is appended then, so the history always reads User, tool rounds, Assistant.
+    ``carrier``: the id of the message the caller holds; its next step, if due now, may be
+    taken in-process, and the run records the carrier so that a redelivery of that message
+    continues the run if this worker dies in between (SPEC §5).
     """
     for attempt in range(MAX_CONFLICT_RETRIES):
         now = services.clock()
@@ -111,7 +128,9 @@ async def commit_transition(
             state = await store.load_state(chat.chat_id)
         if state is None:
             return ()  # the chat was deleted meanwhile: its runs went with it
-        run = replace(transition.run, etag=before.etag, commit_id=uuid.uuid4().hex)
+        run = replace(
+            transition.run, etag=before.etag, commit_id=uuid.uuid4().hex, carrier=carrier or ""
+        )
         index = state.total_messages
         messages = []
         for message in transition.messages:
@@ -122,7 +141,7 @@ async def commit_transition(
         active = state.active_run_id
         if run.finished and active == run.run_id:
             # The chat's next queued run starts in the same transaction.
-            nxt = await _next_run(services, store, chat, run.seq, index, now)
+            nxt = await _next_run(services, store, chat, run.seq, index, now, state.next_run_seq)
             active = nxt.run_id
             if nxt.run is not None:
                 index += 1
@@ -140,8 +159,9 @@ async def commit_transition(
         )
         try:
             await store.commit(
-                changed, runs=runs, messages=messages, applied=applied, deletes=deletes
-            )
+                changed, runs=runs, messages=messages, applied=applied, deletes=deletes,
+                claims=claims,
+            )  # fmt: skip
         except Conflict:
             current = await store.load_run(chat.chat_id, run.run_id)
             if current is None or current.etag != before.etag:
@@ -152,8 +172,9 @@ async def commit_transition(
         if run.status in ("expired", "cancelled", "failed") and not before.finished:
             # Expired, failed or cancelled mid-way: the backend may still be working on it.
             await services.cancel_remote(run, state.remote)
-        replies = await replies_of(services, store, chat, run)
-        return (*_transition_sends(services, chat, run, transition), *follow_ups, *replies)
+        replies = await replies_of(services, store, chat, run, changed)
+        steps = _transition_sends(services, chat, run, transition, in_process=bool(carrier))
+        return (*steps, *follow_ups, *replies)
     raise TransientError(f"the chat {chat.chat_id!r} kept changing; retrying the step later")
 
 
@@ -166,7 +187,9 @@ async def release_chat(
         if state.active_run_id != run_id:
             return ()
         now = services.clock()
-        nxt = await _next_run(services, store, chat, -1, state.total_messages, now)
+        nxt = await _next_run(
+            services, store, chat, -1, state.total_messages, now, state.next_run_seq
+        )
         messages = [nxt.message] if nxt.message is not None else []
         runs = [(nxt.run, False)] if nxt.run is not None else []
         changed = replace(
@@ -207,9 +230,12 @@ async def _next_run(
     after_seq: int,
     last_index: int,
     now: datetime,
+    state_next_seq: int,
 ) -> NextRun:
     """Start the first run queued after ``after_seq``: its user message is appended now (after
     message ``last_index``), so the history reads User, tool rounds, Assistant, User..."""
+    if after_seq >= 0 and state_next_seq <= after_seq + 1:
+        return NextRun()  # no post came after this run: nothing can be queued behind it
     queued = await store.next_queued_run(chat.chat_id, after_seq)
     if queued is None:
         return NextRun()
@@ -231,11 +257,12 @@ def _stored(message: NewMessage, index: int, run: Run, now: datetime) -> ChatMes
 
 
 def _transition_sends(
-    services: RunServices, chat: ChatRef, run: Run, transition: Transition
+    services: RunServices, chat: ChatRef, run: Run, transition: Transition, *, in_process: bool
 ) -> list[Send]:
     sends = []
     if transition.next_step_delay is not None and not run.finished:
-        sends.append(step_send(services, chat, run, transition.next_step_delay))
+        delay = transition.next_step_delay
+        sends.append(step_send(services, chat, run, delay, in_process=in_process))
     if transition.announce_tool_calls and run.reply_to:
         encoding = services.settings.message_encoding
         sends.append(tool_calls_required(chat, run, run.reply_to, encoding))
@@ -243,7 +270,13 @@ def _transition_sends(
 
 
 async def lost_follow_ups(
-    services: RunServices, store: ChatStore, chat: ChatRef, run: Run, active: str | None
+    services: RunServices,
+    store: ChatStore,
+    chat: ChatRef,
+    run: Run,
+    active: str | None,
+    *,
+    in_process: bool = False,
 ) -> tuple[Send, ...]:
     """What the step that brought ``run`` to its current state had to send, sent again.
 
@@ -260,7 +293,7 @@ async def lost_follow_ups(
                 return ()
             encoding = services.settings.message_encoding
             return (tool_calls_required(chat, run, run.reply_to, encoding),)
-        return (step_send(services, chat, run),)
+        return (step_send(services, chat, run, in_process=in_process),)
     sends = await replies_of(services, store, chat, run)
     if active and active != run.run_id:
         started = await store.load_run(chat.chat_id, active)

@@ -6,6 +6,7 @@ become a delayed step (Retry-After when the service gives one) instead of a slee
 """
 
 import asyncio
+import functools
 import json
 import random
 import uuid
@@ -25,7 +26,15 @@ from worker.runs import machine
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition
 from worker.runs.model import ModelTurn, Pending, Run, ToolCallRef
-from worker.store.claims import Busy, Claimed, Done, Superseded, model_claim_row_key
+from worker.store.claims import (
+    Busy,
+    Claimed,
+    ClaimResult,
+    Done,
+    NewClaim,
+    Superseded,
+    model_claim_row_key,
+)
 from worker.store.layout import (
     MAX_TEXT_UNITS_PER_ROW,
     MIN_TEXT_UNITS,
@@ -43,6 +52,9 @@ TOOL_TIMEOUT = 30.0
 # claim's expiry when that copy died) before it retries through the queue.
 CLAIM_PATIENCE = 30.0
 
+# Histories up to this many messages are shaped on the event loop (see ``_request``).
+INLINE_HISTORY = 64
+INLINE_CHARS = 200_000
 # History sent to the model: this share of the model's context window.
 CONTEXT_SHARE = 0.75
 # Transient model failures back off from 1 s to 60 s when the service gives no Retry-After.
@@ -118,6 +130,31 @@ def claim_rows(run: Run) -> list[str]:
     return []
 
 
+def acts_on(state: ChatState, run: Run, step: int, now: datetime) -> bool:
+    """Whether a delivery of step ``step`` does the run's work (else it is stale, or the run
+    waits for a producer's tool outputs)."""
+    if run.finished or run.step != step or state.active_run_id != run.run_id:
+        return False
+    return not (run.phase == "external" and now < run.expires_at)
+
+
+def claims_ahead(run: Run) -> list[NewClaim]:
+    """Claims on the local tool calls ``run`` is about to execute, written with the turn
+    that asked for them (for the worker that runs them next, in-process)."""
+    if run.phase != "tools" or run.finished:
+        return []
+    owner = uuid.uuid4().hex
+    return [
+        NewClaim(
+            tool_result_row_key(run.run_id, run.tool_rounds, c.id),
+            owner,
+            {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": c.id},
+        )
+        for c in run.pending_calls
+        if not c.external
+    ]
+
+
 def per_message_cap(count: int) -> int:
     """UTF-16 units each of ``count`` tool results may keep so that all of them fit one
     transaction, whatever the text (non-ASCII travels as 6-byte escapes)."""
@@ -181,8 +218,7 @@ class StepHandler:
         services = self._services
         chat = ChatRef(step.id, step.chat_storage_connection_setting, step.collection_name)
         store = await services.store(chat)
-        state = await store.load_state(step.id)
-        run = await store.load_run(step.id, step.run_id)
+        state, run, held = await self._load(store, step, context)
         if state is None or run is None:
             return HandlerResult(note="stale: the run no longer exists")
         fields = {"run_id": run.run_id, "step": run.step}
@@ -202,7 +238,7 @@ class StepHandler:
         try:
             if context.give_up is not None:
                 raise PermanentError(context.give_up, error_type="MaxDequeueCountExceeded")
-            transition = await self._perform(store, state, run)
+            transition = await self._perform(store, state, run, held)
         except StepSuperseded:
             return HandlerResult(note="stale: another delivery stored this step", log_fields=fields)
         except Exception as error:
@@ -214,17 +250,37 @@ class StepHandler:
             reason = services.redact(f"the run failed: {describe(error)}")
             transition = machine.fail(run, reason, services.clock())
         try:
-            effects = await self._commit(store, chat, state, run, transition)
+            effects = await self._commit(store, chat, state, run, transition, context)
         except StaleRun as stale:
+            self._forget_finished(chat.chat_id, run)
             return HandlerResult(
                 note="stale: another delivery advanced the run",
                 effects=await self._after_stale(store, chat, stale),
             )
+        self._forget_finished(chat.chat_id, run)
         if transition.run.finished:
             fields = {**fields, "run_status": transition.run.status, "api": run.api}
         return HandlerResult(
             note=f"{run.phase} -> {transition.run.status}", effects=effects, log_fields=fields
         )
+
+    async def _load(
+        self, store: ChatStore, step: RunStep, context: MessageContext
+    ) -> tuple[ChatState | None, Run | None, dict[str, str]]:
+        """The chat's state, the run, and the claims this process holds on the step's work.
+        A step whose previous step this process stored (in-process, or a poll it scheduled)
+        starts from what that commit wrote, without reading it again, and holds the claims
+        that commit created (only the step taken in-process right after it: a queued copy
+        could come late). A stale copy can only cost a wasted call, never a wrong write (the
+        commit's ETags refuse it) — as long as it is used only to act: a step that the copy
+        says to drop is decided again on what the table says."""
+        committed = store.committed(step.id, step.run_id)
+        now = self._services.clock()
+        if committed is not None and acts_on(committed.state, committed.run, step.step, now):
+            claims = committed.claims if context.in_process else {}
+            return committed.state, committed.run, claims
+        state = await store.load_state(step.id)
+        return state, await store.load_run(step.id, step.run_id), {}
 
     async def _commit(
         self,
@@ -233,21 +289,30 @@ class StepHandler:
         state: ChatState,
         run: Run,
         transition: Transition,
+        context: MessageContext,
     ) -> tuple[Send, ...]:
         """Store the transition; the step's claim rows go in the same transaction (they have
-        served their purpose once its results are stored)."""
+        served their purpose once its results are stored). The message this step came with
+        (or the one its in-process chain started from) becomes the run's carrier. When the
+        next step runs tools here at once, their calls are claimed in the same transaction."""
         services = self._services
+        carrier = context.message_id
         deletes = claim_rows(run)
-        if len(transition.messages) + 2 * len(deletes) + 4 > MAX_TRANSACTION_OPERATIONS:
-            deletes = []  # a huge round keeps its records rather than fail to fit
+        ahead = claims_ahead(transition.run) if context.continues_here else []
+        operations = len(transition.messages) + 2 * len(deletes) + len(ahead) + 4
+        if operations > MAX_TRANSACTION_OPERATIONS:
+            deletes, ahead = [], []  # a huge round keeps its records rather than fail to fit
         try:
             return await commit_transition(
-                services, store, chat, run, transition, state=state, deletes=deletes
-            )
+                services, store, chat, run, transition, state=state, deletes=deletes,
+                carrier=carrier, claims=ahead,
+            )  # fmt: skip
         except PermanentError as error:
             # The transition cannot be stored (too large): store the run's failure instead.
             failed = machine.fail(run, f"the run failed: {error.reason}", services.clock())
-            return await commit_transition(services, store, chat, run, failed, state=state)
+            return await commit_transition(
+                services, store, chat, run, failed, state=state, carrier=carrier
+            )
 
     async def _after_stale(
         self, store: ChatStore, chat: ChatRef, stale: StaleRun
@@ -271,24 +336,38 @@ class StepHandler:
         context: MessageContext,
     ) -> tuple[Send, ...]:
         """Re-send what this delivery's step had to send, when it is the run's direct
-        predecessor: it stored its transition, then failed to send (the queue service failed,
-        or a reply did not fit) and was retried. Without this the run would stall, or its
-        reply or toolCallsRequired event would be lost. Duplicates are harmless: a step acts
-        once, and events carry the run id."""
+        predecessor (it stored its transition, then failed to send: the queue service failed,
+        or a reply did not fit) or the run's carrier (a worker took the run's next steps
+        in-process, holding this message, and died or failed before it finished). Without
+        this the run would stall, or its reply or toolCallsRequired event would be lost.
+        Duplicates are harmless: a step acts once, and events carry the run id."""
         # Only a redelivery of the same message can have lost its sends; a first delivery
         # is a duplicate of a step that did send them, and must not copy itself onward.
-        if step.step != run.step - 1 or context.dequeue_count < 2:
+        if context.dequeue_count < 2 or context.in_process:
             return ()
-        return await lost_follow_ups(self._services, store, chat, run, state.active_run_id)
+        carried = bool(run.carrier) and run.carrier == context.message_id
+        if step.step != run.step - 1 and not carried:
+            return ()
+        return await lost_follow_ups(
+            self._services, store, chat, run, state.active_run_id, in_process=True
+        )
 
-    async def _perform(self, store: ChatStore, state: ChatState, run: Run) -> Transition:
+    def _forget_finished(self, chat_id: str, run: Run) -> None:
+        """The step is stored (or another delivery stored it): its outputs kept in memory
+        for a failed commit are not needed any more."""
+        for key in claim_rows(run):
+            self._finished.pop((chat_id, key), None)
+
+    async def _perform(
+        self, store: ChatStore, state: ChatState, run: Run, held: dict[str, str]
+    ) -> Transition:
         """Do the run's current step (call or poll the model, or run tools): its transition."""
         now = self._services.clock()
         if now >= run.expires_at:
             return machine.expire(run, now, self._services.settings.run_timeout)
         tools = ToolSetup(self._services, state.defaults)
         if run.phase == "tools":
-            return await self._run_tools(store, state, run, tools, now)
+            return await self._run_tools(store, state, run, tools, now, held)
         backend = self._services.backends.get(run.api)
         if backend is None:
             return machine.fail(run, f"unknown model API {run.api!r}", now)
@@ -349,17 +428,33 @@ class StepHandler:
         return result
 
     async def _run_tools(
-        self, store: ChatStore, state: ChatState, run: Run, tools: ToolSetup, now: datetime
+        self,
+        store: ChatStore,
+        state: ChatState,
+        run: Run,
+        tools: ToolSetup,
+        now: datetime,
+        held: dict[str, str],
     ) -> Transition:
         """Run the round's local calls, each claimed first, so that no call runs twice even
-        when two copies of this step run at once; calls finished earlier are not run again."""
+        when two copies of this step run at once; calls finished earlier are not run again.
+        ``held``: claims this process made with the turn (then nothing is read first).
+
+        An output is stored in its claim row as soon as it is ready while other calls of the
+        round still run (a kill then loses only the unfinished ones); the last one goes
+        straight into the round's transaction."""
         local = [c for c in run.pending_calls if not c.external]
-        outputs = await store.tool_results(state.chat_id, run.run_id, run.tool_rounds)
+        keys = {c.id: tool_result_row_key(run.run_id, run.tool_rounds, c.id) for c in local}
+        outputs: dict[str, str] = {}
+        if not all(key in held for key in keys.values()):
+            outputs = await store.tool_results(state.chat_id, run.run_id, run.tool_rounds)
         owner = uuid.uuid4().hex
         busy: list[datetime] = []
+        running = len([c for c in local if c.id not in outputs])
 
         async def execute(call: ToolCall) -> None:
-            key = tool_result_row_key(run.run_id, run.tool_rounds, call.id)
+            nonlocal running
+            key = keys[call.id]
             extra = {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": call.id}
             finished = self._finished.get((state.chat_id, key))
             if finished is not None:
@@ -370,14 +465,18 @@ class StepHandler:
                 )
                 outputs[call.id] = self._finished.pop((state.chat_id, key))
                 return
-            claim = await store.claims.acquire(
-                state.chat_id, key, owner=owner, value_property="Output",
-                patience=TOOL_TIMEOUT + CLAIM_PATIENCE, extra=extra,
-            )  # fmt: skip
-            if isinstance(claim, Superseded):
-                raise StepSuperseded()
-            if isinstance(claim, Claimed):
-                await self._check_current(store, state.chat_id, run, key, claim)
+            claim: ClaimResult
+            if key in held:
+                claim = Claimed(held[key])  # claimed with the turn that asked for the call
+            else:
+                claim = await store.claims.acquire(
+                    state.chat_id, key, owner=owner, value_property="Output",
+                    patience=TOOL_TIMEOUT + CLAIM_PATIENCE, extra=extra,
+                )  # fmt: skip
+                if isinstance(claim, Superseded):
+                    raise StepSuperseded()
+                if isinstance(claim, Claimed):
+                    await self._check_current(store, state.chat_id, run, key, claim)
             if isinstance(claim, Done):
                 outputs[call.id] = claim.value
                 return
@@ -394,11 +493,13 @@ class StepHandler:
                 output = result.output
             if len(self._finished) >= MAX_UNSTORED:
                 self._finished.clear()  # bounded: only ever more than a few during an outage
+            # Kept until the round is stored: a commit that fails stores it on its next try.
             self._finished[(state.chat_id, key)] = output
-            await store.save_tool_result(
-                state.chat_id, run.run_id, run.tool_rounds, call.id, output
-            )
-            self._finished.pop((state.chat_id, key), None)
+            running -= 1
+            if running > 0:
+                await store.save_tool_result(
+                    state.chat_id, run.run_id, run.tool_rounds, call.id, output
+                )
             outputs[call.id] = output
 
         results = await asyncio.gather(
@@ -425,9 +526,8 @@ class StepHandler:
     async def _request(
         self, store: ChatStore, state: ChatState, run: Run, tools: ToolSetup
     ) -> TurnRequest:
-        stored = await store.read_messages(state.chat_id, state.total_messages)
-        # Shaping a long history is CPU work: off the event loop, so leases renew on time.
-        messages = await asyncio.to_thread(
+        stored = await store.history(state)
+        shape = functools.partial(
             prepare_for_model,
             [to_model_message(m) for m in stored],
             token_budget(run.model, CONTEXT_SHARE),
@@ -435,6 +535,10 @@ class StepHandler:
             tools=tools.definitions,
             instructions=run.params.get("instructions"),
         )
+        # Shaping a long history is CPU work: off the event loop, so leases renew on time;
+        # a short one costs less than the hand-off to a thread.
+        big = len(stored) > INLINE_HISTORY or sum(len(m.content) for m in stored) > INLINE_CHARS
+        messages = await asyncio.to_thread(shape) if big else shape()
         params = run.params
         tool_choice = "none" if run.force_final else params.get("toolChoice")
         return TurnRequest(

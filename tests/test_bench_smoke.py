@@ -7,7 +7,15 @@ import re
 
 import pytest
 
-from bench import creates, latency, open_conversations, requests_per_run, scaleout, startup
+from bench import (
+    creates,
+    latency,
+    open_conversations,
+    profile,
+    requests_per_run,
+    scaleout,
+    startup,
+)
 from bench.common import Report, percentile, table
 
 
@@ -49,13 +57,18 @@ def test_latency_smoke() -> None:
         background=1.5,
         idle_ns=(0.5,),
         polling_caps=("1",),
+        settle=1.0,
+        cold=1,
+        long_delay=2.0,
     )
     numbers = report.numbers
-    assert _tables(report) == 3
+    assert _tables(report) == 4
     assert 0 < numbers["overhead_p50"] < 60
     assert 0 < numbers["by_hand_overhead_p50"] < 60
     assert _finite(*numbers["pickup_p50"].values())
     assert numbers["idle_per_minute"]["1"] > 0  # a worker polls its queues while idle
+    assert _finite(numbers["delayed_long_max"], *numbers["cold_pickup_p50"].values())
+    assert _finite(numbers["received_late_max"])
 
 
 def test_creates_smoke() -> None:
@@ -95,3 +108,14 @@ def test_startup_smoke(before: str | None) -> None:
     # The run path on empty queues loads no model SDK and no metrics library.
     loaded = results["after"]["loaded_on_run"]
     assert not loaded["openai"] and not loaded["prometheus_client"]
+
+
+def test_profile_smoke() -> None:
+    report = profile.measure(chats=3, before=None, top=5)
+    numbers = report.numbers
+    assert _tables(report) == 4  # figures, areas, own time, cumulative time
+    assert numbers["replies"] == numbers["completed"] == 3
+    assert numbers["model_calls"] == 9  # the weather turn, three times
+    assert 0 < numbers["cpu_ms_per_post"] < 60_000
+    assert numbers["areas_ms"][profile.WORKER] > 0 and numbers["worker_top"]
+    assert "`worker/loop.py:_handle`" in report.markdown()

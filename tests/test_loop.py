@@ -363,3 +363,102 @@ def test_a_step_delivered_too_often_ends_its_run_instead_of_being_dead_lettered(
     [(_, context)] = steps.calls
     assert context.give_up is not None and "without finishing" in context.give_up
     assert poison(broker) == []
+
+
+# --- steps taken in-process ---------------------------------------------------------------------
+
+
+def step_payload(step: int) -> dict[str, Any]:
+    return {"type": "runStep", "id": "c", "runId": "r", "step": step}
+
+
+def test_steps_due_at_once_are_taken_in_process_with_the_carrier() -> None:
+    """A handler's step marked in_process is not sent: the loop runs it at once, in this
+    process, with the handled message's id (the run's carrier), and so on down the chain;
+    a delayed step and the other effects go to their queues; the carrier is deleted last."""
+    broker = MemoryBroker()
+    seen: list[tuple[int, MessageContext, bool]] = []
+
+    async def post(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        first = Send(SETTINGS.runs_queue, step_payload(0), in_process=True)
+        return HandlerResult(note="run started", effects=(first, Send("replies", {"a": 1})))
+
+    async def step(message: Any, context: MessageContext) -> HandlerResult:
+        held = context.message_id in broker.queue(REQUESTS).messages
+        seen.append((message.step, context, held))
+        if message.step == 3:
+            return HandlerResult(note="polled")
+        if message.step < 2:
+            effect = Send(SETTINGS.runs_queue, step_payload(message.step + 1), in_process=True)
+        else:
+            effect = Send(SETTINGS.runs_queue, step_payload(3), delay=0.2)  # must wait
+        return HandlerResult(note="stepped", effects=(effect,))
+
+    registry = HandlerRegistry(requests={"assistantCreate": post}, runs={"runStep": step})
+    carrier = send(broker, {"id": "c"})
+    asyncio.run(Worker(broker, registry, SETTINGS).run_until_idle())
+    assert [number for number, _, _ in seen] == [0, 1, 2, 3]
+    chain, (_, polled, _) = seen[:3], seen[3]
+    assert all(c.message_id == carrier and c.in_process and c.continues_here for _, c, _ in chain)
+    assert all(held for _, _, held in chain), "the carrier stays leased during the chain"
+    assert not polled.in_process and polled.message_id != carrier, "the wait is a message"
+    assert broker.queue(REQUESTS).bodies() == [], "the carrier is deleted when the chain ends"
+    assert [json.loads(b) for b in broker.queue("replies").bodies()] == [{"a": 1}]
+
+
+def test_a_step_that_fails_in_process_goes_to_the_runs_queue() -> None:
+    """Any failure of an in-process step but a storage outage sends that step to the runs
+    queue, delayed like a first failed delivery; the carrier completes."""
+    broker = MemoryBroker()
+
+    async def post(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        return HandlerResult(
+            note="run started",
+            effects=(Send(SETTINGS.runs_queue, step_payload(0), in_process=True),),
+        )
+
+    calls: list[MessageContext] = []
+
+    async def step(message: Any, context: MessageContext) -> HandlerResult:
+        calls.append(context)
+        if context.in_process:
+            raise TransientError("another worker holds a claim", retry_after=0.3)
+        return HandlerResult(note="stepped")
+
+    registry = HandlerRegistry(requests={"assistantCreate": post}, runs={"runStep": step})
+    carrier = send(broker, {"id": "c"})
+    settings = Settings.from_env(
+        {"WORKER_MAX_POLLING_INTERVAL": "0.05", "WORKER_RETRY_MAX_DELAY": "10"}
+    )
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(Worker(broker, registry, settings).run_until_idle())
+    assert broker.queue(REQUESTS).bodies() == []
+    assert [c.in_process for c in calls] == [True, False]
+    assert calls[1].message_id != carrier and calls[1].dequeue_count == 1
+    [queued] = [e for e in logs if e["event"] == "step.queued"]
+    assert "claim" in queued["reason"] and queued["delay_seconds"] == 0.3
+    completed = [e for e in logs if e["event"] == "message.completed"]
+    assert [e["type"] for e in completed] == ["assistantCreate", "runStep"]
+
+
+def test_in_process_steps_can_be_turned_off() -> None:
+    """WORKER_IN_PROCESS_STEPS=false: a step marked in_process is sent like any other and
+    comes back as a message of its own."""
+    broker = MemoryBroker()
+    steps = Recorder()
+
+    async def post(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        assert not context.continues_here
+        return HandlerResult(
+            note="run started",
+            effects=(Send(SETTINGS.runs_queue, step_payload(0), in_process=True),),
+        )
+
+    settings = Settings.from_env(
+        {"WORKER_IN_PROCESS_STEPS": "false", "WORKER_MAX_POLLING_INTERVAL": "0.05"}
+    )
+    registry = HandlerRegistry(requests={"assistantCreate": post}, runs={"runStep": steps})
+    carrier = send(broker, {"id": "c"})
+    asyncio.run(Worker(broker, registry, settings).run_until_idle())
+    [(_, context)] = steps.calls
+    assert not context.in_process and context.message_id != carrier

@@ -162,6 +162,9 @@ def test_runs_are_counted_by_status_and_api(storage: StorageEnv) -> None:
     samples = run(scenario())
     assert total(samples, "assistant_worker_runs_total") == 1
     assert value(samples, "assistant_worker_runs_total", status="completed", api="chat") == 1
+    # The run's steps were taken in-process after its post (none went through the queue).
+    assert value(samples, "assistant_worker_steps_in_process_total", outcome="completed") >= 1
+    assert not total(samples, "assistant_worker_messages_total", type="runStep")
 
 
 def test_metrics_are_off_without_the_http_port(storage: StorageEnv) -> None:

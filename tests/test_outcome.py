@@ -1,13 +1,10 @@
 """The pure retry/dead-letter decision and the backoff schedules."""
 
-import random
-
 from schemas import InvalidMessage
 from worker.errors import PermanentError, TransientError
 from worker.outcome import (
     Complete,
     DeadLetter,
-    IdleBackoff,
     Retry,
     RetryPolicy,
     backoff,
@@ -72,15 +69,3 @@ def test_messages_delivered_too_often_are_dead_lettered_before_running() -> None
     outcome = check_before_running(6, POLICY)
     assert isinstance(outcome, DeadLetter)
     assert outcome.error_type == "MaxDequeueCountExceeded"
-
-
-def test_idle_backoff_grows_from_100ms_to_the_cap_and_resets() -> None:
-    """Empty polls back off exponentially (randomized) and a message resets the backoff."""
-    idle = IdleBackoff(maximum=1.0)
-    rng = random.Random(7)
-    delays = [idle.next_delay(rng) for _ in range(8)]
-    assert 0.05 <= delays[0] <= 0.1
-    assert all(0.5 <= d <= 1.0 for d in delays[5:])
-    assert max(delays) <= 1.0
-    idle.reset()
-    assert idle.next_delay(rng) <= 0.1

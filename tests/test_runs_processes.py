@@ -161,8 +161,9 @@ def test_sigkill_mid_run_then_restart(
 ) -> None:
     """A worker SIGKILLed while two runs are mid-flight — one in the middle of a tool round
     (a quick tool finished, a slow one still running), one in the model call that follows its
-    tool round — and a second worker started: both runs complete, every tool call finished
-    exactly once (a tool interrupted by the kill is started again), no message lost."""
+    tool round (between two steps taken in-process) — and a second worker started: both runs
+    complete, every tool call finished exactly once (a tool interrupted by the kill is started
+    again), no message lost."""
     in_tools, in_model = f"kill-tools-{storage.suffix}", f"kill-model-{storage.suffix}"
     fake.script(
         "kill-tools",
@@ -214,6 +215,12 @@ def test_sigkill_mid_run_then_restart(
         run(storage.send(post_body(in_tools, storage.table, "Go", replyTo=replies.name)))
         run(storage.send(post_body(in_model, storage.table, "Go", replyTo=replies.name)))
         wait_until(mid_flight, timeout=30, what=lambda: f"both runs mid-flight:\n{first.tail()}")
+        # kill-model's tool round was taken in-process, after the model step that came with
+        # its post: the kill falls between two in-process steps, and nothing but that post,
+        # still leased by the dead worker, is left to continue the run.
+        in_process = [e for e in first.events("step.completed") if e.get("chat_id") == in_model]
+        assert [e["step"] for e in in_process] == [0, 1], first.tail()
+        assert queue_count(storage, storage.runs_queue) == 0
         first.kill()
         assert first.proc.returncode == -signal.SIGKILL
 

@@ -79,6 +79,9 @@ def test_a_run_shared_by_two_processes_is_one_trace(
             **model_env(fake.base_url),
             WORKER_TOOLS="tests.support.runs",
             WORKER_MAX_POLLING_INTERVAL="0.2",
+            # Every step a runStep message, so that the second process takes the steps the
+            # first one left when it stopped (in-process steps would finish the run there).
+            WORKER_IN_PROCESS_STEPS="false",
             WORKER_TRACE_FILE=str(files[name]),
             OTEL_SERVICE_NAME=f"worker-{name}",
         )

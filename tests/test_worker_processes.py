@@ -159,7 +159,7 @@ def test_sigterm_drains_then_releases_the_rest(
     """SIGTERM: exit within the grace period, finished work deleted, the rest released."""
     chats = 40
     grace = 5.0
-    # Half the chats live behind a table endpoint that answers in ~1.5 s, half behind one
+    # Half the chats live behind a table endpoint that answers in ~1.2 s, half behind one
     # that takes over 10 s per call. At SIGTERM the worker has creates of both kinds in
     # flight: the fast ones must finish within the grace, the slow ones cannot and must be
     # abandoned and released.
@@ -178,7 +178,8 @@ def test_sigterm_drains_then_releases_the_rest(
     with TcpProxy(HOST, azurite.table_port) as fast, TcpProxy(HOST, azurite.table_port) as slow:
         # Fast creates take long enough that the ones received after the first completions
         # are still in flight at SIGTERM, and short enough to finish within the grace.
-        fast.set_delay(0.4)
+        # (A create of a new chat is one table request.)
+        fast.set_delay(1.2)
         slow.set_delay(30.0)
         env = storage.env(
             AzureWebJobsStorage=azurite.connection_string_with(table_port=fast.port),

@@ -133,6 +133,9 @@ class AzureQueueBroker:
             sent = await client.send_message(body, **options)
         return str(sent.id)
 
+    def visible_after(self, delay: float) -> float:
+        return float(_whole_seconds(delay))
+
     async def ensure_queues(self, names: Iterable[str]) -> None:
         missing = [name for name in names if name not in self._known]
 

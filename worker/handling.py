@@ -25,6 +25,9 @@ class Send:
     # A producer's queue (replies, events): a failure to send is logged, not retried. The
     # run's state is in the chat; a producer that missed an event can query it.
     best_effort: bool = False
+    # A step of the run the handled message carries, due now: the loop may take it at once
+    # in this process instead of sending it (SPEC §5); the message stays leased meanwhile.
+    in_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,12 @@ class MessageContext:
     # Set when the message was delivered more often than allowed (earlier attempts may have
     # crashed the worker): a handler that can end its work safely does so, saying why.
     give_up: str | None = None
+    # A step taken in-process after the handled message (``message_id`` is that message's,
+    # the run's carrier): not a delivery of its own.
+    in_process: bool = False
+    # Whether a step the handler leaves due now is taken in this process (the loop's
+    # WORKER_IN_PROCESS_STEPS), so that work for it may be claimed ahead.
+    continues_here: bool = False
 
 
 Handler = Callable[[Any, MessageContext], Awaitable[HandlerResult]]

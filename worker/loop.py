@@ -20,14 +20,13 @@ import structlog
 from schemas import Message, decode_body, encode_body, parse_message
 from worker.deadletter import envelope_body, request_id_of
 from worker.errors import TransientError
-from worker.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole
+from worker.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole, Send
 from worker.lease import Lease
 from worker.observability.health import Health
 from worker.outage import StorageGate, is_storage_failure
 from worker.outcome import (
     Complete,
     DeadLetter,
-    IdleBackoff,
     Outcome,
     Retry,
     RetryPolicy,
@@ -35,6 +34,7 @@ from worker.outcome import (
     decide,
     describe,
 )
+from worker.polling import PollSchedule, policies
 from worker.redact import Redactor
 from worker.settings import Settings
 from worker.transport import (
@@ -87,6 +87,8 @@ class Worker:
         self.registry = registry
         self.settings = settings
         self.redact = redactor or Redactor(settings.secrets())
+        # Steps due at once are taken here, without a queue hop (SPEC §5).
+        self.in_process_steps = settings.in_process_steps
         self.policy = RetryPolicy(
             max_dequeue_count=settings.max_dequeue_count,
             base_delay=settings.retry_delay,
@@ -106,10 +108,23 @@ class Worker:
             (broker.queue(settings.deadlines_queue), "deadlines"),
             (broker.queue(settings.requests_queue), "requests"),
         ]
+        # When each queue is polled (worker.polling): often for a while after activity, then
+        # backing off per queue, and woken when a message the worker delayed falls due.
+        self._polls = PollSchedule(
+            policies(
+                runs=settings.runs_queue,
+                deadlines=settings.deadlines_queue,
+                requests=settings.requests_queue,
+                max_polling_interval=settings.max_polling_interval,
+            ),
+            time.monotonic(),
+            self._rng,
+        )
         self._inflight: dict[asyncio.Task[None], Lease] = {}
         # Probes and metrics (worker.observability); metrics None: nothing is reported.
         self.health = health or Health()
         self._observe = metrics.observe_message if metrics is not None else _not_observed
+        self._observe_step = metrics.observe_step if metrics is not None else _not_observed
         # One span per message (worker.observability.tracing); None: no spans.
         self._tracing = tracing
         if tracing is not None:
@@ -148,36 +163,39 @@ class Worker:
         self._log.info(
             "worker.started", queues=names, burst=burst, concurrency=self.settings.concurrency
         )
-        idle = IdleBackoff(maximum=self.settings.max_polling_interval)
         try:
             while not self._stopping.is_set():
                 if self.gate is not None and not self.gate.is_open:
                     # Storage is out: receiving would only lease messages that cannot run.
                     await self.gate.wait_open(self.settings.max_polling_interval, self._stopping)
                     continue
-                if await self._receive_round() > 0:
-                    idle.reset()
-                    continue
-                if burst and not self._inflight and await self._queues_empty():
+                received = await self._receive_round()
+                if burst and not received and not self._inflight and await self._queues_empty():
                     break
-                await self._pause(idle.next_delay(self._rng))
+                await self._pause()
         finally:
             await self._drain()
             self.health.mark_stopped()
             self._log.info("worker.stopped", **dict(self.stats))
 
     async def _receive_round(self) -> int:
-        """Receive one batch from each queue, bounded by the free slots; returns the count."""
+        """Receive one batch from each queue whose poll is due, bounded by the free slots;
+        returns the count."""
         received = 0
         for queue, role in self._queues:
             free = self.settings.concurrency - len(self._inflight)
             if free <= 0 or self._stopping.is_set():
                 break
+            sent_at = time.monotonic()
+            if not self._polls.is_due(queue.name, sent_at):
+                continue
+            asked = min(free, MAX_RECEIVE)
             try:
                 deliveries = await self._unless_stopped(
-                    queue, queue.receive(min(free, MAX_RECEIVE), self.settings.visibility_timeout)
+                    queue, queue.receive(asked, self.settings.visibility_timeout)
                 )
             except Exception as error:
+                self._polls.polled(queue.name, sent_at, 0, asked)
                 self._log.warning(
                     "queue.receive_failed", queue=queue.name, error=self.redact(describe(error))
                 )
@@ -186,6 +204,7 @@ class Worker:
                 ):
                     await self.gate.confirm_outage(error)
                 continue
+            self._polls.polled(queue.name, sent_at, len(deliveries), asked)
             for delivery in deliveries:
                 lease = Lease(queue, delivery, self.settings.visibility_timeout)
                 context, end_span = self._tracing.start(delivery) if self._tracing else (None, None)
@@ -233,15 +252,21 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
+        self._polls.finished(time.monotonic())
         self._activity.set()
 
-    async def _pause(self, delay: float) -> None:
-        """Sleep ``delay`` seconds, waking early when a message finishes or on stop.
+    async def _pause(self) -> None:
+        """Sleep until the next poll is due, waking early when a message finishes, when a
+        wake-up is scheduled, or on stop.
 
-        Waking on a finished message matters when every slot was busy: it frees one.
+        With every slot busy nothing is due: a message finishing frees one.
         """
         self._activity.clear()
         if self._stopping.is_set():
+            return
+        free = self.settings.concurrency - len(self._inflight)
+        delay = self._polls.sleep(time.monotonic(), free)
+        if delay is not None and delay <= 0:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._activity.wait(), timeout=delay)
@@ -389,11 +414,23 @@ class Worker:
             dequeue_count=attempt,
             request_id=request_id,
             give_up=give_up,
+            continues_here=self.in_process_steps,
         )
         result = await handler(message, context)
-        # Follow-ups go out before the ack: if we die in between, the redelivered message
-        # sends them again, and their consumers are idempotent.
-        for send in result.effects:
+        await self._send_effects(result.effects, fields)
+        steps = [send for send in result.effects if send.in_process and self.in_process_steps]
+        if steps:
+            await self._continue_in_process(steps, context, fields)
+        return result
+
+    async def _send_effects(self, effects: tuple[Send, ...], fields: dict[str, Any]) -> None:
+        """Send a handler's follow-ups, but the steps it left for this process to take.
+
+        Follow-ups go out before the ack: if we die in between, the redelivered message sends
+        them again, and their consumers are idempotent."""
+        for send in effects:
+            if send.in_process and self.in_process_steps:
+                continue
             body = encode_body(send.payload, self.settings.message_encoding)
             try:
                 await self.broker.send(send.queue, body, delay=send.delay)
@@ -408,7 +445,80 @@ class Worker:
                     raise
                 self._log.warning("reply.dropped", reply_queue=send.queue,
                                   error=self.redact(describe(error)), **fields)  # fmt: skip
-        return result
+                continue
+            if send.delay > 0:
+                self._scheduled(send.queue, send.delay)
+
+    async def _continue_in_process(
+        self, steps: list[Send], carrier: MessageContext, fields: dict[str, Any]
+    ) -> None:
+        """Take the run steps a handler left due now, here, one after the other, instead of
+        sending each through the runs queue (SPEC §5). The handled message stays leased
+        meanwhile and is the run's carrier: each step's commit records its id, so if this
+        worker dies between two steps, the message's redelivery continues the run from the
+        last stored step (see ``handlers.step``). A step that fails here for any reason but
+        a storage outage goes to the runs queue as it would have without this; a storage
+        failure fails the carrier, whose re-run continues the run."""
+        pending = list(steps)
+        while pending:
+            send = pending.pop(0)
+            step: Message = parse_message(send.payload)
+            context = MessageContext(
+                queue=send.queue,
+                message_id=carrier.message_id,
+                dequeue_count=1,
+                request_id=carrier.message_id,
+                in_process=True,
+                continues_here=True,
+            )
+            started = time.monotonic()
+            step_fields = {"step": getattr(step, "step", None), "in_process": True}
+            span = (
+                self._tracing.in_process_step(send.payload, send.queue, carrier.message_id)
+                if self._tracing is not None
+                else contextlib.nullcontext(_not_observed)
+            )
+            try:
+                with (
+                    span as completed,
+                    structlog.contextvars.bound_contextvars(type=step.type, **step_fields),
+                ):
+                    result = await self.registry.handler_for("runs", step)(step, context)
+                    completed({**fields, "type": step.type, **result.log_fields})
+            except Exception as error:
+                if is_storage_failure(error, self.settings.default_storage_setting):
+                    raise
+                await self._queue_step(send, error, fields)
+                self._observe_step("queued", {})
+                continue
+            self.stats["steps_in_process"] += 1
+            self._observe_step("completed", result.log_fields)
+            self._log.info(
+                "step.completed",
+                outcome=result.note,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+                **{**fields, "type": step.type, **step_fields, **result.log_fields},
+            )
+            await self._send_effects(result.effects, fields)
+            pending.extend(send for send in result.effects if send.in_process)
+
+    async def _queue_step(self, send: Send, error: Exception, fields: dict[str, Any]) -> None:
+        """An in-process step failed: it goes to the runs queue, delayed as a first failed
+        delivery of it would be (its message then carries the run)."""
+        outcome = decide(error, 1, self.policy, self._rng.random())
+        delay = outcome.delay if isinstance(outcome, Retry) else 0.0
+        self._log.warning("step.queued", reason=self.redact(describe(error)),
+                          delay_seconds=round(delay, 3), **fields)  # fmt: skip
+        body = encode_body(send.payload, self.settings.message_encoding)
+        await self.broker.send(send.queue, body, delay=delay)
+        self._scheduled(send.queue, delay)
+
+    def _scheduled(self, queue_name: str, delay: float) -> None:
+        """A message this worker sent to ``queue_name`` becomes visible in ``delay`` s (the
+        poll schedule wakes for it)."""
+        due = time.monotonic() + self.broker.visible_after(delay)
+        self._polls.wake_at(queue_name, due)
+        self._activity.set()  # the loop may be sleeping past it
 
     async def _apply(
         self,
@@ -431,6 +541,7 @@ class Worker:
                     )
                 case Retry(delay=delay, reason=reason):
                     await lease.release(delay)
+                    self._scheduled(lease.queue.name, delay)
                     self.stats["retried"] += 1
                     self._observe("retried", fields, started)
                     self._log.warning(

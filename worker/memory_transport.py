@@ -118,6 +118,9 @@ class MemoryBroker:
     ) -> str:
         return self.queue(queue).put(body, delay=delay, time_to_live=time_to_live)
 
+    def visible_after(self, delay: float) -> float:
+        return max(delay, 0.0)
+
     async def ensure_queues(self, names: Iterable[str]) -> None:
         for name in names:
             self.queue(name)

@@ -4,7 +4,6 @@
 or dead-letter) and nothing else in the code acks, retries or dead-letters a message.
 """
 
-import random
 from dataclasses import dataclass
 
 from schemas import InvalidMessage
@@ -132,23 +131,3 @@ def check_before_running(
             "MaxDequeueCountExceeded",
         )
     return None
-
-
-@dataclass
-class IdleBackoff:
-    """Randomized exponential backoff for polling an empty queue (as the Functions trigger).
-
-    Starts at 100 ms, doubles on every empty receive up to ``maximum``, resets on a message.
-    """
-
-    maximum: float
-    minimum: float = 0.1
-    current: float = 0.0
-
-    def next_delay(self, rng: random.Random) -> float:
-        self.current = self.minimum if self.current == 0 else min(self.current * 2, self.maximum)
-        # Full jitter within the upper half keeps replicas from polling in lockstep.
-        return self.current * (0.5 + rng.random() / 2)
-
-    def reset(self) -> None:
-        self.current = 0.0

@@ -149,6 +149,15 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _switch(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     """One tunable: its environment variable, its field, how to parse it, and its help."""
@@ -219,7 +228,9 @@ SPECS: tuple[SettingSpec, ...] = (
         "max_polling_interval",
         _seconds,
         "10",
-        "cap, in seconds, of the idle-queue backoff (which starts at 0.1 s)",
+        "cap, in seconds, of the requests queue's idle backoff (the runs queue: twice it, the "
+        "deadlines queue: six times it, at most 60 s); for 35 s after a message the worker "
+        "polls every 0.2 s",
     ),
     SettingSpec(
         "WORKER_RETRY_DELAY",
@@ -256,6 +267,14 @@ SPECS: tuple[SettingSpec, ...] = (
         "120",
         "seconds after it was enqueued that a post or submit for a chat that does not exist "
         "(yet) is retried before it is dead-lettered",
+    ),
+    SettingSpec(
+        "WORKER_IN_PROCESS_STEPS",
+        "in_process_steps",
+        _switch,
+        "true",
+        "take a run's steps that are due at once in the worker that holds the run, without a "
+        "queue hop (false: every step goes through the runs queue)",
     ),
     SettingSpec(
         "WORKER_POLL_BACKOFF",
@@ -362,6 +381,7 @@ class Settings:
     shutdown_grace: float = 25.0
     run_timeout: float = 600.0
     create_grace: float = 120.0
+    in_process_steps: bool = True
     poll_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0)
     chat_model: str = "gpt-4o-mini"
     model_api: str = "chat"

@@ -70,6 +70,10 @@ class Broker(Protocol):
         exist yet is created.
         """
 
+    def visible_after(self, delay: float) -> float:
+        """Seconds after a send or release with ``delay`` until the message is visible (the
+        poll schedule wakes then: Azure rounds delays up to whole seconds)."""
+
     async def ensure_queues(self, names: Iterable[str]) -> None:
         """Create the queues that do not exist."""
 

@@ -257,7 +257,9 @@ def record_sends(app: App, into: list[SentMessage]) -> Callable[..., Awaitable[s
 
 def lose_steps(app: App) -> None:
     """Drop the steps of the first run the worker starts (as if they were lost or
-    dead-lettered); the steps of later runs go out as usual."""
+    dead-lettered); the steps of later runs go out as usual. Every step goes through the
+    runs queue (none is taken in-process), where such losses happen."""
+    app.worker.in_process_steps = False
     original = app.broker.send
     lost: list[str] = []
 
@@ -275,6 +277,7 @@ def lose_steps(app: App) -> None:
 def duplicate_steps(app: App) -> list[str]:
     """Send every runStep twice (as a duplicated message would be): both copies are taken
     together, so the same step runs twice at the same time. Returns the duplicated run ids."""
+    app.worker.in_process_steps = False  # every step through the queue, to be doubled
     original = app.broker.send
     doubled: list[str] = []
 

@@ -74,6 +74,13 @@ class Metrics:
             ["status", "api"],
             registry=registry,
         )
+        self.steps_in_process = Counter(
+            "assistant_worker_steps_in_process",
+            "Run steps taken in-process after the message that carries their run, by outcome "
+            "(completed; queued: it failed here and went to the runs queue).",
+            ["outcome"],
+            registry=registry,
+        )
         self.model_duration = Histogram(
             "assistant_worker_model_call_duration_seconds",
             "Seconds per model call (begin or poll), by API, model and outcome "
@@ -147,6 +154,14 @@ class Metrics:
             self.handler_duration.labels(queue, message_type).observe(time.monotonic() - started)
         if outcome == "dead_lettered":
             self.dead_letters.labels(queue, error_type or UNKNOWN).inc()
+        status = fields.get("run_status")
+        if status:
+            self.runs.labels(str(status), str(fields.get("api") or UNKNOWN)).inc()
+
+    def observe_step(self, outcome: str, fields: Mapping[str, Any]) -> None:
+        """A run step taken in-process (no message of its own); a run it ended is counted
+        as the end of a run a message reports is (``run_status``, ``api``)."""
+        self.steps_in_process.labels(outcome).inc()
         status = fields.get("run_status")
         if status:
             self.runs.labels(str(status), str(fields.get("api") or UNKNOWN)).inc()

@@ -25,9 +25,10 @@ rest to the configured one (``OTEL_TRACES_SAMPLER``, Azure Monitor's).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import Context, copy_context
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -386,6 +387,34 @@ class MessageTracing:
             span.end()
 
         return context, end
+
+    @contextlib.contextmanager
+    def in_process_step(
+        self, payload: Mapping[str, Any], queue: str, carrier_id: str
+    ) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+        """The span of a run step taken in-process (no message of its own): named and
+        parented like the span of a ``runStep`` message (the run's trace context), current
+        while the step runs; ``assistant_worker.carrier`` names the message it came with.
+        Yields what to call with the step's log fields when it completed."""
+        traceparent = payload.get("traceparent")
+        span = self._tracer.start_span(
+            "process runStep",
+            context=_parent_context(traceparent if isinstance(traceparent, str) else None),
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "messaging.system": MESSAGING_SYSTEM,
+                "messaging.destination.name": queue,
+                "assistant_worker.message.type": "runStep",
+                "assistant_worker.in_process": True,
+                "assistant_worker.carrier": carrier_id,
+            },
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            yield lambda fields: annotate_outcome(span, "completed", fields)
+        finally:
+            otel_context.detach(token)
+            span.end()
 
     @staticmethod
     def observing(

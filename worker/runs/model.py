@@ -110,6 +110,9 @@ class Run:
     etag: str | None = None
     # Set anew by every stored transition: tells which delivery's write landed.
     commit_id: str = ""
+    # The queue message whose redelivery continues the run while one worker takes its steps
+    # in-process (SPEC §5): the post or step it started from, held and renewed meanwhile.
+    carrier: str = ""
     # The W3C trace context the run continues (the producer's, or its post's span): every
     # step and reply of the run carries it (SPEC §10).
     traceparent: str | None = None

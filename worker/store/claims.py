@@ -72,6 +72,29 @@ class Superseded:
 ClaimResult = Claimed | Done | Busy | Superseded
 
 
+@dataclass(frozen=True)
+class NewClaim:
+    """A claim written in the transaction that creates the work (see ``ChatStore.commit``):
+    the worker that stores a turn's tool calls claims them at once, for the step it takes
+    next in-process, which then needs no request to claim them."""
+
+    row_key: str
+    owner: str
+    extra: dict[str, Any]
+
+    def entity(self, chat_id: str) -> dict[str, Any]:
+        return claim_entity(chat_id, self.row_key, self.owner, self.extra)
+
+
+def claim_entity(
+    chat_id: str, row_key: str, owner: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A live claim row: held by ``owner`` for ``CLAIM_TTL`` seconds from now."""
+    entity = {"PartitionKey": chat_id, "RowKey": row_key, "State": CLAIMED, "Owner": owner}
+    entity.update(extra or {})
+    return _expiring(entity)
+
+
 def model_claim_row_key(run_id: str, step: int) -> str:
     """The claim of the model call that one step of a run makes."""
     return f"{CLAIM_PREFIX}{run_id}-{step:06d}"
@@ -104,11 +127,10 @@ class Claims:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
-        entity = {"PartitionKey": chat_id, "RowKey": row_key, "State": CLAIMED, "Owner": owner}
-        entity.update(extra or {})
+        entity = claim_entity(chat_id, row_key, owner, extra)
         async with storage_errors("claim a call", self._where, self._setting):
             try:
-                created = await self._client.create_entity(_expiring(entity))
+                created = await self._client.create_entity(entity)
                 return Claimed(_etag(created))
             except ResourceExistsError:
                 pass

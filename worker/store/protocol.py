@@ -11,7 +11,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from worker.runs.model import Run
-from worker.store.claims import Claimed, ClaimResult
+from worker.store.cache import Committed
+from worker.store.claims import Claimed, ClaimResult, NewClaim
 from worker.store.layout import AppliedRecord, AppliedRequest, ChatMessage, ChatState
 from worker.store.removal import Removal
 
@@ -57,6 +58,10 @@ class ChatStore(Protocol):
 
     async def read_messages(self, chat_id: str, upto: int | None = None) -> list[ChatMessage]: ...
 
+    async def history(self, state: ChatState) -> list[ChatMessage]: ...
+
+    def committed(self, chat_id: str, run_id: str) -> Committed | None: ...
+
     async def run_messages(self, chat_id: str, run_id: str) -> list[ChatMessage]: ...
 
     async def applied_run(self, chat_id: str, request_id: str) -> tuple[bool, str | None]: ...
@@ -79,6 +84,7 @@ class ChatStore(Protocol):
         messages: Sequence[ChatMessage] = (),
         applied: AppliedRequest | None = None,
         deletes: Sequence[str] = (),
+        claims: Sequence[NewClaim] = (),
     ) -> None: ...
 
     async def reset_chat(

@@ -10,9 +10,17 @@ table transactions (100 operations each), and other workers may write to the cha
   never looks missing while it is being reset;
 - applied-request records (``req-``) survive, so that a replay of an old request is still
   recognised; they are not even listed (they grow with every request ever applied): the
-  request's own record is checked by a point read;
+  request's own record is found by a create of it failing, or by a point read;
 - the runs that went are returned, read after the listing of the pass that deleted them, so
-  that the producers waiting on any of them, a post that arrived mid-way included, are told.
+  that the producers waiting on any of them, a post that arrived mid-way included, are told;
+- a create first tries to make a new chat in one transaction and no read: the applied
+  record, the ``state`` row and the first message, each created only if absent. If one exists
+  (409) nothing was written: the record (the first operation) means a redelivery, confirmed by
+  a point read; a later one means a chat to reset, whose record did not exist, and the path
+  above goes on without the point read. A chat without a ``state`` row holds no messages or
+  runs (a delete removes the state row last; messages and runs are written under its ETag),
+  at most rows a step of a deleted chat's run wrote unguarded afterwards (tool results,
+  claims), keyed by that run's unique id, which the next reset or delete lists and removes.
 """
 
 from collections.abc import Callable, Iterable
@@ -58,11 +66,18 @@ class Removal:
 
 
 async def reset_chat(
-    store: "TableChatStore", state: ChatState, first_message: ChatMessage, applied: AppliedRequest
+    store: "TableChatStore",
+    state: ChatState,
+    first_message: ChatMessage,
+    applied: AppliedRequest,
+    *,
+    existed: bool = False,
 ) -> Removal | None:
     """Create the chat afresh: None if the request was applied already.
 
-    The old rows but the ``state`` row and the first message are deleted; then one transaction
+    A new chat is one transaction of creates, with no read (``_create_new``); a chat the
+    caller knows to exist (``existed``: it has its messages in memory) skips it. Otherwise the
+    old rows but the ``state`` row and the first message are deleted; then one transaction
     replaces the ``state`` row under its ETag (or creates it), writes the first message and the
     applied record, and deletes the last old rows. A crash in between leaves no record, so the
     redelivered request simply does it again.
@@ -81,10 +96,50 @@ async def reset_chat(
         operations.append(("create", applied_request_entity(chat_id, applied)))
         return operations
 
-    if await store.applied_record(chat_id, applied.request_id) is not None:
-        return None
     keep = frozenset({STATE_ROW, first_key})
+    if existed:
+        # A chat this process has read or written: the creates would fail; list it at once.
+        return await _rewrite(
+            store, chat_id, applied.request_id, keep=keep, final=final, unchecked=True
+        )
+    failed_at = await _create_new(store, state, first_message, applied)
+    if failed_at is None:
+        return Removal(rows_deleted=0, runs=())
+    # The record is the transaction's first row: a later one failing means it did not exist.
+    # (Only a shortcut: the final transaction creates the record too, so a duplicate applied
+    # meanwhile fails it, and the pass then finds the record.)
+    if failed_at == 0 and await store.applied_record(chat_id, applied.request_id) is not None:
+        return None
     return await _rewrite(store, chat_id, applied.request_id, keep=keep, final=final)
+
+
+async def _create_new(
+    store: "TableChatStore", state: ChatState, first_message: ChatMessage, applied: AppliedRequest
+) -> int | None:
+    """Create the chat in one transaction if none of its rows exists (the applied record
+    first, then the ``state`` row and the first message): None when it was created, else the
+    index of the row that exists (409; 0 also when the service named none), nothing written."""
+    chat_id = state.chat_id
+    operations: list[Any] = [
+        ("create", applied_request_entity(chat_id, applied)),
+        ("create", state_entity(state)),
+        ("create", message_entity(chat_id, first_message)),
+    ]
+    try:
+        await _transact(store, operations, "create the chat")
+    except TableTransactionError as error:
+        if error.status_code == 409:
+            index = error.index
+            return index if isinstance(index, int) and 0 <= index < len(operations) else 0
+        raise
+    return None
+
+
+async def _transact(store: "TableChatStore", operations: list[Any], action: str) -> None:
+    """``store._submit``: failures classify as every store call's. A retry after an answer
+    lost on the way finds the record it wrote (409 at index 0): the create then reports
+    itself a duplicate, which it is."""
+    await store._submit(operations, action)
 
 
 async def delete_chat(
@@ -110,11 +165,16 @@ async def _rewrite(
     *,
     keep: frozenset[str],
     final: Callable[[Rows], list[Any]],
+    unchecked: bool = False,
 ) -> Removal | None:
     """Delete every listed row but ``keep``, the last deletes in one transaction with
     ``final(rows)``. When another worker changed the chat meanwhile (404/409/412) the pass
     starts over on a fresh listing; if this request's own record exists by then, a duplicate
     delivery applied it meanwhile and None is returned, so that the duplicate is not undone.
+
+    ``unchecked``: nobody looked for the request's record yet. One transaction needs no look
+    (it creates the record, and fails if it exists); deletes in transactions before the last
+    would not be undone, so then the record is looked for first.
     """
     for _ in range(_DELETE_PASSES):
         rows = await list_rows(store, chat_id)
@@ -129,6 +189,10 @@ async def _rewrite(
         last = final(rows)
         doomed = _deletion_order(key for key in rows if key not in keep)
         batches = list(_batches(doomed, _MAX_OPERATIONS - len(last))) or [[]]
+        if unchecked and len(batches) > 1:
+            if await store.applied_record(chat_id, request_id) is not None:
+                return None
+            unchecked = False
         try:
             for number, batch in enumerate(batches, start=1):
                 operations = [_delete(chat_id, row_key, rows[row_key]) for row_key in batch]

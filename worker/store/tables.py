@@ -12,6 +12,7 @@ Concurrency and idempotency rules, which every method keeps:
 
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any
 
 from azure.core import MatchConditions
@@ -27,7 +28,8 @@ from tenacity import (
 
 from worker.errors import PermanentError
 from worker.runs.model import Run
-from worker.store.claims import CLAIMED, Claims
+from worker.store.cache import Committed, CommittedCache, HistoryCache
+from worker.store.claims import CLAIMED, Claims, NewClaim
 from worker.store.layout import (
     MESSAGE_PREFIX,
     MESSAGE_PREFIX_END,
@@ -44,6 +46,7 @@ from worker.store.layout import (
     join_text,
     message_entity,
     message_from_entity,
+    message_row_key,
     request_row_key,
     run_entity,
     run_from_entity,
@@ -75,6 +78,8 @@ _OPERATION_BYTES = 1_024
 _DELETE_PASSES = 5
 # Run ids carry six-digit sequence numbers; past them keys no longer sort by sequence.
 _SIX_DIGITS = 999_999
+# Message row keys have four hex digits; past them keys no longer sort by index.
+_FOUR_HEX_DIGITS = 0xFFFF
 
 
 def _retrying() -> AsyncRetrying:
@@ -113,6 +118,8 @@ class TableChatStore:
         self.setting = setting
         self.where = f"table '{self.table_name}' of storage setting '{setting}'"
         self.claims = Claims(client, self.where, setting)
+        self._history = HistoryCache()
+        self._committed = CommittedCache()
 
     def _errors(self, action: str) -> AbstractAsyncContextManager[None]:
         return storage_errors(action, self.where, self.setting)
@@ -150,6 +157,44 @@ class TableChatStore:
         if upto is not None:
             messages = [message for message in messages if message.index <= upto]
         return sorted(messages, key=lambda message: message.index)
+
+    async def history(self, state: ChatState) -> list[ChatMessage]:
+        """The chat's messages ``1..TotalMessages`` of ``state``: those this process has seen
+        from its cache, only the rest from the table (one range read, none when it has them
+        all). See ``worker.store.cache``."""
+        chat_id, total = state.chat_id, state.total_messages
+        known = self._history.get(chat_id, state.created_at)[:total]
+        if len(known) == total:
+            return list(known)
+        first = len(known) + 1
+        if total > _FOUR_HEX_DIGITS:
+            return await self.read_messages(chat_id, total)
+        async with self._errors("read the chat messages"):
+            entities = self.client.query_entities(
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey le @hi",
+                parameters={
+                    "pk": chat_id,
+                    "lo": message_row_key(first),
+                    "hi": message_row_key(total),
+                },
+            )
+            fresh = sorted(
+                [message_from_entity(dict(entity)) async for entity in entities],
+                key=lambda message: message.index,
+            )
+        messages = [*known, *fresh]
+        if [m.index for m in messages] != list(range(1, total + 1)):
+            # Rows missing or out of place (a chat the worker did not write): read it whole,
+            # as it is, and cache nothing.
+            self._history.forget(chat_id)
+            return await self.read_messages(chat_id, total)
+        self._history.put(chat_id, state.created_at, messages)
+        return messages
+
+    def committed(self, chat_id: str, run_id: str) -> Committed | None:
+        """The state and the run ``run_id`` as this process's last commit of the chat left
+        them (once), or None. Only for the step taken right after that commit."""
+        return self._committed.take(chat_id, run_id)
 
     async def load_run(self, chat_id: str, run_id: str) -> Run | None:
         """A run row with its ETag, or None (never created, or its chat was reset)."""
@@ -276,13 +321,16 @@ class TableChatStore:
         messages: Sequence[ChatMessage] = (),
         applied: AppliedRequest | None = None,
         deletes: Sequence[str] = (),
+        claims: Sequence[NewClaim] = (),
     ) -> None:
         """Write a change of the chat in one transaction, or not at all.
 
         ``state`` carries the ETag it was read with and is merged under it (properties the
         worker does not know survive); each run is ``(run, created)``: a new run is created,
         an existing one replaced under its own ETag. ``deletes`` are row keys removed in the
-        same transaction; one that is already gone is left out. Raises ``Conflict`` when any
+        same transaction; one that is already gone is left out; ``claims`` are created in it
+        (see ``NewClaim``), and with the state and runs remembered for the step that this
+        process takes next (``committed``). Raises ``Conflict`` when any
         guarded row changed meanwhile (or a row to create exists), so the caller can re-read
         and decide again, and ``PermanentError`` (``TooLarge``) when the change would pass
         a transaction's limits (about 3.5 MiB).
@@ -301,6 +349,7 @@ class TableChatStore:
                 rest.append(("create", run_entity(chat_id, run)))
             else:
                 rest.append(("update", run_entity(chat_id, run), _guarded(run.etag)))
+        rest.extend(("create", claim.entity(chat_id)) for claim in claims)
         if applied is not None:
             rest.append(("create", applied_request_entity(chat_id, applied)))
         rest.extend(_delete(chat_id, row_key) for row_key in deletes)
@@ -317,7 +366,33 @@ class TableChatStore:
             results = await self._commit_operations(chat_id, [touch, *chunk])
             etag = results[0].get("etag") if results else None
         head = ("update", state_entity(state), _guarded(etag, UpdateMode.MERGE))
-        await self._commit_operations(chat_id, [head, *late, *rest])
+        self._committed.forget(chat_id)
+        results = await self._commit_operations(chat_id, [head, *late, *rest])
+        self._remember(state, runs, claims, messages, results, first_run=1 + len(late))
+
+    def _remember(
+        self,
+        state: ChatState,
+        runs: Sequence[tuple[Run, bool]],
+        claims: Sequence[NewClaim],
+        messages: Sequence[ChatMessage],
+        results: list[Mapping[str, Any]],
+        *,
+        first_run: int,
+    ) -> None:
+        """Keep what a commit wrote, with the ETags the service gave its rows (the results
+        come in the order of the operations: state, late messages, runs, claims, ...)."""
+        self._history.extend(state.chat_id, state.created_at, list(messages))
+        etags = [result.get("etag") for result in results]
+        known = first_run + len(runs) + len(claims)
+        if len(etags) < known or not all(etags[:known]):
+            return
+        committed = {
+            run.run_id: replace(run, etag=etags[first_run + i]) for i, (run, _) in enumerate(runs)
+        }
+        first_claim = first_run + len(runs)
+        held = {claim.row_key: str(etags[first_claim + i]) for i, claim in enumerate(claims)}
+        self._committed.put(replace(state, etag=etags[0]), committed, held)
 
     async def _commit_operations(
         self, chat_id: str, operations: list[Any]
@@ -345,11 +420,22 @@ class TableChatStore:
     ) -> Removal | None:
         """Create the chat afresh (the extension's create semantics); None if already applied.
         See ``worker.store.removal``."""
-        return await reset_chat(self, state, first_message, applied)
+        existed = self._history.has(state.chat_id)
+        self._forget(state.chat_id)
+        removal = await reset_chat(self, state, first_message, applied, existed=existed)
+        if removal is not None:
+            # The chat now holds just this message: the first step need not read it.
+            self._history.put(state.chat_id, state.created_at, [first_message])
+        return removal
 
     async def delete_chat(self, chat_id: str, applied: AppliedRequest) -> Removal | None:
         """Delete the chat's rows; None if the request was applied already."""
+        self._forget(chat_id)
         return await delete_chat(self, chat_id, applied)
+
+    def _forget(self, chat_id: str) -> None:
+        self._history.forget(chat_id)
+        self._committed.forget(chat_id)
 
     async def _submit(self, operations: list[Any], action: str) -> list[Mapping[str, Any]]:
         async with self._errors(action):
