@@ -255,7 +255,7 @@ class StepHandler:
             self._forget_finished(chat.chat_id, run)
             return HandlerResult(
                 note="stale: another delivery advanced the run",
-                effects=await self._after_stale(store, chat, stale),
+                effects=await self._after_stale(store, chat, stale, step, context),
             )
         self._forget_finished(chat.chat_id, run)
         if transition.run.finished:
@@ -274,7 +274,10 @@ class StepHandler:
         could come late). A stale copy can only cost a wasted call, never a wrong write (the
         commit's ETags refuse it) — as long as it is used only to act: a step that the copy
         says to drop is decided again on what the table says."""
-        committed = store.committed(step.id, step.run_id)
+        # A redelivery reads the table: something failed, and what it must resend depends on
+        # what really landed.
+        fresh_only = context.dequeue_count > 1 and not context.in_process
+        committed = None if fresh_only else store.committed(step.id, step.run_id)
         now = self._services.clock()
         if committed is not None and acts_on(committed.state, committed.run, step.step, now):
             claims = committed.claims if context.in_process else {}
@@ -315,16 +318,25 @@ class StepHandler:
             )
 
     async def _after_stale(
-        self, store: ChatStore, chat: ChatRef, stale: StaleRun
+        self,
+        store: ChatStore,
+        chat: ChatRef,
+        stale: StaleRun,
+        step: RunStep,
+        context: MessageContext,
     ) -> tuple[Send, ...]:
         """The commit lost its race, or it landed and only its answer was lost (the service
-        wrote it, the connection dropped, the retry saw a conflict). Only in that second case,
-        recognised by this commit's id on the run, are its follow-ups sent."""
+        wrote it, the connection dropped, the retry saw a conflict). In that second case,
+        recognised by this commit's id on the run, its follow-ups are sent. In the first, the
+        race may have been with an earlier delivery of this same message that stored the step
+        and died before sending what it had to: decided as for any stale redelivery."""
         state = await store.load_state(chat.chat_id)
         current = await store.load_run(chat.chat_id, stale.run_id)
-        if state is None or current is None or current.commit_id != stale.commit_id:
+        if state is None or current is None:
             return ()
-        return await lost_follow_ups(self._services, store, chat, current, state.active_run_id)
+        if current.commit_id == stale.commit_id:
+            return await lost_follow_ups(self._services, store, chat, current, state.active_run_id)
+        return await self._lost_follow_up(store, chat, state, current, step, context)
 
     async def _lost_follow_up(
         self,

@@ -242,3 +242,61 @@ def test_a_step_is_never_dropped_on_a_stale_copy(storage: StorageEnv) -> None:
     note = run(scenario())
     assert not note.startswith("stale"), note
     assert note == "model -> failed"
+
+
+def test_a_redelivered_step_resends_what_its_first_delivery_lost(storage: StorageEnv) -> None:
+    """The defect the full soak found: this worker stored a run's step (its copy: the run at
+    step 1, active); another worker took the next delivery of step 1, completed the run and
+    died before sending the reply; the redelivery came here. On its copy it polled again, lost
+    the commit race, and dropped the step: no reply ever. A redelivery reads the table, sees
+    the run completed by the delivery before it, and sends the reply."""
+    from handlers.services import RunServices
+    from handlers.step import StepHandler
+    from handlers.tools import ToolRegistry
+    from schemas import RunStep
+    from tests.test_store import NOW, make_run
+    from worker.handling import MessageContext
+
+    async def scenario() -> list[dict[str, object]]:
+        async with process_view(storage) as one, process_view(storage) as other:
+            assert await one.store.reset_chat(fresh_state(CHAT), system(), applied("c1"))
+            run_row = replace(make_run(1, "in_progress"), step=1, phase="poll", reply_to="rq")
+            state = await one.store.load_state(CHAT)
+            assert state is not None
+            await one.store.commit(
+                replace(state, active_run_id=run_row.run_id, next_run_seq=2, total_messages=2),
+                runs=[(run_row, True)],
+                messages=[said(2, "question 1", run_row.run_id)],
+            )
+            # The other worker completes the run from delivery "m-poll" and dies.
+            fresh = await other.store.load_state(CHAT)
+            current = await other.store.load_run(CHAT, run_row.run_id)
+            assert fresh is not None and current is not None
+            answer = ChatMessage(3, "Assistant", "the answer", NOW, run_id=run_row.run_id)
+            done = replace(current, status="completed", step=2, carrier="m-poll")
+            await other.store.commit(
+                replace(fresh, active_run_id=None, total_messages=3),
+                runs=[(done, False)],
+                messages=[answer],
+            )
+
+            class Stores:
+                async def get(self, setting: str, table: str) -> TableChatStore:
+                    return one.store
+
+            services = RunServices(
+                stores=Stores(),  # type: ignore[arg-type]
+                settings=storage.settings(),
+                backends={},
+                tools=ToolRegistry(),
+                clock=lambda: NOW,
+            )
+            step = RunStep(id=CHAT, run_id=run_row.run_id, step=1, collection_name=storage.table)
+            context = MessageContext(
+                queue="runs", message_id="m-poll", dequeue_count=2, request_id="m-poll"
+            )
+            result = await StepHandler(services)(step, context)
+            return [send.payload for send in result.effects if send.queue == "rq"]
+
+    [reply] = run(scenario())
+    assert reply["status"] == "completed" and reply["content"] == "the answer", reply

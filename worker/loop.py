@@ -274,12 +274,9 @@ class Worker:
     async def _queues_empty(self) -> bool:
         """Burst mode's end: no request and no step left, visible or delayed. Deadline
         watchdogs do not count: one waits for every run started, long after it ended."""
+        queues = [q for q, _ in self._queues if q.name != self.settings.deadlines_queue]
         try:
-            counts = [
-                await queue.approximate_count()
-                for queue, _ in self._queues
-                if queue.name != self.settings.deadlines_queue
-            ]
+            counts = await asyncio.gather(*(queue.approximate_count() for queue in queues))
         except Exception:
             return False
         return all(count == 0 for count in counts)
