@@ -11,10 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from handlers.create import CreateHandler
-from handlers.services import RunServices
-from handlers.tools import ToolRegistry
 from schemas import AssistantCreate, parse_message
 from tests.support.env import StorageEnv, run
+from tests.support.runs import services_on
 from tests.test_store import NOW, append, applied, fresh_state, make_run, system, watching
 from worker.azure_clients import table_service
 from worker.devtools.azurite import SplitAzurite
@@ -45,18 +44,7 @@ async def counted(storage: StorageEnv) -> AsyncIterator[tuple[TableChatStore, Re
 
 
 def create_handler(store: TableChatStore, storage: StorageEnv) -> CreateHandler:
-    class Stores:
-        async def get(self, setting: str, table: str) -> TableChatStore:
-            return store
-
-    services = RunServices(
-        stores=Stores(),  # type: ignore[arg-type]
-        settings=storage.settings(),
-        backends={},
-        tools=ToolRegistry(),
-        clock=lambda: datetime.now(UTC),
-    )
-    return CreateHandler(services)
+    return CreateHandler(services_on(store, storage.settings(), lambda: datetime.now(UTC)))
 
 
 def create_message(chat_id: str, table: str) -> AssistantCreate:

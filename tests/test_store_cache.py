@@ -12,8 +12,10 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
 
+from handlers.step import StepHandler
 from tests.support.env import StorageEnv, run
-from tests.test_store import applied, fresh_state, system
+from tests.support.runs import services_on
+from tests.test_store import NOW, applied, fresh_state, system
 from worker.azure_clients import table_service
 from worker.runs.model import Run
 from worker.store.layout import ChatMessage, ChatState
@@ -169,6 +171,12 @@ def test_a_stale_copy_of_the_last_commit_cannot_overwrite_a_newer_one(
     run(scenario())
 
 
+def step_handler(store: TableChatStore, storage: StorageEnv) -> StepHandler:
+    """The runStep handler on ``store``, with no model (a step that acts fails its run: its
+    note then says so, where a dropped step says "stale") and the clock at ``NOW``."""
+    return StepHandler(services_on(store, storage.settings(), lambda: NOW))
+
+
 def sample_run() -> Run:
     created = fresh_state(CHAT).created_at
     return Run(
@@ -189,11 +197,8 @@ def test_a_step_is_never_dropped_on_a_stale_copy(storage: StorageEnv) -> None:
     active, run 2 queued); another worker ended run 1 and started run 2; run 2's first step
     came to the first worker, whose copy said "not the active run" — and dropped the step,
     leaving the run to its deadline. A copy may make a step act, never drop it."""
-    from handlers.services import RunServices
-    from handlers.step import StepHandler
-    from handlers.tools import ToolRegistry
     from schemas import RunStep
-    from tests.test_store import NOW, make_run
+    from tests.test_store import make_run
     from worker.handling import MessageContext
     from worker.runs import machine
 
@@ -221,22 +226,11 @@ def test_a_step_is_never_dropped_on_a_stale_copy(storage: StorageEnv) -> None:
                 runs=[(ended, False), (replace(started, etag=runs[second.run_id].etag), False)],
             )
 
-            class Stores:
-                async def get(self, setting: str, table: str) -> TableChatStore:
-                    return one.store
-
-            services = RunServices(
-                stores=Stores(),  # type: ignore[arg-type]
-                settings=storage.settings(),
-                backends={},  # no model: the step, if it acts, fails the run (not "stale")
-                tools=ToolRegistry(),
-                clock=lambda: NOW,
-            )
             step = RunStep(id=CHAT, run_id=second.run_id, step=0, collection_name=storage.table)
             context = MessageContext(
                 queue="runs", message_id="m-step", dequeue_count=1, request_id="m-step"
             )
-            result = await StepHandler(services)(step, context)
+            result = await step_handler(one.store, storage)(step, context)
             return result.note
 
     note = run(scenario())
@@ -250,11 +244,8 @@ def test_a_redelivered_step_resends_what_its_first_delivery_lost(storage: Storag
     died before sending the reply; the redelivery came here. On its copy it polled again, lost
     the commit race, and dropped the step: no reply ever. A redelivery reads the table, sees
     the run completed by the delivery before it, and sends the reply."""
-    from handlers.services import RunServices
-    from handlers.step import StepHandler
-    from handlers.tools import ToolRegistry
     from schemas import RunStep
-    from tests.test_store import NOW, make_run
+    from tests.test_store import make_run
     from worker.handling import MessageContext
 
     async def scenario() -> list[dict[str, object]]:
@@ -280,22 +271,11 @@ def test_a_redelivered_step_resends_what_its_first_delivery_lost(storage: Storag
                 messages=[answer],
             )
 
-            class Stores:
-                async def get(self, setting: str, table: str) -> TableChatStore:
-                    return one.store
-
-            services = RunServices(
-                stores=Stores(),  # type: ignore[arg-type]
-                settings=storage.settings(),
-                backends={},
-                tools=ToolRegistry(),
-                clock=lambda: NOW,
-            )
             step = RunStep(id=CHAT, run_id=run_row.run_id, step=1, collection_name=storage.table)
             context = MessageContext(
                 queue="runs", message_id="m-poll", dequeue_count=2, request_id="m-poll"
             )
-            result = await StepHandler(services)(step, context)
+            result = await step_handler(one.store, storage)(step, context)
             return [send.payload for send in result.effects if send.queue == "rq"]
 
     [reply] = run(scenario())

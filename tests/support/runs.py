@@ -23,12 +23,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from handlers.services import RunServices
 from handlers.tools import ToolRegistry, load_tools, tool
 from schemas import AssistantState
 from tests.support.env import StorageEnv
 from worker.app import App, open_app
 from worker.cli.state import read_state
 from worker.settings import Settings
+from worker.store.tables import TableChatStore
 from worker.testing.fake_openai_brain import Conversation, Turn
 
 T = TypeVar("T")
@@ -473,3 +475,22 @@ async def query_state(
 def elapsed() -> Callable[[], float]:
     started = time.monotonic()
     return lambda: time.monotonic() - started
+
+
+def services_on(
+    store: TableChatStore, settings: Settings, clock: Callable[[], datetime]
+) -> RunServices:
+    """Handler services whose every chat is in ``store``, with no model and no tool (for a
+    handler called directly, without a worker)."""
+
+    class Stores:
+        async def get(self, setting: str, table: str) -> TableChatStore:
+            return store
+
+    return RunServices(
+        stores=Stores(),  # type: ignore[arg-type]
+        settings=settings,
+        backends={},
+        tools=ToolRegistry(),
+        clock=clock,
+    )
