@@ -1,7 +1,8 @@
 """``assistantPost``: append a user message and run a turn (one active run per chat).
 
 The run is recorded with its user message before the request is acknowledged. If no run is
-active it starts at once (its user message is appended to the chat and step 0 is sent);
+active it starts at once: its user message is appended to the chat, and its first steps are
+taken in-process while this post stays leased as the run's carrier (see ``worker.loop``);
 otherwise it waits in the chat's queue and starts when the runs before it have ended.
 """
 

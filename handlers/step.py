@@ -1,8 +1,10 @@
 """``runStep``: advance a run by one step (call the model, poll it, or run tools).
 
 A step acts only if it is the run's current one: a redelivered or duplicated step message
-finds the run already advanced and is acknowledged without effect. Transient model failures
-become a delayed step (Retry-After when the service gives one) instead of a sleep.
+finds the run already advanced and is acknowledged without effect (unless it is the run's
+carrier or direct predecessor and must resend what its first delivery lost). A step due at
+once is taken in-process by the loop, after the step or post it follows. Transient model
+failures become a delayed step (Retry-After when the service gives one) instead of a sleep.
 """
 
 import asyncio
