@@ -170,7 +170,7 @@ class PostHandler:
             return HandlerResult(note="duplicate")
         if run.carrier and run.carrier == context.message_id and context.dequeue_count > 1:
             effects = await lost_follow_ups(
-                self._services, store, chat, run, state.active_run_id, in_process=True
+                self._services, store, chat, run, state, in_process=True
             )
             return HandlerResult(note="duplicate: its run continues", effects=effects)
         if (

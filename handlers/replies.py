@@ -39,9 +39,9 @@ async def replies_of(
     store: ChatStore,
     chat: ChatRef,
     run: Run,
-    state: ChatState | None = None,
+    state: ChatState,
 ) -> list[Send]:
-    """The reply of a finished run; ``state``: the chat as the run's last commit left it."""
+    """The reply of a finished run; ``state``: the chat as read or written after its end."""
     if not run.finished or not run.reply_to:
         return []
     payload = await reply_payload(
@@ -88,17 +88,13 @@ async def reply_payload(
     encoding: Encoding = "none",
     redact: Callable[[str], str] = lambda text: text,
     *,
-    state: ChatState | None = None,
+    state: ChatState,
 ) -> dict[str, Any]:
-    """The ``assistantReply`` event of a finished run, with the messages it wrote.
-
-    Given the ``state`` its last commit wrote, they are taken from the chat's history (which
-    the worker usually has in memory), not found by a scan of the chat's rows."""
-    if state is not None:
-        history = await store.history(state)
-        messages = [m for m in history if m.run_id == run.run_id]
-    else:
-        messages = await store.run_messages(chat.chat_id, run.run_id)
+    """The ``assistantReply`` event of a finished run, with the messages it wrote: taken from
+    the chat's history as of ``state`` (which the worker usually has in memory), not found by
+    a scan of the chat's rows."""
+    history = await store.history(state)
+    messages = [m for m in history if m.run_id == run.run_id]
     # A run row does not keep the answer (it may be large): the chat has it.
     answers = [m.content for m in messages if m.role == "Assistant" and not m.tool_calls]
     content = run.content if run.content is not None else (answers[-1] if answers else None)

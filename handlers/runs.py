@@ -274,17 +274,19 @@ async def lost_follow_ups(
     store: ChatStore,
     chat: ChatRef,
     run: Run,
-    active: str | None,
+    state: ChatState,
     *,
     in_process: bool = False,
 ) -> tuple[Send, ...]:
-    """What the step that brought ``run`` to its current state had to send, sent again.
+    """What the step that brought ``run`` to its current state had to send, sent again
+    (``state``: the chat as read after it).
 
     For the redelivery of that step after it stored its transition but failed to send
     (a queue error, a reply that did not fit): the next step, the reply of a finished run
     and the first step of the run its end started, or the toolCallsRequired event. Each is
     idempotent for its consumer (a step acts once; replies and events carry the run id).
     """
+    active = state.active_run_id
     if not run.finished:
         if active != run.run_id:
             return ()
@@ -294,7 +296,7 @@ async def lost_follow_ups(
             encoding = services.settings.message_encoding
             return (tool_calls_required(chat, run, run.reply_to, encoding),)
         return (step_send(services, chat, run, in_process=in_process),)
-    sends = await replies_of(services, store, chat, run)
+    sends = await replies_of(services, store, chat, run, state)
     if active and active != run.run_id:
         started = await store.load_run(chat.chat_id, active)
         if started is not None and started.seq > run.seq and started.step == 0:

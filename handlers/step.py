@@ -337,7 +337,7 @@ class StepHandler:
         if state is None or current is None:
             return ()
         if current.commit_id == stale.commit_id:
-            return await lost_follow_ups(self._services, store, chat, current, state.active_run_id)
+            return await lost_follow_ups(self._services, store, chat, current, state)
         return await self._lost_follow_up(store, chat, state, current, step, context)
 
     async def _lost_follow_up(
@@ -362,9 +362,7 @@ class StepHandler:
         carried = bool(run.carrier) and run.carrier == context.message_id
         if step.step != run.step - 1 and not carried:
             return ()
-        return await lost_follow_ups(
-            self._services, store, chat, run, state.active_run_id, in_process=True
-        )
+        return await lost_follow_ups(self._services, store, chat, run, state, in_process=True)
 
     def _forget_finished(self, chat_id: str, run: Run) -> None:
         """The step is stored (or another delivery stored it): its outputs kept in memory

@@ -98,7 +98,7 @@ class SubmitHandler:
         current = await store.load_run(chat.chat_id, stale.run_id)
         if state is None or current is None or current.commit_id != stale.commit_id:
             return None
-        return await lost_follow_ups(self._services, store, chat, current, state.active_run_id)
+        return await lost_follow_ups(self._services, store, chat, current, state)
 
     async def _resume(
         self,

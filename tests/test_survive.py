@@ -42,6 +42,7 @@ from tests.support.runs import (
 from worker.app import App
 from worker.redact import Redactor
 from worker.runs.model import Run
+from worker.store.layout import ChatState
 from worker.store.tables import ChatStores
 from worker.testing import FakeOpenAI
 
@@ -512,7 +513,11 @@ def test_run_errors_reach_replies_redacted(storage: StorageEnv) -> None:
         try:
             store = await stores.get("AzureWebJobsStorage", storage.table)
             chat = ChatRef("secret-chat", "AzureWebJobsStorage", storage.table)
-            return await reply_payload(store, chat, run_row, "none", Redactor([secret]))
+            now = datetime.now(UTC)
+            state = ChatState("secret-chat", True, now, now, 0, 0, {})
+            return await reply_payload(
+                store, chat, run_row, "none", Redactor([secret]), state=state
+            )
         finally:
             await stores.close()
 

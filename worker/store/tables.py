@@ -298,21 +298,6 @@ class TableChatStore:
                 if entity.get("State") != CLAIMED
             }
 
-    async def run_messages(self, chat_id: str, run_id: str) -> list[ChatMessage]:
-        """The messages a run wrote (its user message, tool rounds and answer), in order."""
-        async with self._errors("read a run's messages"):
-            entities = self.client.query_entities(
-                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and RunId eq @run",
-                parameters={
-                    "pk": chat_id,
-                    "lo": MESSAGE_PREFIX,
-                    "hi": MESSAGE_PREFIX_END,
-                    "run": run_id,
-                },
-            )
-            messages = [message_from_entity(dict(entity)) async for entity in entities]
-        return sorted(messages, key=lambda message: message.index)
-
     async def commit(
         self,
         state: ChatState,
