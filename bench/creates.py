@@ -116,7 +116,7 @@ async def floor(connection: str, queue: str, count: int, table_name: str = "Benc
 async def through_worker(connection: str, queue_suffix: str, count: int) -> None:
     """Drain ``count`` creates through the worker, in this process."""
     from worker.app import open_app
-    from worker.settings import Settings
+    from worker.config.settings import Settings
 
     settings = Settings.from_env(
         {

@@ -139,7 +139,7 @@ class Producer:
     replies: dict[str, Reply] = field(default_factory=dict)
 
     async def __aenter__(self) -> Producer:
-        from worker.azure_queue import AzureQueueBroker
+        from worker.queues.azure import AzureQueueBroker
 
         self._service = bench_queue_service(self.connection)
         self.broker = AzureQueueBroker(self._service)

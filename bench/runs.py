@@ -21,8 +21,8 @@ import structlog
 
 from handlers.tools import load_tools
 from worker.app import open_app
+from worker.config.settings import Settings
 from worker.devtools.azurite import Azurite
-from worker.settings import Settings
 from worker.testing import FakeOpenAI
 
 CONCURRENCY = 16

@@ -25,11 +25,11 @@ from azure.storage.queue.aio import QueueServiceClient
 
 from bench.creates import floor
 from worker.app import open_app
+from worker.config.settings import Settings
 from worker.devtools.azurite import Azurite
-from worker.handling import HandlerRegistry, HandlerResult, MessageContext
-from worker.loop import Worker
-from worker.memory_transport import MemoryBroker
-from worker.settings import Settings
+from worker.loop.handling import HandlerRegistry, HandlerResult, MessageContext
+from worker.loop.worker import Worker
+from worker.queues.memory import MemoryBroker
 
 CONCURRENCY = 16
 

@@ -7,7 +7,7 @@ from handlers.post import PostHandler
 from handlers.services import RunServices
 from handlers.step import StepHandler
 from handlers.submit import SubmitHandler
-from worker.handling import HandlerRegistry
+from worker.loop.handling import HandlerRegistry
 
 
 def build_registry(services: RunServices) -> HandlerRegistry:

@@ -5,8 +5,8 @@ from typing import Any
 from handlers.replies import end_removed_runs
 from handlers.services import RunServices
 from schemas import AssistantCreate
-from worker.errors import PermanentError
-from worker.handling import HandlerResult, MessageContext
+from worker.loop.errors import PermanentError
+from worker.loop.handling import HandlerResult, MessageContext
 from worker.store.layout import AppliedRequest, ChatMessage, ChatState
 
 

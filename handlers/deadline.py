@@ -8,11 +8,11 @@ chat's next queued post starts. A run that already ended makes this a no-op, so 
 are harmless.
 """
 
-from handlers.runs import StaleRun, commit_transition, deadline_send, release_chat
 from handlers.services import ChatRef, RunServices
+from handlers.transitions import StaleRun, commit_transition, deadline_send, release_chat
 from schemas import RunDeadline
-from worker.errors import TransientError
-from worker.handling import HandlerResult, MessageContext
+from worker.loop.errors import TransientError
+from worker.loop.handling import HandlerResult, MessageContext
 from worker.runs import machine
 
 

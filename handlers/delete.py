@@ -3,7 +3,7 @@
 from handlers.replies import end_removed_runs
 from handlers.services import RunServices
 from schemas import AssistantDelete
-from worker.handling import HandlerResult, MessageContext
+from worker.loop.handling import HandlerResult, MessageContext
 from worker.store.layout import AppliedRequest
 
 

@@ -2,7 +2,7 @@
 
 The run is recorded with its user message before the request is acknowledged. If no run is
 active it starts at once: its user message is appended to the chat, and its first steps are
-taken in-process while this post stays leased as the run's carrier (see ``worker.loop``);
+taken in-process while this post stays leased as the run's carrier (see ``worker.loop.worker``);
 otherwise it waits in the chat's queue and starts when the runs before it have ended.
 """
 
@@ -12,24 +12,23 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from handlers.runs import (
+from handlers.services import ChatRef, RunServices
+from handlers.transitions import (
     MAX_CONFLICT_RETRIES,
     lost_follow_ups,
     new_run_id,
     start_sends,
     user_message,
 )
-from handlers.services import ChatRef, RunServices
 from schemas import AssistantPost
-from worker.errors import ChatNotFound, PermanentError, TransientError
-from worker.handling import HandlerResult, MessageContext
+from schemas.names import poison_queue_name
+from worker.loop.errors import ChatNotFound, PermanentError, TransientError
+from worker.loop.handling import HandlerResult, MessageContext
 from worker.observability.tracing import run_traceparent
 from worker.runs import machine
 from worker.runs.model import Run
 from worker.store.layout import AppliedRequest, ChatState
-from worker.store.protocol import ChatStore
-from worker.store.tables import Conflict
-from worker.transport import poison_queue_name
+from worker.store.protocol import ChatStore, Conflict
 
 
 def check_names(post: AssistantPost, services: RunServices) -> None:

@@ -9,10 +9,9 @@ from typing import Any
 from handlers.query import to_assistant_message
 from handlers.services import ChatRef, RunServices
 from schemas import AssistantReply, ToolCallRequest, ToolCallsRequired, encode_body
-from schemas.decode import Encoding
+from schemas.decode import MAX_MESSAGE_BYTES, Encoding
 from schemas.events import Usage as UsageEvent
-from worker.deadletter import MAX_MESSAGE_BYTES
-from worker.handling import Send
+from worker.loop.handling import Send
 from worker.runs.model import Run
 from worker.store.layout import ChatState
 from worker.store.protocol import ChatStore

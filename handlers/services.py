@@ -9,10 +9,10 @@ import structlog
 
 from handlers.tools import ToolRegistry
 from worker.backends.base import Backend, TurnRequest
+from worker.config.settings import Settings
 from worker.runs.model import Run
-from worker.settings import Settings
 from worker.store.protocol import ChatStore
-from worker.store.tables import ChatStores
+from worker.store.stores import ChatStores
 
 log = structlog.get_logger("worker.runs")
 

@@ -16,14 +16,14 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from handlers.runs import StaleRun, commit_transition, deadline_send, lost_follow_ups
 from handlers.services import ChatRef, RunServices
 from handlers.tool_calls import ToolCall, run_tool_calls
+from handlers.transitions import StaleRun, commit_transition, deadline_send, lost_follow_ups
 from schemas import RunStep
 from worker.backends.base import Backend, ModelError, TurnRequest
-from worker.errors import PermanentError, TransientError
-from worker.handling import HandlerResult, MessageContext, Send
-from worker.outcome import RetryPolicy, backoff, describe
+from worker.loop.errors import PermanentError, TransientError, describe
+from worker.loop.handling import HandlerResult, MessageContext, Send
+from worker.loop.outcome import RetryPolicy, backoff
 from worker.runs import machine
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition

@@ -10,17 +10,17 @@ ignored; outputs for calls the run does not wait for are refused.
 import asyncio
 import random
 
-from handlers.runs import (
+from handlers.services import ChatRef, RunServices
+from handlers.transitions import (
     MAX_CONFLICT_RETRIES,
     StaleRun,
     commit_transition,
     lost_follow_ups,
     step_send,
 )
-from handlers.services import ChatRef, RunServices
 from schemas import SubmitToolOutputs
-from worker.errors import ChatNotFound, PermanentError, TransientError
-from worker.handling import HandlerResult, MessageContext, Send
+from worker.loop.errors import ChatNotFound, PermanentError, TransientError
+from worker.loop.handling import HandlerResult, MessageContext, Send
 from worker.runs import machine
 from worker.store.layout import AppliedRecord, AppliedRequest
 from worker.store.protocol import ChatStore

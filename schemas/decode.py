@@ -16,6 +16,8 @@ from schemas.requests import MESSAGE_TYPES, Message
 
 Encoding = Literal["none", "base64"]
 _MAX_REASON_ERRORS = 5
+# Bytes of one queue message, with room for the service's own framing.
+MAX_MESSAGE_BYTES = 64 * 1024 - 1024
 
 
 class InvalidMessage(ValueError):

@@ -20,6 +20,11 @@ _QUEUE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?!-)){1,61}[a-z0-9]$")
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,255}$")
 
 
+def poison_queue_name(queue: str) -> str:
+    """The dead-letter queue of a work queue (the Functions trigger's convention)."""
+    return f"{queue}-poison"
+
+
 def check_key(value: str) -> str:
     """A Table Storage key (assistant id): no ``/ \\ # ?`` and no control characters."""
     if _FORBIDDEN_KEY_CHARS.search(value):

@@ -24,9 +24,9 @@ from worker.backends.assistants import AssistantsBackend
 from worker.backends.base import Backend, ModelError, TurnRequest
 from worker.backends.clients import ModelClients
 from worker.backends.responses import ResponsesBackend
+from worker.config.settings import Settings
 from worker.runs.history import ModelMessage, ToolCallRef
 from worker.runs.model import ModelTurn, Pending
-from worker.settings import Settings
 from worker.testing import FakeOpenAI, RecordedRequest
 
 T = TypeVar("T")

@@ -118,4 +118,4 @@ def test_profile_smoke() -> None:
     assert numbers["model_calls"] == 9  # the weather turn, three times
     assert 0 < numbers["cpu_ms_per_post"] < 60_000
     assert numbers["areas_ms"][profile.WORKER] > 0 and numbers["worker_top"]
-    assert "`worker/loop.py:_handle`" in report.markdown()
+    assert "`worker/loop/worker.py:_handle`" in report.markdown()

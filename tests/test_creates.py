@@ -15,13 +15,14 @@ from schemas import AssistantCreate, parse_message
 from tests.support.env import StorageEnv, run
 from tests.support.runs import services_on
 from tests.test_store import NOW, append, applied, fresh_state, make_run, system, watching
-from worker.azure_clients import table_service
+from worker.connections.clients import table_service
 from worker.devtools.azurite import SplitAzurite
-from worker.errors import StorageUnavailable
-from worker.handling import MessageContext
+from worker.loop.errors import StorageUnavailable
+from worker.loop.handling import MessageContext
 from worker.store.layout import ChatMessage, request_row_key
 from worker.store.removal import Removal
-from worker.store.tables import ChatStores, TableChatStore
+from worker.store.stores import ChatStores
+from worker.store.tables import TableChatStore
 
 Requests = Counter[tuple[str, str, str]]
 

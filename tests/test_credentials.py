@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from worker.azure_clients import CREDENTIAL, SharedCredential, queue_service, table_service
 from worker.backends.clients import ModelClients
-from worker.settings import Settings
+from worker.config.settings import Settings
+from worker.connections.clients import CREDENTIAL, SharedCredential, queue_service, table_service
 
 IDENTITY = {"AzureWebJobsStorage__accountName": "contosoworker"}
 

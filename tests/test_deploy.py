@@ -3,7 +3,7 @@
 There is no Docker daemon, Bicep compiler or cluster here (NOTES.md), so: the Kubernetes
 manifests are parsed and checked field by field; the Bicep is read textually (its parameters,
 variables, env entries and blocks); the Dockerfile is parsed into instructions. Values are
-compared with what the code reads and defaults to (``worker.settings``), never with copies of
+compared with what the code reads and defaults to (``worker.config.settings``), never with copies of
 them. The slow test builds the wheel from exactly what the Dockerfile copies, installs it into
 a fresh virtualenv as the image does, and runs the image's command as an unprivileged user
 against Azurite.
@@ -40,10 +40,10 @@ from typing import Any
 import pytest
 import yaml
 
+from schemas.names import poison_queue_name
 from tests.support.env import StorageEnv
 from tests.support.processes import create_request
-from worker.settings import SPECS, Settings, storage_connection
-from worker.transport import poison_queue_name
+from worker.config.settings import SPECS, Settings, storage_connection
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

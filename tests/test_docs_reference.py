@@ -3,7 +3,7 @@
 The field tables (each after an HTML comment ``<!-- fields: NAME -->``) are compared with the
 JSON Schema of the pydantic models in ``schemas/`` (``schemas.export.MODELS`` and the nested
 models in their ``$defs``), so a field added to a model and not to the page fails here. The
-settings table (after ``<!-- settings -->``) is compared with what ``worker.settings`` reads:
+settings table (after ``<!-- settings -->``) is compared with what ``worker.config.settings`` reads:
 the ``SPECS`` registry (variable, flag, default) and the other variables read in that module,
 found by parsing its source. The table of queues lists every queue the worker consumes
 (``Settings.work_queues``) with its setting and default, and the dead letters' ``errorType``
@@ -24,9 +24,9 @@ from pydantic import BaseModel
 from schemas.export import EVENTS, MODELS
 from schemas.requests import DEFAULT_STORAGE_SETTING, MESSAGE_TYPES, ChatRequest
 from tests.support.azurite import REPO_ROOT
-from worker import settings as settings_module
 from worker.cli.main import build_parser
-from worker.settings import SPECS, Settings
+from worker.config import settings as settings_module
+from worker.config.settings import SPECS, Settings
 
 DOC = REPO_ROOT / "docs" / "reference.md"
 # The code whose failure classes the dead letters' errorType must name.
@@ -135,7 +135,7 @@ def test_field_table_matches_the_model(name: str) -> None:
 
 
 def env_names_read_by_settings() -> tuple[set[str], set[str]]:
-    """The variables ``worker/settings.py`` reads besides ``SPECS``: literal names passed to
+    """The variables ``worker/config/settings.py`` reads besides ``SPECS``: literal names passed to
     ``env.get(...)``, and name patterns from f-strings (``{}__accountName``)."""
     source = Path(settings_module.__file__).read_text()
     literals: set[str] = set()
@@ -234,7 +234,7 @@ def section_table(heading: str) -> list[dict[str, str]]:
 
 def test_queues_table_lists_every_work_queue() -> None:
     """Each queue the worker consumes has its row: the default name and the setting that
-    changes it, as ``worker.settings`` defines them; no row names a queue setting that the
+    changes it, as ``worker.config.settings`` defines them; no row names a queue setting that the
     worker does not have."""
     defaults = Settings.from_env({})
     queue_specs = {

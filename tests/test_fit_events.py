@@ -8,7 +8,7 @@ from typing import Any
 
 from handlers.replies import fit_tool_calls
 from schemas import ToolCallRequest, ToolCallsRequired, encode_body
-from schemas.decode import Encoding
+from schemas.decode import MAX_MESSAGE_BYTES, Encoding
 from tests.support.env import StorageEnv, run
 from tests.support.runs import (
     ReplyQueue,
@@ -20,7 +20,6 @@ from tests.support.runs import (
     query_state,
     serving,
 )
-from worker.deadletter import MAX_MESSAGE_BYTES
 from worker.store.layout import join_text
 from worker.testing import FakeOpenAI
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from worker.lease import Lease
-from worker.transport import Delivery
+from worker.queues.lease import Lease
+from worker.queues.transport import Delivery
 
 DELIVERY = Delivery("q", "m1", "receipt-0", 1, "{}")
 

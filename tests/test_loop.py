@@ -14,11 +14,11 @@ import structlog
 
 from schemas import AssistantCreate, decode_body
 from tests.support.env import wait_until
-from worker.errors import PermanentError, TransientError
-from worker.handling import HandlerRegistry, HandlerResult, MessageContext, Send
-from worker.loop import Worker
-from worker.memory_transport import MemoryBroker
-from worker.settings import Settings
+from worker.config.settings import Settings
+from worker.loop.errors import PermanentError, TransientError
+from worker.loop.handling import HandlerRegistry, HandlerResult, MessageContext, Send
+from worker.loop.worker import Worker
+from worker.queues.memory import MemoryBroker
 
 SETTINGS = Settings.from_env(
     {

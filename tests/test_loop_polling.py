@@ -10,12 +10,12 @@ from typing import Any
 
 from schemas import AssistantCreate
 from tests.support.env import wait_until
-from worker.errors import TransientError
-from worker.handling import HandlerRegistry, HandlerResult, MessageContext, Send
-from worker.loop import Worker
-from worker.memory_transport import MemoryBroker
-from worker.polling import PollSchedule, policies
-from worker.settings import Settings
+from worker.config.settings import Settings
+from worker.loop.errors import TransientError
+from worker.loop.handling import HandlerRegistry, HandlerResult, MessageContext, Send
+from worker.loop.worker import Worker
+from worker.queues.memory import MemoryBroker
+from worker.queues.polling import PollSchedule, policies
 
 SETTINGS = Settings.from_env({"WORKER_CONCURRENCY": "4", "OPENAI_API_KEY": "sk-test"})
 REQUESTS = SETTINGS.requests_queue

@@ -27,10 +27,10 @@ from tests.support.scrape import Samples, http_settings, parse_metrics, scrape, 
 from worker.app import build_backends, open_app
 from worker.backends.base import ModelError, TurnRequest
 from worker.backends.clients import ModelClients
-from worker.memory_transport import MemoryBroker
-from worker.observability.http import DepthPoller
+from worker.observability.depth import DepthPoller
 from worker.observability.instrument import InstrumentedBackend
 from worker.observability.metrics import Metrics
+from worker.queues.memory import MemoryBroker
 from worker.runs.model import ModelTurn, Pending, Usage
 from worker.testing import FakeOpenAI
 

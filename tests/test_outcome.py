@@ -1,8 +1,8 @@
 """The pure retry/dead-letter decision and the backoff schedules."""
 
 from schemas import InvalidMessage
-from worker.errors import PermanentError, TransientError
-from worker.outcome import (
+from worker.loop.errors import PermanentError, TransientError
+from worker.loop.outcome import (
     Complete,
     DeadLetter,
     Retry,

@@ -16,12 +16,12 @@ from structlog.testing import capture_logs
 from tests.support.env import StorageEnv, run
 from worker.app import open_app
 from worker.cli.main import main
-from worker.deadletter import build_envelope
-from worker.memory_transport import MemoryBroker
-from worker.poison_reader import PoisonReader
-from worker.settings import Settings
+from worker.config.settings import Settings
+from worker.deadletters.envelope import build_envelope
+from worker.deadletters.reader import PoisonReader
+from worker.queues.memory import MemoryBroker
+from worker.queues.transport import Delivery, LeaseLost
 from worker.store.layout import REQUEST_PREFIX, request_row_key
-from worker.transport import Delivery, LeaseLost
 
 # Seconds a burst of the worker may take before the test fails instead of hanging.
 BURST_TIMEOUT = 20.0

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from schemas import decode_body, encode_body
-from worker.deadletter import build_envelope
-from worker.poison_ops import (
+from worker.deadletters.envelope import build_envelope
+from worker.deadletters.operations import (
     INVALID_TYPE,
     NOT_AN_ENVELOPE,
     DeadLetterItem,
@@ -24,7 +24,7 @@ from worker.poison_ops import (
     table_lines,
     work_queue_of,
 )
-from worker.transport import Delivery
+from worker.queues.transport import Delivery
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 POISON = "assistant-requests-poison"

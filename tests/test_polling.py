@@ -1,4 +1,4 @@
-"""The poll schedule (worker.polling), on a fake clock: no sleeps, no queues.
+"""The poll schedule (worker.queues.polling), on a fake clock: no sleeps, no queues.
 
 ``drive`` plays the loop: it sleeps as long as the schedule says, polls what is due and
 reports what each receive returned (what ``arrivals`` made visible by then).
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from worker.polling import (
+from worker.queues.polling import (
     DEADLINES_MAX_CAP,
     RECHECK,
     REQUESTS_WARM,

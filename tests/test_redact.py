@@ -1,6 +1,6 @@
 """Secrets are masked wherever text leaves the worker."""
 
-from worker.redact import MASK, Redactor
+from worker.config.redact import MASK, Redactor
 
 
 def test_known_secret_values_are_masked() -> None:

@@ -4,7 +4,7 @@ import json
 
 from handlers.replies import fit_reply
 from schemas import AssistantMessage, AssistantReply, encode_body
-from worker.deadletter import MAX_MESSAGE_BYTES
+from schemas.decode import MAX_MESSAGE_BYTES
 
 
 def size(payload: dict[str, object]) -> int:

@@ -14,8 +14,8 @@ from tests.support.env import StorageEnv, run, wait_until
 from tests.support.tcp_proxy import TcpProxy
 from worker.app import open_app
 from worker.cli.main import main as cli
-from worker.loop import Worker
-from worker.settings import Settings
+from worker.config.settings import Settings
+from worker.loop.worker import Worker
 
 EXTENSION_CREATE = {
     "id": "",  # set per test

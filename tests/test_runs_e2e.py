@@ -44,8 +44,8 @@ from tests.support.runs import (
 )
 from worker.app import open_app
 from worker.cli.main import main as cli
+from worker.config.settings import Settings
 from worker.runs.machine import CAP_MESSAGE
-from worker.settings import Settings
 from worker.testing import FakeOpenAI, RecordedRequest
 
 QUESTION = "What's the weather like right now in my favorite city?"

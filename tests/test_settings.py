@@ -2,7 +2,7 @@
 
 import pytest
 
-from worker.settings import DEV_STORAGE, Settings, SettingsError
+from worker.config.settings import DEV_STORAGE, Settings, SettingsError
 
 
 def test_defaults_follow_the_spec() -> None:

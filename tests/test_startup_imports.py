@@ -31,9 +31,9 @@ OTHER_COMMANDS = (
     "worker.cli.poison_commands",
     "worker.cli.chats",
     "worker.cli.demo",
-    "worker.cli.replies",
-    "worker.poison_ops",
-    "worker.poison_reader",
+    "worker.client.replies",
+    "worker.deadletters.operations",
+    "worker.deadletters.reader",
     "worker.store.retention",
     "worker.devtools.demo",
 )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.env import StorageEnv, run
-from worker.errors import PermanentError
+from worker.loop.errors import PermanentError
 from worker.runs.model import Run, RunStatus
 from worker.store.layout import (
     MAX_PROPERTY_UNITS,
@@ -25,8 +25,10 @@ from worker.store.layout import (
     tool_result_row_key,
     utf16_units,
 )
+from worker.store.protocol import Conflict
 from worker.store.removal import Removal, list_rows
-from worker.store.tables import ChatStores, Conflict, TableChatStore
+from worker.store.stores import ChatStores
+from worker.store.tables import TableChatStore
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 MARKER = "[truncated by assistant-worker:"
@@ -291,7 +293,7 @@ def watching(
     store: TableChatStore, before_submit: Callable[[list[Any]], Awaitable[None]]
 ) -> list[list[Any]]:
     """Call ``before_submit`` before each transaction of ``store``; returns their log."""
-    submit = store._submit
+    submit = store.submit
     log: list[list[Any]] = []
 
     async def spied(operations: list[Any], action: str) -> list[Any]:
@@ -299,7 +301,7 @@ def watching(
         log.append(operations)
         return await submit(operations, action)
 
-    store._submit = spied  # type: ignore[method-assign]
+    store.submit = spied  # type: ignore[method-assign]
     return log
 
 

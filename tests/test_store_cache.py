@@ -16,10 +16,12 @@ from handlers.step import StepHandler
 from tests.support.env import StorageEnv, run
 from tests.support.runs import services_on
 from tests.test_store import NOW, applied, fresh_state, system
-from worker.azure_clients import table_service
+from worker.connections.clients import table_service
 from worker.runs.model import Run
 from worker.store.layout import ChatMessage, ChatState
-from worker.store.tables import ChatStores, Conflict, TableChatStore
+from worker.store.protocol import Conflict
+from worker.store.stores import ChatStores
+from worker.store.tables import TableChatStore
 
 CHAT = "cache-chat"
 
@@ -199,7 +201,7 @@ def test_a_step_is_never_dropped_on_a_stale_copy(storage: StorageEnv) -> None:
     leaving the run to its deadline. A copy may make a step act, never drop it."""
     from schemas import RunStep
     from tests.test_store import make_run
-    from worker.handling import MessageContext
+    from worker.loop.handling import MessageContext
     from worker.runs import machine
 
     async def scenario() -> str:
@@ -246,7 +248,7 @@ def test_a_redelivered_step_resends_what_its_first_delivery_lost(storage: Storag
     the run completed by the delivery before it, and sends the reply."""
     from schemas import RunStep
     from tests.test_store import make_run
-    from worker.handling import MessageContext
+    from worker.loop.handling import MessageContext
 
     async def scenario() -> list[dict[str, object]]:
         async with process_view(storage) as one, process_view(storage) as other:

@@ -40,10 +40,10 @@ from tests.support.runs import (
     serving,
 )
 from worker.app import App
-from worker.redact import Redactor
+from worker.config.redact import Redactor
 from worker.runs.model import Run
 from worker.store.layout import ChatState
-from worker.store.tables import ChatStores
+from worker.store.stores import ChatStores
 from worker.testing import FakeOpenAI
 
 LOOKUP = {
@@ -590,7 +590,7 @@ def test_a_submit_whose_answer_was_lost_still_resumes_the_run(storage: StorageEn
             async with serving(settings) as app:
                 store = await app.stores.get("AzureWebJobsStorage", storage.table)
                 lost: list[bool] = []
-                submit = store._submit
+                submit = store.submit
 
                 async def answer_lost(operations: list[Any], action: str) -> list[Any]:
                     result = await submit(operations, action)
@@ -600,7 +600,7 @@ def test_a_submit_whose_answer_was_lost_still_resumes_the_run(storage: StorageEn
                         raise ServiceResponseError("connection reset after the write")
                     return result
 
-                store._submit = answer_lost  # type: ignore[method-assign]
+                store.submit = answer_lost  # type: ignore[method-assign]
                 await storage.send(
                     post_body(chat_id, storage.table, "order?", replyTo=replies.name)
                 )

@@ -40,7 +40,7 @@ from tests.support.runs import (
 )
 from worker.app import open_app
 from worker.backends.base import ModelError, TurnRequest
-from worker.logs import add_trace_ids
+from worker.observability.logs import add_trace_ids
 from worker.observability.tracing import (
     PROVIDER_AZURE,
     MessageTracing,
@@ -53,10 +53,10 @@ from worker.observability.tracing import (
     setup_tracing,
     tool_call_tracer,
 )
+from worker.queues.transport import Delivery
 from worker.runs.history import ModelMessage
 from worker.runs.model import ModelTurn, Pending, ToolCallRef, Usage
 from worker.testing import FakeOpenAI
-from worker.transport import Delivery
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -132,10 +132,10 @@ def test_the_runs_messages_and_events_carry_its_trace_context() -> None:
     from datetime import UTC, datetime
 
     from handlers.replies import end_removed_runs, tool_calls_required
-    from handlers.runs import deadline_send, step_send
     from handlers.services import ChatRef
+    from handlers.transitions import deadline_send, step_send
+    from worker.config.settings import Settings
     from worker.runs.model import PendingCall, Run
-    from worker.settings import Settings
 
     now = datetime.now(UTC)
     chat = ChatRef("c1", "AzureWebJobsStorage", "ChatState")
@@ -323,7 +323,7 @@ def test_model_calls_are_genai_chat_spans(recorder: Recorder) -> None:
 
 
 def settings_with_azure() -> Any:
-    from worker.settings import Settings
+    from worker.config.settings import Settings
 
     return Settings.from_env({"AZURE_OPENAI_ENDPOINT": "https://example.openai.azure.com"})
 

@@ -35,7 +35,7 @@ from tests.support.processes import (
     wait_until,
 )
 from tests.support.tcp_proxy import TcpProxy
-from worker.loop import RELEASE_TIMEOUT
+from worker.loop.worker import RELEASE_TIMEOUT
 from worker.store.layout import request_row_key
 
 HOST = "127.0.0.1"

@@ -12,14 +12,16 @@ from typing import TYPE_CHECKING
 from handlers import build_registry
 from handlers.services import RunServices
 from handlers.tools import ToolRegistry, load_tools, tool_executor
-from worker.azure_clients import CREDENTIAL, queue_service, table_service
-from worker.azure_queue import AzureQueueBroker
 from worker.backends.assistants import AssistantsBackend
 from worker.backends.base import Backend
 from worker.backends.chat import ChatBackend
 from worker.backends.clients import ModelClients
 from worker.backends.responses import ResponsesBackend
-from worker.loop import Worker
+from worker.config.redact import Redactor
+from worker.config.settings import Settings
+from worker.connections.clients import CREDENTIAL, queue_service, table_service
+from worker.loop.outage import StorageGate
+from worker.loop.worker import Worker
 from worker.observability import Health
 from worker.observability.instrument import instrument_backends
 from worker.observability.tracing import (
@@ -30,14 +32,12 @@ from worker.observability.tracing import (
     tool_call_tracer,
     trace_backends,
 )
-from worker.outage import StorageGate
-from worker.redact import Redactor
-from worker.settings import Settings
-from worker.store.tables import ChatStores
+from worker.queues.azure import AzureQueueBroker
+from worker.store.stores import ChatStores
 
 if TYPE_CHECKING:
     # With WORKER_HTTP_PORT only: prometheus-client and aiohttp's web server load then.
-    from worker.observability.http import HttpServer
+    from worker.http.server import HttpServer
     from worker.observability.metrics import Metrics
 
 
@@ -135,7 +135,7 @@ async def open_app(
     http: HttpServer | None = None
     try:
         if metrics is not None:
-            from worker.observability.http import build_server
+            from worker.http.server import build_server
 
             http = build_server(
                 settings, broker, health, metrics, requests=requests, redactor=worker.redact

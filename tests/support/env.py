@@ -19,7 +19,7 @@ from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue.aio import QueueServiceClient
 
 from tests.support.azurite import Azurite
-from worker.settings import Settings
+from worker.config.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from schemas import AssistantState
 from tests.support.env import StorageEnv
 from worker.app import App, open_app
 from worker.cli.state import read_state
-from worker.settings import Settings
+from worker.config.settings import Settings
 from worker.store.tables import TableChatStore
 from worker.testing.fake_openai_brain import Conversation, Turn
 

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.env import StorageEnv
 from worker.app import App
-from worker.settings import Settings
+from worker.config.settings import Settings
 
 # Seconds any one HTTP request of a test may take.
 REQUEST_TIMEOUT = 10.0

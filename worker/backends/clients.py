@@ -3,7 +3,7 @@
 - OpenAI or any OpenAI-compatible server: ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``.
 - Azure OpenAI: ``AZURE_OPENAI_ENDPOINT`` through the v1 path (``{endpoint}/openai/v1/``, the
   model is the deployment name) with ``AZURE_OPENAI_API_KEY``, or an Entra token provider
-  (on the process's one ``DefaultAzureCredential``, see ``worker.azure_clients``) when no key
+  (on the process's one ``DefaultAzureCredential``, see ``worker.connections.clients``) when no key
   is set; the dated ``api-version`` paths only when ``OPENAI_API_VERSION`` is set.
 - Named connections (``aiConnectionName``): ``<name>__endpoint`` / ``<name>__key``, Azure-style.
 The SDK's own retries are kept small: long waits go back to the queue as delayed steps.
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from worker.azure_clients import shared_credential
-from worker.settings import Settings
+from worker.config.settings import Settings
+from worker.connections.clients import shared_credential
 
 if TYPE_CHECKING:
     import openai

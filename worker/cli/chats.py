@@ -14,15 +14,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
-from azure.core.exceptions import ResourceNotFoundError
-from azure.data.tables.aio import TableClient
-
 from schemas.names import check_table_name
 from schemas.requests import DEFAULT_STORAGE_SETTING
-from worker.azure_clients import table_service
 from worker.cli.common import CliError
-from worker.settings import Settings
-from worker.store.retention import ChatSummary, Pacer, list_chats, purge_chat
+from worker.config.settings import Settings
+from worker.store.retention import (
+    ChatSummary,
+    Pacer,
+    TableClient,
+    TableNotFound,
+    list_chats,
+    open_table,
+    purge_chat,
+)
 
 DEFAULT_RATE = 20.0
 DEFAULT_LIMIT = 50
@@ -181,18 +185,14 @@ async def _table_client(settings: Settings, setting: str, table: str) -> AsyncIt
             "a name listed in WORKER_STORAGE_SETTINGS",
             exit_code=2,
         )
-    service = table_service(connection)
-    try:
-        async with service.get_table_client(table) as client:
-            yield client
-    finally:
-        await service.close()
+    async with open_table(connection, table) as client:
+        yield client
 
 
 async def _listed(client: TableClient, table: str, setting: str, pacer: Pacer) -> list[ChatSummary]:
     try:
         return await list_chats(client, pacer)
-    except ResourceNotFoundError:
+    except TableNotFound:
         raise CliError(f"table {table!r} of storage setting {setting!r} does not exist") from None
 
 

@@ -5,7 +5,7 @@ import json
 import sys
 from typing import Any
 
-from worker.settings import SPECS, Settings
+from worker.config.settings import SPECS, Settings
 
 
 class CliError(Exception):

@@ -2,7 +2,7 @@
 
 import argparse
 
-from worker.settings import Settings
+from worker.config.settings import Settings
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from worker import __version__
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from worker.config.settings import Settings
 
 # Every subcommand and the module whose ``add_parser`` defines it, in the order of ``--help``.
 COMMANDS = {
@@ -74,10 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from worker.cli.common import CliError, settings_from
-    from worker.errors import PermanentError, TransientError
-    from worker.redact import Redactor
-    from worker.settings import SettingsError
-    from worker.transport import QueueNotFound
+    from worker.config.redact import Redactor
+    from worker.config.settings import SettingsError
+    from worker.loop.errors import PermanentError, TransientError
+    from worker.queues.transport import QueueNotFound
 
     redact = Redactor()
     try:

@@ -8,7 +8,7 @@ queue as it was. Whole queues are read (up to ``MAX_READ`` messages) and sorted 
 so that ``--limit`` picks the same dead letters in every command. Replay puts the original
 message back first and deletes the dead letter after: a duplicate is possible, a loss is not,
 and the ``requestId`` makes the duplicate harmless.
-Which messages are selected, and what replay puts back, is decided in ``worker.poison_ops``.
+Which messages are selected, and what replay puts back, is decided in ``worker.deadletters.operations``.
 """
 
 import argparse
@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 
 from worker.cli.common import add_queue_flags
 from worker.cli.poison_commands import list_command, purge_command, replay_command, show_command
-from worker.poison_ops import (
+from worker.deadletters.operations import (
     parse_since,
 )
-from worker.poison_reader import (
+from worker.deadletters.reader import (
     LEASE_SECONDS,
     MAX_READ,
 )

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 from schemas.names import check_queue_name
 from worker.cli.common import CliError, print_json
-from worker.poison_ops import (
+from worker.config.settings import Settings
+from worker.deadletters.operations import (
     DeadLetterItem,
     Filters,
     describe_counts,
@@ -18,7 +19,7 @@ from worker.poison_ops import (
     select,
     table_lines,
 )
-from worker.poison_reader import (
+from worker.deadletters.reader import (
     MAX_READ,
     Leased,
     PoisonReader,
@@ -26,8 +27,7 @@ from worker.poison_reader import (
     lease_key,
     open_reader,
 )
-from worker.settings import Settings
-from worker.transport import LeaseLost
+from worker.queues.transport import LeaseLost
 
 
 def filters_from(args: argparse.Namespace) -> Filters:

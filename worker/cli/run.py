@@ -7,10 +7,10 @@ import signal
 import structlog
 
 from worker.app import open_app
-from worker.logs import configure_logging
+from worker.config.redact import Redactor
+from worker.config.settings import SPECS, Settings
+from worker.observability.logs import configure_logging
 from worker.observability.tracing import setup_tracing
-from worker.redact import Redactor
-from worker.settings import SPECS, Settings
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

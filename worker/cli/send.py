@@ -11,11 +11,11 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import AssistantCreate, AssistantDelete, AssistantPost, SubmitToolOutputs, encode_body
 from schemas.decode import describe_errors
-from worker.azure_clients import queue_service
-from worker.azure_queue import AzureQueueBroker
 from worker.cli.common import CliError, add_queue_flags, add_storage_flags, print_json
-from worker.cli.replies import wait_for_reply
-from worker.settings import Settings
+from worker.client.replies import wait_for_reply
+from worker.config.settings import Settings
+from worker.connections.clients import queue_service
+from worker.queues.azure import AzureQueueBroker
 
 SEND_EPILOG = """\
 examples:

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from handlers.query import get_state
 from schemas import AssistantState
 from worker.cli.common import CliError, add_storage_flags, print_json
-from worker.settings import Settings
-from worker.store.tables import ChatStores
+from worker.config.settings import Settings
+from worker.store.stores import ChatStores
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -21,11 +21,11 @@ from pathlib import Path
 from handlers.query import get_state
 from schemas import encode_body
 from worker.app import App, open_app
-from worker.cli.replies import wait_for_reply
+from worker.client.replies import wait_for_reply
+from worker.config.redact import Redactor
+from worker.config.settings import DEV_STORAGE, Settings
 from worker.devtools.azurite import REPO_ROOT, Azurite
-from worker.logs import configure_logging
-from worker.redact import Redactor
-from worker.settings import DEV_STORAGE, Settings
+from worker.observability.logs import configure_logging
 from worker.store.layout import ChatMessage
 from worker.testing import FakeOpenAI
 

@@ -1,7 +1,10 @@
-"""Health, metrics and the HTTP server of ``WORKER_HTTP_PORT`` (SPEC §10).
+"""What an operator watches (SPEC §10): liveness and readiness (``health.py``), Prometheus
+metrics (``metrics.py``), the queue depth gauge (``depth.py``), OpenTelemetry traces
+(``tracing.py``), structured logs (``logs.py``), and the wrappers that report model calls
+(``instrument.py``).
 
 ``Health`` and ``Metrics`` are plain objects the app builds and passes down; nothing here is
-global. The modules import lazily what they need (prometheus-client, aiohttp's web server).
+global. The modules import lazily what they need (prometheus-client, the tracing SDK).
 """
 
 from worker.observability.health import Health

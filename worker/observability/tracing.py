@@ -31,7 +31,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import Context, copy_context
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -48,14 +48,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from schemas.decode import decode_body, infer_type, unwrap_dead_letter
 from worker.backends.base import BackendWrapper
-from worker.settings import SettingsError
+from worker.config.settings import SettingsError
 
 if TYPE_CHECKING:
-    from handlers.tool_calls import ToolCall, ToolResult
     from worker.backends.base import Backend, TurnRequest
+    from worker.config.settings import Settings
+    from worker.queues.transport import Delivery
     from worker.runs.model import ModelTurn, Pending
-    from worker.settings import Settings
-    from worker.transport import Delivery
 
 T = TypeVar("T")
 
@@ -653,15 +652,41 @@ def trace_backends(
 # --- tool calls ---------------------------------------------------------------------------------
 
 
+class TracedCall(Protocol):
+    """What a tool call's span records of the call (``handlers.tool_calls.ToolCall``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def arguments(self) -> str: ...
+
+
+class TracedResult(Protocol):
+    """What a tool call's span records of its result (``handlers.tool_calls.ToolResult``)."""
+
+    @property
+    def output(self) -> str: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+
+R = TypeVar("R", bound=TracedResult)
+
+
 def tool_call_tracer(
     tracing: Tracing,
-) -> Callable[[ToolCall, Awaitable[ToolResult]], Awaitable[ToolResult]]:
+) -> Callable[[TracedCall, Awaitable[R]], Awaitable[R]]:
     """For ``ToolRegistry.set_call_tracer``: runs each call inside an ``execute_tool {name}``
     span (INTERNAL); a call whose result is a failure is an error span."""
     tracer = tracing.tracer
     capture = tracing.capture_content
 
-    async def traced(call: ToolCall, running: Awaitable[ToolResult]) -> ToolResult:
+    async def traced(call: TracedCall, running: Awaitable[R]) -> R:
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "execute_tool",
             "gen_ai.tool.name": call.name,

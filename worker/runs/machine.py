@@ -11,8 +11,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from worker.runs.model import ModelTurn, Pending, PendingCall, Run, RunStatus, ToolCallRef
-from worker.store.layout import Role
+from worker.runs.model import ModelTurn, Pending, PendingCall, Role, Run, RunStatus, ToolCallRef
 
 CAP_MESSAGE = (
     "error: the limit of {rounds} tool rounds per run was reached; this call was not executed. "

@@ -15,6 +15,8 @@ TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "expir
 # "tools"    execute the local tool calls of the last model turn,
 # "external" wait for a producer's submitToolOutputs (status requires_action).
 Phase = Literal["model", "poll", "tools", "external"]
+# The roles of a chat's messages, as the extension stores them.
+Role = Literal["System", "User", "Assistant", "Tool"]
 
 
 @dataclass(frozen=True)

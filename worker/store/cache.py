@@ -11,7 +11,7 @@ every write is still guarded by the ETags of the rows it read.
 - ``CommittedCache``: the ``state`` row and run rows as this process's last commit of a chat
   left them (with their new ETags). The step taken in-process right after that commit starts
   from them instead of reading both again; if another worker wrote meanwhile, the step's commit
-  fails its ETag check and reads afresh (see ``handlers.runs.commit_transition``).
+  fails its ETag check and reads afresh (see ``handlers.transitions.commit_transition``).
 """
 
 from collections import OrderedDict

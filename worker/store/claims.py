@@ -29,8 +29,8 @@ from azure.core.exceptions import (
 from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
+from worker.store.errors import storage_errors
 from worker.store.layout import CLAIM_PREFIX, join_text, split_text, utc
-from worker.store.stores import storage_errors
 
 CLAIMED = "claimed"
 _TAKEOVER_ATTEMPTS = 3

@@ -12,9 +12,9 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-from worker.runs.model import PendingCall, Run, Usage
+from worker.runs.model import PendingCall, Role, Run, Usage
 
 STATE_ROW = "state"
 MESSAGE_PREFIX = "msg-"
@@ -40,8 +40,6 @@ MAX_TEXT_UNITS_PER_ROW = 400_000
 MIN_TEXT_UNITS = 1_000
 # A run's error text is kept whole up to this size.
 MAX_ERROR_UNITS = 16_000
-
-Role = Literal["System", "User", "Assistant", "Tool"]
 
 
 def message_row_key(index: int) -> str:

@@ -17,6 +17,10 @@ from worker.store.layout import AppliedRecord, AppliedRequest, ChatMessage, Chat
 from worker.store.removal import Removal
 
 
+class Conflict(Exception):
+    """A guarded write lost a race: re-read and decide again."""
+
+
 class ClaimStore(Protocol):
     """Claims on work that must not be done twice (see ``worker.store.claims``)."""
 

@@ -23,20 +23,22 @@ table transactions (100 operations each), and other workers may write to the cha
   claims), keyed by that run's unique id, which the next reset or delete lists and removes.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from azure.core import MatchConditions
 from azure.data.tables import TableTransactionError, UpdateMode
 
-from worker.errors import TransientError
+from worker.loop.errors import TransientError
 from worker.runs.model import Run
 from worker.store.layout import (
     MESSAGE_PREFIX,
     REQUEST_PREFIX,
     RUN_PREFIX,
     STATE_ROW,
+    AppliedRecord,
     AppliedRequest,
     ChatMessage,
     ChatState,
@@ -46,15 +48,26 @@ from worker.store.layout import (
     state_entity,
 )
 
-if TYPE_CHECKING:
-    from worker.store.tables import TableChatStore
-
 # The character right after '-': keys from "req." on sort after every applied-request record.
 _REQUEST_PREFIX_END = REQUEST_PREFIX[:-1] + "."
 _DELETE_PASSES = 5
 _MAX_OPERATIONS = 100
 
 Rows = dict[str, str | None]
+
+
+class RowStore(Protocol):
+    """What a reset or delete needs of the table store (``TableChatStore``)."""
+
+    client: Any
+
+    def errors(self, action: str) -> AbstractAsyncContextManager[None]: ...
+
+    async def submit(self, operations: list[Any], action: str) -> list[Mapping[str, Any]]: ...
+
+    async def applied_record(self, chat_id: str, request_id: str) -> AppliedRecord | None: ...
+
+    async def runs(self, chat_id: str) -> list[Run]: ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,7 @@ class Removal:
 
 
 async def reset_chat(
-    store: "TableChatStore",
+    store: RowStore,
     state: ChatState,
     first_message: ChatMessage,
     applied: AppliedRequest,
@@ -114,7 +127,7 @@ async def reset_chat(
 
 
 async def _create_new(
-    store: "TableChatStore", state: ChatState, first_message: ChatMessage, applied: AppliedRequest
+    store: RowStore, state: ChatState, first_message: ChatMessage, applied: AppliedRequest
 ) -> int | None:
     """Create the chat in one transaction if none of its rows exists (the applied record
     first, then the ``state`` row and the first message): None when it was created, else the
@@ -135,16 +148,14 @@ async def _create_new(
     return None
 
 
-async def _transact(store: "TableChatStore", operations: list[Any], action: str) -> None:
-    """``store._submit``: failures classify as every store call's. A retry after an answer
+async def _transact(store: RowStore, operations: list[Any], action: str) -> None:
+    """``store.submit``: failures classify as every store call's. A retry after an answer
     lost on the way finds the record it wrote (409 at index 0): the create then reports
     itself a duplicate, which it is."""
-    await store._submit(operations, action)
+    await store.submit(operations, action)
 
 
-async def delete_chat(
-    store: "TableChatStore", chat_id: str, applied: AppliedRequest
-) -> Removal | None:
+async def delete_chat(store: RowStore, chat_id: str, applied: AppliedRequest) -> Removal | None:
     """Delete the chat's rows; None if the request was applied already.
 
     The applied record goes in the same transaction as the last deletes, so a redelivered
@@ -159,7 +170,7 @@ async def delete_chat(
 
 
 async def _rewrite(
-    store: "TableChatStore",
+    store: RowStore,
     chat_id: str,
     request_id: str,
     *,
@@ -199,7 +210,7 @@ async def _rewrite(
                 if number == len(batches):
                     operations.extend(last)
                 if operations:
-                    await store._submit(operations, "rewrite the chat's rows")
+                    await store.submit(operations, "rewrite the chat's rows")
         except TableTransactionError as error:
             if error.status_code not in (404, 409, 412):
                 raise
@@ -211,10 +222,10 @@ async def _rewrite(
     raise TransientError("the chat kept changing while its rows were being rewritten; retrying")
 
 
-async def list_rows(store: "TableChatStore", chat_id: str) -> Rows:
+async def list_rows(store: RowStore, chat_id: str) -> Rows:
     """Every row key of the chat with its ETag, but the applied-request records."""
     rows: Rows = {}
-    async with store._errors("list the chat's rows"):
+    async with store.errors("list the chat's rows"):
         # One query for both sides of the req- range. The spaces inside the parentheses
         # matter: the SDK reads a parameter name up to the next space.
         entities = store.client.query_entities(

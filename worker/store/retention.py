@@ -14,6 +14,7 @@ deleted under their own ETags, 100 per transaction; if the chat is created again
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -21,8 +22,10 @@ from typing import Any, Literal
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
-from azure.data.tables.aio import TableClient
+from azure.data.tables.aio import TableClient as TableClient
 
+from worker.config.settings import StorageConnection
+from worker.connections.clients import table_service
 from worker.store.layout import STATE_ROW, utc
 
 # Azure's limit of operations in one entity-group transaction.
@@ -97,8 +100,24 @@ async def _paged(entities: Any, pacer: Pacer) -> AsyncIterator[Any]:
             yield entity
 
 
+class TableNotFound(Exception):
+    """The table does not exist (retention never creates one)."""
+
+
+@asynccontextmanager
+async def open_table(connection: StorageConnection, table: str) -> AsyncIterator[TableClient]:
+    """The client of ``table`` on ``connection``'s account; the table is never created."""
+    service = table_service(connection)
+    try:
+        async with service.get_table_client(table) as client:
+            yield client
+    finally:
+        await service.close()
+
+
 async def list_chats(client: TableClient, pacer: Pacer) -> list[ChatSummary]:
-    """Every chat of the table by last activity, newest first.
+    """Every chat of the table by last activity, newest first; ``TableNotFound`` when the
+    table does not exist.
 
     Table Storage has no index on activity: this reads every ``state`` row (a scan of the
     table that returns only those rows), then sorts.
@@ -109,7 +128,10 @@ async def list_chats(client: TableClient, pacer: Pacer) -> list[ChatSummary]:
         select=[*_STATE_FIELDS, "ActiveRunId"],
         results_per_page=1000,
     )
-    chats = [_summary(entity) async for entity in _paged(entities, pacer)]
+    try:
+        chats = [_summary(entity) async for entity in _paged(entities, pacer)]
+    except ResourceNotFoundError:
+        raise TableNotFound(client.table_name) from None
     return sorted(chats, key=lambda chat: (chat.last_updated_at, chat.chat_id), reverse=True)
 
 

@@ -1,72 +1,20 @@
-"""Chat stores per connection setting and table, and the classification of storage failures.
-
-``worker.store.tables`` re-exports both names; this module imports it only when a store is
-first opened, so either module can be imported first.
-"""
+"""Chat stores per connection setting and table: the one place a request's storage setting
+and table name become a store (only allow-listed settings; each table created once)."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from azure.core.exceptions import (
-    HttpResponseError,
-    ResourceExistsError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
+from azure.core.exceptions import ResourceExistsError
 from azure.data.tables.aio import TableServiceClient
 
 from schemas.requests import DEFAULT_STORAGE_SETTING
-from worker.azure_clients import table_service
-from worker.errors import PermanentError, StorageUnavailable, TransientError
-from worker.outcome import describe
-from worker.settings import Settings
-
-if TYPE_CHECKING:
-    from worker.store.tables import TableChatStore
-
-# Status codes of requests the service will refuse however often they are sent.
-_PERMANENT_STATUS = {400, 413}
-
-
-@asynccontextmanager
-async def storage_errors(action: str, where: str, setting: str) -> AsyncIterator[None]:
-    """Classify the table service's failures, saying where they happened.
-
-    A refusal of the request itself (400, 413) is permanent. An unreachable or busy service
-    (no connection, 5xx, 429) is ``StorageUnavailable`` (the loop pauses when it is the
-    worker's own storage); an authentication failure is transient. Both name the storage
-    setting and table, so that a dead letter says which connection to fix. Anything else
-    (404, 409, 412) passes through for the caller to handle.
-    """
-    try:
-        yield
-    except HttpResponseError as error:
-        status = error.status_code or 0
-        code = getattr(error, "error_code", None)
-        if status in _PERMANENT_STATUS:
-            raise PermanentError(
-                f"{where}: the table service refused to {action}: {code or error.reason}",
-                error_type="StorageRequestRejected",
-            ) from error
-        if status >= 500 or status == 429:
-            raise StorageUnavailable(
-                f"{where}: could not {action}: {describe(error)}",
-                setting=setting,
-                error_type=type(error).__name__,
-            ) from error
-        if status in (401, 403):
-            raise TransientError(
-                f"{where}: could not {action}: {describe(error)}", error_type=type(error).__name__
-            ) from error
-        raise
-    except (ServiceRequestError, ServiceResponseError) as error:
-        raise StorageUnavailable(
-            f"{where}: could not {action}: {describe(error)}",
-            setting=setting,
-            error_type=type(error).__name__,
-        ) from error
+from worker.config.settings import Settings
+from worker.connections.clients import table_service
+from worker.connections.counting import RequestObserver
+from worker.loop.errors import PermanentError
+from worker.store.errors import storage_errors
+from worker.store.tables import TableChatStore
 
 
 class ChatStores:
@@ -100,10 +48,8 @@ class ChatStores:
             self._services[setting] = self._service_factory(connection)
         return self._services[setting]
 
-    async def get(self, setting: str, table: str) -> "TableChatStore":
+    async def get(self, setting: str, table: str) -> TableChatStore:
         """The store of ``table`` on the account of ``setting``; the table is created once."""
-        from worker.store.tables import TableChatStore  # here: tables imports this module
-
         key = (setting, table)
         store = self._stores.get(key)
         if store is not None:
@@ -142,3 +88,33 @@ class ChatStores:
             await service.close()
         self._stores.clear()
         self._services.clear()
+
+
+class ReadOnlyStores:
+    """Stores of the worker's own storage account for reading chats (the query API): a table
+    is never created, and a table that does not exist reads as holding no chat."""
+
+    def __init__(self, settings: Settings, requests: RequestObserver | None = None) -> None:
+        self._settings = settings
+        self._requests = requests
+        self._service: TableServiceClient | None = None
+        self._stores: dict[str, TableChatStore] = {}
+
+    def get(self, table: str) -> TableChatStore:
+        store = self._stores.get(table)
+        if store is None:
+            if self._service is None:
+                self._service = table_service(self._settings.default_storage, self._requests)
+            store = TableChatStore(
+                self._service.get_table_client(table), self._settings.default_storage_setting
+            )
+            self._stores[table] = store
+        return store
+
+    async def close(self) -> None:
+        for store in self._stores.values():
+            await store.client.close()
+        self._stores.clear()
+        if self._service is not None:
+            await self._service.close()
+            self._service = None

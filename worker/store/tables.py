@@ -26,10 +26,11 @@ from tenacity import (
     wait_exponential,
 )
 
-from worker.errors import PermanentError
+from worker.loop.errors import PermanentError
 from worker.runs.model import Run
 from worker.store.cache import Committed, CommittedCache, HistoryCache
 from worker.store.claims import CLAIMED, Claims, NewClaim
+from worker.store.errors import storage_errors
 from worker.store.layout import (
     MESSAGE_PREFIX,
     MESSAGE_PREFIX_END,
@@ -57,17 +58,8 @@ from worker.store.layout import (
     tool_result_entity,
     tool_results_prefix,
 )
+from worker.store.protocol import Conflict
 from worker.store.removal import Removal, delete_chat, reset_chat
-from worker.store.stores import ChatStores, storage_errors
-
-__all__ = [
-    "MAX_TRANSACTION_BYTES",
-    "MAX_TRANSACTION_OPERATIONS",
-    "ChatStores",
-    "Conflict",
-    "TableChatStore",
-    "storage_errors",
-]
 
 # Azure's limits of one entity-group transaction: 100 operations and a 4 MiB payload. The
 # estimate (``entity_payload_bytes`` plus ``_OPERATION_BYTES`` per operation) is kept under
@@ -91,10 +83,6 @@ def _retrying() -> AsyncRetrying:
         wait=wait_exponential(multiplier=0.2, max=2),
         reraise=True,
     )
-
-
-class Conflict(Exception):
-    """A guarded write lost a race: re-read and decide again."""
 
 
 def _guarded(etag: str | None, mode: UpdateMode = UpdateMode.REPLACE) -> dict[str, Any]:
@@ -121,13 +109,13 @@ class TableChatStore:
         self._history = HistoryCache()
         self._committed = CommittedCache()
 
-    def _errors(self, action: str) -> AbstractAsyncContextManager[None]:
+    def errors(self, action: str) -> AbstractAsyncContextManager[None]:
         return storage_errors(action, self.where, self.setting)
 
     async def load_state(self, chat_id: str) -> ChatState | None:
         """The ``state`` row with its ETag, or None when the chat does not exist."""
         try:
-            async with self._errors("read the chat state"):
+            async with self.errors("read the chat state"):
                 entity = await self.client.get_entity(chat_id, STATE_ROW)
         except ResourceNotFoundError:
             return None
@@ -136,7 +124,7 @@ class TableChatStore:
     async def is_applied(self, chat_id: str, request_id: str) -> bool:
         """Whether the request with this id already took effect on this chat."""
         try:
-            async with self._errors("read an applied-request record"):
+            async with self.errors("read an applied-request record"):
                 await self.client.get_entity(
                     chat_id, request_row_key(request_id), select=["RowKey"]
                 )
@@ -148,7 +136,7 @@ class TableChatStore:
         """Every ``msg-`` row of the chat, in order; with ``upto`` (the state's
         ``TotalMessages``) only those the chat counts: a row past it is left over from a
         commit that failed half-way, and the next commit overwrites it."""
-        async with self._errors("read the chat messages"):
+        async with self.errors("read the chat messages"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                 parameters={"pk": chat_id, "lo": MESSAGE_PREFIX, "hi": MESSAGE_PREFIX_END},
@@ -169,7 +157,7 @@ class TableChatStore:
         first = len(known) + 1
         if total > _FOUR_HEX_DIGITS:
             return await self.read_messages(chat_id, total)
-        async with self._errors("read the chat messages"):
+        async with self.errors("read the chat messages"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey le @hi",
                 parameters={
@@ -199,7 +187,7 @@ class TableChatStore:
     async def load_run(self, chat_id: str, run_id: str) -> Run | None:
         """A run row with its ETag, or None (never created, or its chat was reset)."""
         try:
-            async with self._errors("read a run"):
+            async with self.errors("read a run"):
                 entity = await self.client.get_entity(chat_id, run_row_key(run_id))
         except ResourceNotFoundError:
             return None
@@ -225,7 +213,7 @@ class TableChatStore:
     async def _queued_runs(
         self, chat_id: str, after_seq: int, low: str, *, first_only: bool
     ) -> list[Run]:
-        async with self._errors("find the next queued run"):
+        async with self.errors("find the next queued run"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
                 " and Status eq @status and Seq gt @seq",
@@ -247,7 +235,7 @@ class TableChatStore:
 
     async def runs(self, chat_id: str) -> list[Run]:
         """Every run of the chat, in arrival order."""
-        async with self._errors("list the runs"):
+        async with self.errors("list the runs"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                 parameters={"pk": chat_id, "lo": RUN_PREFIX, "hi": RUN_PREFIX_END},
@@ -263,7 +251,7 @@ class TableChatStore:
     async def applied_record(self, chat_id: str, request_id: str) -> AppliedRecord | None:
         """The record of a request applied to this chat, or None."""
         try:
-            async with self._errors("read an applied-request record"):
+            async with self.errors("read an applied-request record"):
                 entity = await self.client.get_entity(chat_id, request_row_key(request_id))
         except ResourceNotFoundError:
             return None
@@ -274,7 +262,7 @@ class TableChatStore:
     ) -> None:
         """Keep one finished tool call's output (idempotent: the same call stores the same
         row). An output larger than a row holds is stored cut, with a marker."""
-        async with self._errors("store a tool result"):
+        async with self.errors("store a tool result"):
             async for attempt in _retrying():
                 with attempt:
                     await self.client.upsert_entity(
@@ -286,7 +274,7 @@ class TableChatStore:
         """The outputs of the tool calls of one round of a run that already finished, by call
         id (the rows are ``tool_result_row_key(run_id, round_number, call_id)``)."""
         prefix = tool_results_prefix(run_id, round_number)
-        async with self._errors("read the tool results"):
+        async with self.errors("read the tool results"):
             entities = self.client.query_entities(
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                 parameters={"pk": chat_id, "lo": prefix, "hi": prefix[:-1] + "."},
@@ -385,7 +373,7 @@ class TableChatStore:
         _check_size(operations)
         while True:
             try:
-                return await self._submit(operations, "update the chat")
+                return await self.submit(operations, "update the chat")
             except TableTransactionError as error:
                 index = error.index
                 if (
@@ -422,8 +410,8 @@ class TableChatStore:
         self._history.forget(chat_id)
         self._committed.forget(chat_id)
 
-    async def _submit(self, operations: list[Any], action: str) -> list[Mapping[str, Any]]:
-        async with self._errors(action):
+    async def submit(self, operations: list[Any], action: str) -> list[Mapping[str, Any]]:
+        async with self.errors(action):
             async for attempt in _retrying():
                 with attempt:
                     return list(await self.client.submit_transaction(operations))

@@ -12,28 +12,66 @@ Over HTTP for processes that cannot call `FakeOpenAI` methods (a worker under te
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from aiohttp import web
 
-from worker.testing.fake_openai_brain import SCENARIOS
-from worker.testing.fake_openai_common import ApiError
+from worker.testing.fake_openai_brain import SCENARIOS, Scenario, Turn
+from worker.testing.fake_openai_common import ApiError, RecordedRequest
 from worker.testing.fake_openai_core import body_of
-from worker.testing.fake_openai_faults import ENDPOINTS
-
-if TYPE_CHECKING:
-    from worker.testing.fake_openai import FakeOpenAI
+from worker.testing.fake_openai_faults import ENDPOINTS, FaultRule
 
 __all__ = ["AdminApi"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class Controls(Protocol):
+    """What the admin endpoints control of the fake (``FakeOpenAI`` has it)."""
+
+    def script(self, model: str, turns: Sequence[Turn]) -> None: ...
+
+    def pending_turns(self, model: str | None = None) -> int: ...
+
+    def set_default(self, scenario: str | Scenario) -> None: ...
+
+    def fault(
+        self,
+        kind: str,
+        *,
+        count: int | None = None,
+        every: int | None = None,
+        model: str | Sequence[str] | None = None,
+        api: str | Sequence[str] | None = None,
+        endpoint: str | Sequence[str] | None = None,
+        retry_after: float | None = None,
+        delay: float | None = None,
+        rate: float | None = None,
+        seed: int | None = None,
+    ) -> FaultRule: ...
+
+    def clear_faults(self) -> None: ...
+
+    def fault_rules(self) -> list[FaultRule]: ...
+
+    @property
+    def requests(self) -> list[RecordedRequest]: ...
+
+    def calls(
+        self,
+        model: str | None = None,
+        api: str | None = None,
+        endpoint: str | Sequence[str] | None = None,
+    ) -> int: ...
+
+    def reset(self) -> None: ...
+
+
 class AdminApi:
     """Admin handlers over a `FakeOpenAI` (not recorded, never faulted)."""
 
-    def __init__(self, fake: FakeOpenAI) -> None:
+    def __init__(self, fake: Controls) -> None:
         self.fake = fake
 
     def routes(self) -> list[tuple[str, str, Handler]]:

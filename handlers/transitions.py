@@ -22,15 +22,14 @@ from schemas import (
     RunDeadline,
     RunStep,
 )
-from worker.errors import TransientError
-from worker.handling import Send
+from worker.loop.errors import TransientError
+from worker.loop.handling import Send
 from worker.runs import machine
 from worker.runs.machine import NewMessage, Transition
 from worker.runs.model import Run
 from worker.store.claims import NewClaim
 from worker.store.layout import AppliedRequest, ChatMessage, ChatState
-from worker.store.protocol import ChatStore
-from worker.store.tables import Conflict
+from worker.store.protocol import ChatStore, Conflict
 
 MAX_CONFLICT_RETRIES = 25
 

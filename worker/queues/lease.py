@@ -9,9 +9,9 @@ import contextlib
 
 import structlog
 
-from worker.transport import Delivery, LeaseLost, QueueTransport
+from worker.queues.transport import Delivery, LeaseLost, QueueTransport
 
-log = structlog.get_logger("worker.lease")
+log = structlog.get_logger("worker.queues.lease")
 
 # Seconds between renewal attempts after one failed.
 RETRY_INTERVAL = 2.0

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from schemas import Message, decode_body, encode_body, parse_message
-from worker.deadletter import envelope_body, request_id_of
-from worker.errors import TransientError
-from worker.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole, Send
-from worker.lease import Lease
-from worker.observability.health import Health
-from worker.outage import StorageGate, is_storage_failure
-from worker.outcome import (
+from schemas.names import poison_queue_name
+from worker.config.redact import Redactor
+from worker.config.settings import Settings
+from worker.deadletters.envelope import envelope_body, request_id_of
+from worker.loop.errors import TransientError, describe
+from worker.loop.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole, Send
+from worker.loop.outage import StorageGate, is_storage_failure
+from worker.loop.outcome import (
     Complete,
     DeadLetter,
     Outcome,
@@ -32,18 +33,16 @@ from worker.outcome import (
     RetryPolicy,
     check_before_running,
     decide,
-    describe,
 )
-from worker.polling import PollSchedule, policies
-from worker.redact import Redactor
-from worker.settings import Settings
-from worker.transport import (
+from worker.observability.health import Health
+from worker.queues.lease import Lease
+from worker.queues.polling import PollSchedule, policies
+from worker.queues.transport import (
     MAX_RECEIVE,
     Broker,
     Delivery,
     LeaseLost,
     QueueTransport,
-    poison_queue_name,
 )
 
 if TYPE_CHECKING:
@@ -108,7 +107,7 @@ class Worker:
             (broker.queue(settings.deadlines_queue), "deadlines"),
             (broker.queue(settings.requests_queue), "requests"),
         ]
-        # When each queue is polled (worker.polling): often for a while after activity, then
+        # When each queue is polled (worker.queues.polling): often for a while after activity, then
         # backing off per queue, and woken when a message the worker delayed falls due.
         self._polls = PollSchedule(
             policies(
@@ -199,9 +198,7 @@ class Worker:
                 self._log.warning(
                     "queue.receive_failed", queue=queue.name, error=self.redact(describe(error))
                 )
-                if self.gate is not None and is_storage_failure(
-                    error, self.settings.default_storage_setting
-                ):
+                if self.gate is not None and self._storage_failure(error):
                     await self.gate.confirm_outage(error)
                 continue
             self._polls.polled(queue.name, sent_at, len(deliveries), asked)
@@ -371,7 +368,7 @@ class Worker:
             except Exception as failure:
                 error = failure
             gate = self.gate
-            if gate is None or not is_storage_failure(error, self.settings.default_storage_setting):
+            if gate is None or not self._storage_failure(error):
                 return None, error
             if not await gate.confirm_outage(error):
                 return None, error  # storage answers: this one request failed, retry as usual
@@ -382,6 +379,11 @@ class Worker:
                 return None, error
             attempt += 1
             self.stats["resumed_after_outage"] += 1
+
+    def _storage_failure(self, error: BaseException) -> bool:
+        """Whether ``error`` says the worker's own storage did not answer (see the gate)."""
+        own = self.settings.default_storage_setting
+        return is_storage_failure(error, own, self.broker.unavailable)
 
     def _age(self, delivery: Delivery) -> float | None:
         """Seconds since the message was first enqueued, if the service said when."""
@@ -483,7 +485,7 @@ class Worker:
                     result = await self.registry.handler_for("runs", step)(step, context)
                     completed({**fields, "type": step.type, **result.log_fields})
             except Exception as error:
-                if is_storage_failure(error, self.settings.default_storage_setting):
+                if self._storage_failure(error):
                     raise
                 await self._queue_step(send, error, fields)
                 self._observe_step("queued", {})

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from schemas import Message
-from worker.errors import PermanentError
+from worker.loop.errors import PermanentError
 
 QueueRole = Literal["requests", "runs", "deadlines"]
 

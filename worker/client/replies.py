@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 from schemas import InvalidMessage, decode_body
-from worker.transport import Broker
+from worker.queues.transport import Broker
 
 POLL_INTERVAL = 0.3
 

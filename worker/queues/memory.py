@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from worker.transport import Delivery, LeaseLost
+from worker.queues.transport import Delivery, LeaseLost
 
 
 @dataclass
@@ -124,6 +124,10 @@ class MemoryBroker:
     async def ensure_queues(self, names: Iterable[str]) -> None:
         for name in names:
             self.queue(name)
+
+    def unavailable(self, error: BaseException) -> bool:
+        """The in-memory queues always answer."""
+        return False
 
     async def close(self) -> None:
         return None

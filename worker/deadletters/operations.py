@@ -13,7 +13,7 @@ from typing import Any
 
 from schemas import DeadLetterEnvelope, InvalidMessage, decode_body, encode_body
 from schemas.decode import Encoding, infer_type
-from worker.transport import poison_queue_name
+from schemas.names import poison_queue_name
 
 POISON_SUFFIX = "-poison"
 NOT_AN_ENVELOPE = "not a dead-letter envelope"

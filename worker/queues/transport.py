@@ -2,7 +2,7 @@
 
 A ``Delivery`` is one received message with its lease (pop receipt); the decoded request never
 carries delivery details. ``Broker`` is implemented for Azure Storage queues
-(``worker.azure_queue``) and in memory (``worker.memory_transport``) for fast loop tests.
+(``worker.queues.azure``) and in memory (``worker.queues.memory``) for fast loop tests.
 """
 
 from collections.abc import Iterable
@@ -77,10 +77,9 @@ class Broker(Protocol):
     async def ensure_queues(self, names: Iterable[str]) -> None:
         """Create the queues that do not exist."""
 
+    def unavailable(self, error: BaseException) -> bool:
+        """Whether ``error``, raised by this broker or its queues, says the queue service did
+        not answer or is busy (not that it refused the request): the loop's storage gate."""
+
     async def close(self) -> None:
         """Release connections."""
-
-
-def poison_queue_name(queue: str) -> str:
-    """The dead-letter queue of a work queue (the Functions trigger's convention)."""
-    return f"{queue}-poison"

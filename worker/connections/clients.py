@@ -15,8 +15,8 @@ from azure.core.pipeline.transport import AioHttpTransport
 from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue.aio import QueueServiceClient
 
-from worker.observability.storage import CountingTransport, RequestObserver
-from worker.settings import StorageConnection
+from worker.config.settings import StorageConnection
+from worker.connections.counting import CountingTransport, RequestObserver
 
 # Seconds: connect and read timeouts for every storage call.
 CONNECTION_TIMEOUT = 10

@@ -7,7 +7,7 @@ or dead-letter) and nothing else in the code acks, retries or dead-letters a mes
 from dataclasses import dataclass
 
 from schemas import InvalidMessage
-from worker.errors import ChatNotFound, PermanentError, TransientError
+from worker.loop.errors import ChatNotFound, PermanentError, TransientError, describe
 
 
 @dataclass(frozen=True)
@@ -64,17 +64,6 @@ def backoff(attempt: int, policy: RetryPolicy, *, jitter: float = 0.0) -> float:
     exponent = max(attempt - 1, 0)
     delay = min(policy.base_delay * float(2**exponent), policy.max_delay)
     return delay * (1 + 0.2 * jitter)
-
-
-def describe(error: BaseException) -> str:
-    """A one-line description of an error for logs and dead letters."""
-    if isinstance(error, (PermanentError, TransientError)):
-        return error.reason
-    if isinstance(error, InvalidMessage):
-        return error.reason
-    text = str(error).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def decide(

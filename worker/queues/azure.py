@@ -11,10 +11,16 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
-from worker.transport import MAX_RECEIVE, Delivery, LeaseLost
+from worker.queues.transport import MAX_RECEIVE, Delivery, LeaseLost, QueueNotFound
 
 
 def _whole_seconds(value: float) -> int:
@@ -45,9 +51,12 @@ class AzureQueue:
             visibility_timeout=max(1, _whole_seconds(visibility_timeout)),
         ).by_page()
         deliveries = []
-        async for page in pages:
-            deliveries.extend([self._delivery(message) async for message in page])
-            break
+        try:
+            async for page in pages:
+                deliveries.extend([self._delivery(message) async for message in page])
+                break
+        except ResourceNotFoundError:
+            raise QueueNotFound(f"queue {self.name!r} does not exist") from None
         return deliveries
 
     def _delivery(self, message: Any) -> Delivery:
@@ -145,6 +154,15 @@ class AzureQueueBroker:
             self._known.add(name)
 
         await asyncio.gather(*(create(name) for name in missing))
+
+    def unavailable(self, error: BaseException) -> bool:
+        """A refused or dropped connection, a 5xx, or 429."""
+        if isinstance(error, (ServiceRequestError, ServiceResponseError)):
+            return True
+        if isinstance(error, HttpResponseError):
+            status = error.status_code or 0
+            return status >= 500 or status == 429
+        return False
 
     async def probe(self) -> None:
         """One cheap request to the queue service; raises if it does not answer."""

@@ -12,13 +12,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
-from azure.core.exceptions import ResourceNotFoundError
-
-from worker.azure_clients import queue_service
-from worker.azure_queue import AzureQueueBroker
-from worker.poison_ops import DeadLetterItem, ordered
-from worker.settings import Settings
-from worker.transport import MAX_RECEIVE, Broker, Delivery, LeaseLost, QueueNotFound
+from worker.config.settings import Settings
+from worker.connections.clients import queue_service
+from worker.deadletters.operations import DeadLetterItem, ordered
+from worker.queues.azure import AzureQueueBroker
+from worker.queues.transport import MAX_RECEIVE, Broker, Delivery, LeaseLost, QueueNotFound
 
 # Seconds a read message stays hidden while the command works on it.
 LEASE_SECONDS = 60
@@ -84,7 +82,7 @@ class PoisonReader:
                     break
                 try:
                     page = await queue.receive(min(MAX_RECEIVE, max_read - received), LEASE_SECONDS)
-                except (ResourceNotFoundError, QueueNotFound):
+                except QueueNotFound:
                     if explicit:
                         raise QueueNotFound(f"queue {name!r} does not exist") from None
                     break

@@ -15,30 +15,27 @@ import time
 from collections.abc import Awaitable, Callable
 
 import structlog
-from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
-from worker.errors import StorageUnavailable
+from worker.loop.errors import StorageUnavailable
 
 Probe = Callable[[], Awaitable[None]]
 Listener = Callable[[bool, str], None]
 
-log = structlog.get_logger("worker.outage")
+log = structlog.get_logger("worker.loop.outage")
 
 
-def is_storage_failure(error: BaseException, own_setting: str) -> bool:
+def is_storage_failure(
+    error: BaseException, own_setting: str, queue_unavailable: Callable[[BaseException], bool]
+) -> bool:
     """Whether ``error`` says the worker's own storage (``own_setting``) did not answer.
 
     Table errors arrive classified (``StorageUnavailable`` names its setting); queue errors
-    arrive from the SDK as they are: a refused or dropped connection, a 5xx, or 429.
+    arrive as the queue service's client raised them, and its broker tells
+    (``queue_unavailable``: a refused or dropped connection, a 5xx, or 429).
     """
     if isinstance(error, StorageUnavailable):
         return error.setting == own_setting
-    if isinstance(error, (ServiceRequestError, ServiceResponseError)):
-        return True
-    if isinstance(error, HttpResponseError):
-        status = error.status_code or 0
-        return status >= 500 or status == 429
-    return False
+    return queue_unavailable(error)
 
 
 class StorageGate:

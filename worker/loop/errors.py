@@ -5,6 +5,8 @@ assistant, a name that is not allowed): the message is dead-lettered on its firs
 other exception is treated as transient and retried with backoff, up to the dequeue limit.
 """
 
+from schemas import InvalidMessage
+
 
 class PermanentError(Exception):
     """A request that can never be processed; ``reason`` says what to fix."""
@@ -47,3 +49,14 @@ class StorageUnavailable(TransientError):
     ) -> None:
         super().__init__(reason, error_type=error_type)
         self.setting = setting
+
+
+def describe(error: BaseException) -> str:
+    """A one-line description of an error for logs and dead letters."""
+    if isinstance(error, (PermanentError, TransientError)):
+        return error.reason
+    if isinstance(error, InvalidMessage):
+        return error.reason
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

@@ -10,12 +10,9 @@ from datetime import datetime
 from typing import Any
 
 from schemas import DeadLetterEnvelope, DeadLetterInfo, InvalidMessage, decode_body, encode_body
-from schemas.decode import Encoding
-from worker.redact import mask_values
-from worker.transport import Delivery
-
-# Bytes of one queue message, with room for the service's own framing.
-MAX_MESSAGE_BYTES = 64 * 1024 - 1024
+from schemas.decode import MAX_MESSAGE_BYTES, Encoding
+from worker.config.redact import mask_values
+from worker.queues.transport import Delivery
 
 
 def original_message(body: str) -> Any:

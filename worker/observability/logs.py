@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
-from worker.redact import Redactor
+from worker.config.redact import Redactor
 
 
 def _redact_value(value: Any, redactor: Redactor) -> Any:
