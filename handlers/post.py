@@ -15,6 +15,7 @@ from typing import Any
 from handlers.services import ChatRef, RunServices
 from handlers.transitions import (
     MAX_CONFLICT_RETRIES,
+    deadline_send,
     lost_follow_ups,
     new_run_id,
     start_sends,
@@ -158,10 +159,11 @@ class PostHandler:
         run_id: str | None,
         context: MessageContext,
     ) -> HandlerResult:
-        """A redelivered post: make sure its run is not stuck. The run this post carries
-        (a worker took its steps in-process and died) continues from where it was stored;
-        a run at step 0 gets its first step (it may not have been sent before a crash). A
-        duplicate step is harmless, a missing one would stall the run."""
+        """A redelivered post (or a first delivery that lost its own commit's answer): make
+        sure its run is not stuck. The run this post carries (a worker took its steps
+        in-process and died) continues from where it was stored; an active run gets its
+        watchdog again, and at step 0 its first step (it may not have been sent before a
+        crash). A duplicate step or watchdog is harmless, a missing one would stall the run."""
         if run_id is None:
             return HandlerResult(note="duplicate")
         run = await store.load_run(chat.chat_id, run_id)
@@ -172,11 +174,12 @@ class PostHandler:
                 self._services, store, chat, run, state, in_process=True
             )
             return HandlerResult(note="duplicate: its run continues", effects=effects)
-        if (
-            state.active_run_id != run_id
-            or run.finished
-            or run.phase == "external"
-            or run.step != 0
-        ):
+        if state.active_run_id != run_id or run.finished:
             return HandlerResult(note="duplicate")
+        # The run is active: its watchdog again (a duplicate is harmless, a lost one would
+        # leave the run active for ever), and at step 0 its first step too.
+        if run.phase == "external" or run.step != 0:
+            return HandlerResult(
+                note="duplicate", effects=(deadline_send(self._services, chat, run),)
+            )
         return HandlerResult(note="duplicate", effects=start_sends(self._services, chat, run))

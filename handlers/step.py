@@ -220,6 +220,8 @@ class StepHandler:
         services = self._services
         chat = ChatRef(step.id, step.chat_storage_connection_setting, step.collection_name)
         store = await services.store(chat)
+        if context.handing_off:
+            return await self._hand_off(store, step)
         state, run, held = await self._load(store, step, context)
         if state is None or run is None:
             return HandlerResult(note="stale: the run no longer exists")
@@ -260,11 +262,26 @@ class StepHandler:
                 effects=await self._after_stale(store, chat, stale, step, context),
             )
         self._forget_finished(chat.chat_id, run)
+        if context.dequeue_count > 1 and not context.in_process and not transition.run.finished:
+            # A redelivered message that carries the run: its watchdog again (SPEC §5).
+            effects = (deadline_send(services, chat, transition.run), *effects)
         if transition.run.finished:
             fields = {**fields, "run_status": transition.run.status, "api": run.api}
         return HandlerResult(
             note=f"{run.phase} -> {transition.run.status}", effects=effects, log_fields=fields
         )
+
+    async def _hand_off(self, store: ChatStore, step: RunStep) -> HandlerResult:
+        """The worker is stopping and sends this step to the queue instead of taking it: the
+        claims on its tool calls, written by this process with the turn that asked for them,
+        are given back (their rows deleted under the ETags of that commit), so that the
+        worker that takes the step runs the calls instead of waiting for the claims to
+        expire and answering them "interrupted"."""
+        committed = store.committed(step.id, step.run_id)
+        held = committed.claims if committed is not None else {}
+        for key, etag in held.items():
+            await store.claims.release(step.id, key, Claimed(etag))
+        return HandlerResult(note=f"handed off ({len(held)} claim(s) given back)")
 
     async def _load(
         self, store: ChatStore, step: RunStep, context: MessageContext
@@ -454,7 +471,7 @@ class StepHandler:
 
         An output is stored in its claim row as soon as it is ready while other calls of the
         round still run (a kill then loses only the unfinished ones); the last one goes
-        straight into the round's transaction."""
+        straight into the round's transaction, unless its tool is not idempotent."""
         local = [c for c in run.pending_calls if not c.external]
         keys = {c.id: tool_result_row_key(run.run_id, run.tool_rounds, c.id) for c in local}
         outputs: dict[str, str] = {}
@@ -508,7 +525,11 @@ class StepHandler:
             # Kept until the round is stored: a commit that fails stores it on its next try.
             self._finished[(state.chat_id, key)] = output
             running -= 1
-            if running > 0:
+            # Stored now, not only with the round's commit, while other calls still run (a
+            # kill then loses only the unfinished ones), and always for a tool that must not
+            # run twice: if the commit fails and another worker continues the run, it finds
+            # the output instead of answering the call "interrupted".
+            if running > 0 or not self._rerun_allowed(call.name):
                 await store.save_tool_result(
                     state.chat_id, run.run_id, run.tool_rounds, call.id, output
                 )

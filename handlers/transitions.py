@@ -89,9 +89,11 @@ def deadline_send(services: RunServices, chat: ChatRef, run: Run) -> Send:
 def start_sends(
     services: RunServices, chat: ChatRef, run: Run, *, in_process: bool = False
 ) -> tuple[Send, Send]:
-    """What a run that becomes active needs: its first step and its deadline."""
+    """What a run that becomes active needs: its watchdog, then its first step. The loop
+    sends effects in order and stops at the first that fails, so a run never has a step out
+    without its watchdog (SPEC §5: the watchdog goes before the first step)."""
     step = step_send(services, chat, run, in_process=in_process)
-    return (step, deadline_send(services, chat, run))
+    return (deadline_send(services, chat, run), step)
 
 
 def user_message(run: Run, index: int, now: datetime) -> ChatMessage:
@@ -280,24 +282,31 @@ async def lost_follow_ups(
     """What the step that brought ``run`` to its current state had to send, sent again
     (``state``: the chat as read after it).
 
-    For the redelivery of that step after it stored its transition but failed to send
-    (a queue error, a reply that did not fit): the next step, the reply of a finished run
-    and the first step of the run its end started, or the toolCallsRequired event. Each is
-    idempotent for its consumer (a step acts once; replies and events carry the run id).
+    For the redelivery of a message that carried the run (it stored a transition, then
+    failed to send, or its worker died): the run's watchdog, and the next step or the
+    toolCallsRequired event; or the reply of a finished run, and the watchdog (and, at step
+    0, the first step) of the run its end started. Each is idempotent for its consumer (a
+    step acts once, a watchdog of a finished run does nothing, replies and events carry the
+    run id), and the watchdog is re-sent on every such redelivery: one that was lost would
+    leave the run active for ever (SPEC §5).
     """
     active = state.active_run_id
     if not run.finished:
         if active != run.run_id:
             return ()
+        watchdog = deadline_send(services, chat, run)
         if run.phase == "external":
             if not run.reply_to:
-                return ()
+                return (watchdog,)
             encoding = services.settings.message_encoding
-            return (tool_calls_required(chat, run, run.reply_to, encoding),)
-        return (step_send(services, chat, run, in_process=in_process),)
+            return (watchdog, tool_calls_required(chat, run, run.reply_to, encoding))
+        return (watchdog, step_send(services, chat, run, in_process=in_process))
     sends = await replies_of(services, store, chat, run, state)
     if active and active != run.run_id:
         started = await store.load_run(chat.chat_id, active)
-        if started is not None and started.seq > run.seq and started.step == 0:
-            sends.extend(start_sends(services, chat, started))
+        if started is not None and started.seq > run.seq and not started.finished:
+            sends.append(deadline_send(services, chat, started))
+            if started.step == 0:
+                # Its first step may never have gone out; a later one is on its way.
+                sends.append(step_send(services, chat, started))
     return tuple(sends)

@@ -406,12 +406,15 @@ def test_steps_due_at_once_are_taken_in_process_with_the_carrier() -> None:
     assert [json.loads(b) for b in broker.queue("replies").bodies()] == [{"a": 1}]
 
 
-def test_a_step_that_fails_in_process_goes_to_the_runs_queue() -> None:
-    """Any failure of an in-process step but a storage outage sends that step to the runs
-    queue, delayed like a first failed delivery; the carrier completes."""
+def test_a_step_that_fails_in_process_fails_its_carrier() -> None:
+    """An in-process step that fails (it may have stored its transition before it did) fails
+    the message that carries the run: that message is retried, delayed like any failure,
+    and its redelivery continues the run; no fresh step message is sent."""
     broker = MemoryBroker()
+    deliveries: list[MessageContext] = []
 
     async def post(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        deliveries.append(context)
         return HandlerResult(
             note="run started",
             effects=(Send(SETTINGS.runs_queue, step_payload(0), in_process=True),),
@@ -421,7 +424,7 @@ def test_a_step_that_fails_in_process_goes_to_the_runs_queue() -> None:
 
     async def step(message: Any, context: MessageContext) -> HandlerResult:
         calls.append(context)
-        if context.in_process:
+        if len(calls) == 1:
             raise TransientError("another worker holds a claim", retry_after=0.3)
         return HandlerResult(note="stepped")
 
@@ -433,12 +436,41 @@ def test_a_step_that_fails_in_process_goes_to_the_runs_queue() -> None:
     with structlog.testing.capture_logs() as logs:
         asyncio.run(Worker(broker, registry, settings).run_until_idle())
     assert broker.queue(REQUESTS).bodies() == []
-    assert [c.in_process for c in calls] == [True, False]
-    assert calls[1].message_id != carrier and calls[1].dequeue_count == 1
-    [queued] = [e for e in logs if e["event"] == "step.queued"]
-    assert "claim" in queued["reason"] and queued["delay_seconds"] == 0.3
+    assert broker.queue(SETTINGS.runs_queue).bodies() == [], "no step message was sent"
+    assert [c.dequeue_count for c in deliveries] == [1, 2]
+    assert all(c.in_process and c.message_id == carrier for c in calls)
+    assert [c.dequeue_count for c in calls] == [1, 2], "a step shares its carrier's attempt"
+    [retried] = [e for e in logs if e["event"] == "message.retried"]
+    assert "claim" in retried["reason"] and retried["delay_seconds"] == 0.3
     completed = [e for e in logs if e["event"] == "message.completed"]
-    assert [e["type"] for e in completed] == ["assistantCreate", "runStep"]
+    assert [e["type"] for e in completed] == ["assistantCreate"]
+
+
+def test_a_stopping_worker_hands_its_next_step_to_the_queue() -> None:
+    """Once the worker is stopping it takes no new step in-process: the step's handler is
+    asked to give back what it holds (``handing_off``), and the step goes to the runs queue."""
+    broker = MemoryBroker()
+    worker: Worker | None = None
+
+    async def post(message: AssistantCreate, context: MessageContext) -> HandlerResult:
+        assert worker is not None
+        worker.stop()  # SIGTERM arrives while the post is handled
+        return HandlerResult(
+            note="run started",
+            effects=(Send(SETTINGS.runs_queue, step_payload(0), in_process=True),),
+        )
+
+    steps = Recorder()
+    registry = HandlerRegistry(requests={"assistantCreate": post}, runs={"runStep": steps})
+    send(broker, {"id": "c"})
+    worker = Worker(broker, registry, SETTINGS)
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(worker.run())
+    [(_, context)] = steps.calls
+    assert context.handing_off and context.in_process
+    assert [json.loads(b)["step"] for b in broker.queue(SETTINGS.runs_queue).bodies()] == [0]
+    assert broker.queue(REQUESTS).bodies() == [], "the carrier completes"
+    assert [e["event"] for e in logs if e["event"].startswith("step.")] == ["step.handed_off"]
 
 
 def test_in_process_steps_can_be_turned_off() -> None:
@@ -462,3 +494,38 @@ def test_in_process_steps_can_be_turned_off() -> None:
     asyncio.run(Worker(broker, registry, settings).run_until_idle())
     [(_, context)] = steps.calls
     assert not context.in_process and context.message_id != carrier
+
+
+def test_a_watchdog_that_keeps_failing_is_sent_again_not_dead_lettered() -> None:
+    """A runDeadline whose handler fails on every attempt is never dead-lettered: after its
+    last attempt a fresh copy goes to the deadlines queue (and fails again, and so on, until
+    the failure passes)."""
+    broker = MemoryBroker()
+    seen: list[int] = []
+    expired: list[asyncio.Event] = []
+
+    async def deadline(message: Any, context: MessageContext) -> HandlerResult:
+        seen.append(context.dequeue_count)
+        if len(seen) <= SETTINGS.max_dequeue_count + 2:
+            raise TransientError("the chat's storage account does not answer")
+        expired[0].set()
+        return HandlerResult(note="expired at its deadline")
+
+    registry = HandlerRegistry(requests={}, runs={}, deadlines={"runDeadline": deadline})
+    body = {"type": "runDeadline", "id": "c", "runId": "r"}
+    send(broker, body, SETTINGS.deadlines_queue)
+    with structlog.testing.capture_logs() as logs:
+        worker = Worker(broker, registry, SETTINGS)
+
+        async def until_done() -> None:
+            expired.append(asyncio.Event())
+            serving = asyncio.create_task(worker.run())
+            await expired[0].wait()
+            worker.stop()
+            await serving
+
+        asyncio.run(asyncio.wait_for(until_done(), 30))
+    assert seen == [1, 2, 3, 4, 5, 1, 2, 3]
+    assert broker.queue(f"{SETTINGS.deadlines_queue}-poison").bodies() == []
+    [resent] = [e for e in logs if e["event"] == "message.resent"]
+    assert "does not answer" in resent["reason"]

@@ -5,6 +5,7 @@ from worker.loop.errors import PermanentError, TransientError
 from worker.loop.outcome import (
     Complete,
     DeadLetter,
+    Resend,
     Retry,
     RetryPolicy,
     backoff,
@@ -69,3 +70,33 @@ def test_messages_delivered_too_often_are_dead_lettered_before_running() -> None
     outcome = check_before_running(6, POLICY)
     assert isinstance(outcome, DeadLetter)
     assert outcome.error_type == "MaxDequeueCountExceeded"
+
+
+class TestNeverDeadLettered:
+    """A run's watchdog (the deadlines queue's policy) is never dead-lettered for lack of
+    attempts: a fresh copy goes out instead (SPEC §5)."""
+
+    WATCHDOG = RetryPolicy(
+        max_dequeue_count=5, base_delay=2.0, max_delay=30.0, resend_exhausted=True
+    )
+
+    def test_exhausted_attempts_send_a_fresh_copy(self) -> None:
+        """The last attempt's transient failure: a copy after ``max_delay``, not a dead letter."""
+        outcome = decide(TimeoutError("table"), 5, self.WATCHDOG)
+        assert isinstance(outcome, Resend)
+        assert outcome.delay == 30.0 and "TimeoutError: table" in outcome.reason
+
+    def test_earlier_attempts_retry_as_usual(self) -> None:
+        assert decide(TimeoutError("table"), 2, self.WATCHDOG) == decide(
+            TimeoutError("table"), 2, POLICY
+        )
+
+    def test_permanent_errors_are_still_dead_lettered(self) -> None:
+        """A message that can never succeed (bad input) is not a watchdog worth keeping."""
+        assert isinstance(decide(InvalidMessage("not JSON"), 1, self.WATCHDOG), DeadLetter)
+
+    def test_too_many_deliveries_send_a_fresh_copy_without_running(self) -> None:
+        """The crash guard: a copy after ``max_delay`` instead of a dead letter."""
+        outcome = check_before_running(6, self.WATCHDOG)
+        assert isinstance(outcome, Resend) and outcome.delay == 30.0
+        assert isinstance(check_before_running(6, POLICY), DeadLetter)

@@ -84,6 +84,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
 def _lease_seconds(text: str) -> float:
     value = float(text)
     if not 1 <= value <= 7 * 24 * 3600:
@@ -261,6 +268,14 @@ SPECS: tuple[SettingSpec, ...] = (
         "seconds after which an unfinished run becomes 'expired'",
     ),
     SettingSpec(
+        "WORKER_STEP_TIMEOUT",
+        "step_timeout",
+        _positive_seconds,
+        "900",
+        "seconds one message's handler, or one step taken in-process, may run before it is "
+        "abandoned and retried (model calls and tools have their own, shorter timeouts)",
+    ),
+    SettingSpec(
         "WORKER_CREATE_GRACE",
         "create_grace",
         _seconds,
@@ -380,6 +395,7 @@ class Settings:
     retry_max_delay: float = 300.0
     shutdown_grace: float = 25.0
     run_timeout: float = 600.0
+    step_timeout: float = 900.0
     create_grace: float = 120.0
     in_process_steps: bool = True
     poll_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0)

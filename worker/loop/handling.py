@@ -56,6 +56,9 @@ class MessageContext:
     # Whether a step the handler leaves due now is taken in this process (the loop's
     # WORKER_IN_PROCESS_STEPS), so that work for it may be claimed ahead.
     continues_here: bool = False
+    # The worker is stopping and sends this step (due in-process) to the queue instead: the
+    # handler gives back what this process holds for it, and does not do the step.
+    handing_off: bool = False
 
 
 Handler = Callable[[Any, MessageContext], Awaitable[HandlerResult]]

@@ -1,7 +1,8 @@
 """What to do with a message after its handler ran: a pure decision, applied in one place.
 
 ``decide`` never does I/O; the worker loop applies its answer (complete, release with a delay,
-or dead-letter) and nothing else in the code acks, retries or dead-letters a message.
+send a fresh copy, or dead-letter) and nothing else in the code acks, retries or dead-letters a
+message.
 """
 
 from dataclasses import dataclass
@@ -31,7 +32,19 @@ class DeadLetter:
     error_type: str
 
 
-Outcome = Complete | Retry | DeadLetter
+@dataclass(frozen=True)
+class Resend:
+    """Send a fresh copy of the message, visible after ``delay`` seconds, then delete this one.
+
+    For a message that must never be dead-lettered (a run's watchdog: SPEC §5) once its
+    attempts ran out: the copy starts again at attempt 1, so the retries go on, at least
+    ``delay`` apart, until the failure passes."""
+
+    delay: float
+    reason: str
+
+
+Outcome = Complete | Retry | Resend | DeadLetter
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,9 @@ class RetryPolicy:
     max_delay: float = 300.0
     # Seconds after enqueue that a request for a chat that does not exist yet keeps waiting.
     create_grace: float = 120.0
+    # Never dead-letter a message whose attempts ran out (a transient failure, or deliveries
+    # that may have crashed the worker): send a fresh copy after ``max_delay`` instead.
+    resend_exhausted: bool = False
 
 
 # Delays between the attempts of a request waiting for its chat to be created: the create is
@@ -91,6 +107,8 @@ def decide(
     if isinstance(error, InvalidMessage):
         return DeadLetter(error.reason, "InvalidMessage")
     reason = describe(error)
+    if dequeue_count >= policy.max_dequeue_count and policy.resend_exhausted:
+        return Resend(policy.max_delay, f"failed {dequeue_count} attempts; last error: {reason}")
     if dequeue_count >= policy.max_dequeue_count:
         error_type = getattr(error, "error_type", None) or type(error).__name__
         return DeadLetter(
@@ -103,7 +121,7 @@ def decide(
 
 def check_before_running(
     dequeue_count: int, policy: RetryPolicy, age: float | None = None
-) -> DeadLetter | None:
+) -> DeadLetter | Resend | None:
     """Dead-letter a message delivered more often than allowed before running it again.
 
     That happens when earlier attempts died with the worker (killed, out of memory) so that
@@ -114,9 +132,11 @@ def check_before_running(
     if age is not None and age < policy.create_grace:
         return None
     if dequeue_count > policy.max_dequeue_count:
-        return DeadLetter(
+        reason = (
             f"delivered {dequeue_count} times without finishing (more than "
-            f"{policy.max_dequeue_count}); earlier attempts may have crashed the worker",
-            "MaxDequeueCountExceeded",
+            f"{policy.max_dequeue_count}); earlier attempts may have crashed the worker"
         )
+        if policy.resend_exhausted:
+            return Resend(policy.max_delay, reason)
+        return DeadLetter(reason, "MaxDequeueCountExceeded")
     return None

@@ -12,6 +12,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from worker.loop.outcome import (
     Complete,
     DeadLetter,
     Outcome,
+    Resend,
     Retry,
     RetryPolicy,
     check_before_running,
@@ -51,9 +53,6 @@ if TYPE_CHECKING:
 
 # Seconds given to releasing abandoned messages at shutdown.
 RELEASE_TIMEOUT = 5.0
-# A handler that runs longer is abandoned and its message retried (model calls and tools
-# have their own, shorter timeouts; this bounds anything that hangs).
-HANDLER_TIMEOUT = 900.0
 # Seconds a receive still in flight at shutdown may take before it is cancelled.
 RECEIVE_GRACE = 1.0
 # Seconds a message that hit a storage outage waits in-process for storage to come back
@@ -94,6 +93,14 @@ class Worker:
             max_delay=settings.retry_max_delay,
             create_grace=settings.create_grace,
         )
+        # A run's watchdog is never dead-lettered (SPEC §5): once its attempts ran out, a
+        # fresh copy is sent, so that no failure lasting longer than five attempts leaves a
+        # run active for ever.
+        self._policies: dict[QueueRole, RetryPolicy] = {
+            "requests": self.policy,
+            "runs": self.policy,
+            "deadlines": replace(self.policy, resend_exhausted=True),
+        }
         # Pauses receiving while the worker's own storage is out (None: never pauses).
         self.gate = gate
         self.stats: Counter[str] = Counter()
@@ -153,7 +160,8 @@ class Worker:
 
     async def _serve(self, *, burst: bool) -> None:
         names = [queue.name for queue, _ in self._queues]
-        await self.broker.ensure_queues([*names, *(poison_queue_name(n) for n in names)])
+        if not await self._ensure_queues([*names, *(poison_queue_name(n) for n in names)]):
+            return  # stopped before the queue service answered
         self.health.queues_present = True
         if self.gate is not None:
             # A worker (re)started during an outage must not lease messages only to park them:
@@ -176,6 +184,24 @@ class Worker:
             await self._drain()
             self.health.mark_stopped()
             self._log.info("worker.stopped", **dict(self.stats))
+
+    async def _ensure_queues(self, names: list[str]) -> bool:
+        """Create the work and poison queues that are missing. While the queue service does not
+        answer (a worker started during an outage) wait for it, not ready, instead of exiting:
+        True once they exist, False if stopped first."""
+        while not self._stopping.is_set():
+            try:
+                await self.broker.ensure_queues(names)
+                return True
+            except Exception as error:
+                if self.gate is None or not self._storage_failure(error):
+                    raise
+                self._log.warning(
+                    "queue.ensure_failed", queues=names, error=self.redact(describe(error))
+                )
+                await self.gate.confirm_outage(error)
+                await self.gate.wait_open(self.settings.max_polling_interval, self._stopping)
+        return False
 
     async def _receive_round(self) -> int:
         """Receive one batch from each queue whose poll is due, bounded by the free slots;
@@ -323,10 +349,11 @@ class Worker:
         }
         note: str | None = None
         age = self._age(delivery)
-        early = check_before_running(delivery.dequeue_count, self.policy, age)
+        policy = self._policies[role]
+        early = check_before_running(delivery.dequeue_count, policy, age)
         outcome: Outcome | None = early
         give_up: str | None = None
-        if early is not None and role == "runs":
+        if isinstance(early, DeadLetter) and role == "runs":
             # A step is not dead-lettered before it runs: its handler ends the run failed
             # instead (without doing the step), so that the run's producer hears of it and
             # the chat's next post starts now, not at the run's deadline.
@@ -337,9 +364,7 @@ class Worker:
                 note, error = await self._attempts(role, lease, fields, give_up)
             finally:
                 await lease.stop_renewal()
-            outcome = decide(
-                error, delivery.dequeue_count, self.policy, self._rng.random(), age=age
-            )
+            outcome = decide(error, delivery.dequeue_count, policy, self._rng.random(), age=age)
         await self._apply(outcome, lease, fields, note, started)
 
     async def _attempts(
@@ -357,16 +382,11 @@ class Worker:
         while True:
             try:
                 with structlog.contextvars.bound_contextvars(**fields):
-                    async with asyncio.timeout(HANDLER_TIMEOUT):
-                        result = await self._handle(role, lease.delivery, fields, attempt, give_up)
+                    result = await self._handle(role, lease.delivery, fields, attempt, give_up)
                 fields.update(result.log_fields)
                 return result.note, None
-            except TimeoutError:
-                error: BaseException = TransientError(
-                    f"the handler did not finish within {HANDLER_TIMEOUT:g} s"
-                )
             except Exception as failure:
-                error = failure
+                error: BaseException = failure
             gate = self.gate
             if gate is None or not self._storage_failure(error):
                 return None, error
@@ -413,14 +433,25 @@ class Worker:
             dequeue_count=attempt,
             request_id=request_id,
             give_up=give_up,
-            continues_here=self.in_process_steps,
+            continues_here=self.in_process_steps and not self._stopping.is_set(),
         )
-        result = await handler(message, context)
+        result = await self._timed(handler(message, context))
         await self._send_effects(result.effects, fields)
         steps = [send for send in result.effects if send.in_process and self.in_process_steps]
         if steps:
             await self._continue_in_process(steps, context, fields)
         return result
+
+    async def _timed(self, handling: Awaitable[HandlerResult]) -> HandlerResult:
+        """One handler call (one message, or one step taken in-process), bounded by
+        ``WORKER_STEP_TIMEOUT``: a handler that hangs is abandoned and its message retried.
+        Model calls and tools have their own, shorter timeouts; this bounds anything else."""
+        timeout = self.settings.step_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await handling
+        except TimeoutError:
+            raise TransientError(f"the handler did not finish within {timeout:g} s") from None
 
     async def _send_effects(self, effects: tuple[Send, ...], fields: dict[str, Any]) -> None:
         """Send a handler's follow-ups, but the steps it left for this process to take.
@@ -455,20 +486,29 @@ class Worker:
         sending each through the runs queue (SPEC §5). The handled message stays leased
         meanwhile and is the run's carrier: each step's commit records its id, so if this
         worker dies between two steps, the message's redelivery continues the run from the
-        last stored step (see ``handlers.step``). A step that fails here for any reason but
-        a storage outage goes to the runs queue as it would have without this; a storage
-        failure fails the carrier, whose re-run continues the run."""
+        last stored step (see ``handlers.step``).
+
+        A step that fails here fails the carrier: the step may have stored its transition
+        before it failed, and only a redelivery of the carrier sends again what such a commit
+        had to send (a fresh step message would find the run moved on and send nothing). The
+        steps inherit the carrier's attempt number, so on the carrier's last attempt a failing
+        step ends its run ``failed`` instead. Once the worker is stopping, no new step is
+        taken here: the rest goes to the runs queue (``_hand_off``)."""
         pending = list(steps)
         while pending:
             send = pending.pop(0)
             step: Message = parse_message(send.payload)
+            if self._stopping.is_set():
+                await self._hand_off(send, step, carrier, fields)
+                continue
             context = MessageContext(
                 queue=send.queue,
                 message_id=carrier.message_id,
-                dequeue_count=1,
-                request_id=carrier.message_id,
+                dequeue_count=carrier.dequeue_count,
+                request_id=carrier.request_id,
+                give_up=carrier.give_up,
                 in_process=True,
-                continues_here=True,
+                continues_here=not self._stopping.is_set(),
             )
             started = time.monotonic()
             step_fields = {"step": getattr(step, "step", None), "in_process": True}
@@ -482,14 +522,12 @@ class Worker:
                     span as completed,
                     structlog.contextvars.bound_contextvars(type=step.type, **step_fields),
                 ):
-                    result = await self.registry.handler_for("runs", step)(step, context)
+                    handler = self.registry.handler_for("runs", step)
+                    result = await self._timed(handler(step, context))
                     completed({**fields, "type": step.type, **result.log_fields})
-            except Exception as error:
-                if self._storage_failure(error):
-                    raise
-                await self._queue_step(send, error, fields)
-                self._observe_step("queued", {})
-                continue
+            except Exception:
+                self._observe_step("failed", {})
+                raise
             self.stats["steps_in_process"] += 1
             self._observe_step("completed", result.log_fields)
             self._log.info(
@@ -501,16 +539,40 @@ class Worker:
             await self._send_effects(result.effects, fields)
             pending.extend(send for send in result.effects if send.in_process)
 
-    async def _queue_step(self, send: Send, error: Exception, fields: dict[str, Any]) -> None:
-        """An in-process step failed: it goes to the runs queue, delayed as a first failed
-        delivery of it would be (its message then carries the run)."""
-        outcome = decide(error, 1, self.policy, self._rng.random())
-        delay = outcome.delay if isinstance(outcome, Retry) else 0.0
-        self._log.warning("step.queued", reason=self.redact(describe(error)),
-                          delay_seconds=round(delay, 3), **fields)  # fmt: skip
+    async def _hand_off(
+        self, send: Send, step: Message, carrier: MessageContext, fields: dict[str, Any]
+    ) -> None:
+        """The worker is stopping: the step goes to the runs queue for another worker. Its
+        handler first gives back what this process holds for it (the claims on tool calls
+        written with the turn), so that the worker taking it runs those calls, once, instead
+        of waiting for the claims to expire and answering them "interrupted"."""
+        context = MessageContext(
+            queue=send.queue,
+            message_id=carrier.message_id,
+            dequeue_count=carrier.dequeue_count,
+            request_id=carrier.request_id,
+            in_process=True,
+            handing_off=True,
+        )
+        try:
+            await self._timed(self.registry.handler_for("runs", step)(step, context))
+        except Exception as error:
+            # Not fatal: the claims then expire on their own (15 s).
+            self._log.warning("step.hand_off_failed", error=self.redact(describe(error)), **fields)
         body = encode_body(send.payload, self.settings.message_encoding)
-        await self.broker.send(send.queue, body, delay=delay)
-        self._scheduled(send.queue, delay)
+        await self.broker.send(send.queue, body)
+        self._scheduled(send.queue, 0.0)
+        self._observe_step("handed_off", {})
+        self._log.info(
+            "step.handed_off",
+            reason="the worker is stopping",
+            **{
+                **fields,
+                "type": step.type,
+                "step": getattr(step, "step", None),
+                "run_id": getattr(step, "run_id", None),
+            },
+        )
 
     def _scheduled(self, queue_name: str, delay: float) -> None:
         """A message this worker sent to ``queue_name`` becomes visible in ``delay`` s (the
@@ -545,6 +607,20 @@ class Worker:
                     self._observe("retried", fields, started)
                     self._log.warning(
                         "message.retried",
+                        delay_seconds=round(delay, 3),
+                        reason=self.redact(reason),
+                        duration_ms=duration_ms,
+                        **fields,
+                    )
+                case Resend(delay=delay, reason=reason):
+                    # Put first, delete after: a crash in between leaves two, never none.
+                    await self.broker.send(lease.queue.name, lease.delivery.body, delay=delay)
+                    await lease.complete()
+                    self._scheduled(lease.queue.name, delay)
+                    self.stats["resent"] += 1
+                    self._observe("resent", fields, started)
+                    self._log.warning(
+                        "message.resent",
                         delay_seconds=round(delay, 3),
                         reason=self.redact(reason),
                         duration_ms=duration_ms,

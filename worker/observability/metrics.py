@@ -26,6 +26,7 @@ from worker.observability.health import Health
 MESSAGE_OUTCOMES = (
     "completed",
     "retried",
+    "resent",
     "dead_lettered",
     "lease_lost",
     "abandoned",
@@ -51,7 +52,7 @@ class Metrics:
         self.messages = Counter(
             "assistant_worker_messages",
             "Messages handled, by queue, message type and outcome "
-            "(completed, retried, dead_lettered, lease_lost, abandoned, ack_failed).",
+            "(completed, retried, resent, dead_lettered, lease_lost, abandoned, ack_failed).",
             ["queue", "type", "outcome"],
             registry=registry,
         )
@@ -77,7 +78,8 @@ class Metrics:
         self.steps_in_process = Counter(
             "assistant_worker_steps_in_process",
             "Run steps taken in-process after the message that carries their run, by outcome "
-            "(completed; queued: it failed here and went to the runs queue).",
+            "(completed; failed: the carrier is retried; handed_off: sent to the runs queue "
+            "because the worker is stopping).",
             ["outcome"],
             registry=registry,
         )
