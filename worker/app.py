@@ -24,6 +24,7 @@ from worker.loop.outage import StorageGate
 from worker.loop.worker import Worker
 from worker.observability import Health
 from worker.observability.instrument import instrument_backends
+from worker.observability.lag import LagMonitor
 from worker.observability.tracing import (
     MessageTracing,
     Tracing,
@@ -133,6 +134,10 @@ async def open_app(
         tracing=MessageTracing(tracing) if tracing is not None else None,
     )
     http: HttpServer | None = None
+    # How late the event loop runs (a metric, and a warning above a second), while the app is
+    # open: nothing in the worker may hold the loop whatever a message holds.
+    lag = LagMonitor(metrics.observe_event_loop_lag if metrics is not None else None)
+    lag.start()
     try:
         if metrics is not None:
             from worker.http.server import build_server
@@ -143,6 +148,7 @@ async def open_app(
             await http.start()
         yield App(settings, broker, stores, worker, health, metrics, http)
     finally:
+        await lag.stop()
         # After the drain: the probes answer (503 not ready) until the worker has stopped.
         if http is not None:
             await http.stop()
