@@ -5,6 +5,7 @@ from typing import Any
 from handlers.replies import end_removed_runs
 from handlers.services import RunServices
 from schemas import AssistantCreate
+from schemas.bounded import listing
 from worker.loop.errors import PermanentError
 from worker.loop.handling import HandlerResult, MessageContext
 from worker.store.layout import AppliedRequest, ChatMessage, ChatState
@@ -34,9 +35,10 @@ def check_tools(request: AssistantCreate, services: RunServices) -> None:
     registered = set(services.tools.names())
     unknown = [t for t in request.tools or [] if isinstance(t, str) and t not in registered]
     if unknown:
-        known = ", ".join(sorted(registered)) or "none (set WORKER_TOOLS)"
+        # Both lists are cut ("'a', 'b' and 11998 more"): a create may name thousands.
+        known = listing(sorted(registered), shown=20) or "none (set WORKER_TOOLS)"
         raise PermanentError(
-            f"unknown tool(s) {', '.join(map(repr, unknown))}; registered tools: {known}",
+            f"unknown tool(s) {listing(unknown)}; registered tools: {known}",
             error_type="UnknownTool",
         )
     api = request.api or services.settings.model_api

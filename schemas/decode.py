@@ -3,21 +3,29 @@
 Bodies arrive as plain JSON (the JS SDK, most producers) or as Base64 of JSON (the Azure
 Functions default, Storage Explorer, the older SDKs); the format is detected per message. Every
 failure raises ``InvalidMessage`` with a reason a person can act on: it is a permanent error.
+Whatever the body, decoding ends in a message or ``InvalidMessage`` (never another exception),
+in time proportional to its size, with a reason of bounded length (``schemas.bounded``).
 """
 
 import base64
 import binascii
 import json
+import math
+import re
+import sys
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from schemas.bounded import MAX_QUOTE_CHARS, cap, quoted
 from schemas.requests import MESSAGE_TYPES, Message
 
 Encoding = Literal["none", "base64"]
 _MAX_REASON_ERRORS = 5
 # Bytes of one queue message, with room for the service's own framing.
 MAX_MESSAGE_BYTES = 64 * 1024 - 1024
+# Python refuses to read longer integers (CVE-2020-10735); 0 would mean no limit.
+_MAX_DIGITS = sys.get_int_max_str_digits() or 4300
 
 
 class InvalidMessage(ValueError):
@@ -60,11 +68,22 @@ def decode_body(body: str | bytes, *, strict_text: bool = True) -> dict[str, Any
 
 def _json_object(text: str, *, source: str, strict_text: bool = True) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except InvalidMessage:
+        raise
     except json.JSONDecodeError as error:
         raise InvalidMessage(f"the message body is not valid {source}: {error}") from None
     except RecursionError:
         raise InvalidMessage(f"the message body is {source} nested too deeply to read") from None
+    except ValueError as error:
+        # An integer longer than Python reads (sys.get_int_max_str_digits()): a ValueError
+        # that is not a JSONDecodeError. It is the body's fault: no retry can read it.
+        found = re.search(r"has (\d+) digits", str(error))
+        digits = f"of {found.group(1)} digits" if found else f"of more than {_MAX_DIGITS} digits"
+        raise InvalidMessage(
+            f"the message body holds an integer {digits}; at most {_MAX_DIGITS} digits can "
+            "be read: send such a number as a string"
+        ) from None
     if not isinstance(value, dict):
         kind = "array" if isinstance(value, list) else type(value).__name__
         raise InvalidMessage(f"the message body is a JSON {kind}; expected a JSON object")
@@ -72,33 +91,61 @@ def _json_object(text: str, *, source: str, strict_text: bool = True) -> dict[st
     # when it cuts a string inside an emoji): a valid Python str that no UTF-8 store or queue
     # accepts. Refused here, naming the field, so that it never reaches a write.
     if strict_text and "\\u" in text:
-        field = _field_with_lone_surrogate(value, "")
+        field = _field_with_lone_surrogate(value)
         if field is not None:
             raise InvalidMessage(
-                f"field '{field}' is not valid Unicode text: it holds half of a surrogate pair "
+                f"field '{cap(field, MAX_QUOTE_CHARS)}' is not valid Unicode text: it holds "
+                "half of a surrogate pair "
                 "(an escape such as \\ud83d without its partner, e.g. a string cut inside an "
                 "emoji); send whole characters"
             )
     return value
 
 
-def _field_with_lone_surrogate(value: Any, path: str) -> str | None:
-    """The wire path of the first string (key or value) that UTF-8 cannot encode, or None."""
-    if isinstance(value, str):
-        return None if _encodable(value) else (path or "body")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if not _encodable(str(key)):
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or an exponent, refused when a double cannot hold it
+    (``1e999999`` reads as infinity, which JSON cannot write back)."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise InvalidMessage(
+            f"the message body holds the number {cap(text, 40)}, too large for a JSON "
+            "number (a 64-bit float); send a smaller number, or a string"
+        )
+    return number
+
+
+def _no_constant(name: str) -> float:
+    """``NaN``, ``Infinity`` and ``-Infinity``: Python reads them, JSON has no such values."""
+    raise InvalidMessage(
+        f"the message body holds {name}, which is not JSON; send a number or null instead"
+    )
+
+
+def _field_with_lone_surrogate(value: Any) -> str | None:
+    """The wire path of the first string (key or value) that UTF-8 cannot encode, or None.
+
+    Depth first with a stack of its own: a body nested as deep as the JSON reader allows
+    must not hit the recursion limit here."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
                 return path or "body"
-            found = _field_with_lone_surrogate(item, where)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for number, item in enumerate(value):
-            found = _field_with_lone_surrogate(item, f"{path}.{number}" if path else str(number))
-            if found is not None:
-                return found
+            continue
+        children: list[tuple[Any, str]] = []
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not _encodable(str(key)):
+                    return path or "body"
+                children.append((child, f"{path}.{key}" if path else str(key)))
+        elif isinstance(item, list):
+            children = [
+                (child, f"{path}.{number}" if path else str(number))
+                for number, child in enumerate(item)
+            ]
+        # Reversed: the first child is looked at first, as in document order.
+        stack.extend(reversed(children))
     return None
 
 
@@ -149,7 +196,9 @@ def infer_type(payload: dict[str, Any]) -> str:
     if declared is not None:
         if not isinstance(declared, str) or declared not in MESSAGE_TYPES:
             known = ", ".join(sorted(MESSAGE_TYPES))
-            raise InvalidMessage(f"unknown message type {declared!r}; expected one of: {known}")
+            raise InvalidMessage(
+                f"unknown message type {quoted(declared)}; expected one of: {known}"
+            )
         return declared
     if "userMessage" in payload:
         return "assistantPost"
@@ -174,15 +223,16 @@ def parse_message(payload: dict[str, Any]) -> Message:
 def describe_errors(error: ValidationError) -> str:
     """A one-line summary of a validation error, naming each field with its wire name.
 
-    Input values are left out: they can be long, and a producer may have put anything there.
+    Input values are left out: they can be long, and a producer may have put anything there;
+    field paths (keys of free-form objects are the producer's) and messages are cut.
     """
     parts = []
     for item in error.errors(include_url=False, include_input=False)[:_MAX_REASON_ERRORS]:
-        location = ".".join(str(part) for part in item["loc"]) or "body"
+        location = cap(".".join(str(part) for part in item["loc"]), MAX_QUOTE_CHARS) or "body"
         if item["type"] == "missing":
             parts.append(f"field '{location}' is required")
         else:
-            message = item["msg"].removeprefix("Value error, ")
+            message = cap(item["msg"].removeprefix("Value error, "), 2 * MAX_QUOTE_CHARS)
             parts.append(f"field '{location}': {message}")
     extra = error.error_count() - _MAX_REASON_ERRORS
     if extra > 0:

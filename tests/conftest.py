@@ -1,13 +1,34 @@
-"""Shared fixtures: one Azurite per test session, and a fresh set of queues per test."""
+"""Shared fixtures: one Azurite per test session, and a fresh set of queues per test; the
+Hypothesis profiles of the property suites."""
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, settings
 
 from tests.support.azurite import Azurite
 from tests.support.env import StorageEnv
 from worker.devtools.azurite import SplitAzurite
+
+# Property suites run in `make test`: a bounded number of examples, derandomized (the same
+# examples on every run and machine, no example database), and no per-example deadline (the
+# suites assert their own time bound, generous for a busy machine). `HYPOTHESIS_PROFILE=soak`
+# looks much further, with fresh random examples.
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+settings.register_profile(
+    "assistant-worker",
+    max_examples=100,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=_QUIET,
+)
+settings.register_profile(
+    "soak", max_examples=2_000, deadline=None, database=None, suppress_health_check=_QUIET
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "assistant-worker"))
 
 
 @pytest.fixture(scope="session")

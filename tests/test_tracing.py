@@ -42,6 +42,7 @@ from worker.app import open_app
 from worker.backends.base import ModelError, TurnRequest
 from worker.observability.logs import add_trace_ids
 from worker.observability.tracing import (
+    MAX_MODEL_CHARS,
     PROVIDER_AZURE,
     MessageTracing,
     TracedBackend,
@@ -403,6 +404,23 @@ def test_tool_calls_are_execute_tool_spans(recorder: Recorder, capture: bool) ->
     recorder.exporter.clear()
     asyncio.run(run_tool_calls(registry, calls[:1], allowed=None))
     assert recorder.spans == []
+
+
+def test_tool_names_the_registry_does_not_know_are_execute_tool_other(
+    recorder: Recorder,
+) -> None:
+    """The model may call any name (a prompt can ask it to): such a call's span is named
+    ``execute_tool other`` (span names are bounded, SPEC §10), its name kept, cut, as an
+    attribute; a registered tool keeps its name."""
+    registry = ToolRegistry([shout])
+    registry.set_call_tracer(tool_call_tracer(recorder.tracing(), known=lambda n: n in registry))
+    invented = "x" * 5_000
+    calls = [ToolCall("c-1", "shout", '{"text": "hi"}'), ToolCall("c-2", invented, "{}")]
+    asyncio.run(run_tool_calls(registry, calls, allowed=None))
+    spans = {span.name: span for span in recorder.spans}
+    assert set(spans) == {"execute_tool shout", "execute_tool other"}
+    name = str(attributes(spans["execute_tool other"])["gen_ai.tool.name"])
+    assert name.startswith("xxxx") and len(name) <= MAX_MODEL_CHARS
 
 
 def test_log_lines_carry_the_trace_id(recorder: Recorder) -> None:

@@ -24,6 +24,8 @@ from worker.loop.outage import StorageGate
 from worker.loop.worker import Worker
 from worker.observability import Health
 from worker.observability.instrument import instrument_backends
+from worker.observability.labels import BoundedLabels
+from worker.observability.lag import LagMonitor
 from worker.observability.tracing import (
     MessageTracing,
     Tracing,
@@ -69,9 +71,14 @@ def build_backends(
         ResponsesBackend(clients),
         AssistantsBackend(clients),
     ]
-    instrumented = instrument_backends({backend.name: backend for backend in backends}, metrics)
+    # One bound on model names for the metrics and the traces (SPEC §10): the configured
+    # default model and the first 10 others this process sees; the rest are "other".
+    models = BoundedLabels([settings.chat_model] if settings is not None else [])
+    instrumented = instrument_backends(
+        {backend.name: backend for backend in backends}, metrics, models
+    )
     provider = model_provider(settings) if settings is not None else None
-    return trace_backends(instrumented, tracing, provider)
+    return trace_backends(instrumented, tracing, provider, models)
 
 
 @asynccontextmanager
@@ -97,7 +104,7 @@ async def open_app(
         registry.set_observer(metrics.observe_tool_call)
     tracing = tracing if tracing is not None else current_tracing()
     if tracing is not None:
-        registry.set_call_tracer(tool_call_tracer(tracing))
+        registry.set_call_tracer(tool_call_tracer(tracing, known=lambda name: name in registry))
     # Sync tools get a thread per message processed at once (asyncio's default pool is
     # smaller: calls would wait for a thread past their timeout).
     threads = tool_executor(settings.concurrency)
@@ -133,6 +140,10 @@ async def open_app(
         tracing=MessageTracing(tracing) if tracing is not None else None,
     )
     http: HttpServer | None = None
+    # How late the event loop runs (a metric, and a warning above a second), while the app is
+    # open: nothing in the worker may hold the loop whatever a message holds.
+    lag = LagMonitor(metrics.observe_event_loop_lag if metrics is not None else None)
+    lag.start()
     try:
         if metrics is not None:
             from worker.http.server import build_server
@@ -143,6 +154,7 @@ async def open_app(
             await http.start()
         yield App(settings, broker, stores, worker, health, metrics, http)
     finally:
+        await lag.stop()
         # After the drain: the probes answer (503 not ready) until the worker has stopped.
         if http is not None:
             await http.stop()

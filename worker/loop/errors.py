@@ -6,6 +6,7 @@ other exception is treated as transient and retried with backoff, up to the dequ
 """
 
 from schemas import InvalidMessage
+from schemas.bounded import MAX_REASON_CHARS, cap
 
 
 class PermanentError(Exception):
@@ -52,11 +53,14 @@ class StorageUnavailable(TransientError):
 
 
 def describe(error: BaseException) -> str:
-    """A one-line description of an error for logs and dead letters."""
-    if isinstance(error, (PermanentError, TransientError)):
-        return error.reason
-    if isinstance(error, InvalidMessage):
-        return error.reason
-    text = str(error).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    """A one-line description of an error for logs and dead letters, at most
+    ``MAX_REASON_CHARS`` long whatever the error carries (a reason may quote a request)."""
+    reason = getattr(error, "reason", None)
+    if isinstance(error, (PermanentError, TransientError, InvalidMessage, ChatNotFound)) and (
+        isinstance(reason, str)
+    ):
+        return cap(reason, MAX_REASON_CHARS)
+    # Only the first line, cut: the text of a foreign exception can quote its whole input.
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    return cap(f"{type(error).__name__}: {first}" if first else type(error).__name__)

@@ -96,17 +96,18 @@ def decide(
     """
     if error is None:
         return Complete()
+    # Every reason goes through ``describe``: bounded, whatever the request made it say.
+    reason = describe(error)
     if isinstance(error, ChatNotFound):
         if age is not None and age < policy.create_grace:
             remaining = policy.create_grace - age
-            return Retry(min(create_wait_delay(dequeue_count), remaining + 1.0), error.reason)
+            return Retry(min(create_wait_delay(dequeue_count), remaining + 1.0), reason)
         waited = f" (it waited {age:.0f} s for its create)" if age is not None else ""
-        return DeadLetter(f"{error.reason}{waited}", error.error_type)
+        return DeadLetter(f"{reason}{waited}", error.error_type)
     if isinstance(error, PermanentError):
-        return DeadLetter(error.reason, error.error_type)
+        return DeadLetter(reason, error.error_type)
     if isinstance(error, InvalidMessage):
-        return DeadLetter(error.reason, "InvalidMessage")
-    reason = describe(error)
+        return DeadLetter(reason, "InvalidMessage")
     if dequeue_count >= policy.max_dequeue_count and policy.resend_exhausted:
         return Resend(policy.max_delay, f"failed {dequeue_count} attempts; last error: {reason}")
     if dequeue_count >= policy.max_dequeue_count:

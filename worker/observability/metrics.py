@@ -37,6 +37,9 @@ MESSAGE_OUTCOMES = (
 HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 # Seconds: model calls take from tens of milliseconds (a poll) to minutes.
 MODEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+# Seconds a timer of the event loop fired late: about 0 when healthy; 1 and above is a loop
+# held by one callback (nothing else runs meanwhile: leases, probes, other messages).
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 UNKNOWN = "unknown"
 
@@ -121,6 +124,13 @@ class Metrics:
             ["service", "method", "status"],
             registry=registry,
         )
+        self.event_loop_lag = Histogram(
+            "assistant_worker_event_loop_lag_seconds",
+            "Seconds the event loop's timers fired late, sampled every 0.25 s (about 0 when "
+            "healthy; a second or more: one callback held the loop, nothing else ran).",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
         self.storage_paused = Gauge(
             "assistant_worker_storage_paused",
             "1 while receiving is paused because the worker's own storage is unreachable.",
@@ -185,6 +195,9 @@ class Metrics:
 
     def observe_tool_call(self, tool: str, outcome: str, seconds: float) -> None:
         self.tool_calls.labels(tool, outcome).inc()
+
+    def observe_event_loop_lag(self, seconds: float) -> None:
+        self.event_loop_lag.observe(seconds)
 
     def observe_storage_request(self, service: str, method: str, status: str) -> None:
         self.storage_requests.labels(service, method, status).inc()

@@ -46,9 +46,11 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from schemas.bounded import cap
 from schemas.decode import decode_body, infer_type, unwrap_dead_letter
 from worker.backends.base import BackendWrapper
 from worker.config.settings import SettingsError
+from worker.observability.labels import OTHER, BoundedLabels
 
 if TYPE_CHECKING:
     from worker.backends.base import Backend, TurnRequest
@@ -66,6 +68,8 @@ CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 MESSAGING_SYSTEM = "azure_queue"
 # Texts recorded on spans (error descriptions; contents when captured) are cut to this.
 MAX_ATTRIBUTE_CHARS = 8192
+# A model or tool name recorded as a span attribute (a request or a model chose it).
+MAX_MODEL_CHARS = 256
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -515,11 +519,14 @@ class TracedBackend(BackendWrapper):
         backend: Backend,
         tracing: Tracing,
         provider: Callable[[TurnRequest], str] = lambda _request: PROVIDER_OPENAI,
+        models: BoundedLabels | None = None,
     ) -> None:
         super().__init__(backend)
         self._tracer = tracing.tracer
         self._capture = tracing.capture_content
         self._provider = provider
+        # The span name's model is bounded like the metrics' label (a producer chooses it).
+        self._models = models if models is not None else BoundedLabels()
 
     async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
         return await self._traced(self._backend.begin, request, "begin")
@@ -540,7 +547,8 @@ class TracedBackend(BackendWrapper):
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": self._provider(request),
-            "gen_ai.request.model": model,
+            # The name asked for (cut): a span attribute, not a series or an operation name.
+            "gen_ai.request.model": cap(model, MAX_MODEL_CHARS),
             "gen_ai.conversation.id": request.chat_id,
             "assistant_worker.api": self.name,
             "assistant_worker.model_call": kind,
@@ -556,7 +564,7 @@ class TracedBackend(BackendWrapper):
         if self._capture:
             attributes["gen_ai.input.messages"] = _cut(_input_messages(request))
         with self._tracer.start_as_current_span(
-            f"chat {model}",
+            f"chat {self._models(model)}",
             kind=SpanKind.CLIENT,
             attributes=attributes,
             record_exception=False,
@@ -635,17 +643,20 @@ def trace_backends(
     backends: dict[str, Backend],
     tracing: Tracing | None,
     provider: Callable[[TurnRequest], str] | None = None,
+    models: BoundedLabels | None = None,
 ) -> dict[str, Backend]:
     """The backends, each wrapped in a ``TracedBackend`` when tracing is on (unchanged when
-    off); ``provider`` names each request's ``gen_ai.provider.name`` (default openai)."""
+    off); ``provider`` names each request's ``gen_ai.provider.name`` (default openai);
+    ``models`` bounds the model of span names (the process's one instance)."""
     if tracing is None:
         return backends
+    models = models if models is not None else BoundedLabels()
     wrapped: dict[str, Backend] = {}
     for name, backend in backends.items():
         if provider is None:
-            wrapped[name] = TracedBackend(backend, tracing)
+            wrapped[name] = TracedBackend(backend, tracing, models=models)
         else:
-            wrapped[name] = TracedBackend(backend, tracing, provider)
+            wrapped[name] = TracedBackend(backend, tracing, provider, models)
     return wrapped
 
 
@@ -679,24 +690,27 @@ R = TypeVar("R", bound=TracedResult)
 
 
 def tool_call_tracer(
-    tracing: Tracing,
+    tracing: Tracing, known: Callable[[str], bool] = lambda _name: True
 ) -> Callable[[TracedCall, Awaitable[R]], Awaitable[R]]:
     """For ``ToolRegistry.set_call_tracer``: runs each call inside an ``execute_tool {name}``
-    span (INTERNAL); a call whose result is a failure is an error span."""
+    span (INTERNAL); a call whose result is a failure is an error span. The span name holds
+    only a name ``known`` accepts (a registered tool); the model may call any name, and such a
+    call is ``execute_tool other``, its name cut in ``gen_ai.tool.name``."""
     tracer = tracing.tracer
     capture = tracing.capture_content
 
     async def traced(call: TracedCall, running: Awaitable[R]) -> R:
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "execute_tool",
-            "gen_ai.tool.name": call.name,
+            "gen_ai.tool.name": cap(call.name, MAX_MODEL_CHARS),
             "gen_ai.tool.call.id": call.id,
             "gen_ai.tool.type": "function",
         }
         if capture:
             attributes["gen_ai.tool.call.arguments"] = _cut(call.arguments)
+        name = call.name if known(call.name) else OTHER
         with tracer.start_as_current_span(
-            f"execute_tool {call.name}", kind=SpanKind.INTERNAL, attributes=attributes
+            f"execute_tool {name}", kind=SpanKind.INTERNAL, attributes=attributes
         ) as span:
             result = await running
             if capture:

@@ -11,6 +11,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from schemas.bounded import listing
 from worker.runs.model import ModelTurn, Pending, PendingCall, Role, Run, RunStatus, ToolCallRef
 
 CAP_MESSAGE = (
@@ -230,9 +231,10 @@ def sort_outputs(run: Run, call_ids: Sequence[str]) -> tuple[list[str], str | No
     waiting = {call.id for call in run.pending_calls if call.external}
     unknown = [call_id for call_id in fresh if call_id not in waiting]
     if unknown:
-        expected = ", ".join(sorted(waiting)) or "none"
+        # Cut lists: a submit may name thousands of calls.
+        expected = listing(sorted(waiting), shown=20) or "none"
         return [], (
-            f"run {run.run_id!r} has no pending tool call {', '.join(map(repr, unknown))} "
+            f"run {run.run_id!r} has no pending tool call {listing(unknown)} "
             f"(waiting for: {expected})"
         )
     return fresh, None
