@@ -7,8 +7,14 @@ BIN := $(VENV)/bin
 STAMP_PY := $(VENV)/.installed
 STAMP_NODE := node_modules/.installed
 AZURITE_DIR := .azurite
+# The linters of deploy/ have a virtualenv of their own: checkov pins many packages.
+LINT_VENV := .venv-lint
+LINT_BIN := $(LINT_VENV)/bin
+STAMP_LINT := $(LINT_VENV)/.installed
+# Kubernetes versions the manifests are validated against: AKS's oldest supported, the newest.
+K8S_VERSIONS := 1.32 1.37
 
-.PHONY: run test lint typecheck unit bench chaos schemas clean deps
+.PHONY: run test lint lint-deploy typecheck unit bench chaos schemas clean deps
 
 deps: $(STAMP_PY) $(STAMP_NODE)
 
@@ -16,6 +22,12 @@ $(STAMP_PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+$(STAMP_LINT): requirements-lint.txt
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_BIN)/pip install --quiet --upgrade pip
+	$(LINT_BIN)/pip install --quiet -r requirements-lint.txt
 	touch $@
 
 $(STAMP_NODE): package.json package-lock.json
@@ -26,13 +38,24 @@ $(STAMP_NODE): package.json package-lock.json
 run: deps
 	$(BIN)/assistant-worker demo
 
-## make test: lint, type-check, and the whole test suite (Azurite started by the tests).
-test: deps lint typecheck
+## make test: lint (code and deploy/), type-check, and the whole test suite (Azurite started by
+## the tests).
+test: deps lint lint-deploy typecheck
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP_PY)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## make lint-deploy: hadolint, kubernetes-validate and checkov on deploy/ (deploy/README.md,
+## "Linters"); installs them into .venv-lint on first use.
+lint-deploy: $(STAMP_LINT)
+	$(LINT_BIN)/hadolint deploy/Dockerfile
+	for version in $(K8S_VERSIONS); do \
+		$(LINT_BIN)/kubernetes-validate --strict --quiet --kubernetes-version $$version \
+			deploy/keda/*.yaml || exit 1; \
+	done
+	$(LINT_BIN)/checkov --directory deploy --quiet --compact --skip-download
 
 typecheck: $(STAMP_PY)
 	$(BIN)/mypy
@@ -52,4 +75,4 @@ schemas: $(STAMP_PY)
 	$(BIN)/python -m schemas.export
 
 clean:
-	rm -rf $(VENV) node_modules $(AZURITE_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LINT_VENV) node_modules $(AZURITE_DIR) .pytest_cache .mypy_cache .ruff_cache

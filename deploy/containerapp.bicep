@@ -2,7 +2,8 @@
 // environment, a user-assigned managed identity with data-plane roles on the storage account
 // and the Azure OpenAI account, and the worker app, scaled by KEDA on its three work queues
 // (requests, run steps, run deadlines) from zero replicas. No keys anywhere: storage, the scaler, the model and the registry are
-// all reached with the managed identity.
+// all reached with the managed identity. The one secret of the worker's own, the keys of its
+// query API (WORKER_QUERY_KEYS), is a Key Vault reference, read with that identity.
 //
 //   az deployment group create -g RESOURCE_GROUP \
 //     -f deploy/containerapp.bicep -p deploy/containerapp.parameters.json
@@ -79,6 +80,12 @@ param drainMarginSeconds int = 10
 @secure()
 param applicationInsightsConnectionString string = ''
 
+@description('Existing Key Vault (this resource group, Azure RBAC permission model) holding the query API\'s keys. Empty: the query API is off (GET /assistants/{id} answers 404).')
+param keyVaultName string = ''
+
+@description('Secret of that Key Vault holding WORKER_QUERY_KEYS: comma-separated keys, two during a rotation. Referenced without a version, so a new version reaches the app within 30 minutes (docs/operations.md).')
+param queryKeysSecretName string = 'worker-query-keys'
+
 @description('Days the workspace keeps logs.')
 param logRetentionDays int = 30
 
@@ -90,6 +97,7 @@ var storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 var storageTableDataContributor = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
 var cognitiveServicesOpenAIUser = '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd'
 var acrPull = '7f951dda-4ed3-4680-a7ca-43fe172d538d'
+var keyVaultSecretsUser = '4633458b-17de-408a-b874-0445c86b69e6'
 
 // /healthz (liveness), /readyz (readiness: 503 while storage is unreachable), /metrics.
 var httpPort = 8080
@@ -105,6 +113,15 @@ resource openAi 'Microsoft.CognitiveServices/accounts@2024-10-01' existing = {
 
 resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' existing = if (!empty(containerRegistryName)) {
   name: containerRegistryName
+}
+
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = if (!empty(keyVaultName)) {
+  name: keyVaultName
+}
+
+resource queryKeysSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = if (!empty(keyVaultName)) {
+  parent: vault
+  name: queryKeysSecretName
 }
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
@@ -148,6 +165,17 @@ resource acrPullRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (
   scope: registry
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', acrPull)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The identity reads this one secret, not the whole vault.
+resource queryKeysRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(keyVaultName)) {
+  name: guid(resourceGroup().id, keyVaultName, queryKeysSecretName, identity.id, keyVaultSecretsUser)
+  scope: queryKeysSecret
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsUser)
     principalId: identity.properties.principalId
     principalType: 'ServicePrincipal'
   }
@@ -271,7 +299,25 @@ var baseEnv = [
 var appInsightsEnv = empty(applicationInsightsConnectionString) ? [] : [
   {
     name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+    // checkov:skip=CKV_SECRET_6:the name of a secret of the app, not a secret
     secretRef: 'appinsights-connection-string'
+  }
+]
+
+// The query API's keys: a Key Vault reference without a version (the latest one is used),
+// read with the app's identity; the value never appears in the template or its deployments.
+var queryKeysSecrets = empty(keyVaultName) ? [] : [
+  {
+    name: 'query-keys'
+    keyVaultUrl: 'https://${keyVaultName}${environment().suffixes.keyvaultDns}/secrets/${queryKeysSecretName}'
+    identity: identity.id
+  }
+]
+
+var queryKeysEnv = empty(keyVaultName) ? [] : [
+  {
+    name: 'WORKER_QUERY_KEYS'
+    secretRef: 'query-keys'
   }
 ]
 
@@ -306,6 +352,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
     tableDataRole
     openAiUserRole
     acrPullRole
+    queryKeysRole
   ]
   properties: {
     environmentId: environment.id
@@ -314,7 +361,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
       // A queue worker takes no HTTP traffic: no ingress. The probes reach the container directly.
       activeRevisionsMode: 'Single'
       registries: registries
-      secrets: appInsightsSecrets
+      secrets: concat(appInsightsSecrets, queryKeysSecrets)
     }
     template: {
       // WORKER_SHUTDOWN_GRACE for in-flight messages, plus a margin to release the rest.
@@ -327,7 +374,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
             cpu: json('0.5')
             memory: '1Gi'
           }
-          env: concat(baseEnv, appInsightsEnv)
+          env: concat(baseEnv, appInsightsEnv, queryKeysEnv)
           probes: [
             {
               type: 'Liveness'

@@ -48,15 +48,17 @@ async def finished(storage: StorageEnv, chat_id: str) -> bool:
 
 
 def test_probes_and_the_query_api(storage: StorageEnv) -> None:
-    """/healthz and /readyz answer 200 once the queues exist; GET /assistants/{id} returns the
-    chat's AssistantState (filtered by timestampUtc), 404 for a chat or table that does not
-    exist (without creating the table), 400 for a bad time, table name or id; no endpoint
-    accepts a write."""
+    """/healthz and /readyz answer 200 once the queues exist; GET /assistants/{id} with a key
+    (the keys themselves: tests/test_http_query.py) returns the chat's AssistantState
+    (filtered by timestampUtc), 404 for a chat or table that does not exist (without creating
+    the table), 400 for a bad time, table name or id; no endpoint accepts a write."""
     chat_id = f"http-{storage.suffix}"
+    key = "probe-and-query-test-key"
+    auth = {"Authorization": f"Bearer {key}"}
 
     async def scenario() -> None:
         async with FakeOpenAI() as fake:
-            settings = http_settings(storage, **model_env(fake.base_url))
+            settings = http_settings(storage, **model_env(fake.base_url), WORKER_QUERY_KEYS=key)
             async with serving(settings) as app:
                 health = await fetch(app, "/healthz")
                 assert health.status == 200, health.text
@@ -68,7 +70,9 @@ def test_probes_and_the_query_api(storage: StorageEnv) -> None:
                 await storage.send(post_body(chat_id, storage.table, QUESTION))
                 await eventually(lambda: finished(storage, chat_id), 30, "the run")
 
-                found = await fetch(app, f"/assistants/{chat_id}", collectionName=storage.table)
+                found = await fetch(
+                    app, f"/assistants/{chat_id}", headers=auth, collectionName=storage.table
+                )
                 assert found.status == 200, found.text
                 state = found.json
                 assert (state["id"], state["exists"]) == (chat_id, True)
@@ -92,7 +96,11 @@ def test_probes_and_the_query_api(storage: StorageEnv) -> None:
                 # timestampUtc: only the messages created after it.
                 later = (datetime.now(UTC) + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
                 newer = await fetch(
-                    app, f"/assistants/{chat_id}", collectionName=storage.table, timestampUtc=later
+                    app,
+                    f"/assistants/{chat_id}",
+                    headers=auth,
+                    collectionName=storage.table,
+                    timestampUtc=later,
                 )
                 assert newer.status == 200, newer.text
                 assert newer.json["recentMessages"] == []
@@ -100,17 +108,22 @@ def test_probes_and_the_query_api(storage: StorageEnv) -> None:
                 earlier = await fetch(
                     app,
                     f"/assistants/{chat_id}",
+                    headers=auth,
                     collectionName=storage.table,
                     timestampUtc="2000-01-01T00:00:00",
                 )
                 assert len(earlier.json["recentMessages"]) == 8
 
                 # Not found: an unknown chat, and a table that does not exist (not created).
-                missing = await fetch(app, "/assistants/nobody", collectionName=storage.table)
+                missing = await fetch(
+                    app, "/assistants/nobody", headers=auth, collectionName=storage.table
+                )
                 assert missing.status == 404, missing.text
                 assert "nobody" in missing.json["error"]
                 no_table = f"Missing{storage.suffix}"
-                absent = await fetch(app, f"/assistants/{chat_id}", collectionName=no_table)
+                absent = await fetch(
+                    app, f"/assistants/{chat_id}", headers=auth, collectionName=no_table
+                )
                 assert absent.status == 404, absent.text
                 async with storage.tables() as service:
                     tables = [t.name async for t in service.list_tables()]
@@ -120,20 +133,27 @@ def test_probes_and_the_query_api(storage: StorageEnv) -> None:
                 bad_time = await fetch(
                     app,
                     f"/assistants/{chat_id}",
+                    headers=auth,
                     collectionName=storage.table,
                     timestampUtc="yesterday",
                 )
                 assert bad_time.status == 400, bad_time.text
                 assert "timestampUtc" in bad_time.json["error"]
-                bad_table = await fetch(app, f"/assistants/{chat_id}", collectionName="no_such!")
+                bad_table = await fetch(
+                    app, f"/assistants/{chat_id}", headers=auth, collectionName="no_such!"
+                )
                 assert bad_table.status == 400, bad_table.text
                 assert "collectionName" in bad_table.json["error"]
-                bad_id = await fetch(app, "/assistants/a%01b", collectionName=storage.table)
+                bad_id = await fetch(
+                    app, "/assistants/a%01b", headers=auth, collectionName=storage.table
+                )
                 assert bad_id.status == 400, bad_id.text
 
                 # Nothing writes: other methods are refused, unknown paths are 404.
                 for method in ("POST", "PUT", "DELETE"):
-                    refused = await fetch(app, f"/assistants/{chat_id}", method=method)
+                    refused = await fetch(
+                        app, f"/assistants/{chat_id}", method=method, headers=auth
+                    )
                     assert refused.status == 405, (method, refused.status)
                 assert (await fetch(app, "/nothing-here")).status == 404
                 rows = await storage.partition(chat_id, storage.table)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from worker.config.settings import DEV_STORAGE, Settings, SettingsError
+from worker.config.settings import DEV_STORAGE, SPECS, Settings, SettingsError
 
 
 def test_defaults_follow_the_spec() -> None:
@@ -78,3 +78,40 @@ def test_secrets_are_collected_and_hidden_from_repr() -> None:
     text = repr(settings)
     for secret in settings.secrets():
         assert secret not in text
+
+
+QUERY_KEY = "query-key-0123456789"
+OLD_QUERY_KEY = "older-query-key-9876543210"
+
+
+def test_query_keys_are_secrets_without_a_flag() -> None:
+    """WORKER_QUERY_KEYS: several keys (a rotation), spaces around them dropped; unset or
+    empty, none (the query is not served). They are secrets: the redactor knows them, repr
+    does not show them, and no CLI flag exists for them (a flag shows in the process list)."""
+    settings = Settings.from_env({"WORKER_QUERY_KEYS": f" {QUERY_KEY} ,{OLD_QUERY_KEY}"})
+    assert settings.query_keys == (QUERY_KEY, OLD_QUERY_KEY)
+    assert {QUERY_KEY, OLD_QUERY_KEY} <= set(settings.secrets())
+    assert QUERY_KEY not in repr(settings) and OLD_QUERY_KEY not in repr(settings)
+    assert Settings.from_env({}).query_keys == ()
+    assert Settings.from_env({"WORKER_QUERY_KEYS": "  "}).query_keys == ()
+    assert "WORKER_QUERY_KEYS" not in {spec.env for spec in SPECS}
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (f"{QUERY_KEY},", "empty key (key 2)"),
+        (f"{QUERY_KEY},,{OLD_QUERY_KEY}", "empty key (key 2)"),
+        ("short-key", "key 1 is shorter than 16 characters"),
+        (f"{QUERY_KEY},{OLD_QUERY_KEY[:4]} {OLD_QUERY_KEY}", "key 2 holds a character"),
+        ("päss-wörd-0123456789", "key 1 holds a character"),
+    ],
+)
+def test_bad_query_keys_are_named_by_position_never_shown(value: str, fragment: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"WORKER_QUERY_KEYS": value})
+    message = str(raised.value)
+    assert message.startswith("WORKER_QUERY_KEYS ") and fragment in message
+    for part in value.split(","):
+        if part.strip():
+            assert part.strip() not in message

@@ -1,6 +1,7 @@
 """Reading the worker's HTTP server as a probe and a Prometheus scraper would."""
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,7 @@ class Reply:
     text: str
     content_type: str
     json: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def base_url(app: App) -> str:
@@ -32,17 +34,33 @@ def base_url(app: App) -> str:
     return f"http://127.0.0.1:{app.http.port}"
 
 
-async def fetch(app: App, path: str, method: str = "GET", **params: str) -> Reply:
+async def fetch(
+    app: App,
+    path: str,
+    method: str = "GET",
+    *,
+    headers: Mapping[str, str] | None = None,
+    **params: str,
+) -> Reply:
+    """One request to the app's server; ``params`` become the query string."""
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
-        session.request(method, base_url(app) + path, params=params) as response,
+        session.request(
+            method, base_url(app) + path, params=params, headers=dict(headers or {})
+        ) as response,
     ):
         text = await response.text()
         body: Any = None
         if response.content_type == "application/json":
             body = await response.json()
-        return Reply(response.status, text, response.headers.get("Content-Type", ""), body)
+        return Reply(
+            response.status,
+            text,
+            response.headers.get("Content-Type", ""),
+            body,
+            response.headers.copy(),  # case-insensitive, like HTTP
+        )
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

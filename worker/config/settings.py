@@ -165,6 +165,35 @@ def _switch(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+# A query key is a bearer secret: long enough not to be guessed, and only characters a header
+# carries as they are (visible ASCII) and that cannot split the list (no comma).
+MIN_QUERY_KEY_LENGTH = 16
+_QUERY_KEY_CHARACTERS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {","}
+
+
+def query_keys(text: str) -> tuple[str, ...]:
+    """The keys of ``WORKER_QUERY_KEYS`` (comma-separated; several during a rotation).
+
+    The errors say which key (by position) is wrong and why, never the key itself.
+    """
+    if not text.strip():
+        return ()
+    keys = tuple(part.strip() for part in text.split(","))
+    for position, key in enumerate(keys, start=1):
+        if not key:
+            raise ValueError(f"lists an empty key (key {position}); separate keys with one comma")
+        if len(key) < MIN_QUERY_KEY_LENGTH:
+            raise ValueError(
+                f"key {position} is shorter than {MIN_QUERY_KEY_LENGTH} characters "
+                "(generate one with: openssl rand -base64 32)"
+            )
+        if not set(key) <= _QUERY_KEY_CHARACTERS:
+            raise ValueError(
+                f"key {position} holds a character other than visible ASCII (no spaces, no commas)"
+            )
+    return keys
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     """One tunable: its environment variable, its field, how to parse it, and its help."""
@@ -413,6 +442,8 @@ class Settings:
     azure_openai_api_key: str | None = field(default=None, repr=False)
     openai_api_version: str | None = None
     ai_connections: dict[str, AIConnection] = field(default_factory=dict)
+    # WORKER_QUERY_KEYS: a secret, so no CLI flag (a flag shows in the process list).
+    query_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(
@@ -457,8 +488,14 @@ class Settings:
                 )
             ai_connections[name] = AIConnection(name, endpoint, env.get(f"{name}__key"))
 
+        try:
+            keys = query_keys(env.get("WORKER_QUERY_KEYS", ""))
+        except ValueError as error:
+            raise SettingsError(f"WORKER_QUERY_KEYS {error}") from None
+
         return cls(
             storage=storage,
+            query_keys=keys,
             openai_api_key=env.get("OPENAI_API_KEY") or None,
             azure_openai_api_key=(
                 env.get("AZURE_OPENAI_API_KEY") or env.get("AZURE_OPENAI_KEY") or None
@@ -497,4 +534,5 @@ class Settings:
         for value in (self.openai_api_key, self.azure_openai_api_key):
             if value:
                 found.append(value)
+        found.extend(self.query_keys)
         return found

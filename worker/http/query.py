@@ -1,6 +1,10 @@
-"""``GET /assistants/{id}?timestampUtc=&collectionName=``: the chat's ``AssistantState``
-(SPEC §4.6), read from the worker's own storage account without creating anything; 404 when the
-chat does not exist, 400 for a bad id, time or table name.
+"""``GET /assistants/{id}?timestampUtc=&collectionName=``: the chat's ``AssistantState``,
+read from the worker's own storage account without creating anything.
+
+Served only with ``WORKER_QUERY_KEYS`` set (``build_server`` leaves the route out otherwise):
+a request without one of the keys is 401 before anything is read or parsed, so a caller
+without a key learns nothing, not even whether a chat exists. Then: 404 when the chat does
+not exist, 400 for a bad id, time or table name.
 """
 
 from datetime import UTC, datetime
@@ -10,6 +14,7 @@ from aiohttp import web
 from handlers.query import get_state
 from schemas.names import MAX_ID_LENGTH, check_key, check_table_name
 from worker.config.redact import Redactor
+from worker.http.keys import CHALLENGE, QueryKeys, presented_keys
 from worker.loop.errors import PermanentError, TransientError
 from worker.store.stores import ReadOnlyStores
 
@@ -44,9 +49,12 @@ def check_chat_id(chat_id: str) -> str:
 class QueryRoutes:
     """The query route family."""
 
-    def __init__(self, stores: ReadOnlyStores, redactor: Redactor) -> None:
+    def __init__(self, stores: ReadOnlyStores, redactor: Redactor, keys: QueryKeys) -> None:
+        if not keys:
+            raise ValueError("the query is served only with WORKER_QUERY_KEYS set")
         self.stores = stores
         self._redact = redactor
+        self._keys = keys
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/assistants/{id}", self._assistant)]
@@ -55,6 +63,21 @@ class QueryRoutes:
         await self.stores.close()
 
     async def _assistant(self, request: web.Request) -> web.Response:
+        if not self._keys.accepts(presented_keys(request.headers)):
+            return web.json_response(
+                {
+                    "error": "this route needs a key: send 'Authorization: Bearer <key>' or "
+                    "'x-functions-key: <key>' with one of the keys of WORKER_QUERY_KEYS"
+                },
+                status=401,
+                headers={"WWW-Authenticate": CHALLENGE},
+            )
+        response = await self._answer(request)
+        # Chat content: no proxy or browser keeps a copy.
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         try:
             chat_id = check_chat_id(request.match_info["id"])
             text = request.query.get("timestampUtc")
@@ -68,7 +91,7 @@ class QueryRoutes:
             return web.json_response({"error": str(error)}, status=400)
         try:
             # A table that does not exist holds no chat.
-            state = await get_state(self.stores.get(table), chat_id, since)
+            state = await get_state(await self.stores.get(table), chat_id, since)
         except TransientError as error:
             return web.json_response({"error": self._redact(error.reason)}, status=503)
         except PermanentError as error:

@@ -3,7 +3,7 @@
 It runs on the worker's own event loop, so ``/healthz`` answering at all says the loop is not
 blocked. Nothing here changes state: the query reads the chat table and never creates it.
 Each route family is a module of this package (``probes``, ``query``) with ``routes()`` and
-``close()``.
+``close()``; the query is served only with ``WORKER_QUERY_KEYS`` set.
 """
 
 from collections.abc import Sequence
@@ -16,6 +16,7 @@ from schemas.names import poison_queue_name
 from worker.config.redact import Redactor
 from worker.config.settings import Settings
 from worker.connections.counting import RequestObserver
+from worker.http.keys import QueryKeys
 from worker.http.probes import ProbeRoutes
 from worker.http.query import QueryRoutes
 from worker.observability.depth import DepthPoller
@@ -116,11 +117,14 @@ def build_server(
         raise ValueError("WORKER_HTTP_PORT is not set")
     redact = redactor or Redactor()
     queues = [*settings.work_queues, *(poison_queue_name(q) for q in settings.work_queues)]
+    families: list[RouteFamily] = [ProbeRoutes(health, metrics, redact)]
+    # Chat content leaves only with a key: without WORKER_QUERY_KEYS the query route does not
+    # exist (404 as for any unknown path), and no reader is opened.
+    if settings.query_keys:
+        stores = ReadOnlyStores(settings, requests)
+        families.append(QueryRoutes(stores, redact, QueryKeys(settings.query_keys)))
     return HttpServer(
-        [
-            ProbeRoutes(health, metrics, redact),
-            QueryRoutes(ReadOnlyStores(settings, requests), redact),
-        ],
+        families,
         host=settings.http_host,
         port=settings.http_port,
         depth=DepthPoller(broker, queues, metrics, depth_interval),

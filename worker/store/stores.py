@@ -2,6 +2,7 @@
 and table name become a store (only allow-listed settings; each table created once)."""
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -90,25 +91,57 @@ class ChatStores:
         self._services.clear()
 
 
+# Table clients the query's reader keeps open at most. Each is small (the account's connection
+# pool is shared), but callers choose the table names: the number must not grow with them.
+READ_TABLES = 32
+
+
 class ReadOnlyStores:
     """Stores of the worker's own storage account for reading chats (the query API): a table
-    is never created, and a table that does not exist reads as holding no chat."""
+    is never created, and a table that does not exist reads as holding no chat.
 
-    def __init__(self, settings: Settings, requests: RequestObserver | None = None) -> None:
+    At most ``max_tables`` table clients are kept, the least recently used closed first: the
+    names come from callers (``collectionName``), so endless new names must not grow memory.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        requests: RequestObserver | None = None,
+        *,
+        max_tables: int = READ_TABLES,
+    ) -> None:
+        if max_tables < 1:
+            raise ValueError("max_tables must be at least 1")
         self._settings = settings
         self._requests = requests
+        self.max_tables = max_tables
         self._service: TableServiceClient | None = None
-        self._stores: dict[str, TableChatStore] = {}
+        self._stores: OrderedDict[str, TableChatStore] = OrderedDict()
 
-    def get(self, table: str) -> TableChatStore:
+    @property
+    def open_tables(self) -> int:
+        """How many table clients are open now (at most ``max_tables``)."""
+        return len(self._stores)
+
+    async def get(self, table: str) -> TableChatStore:
         store = self._stores.get(table)
-        if store is None:
-            if self._service is None:
-                self._service = table_service(self._settings.default_storage, self._requests)
-            store = TableChatStore(
-                self._service.get_table_client(table), self._settings.default_storage_setting
-            )
-            self._stores[table] = store
+        if store is not None:
+            self._stores.move_to_end(table)
+            return store
+        if self._service is None:
+            self._service = table_service(self._settings.default_storage, self._requests)
+        store = TableChatStore(
+            self._service.get_table_client(table), self._settings.default_storage_setting
+        )
+        self._stores[table] = store
+        evicted = []
+        while len(self._stores) > self.max_tables:
+            evicted.append(self._stores.popitem(last=False)[1])
+        # Safe while another request still reads through an evicted store: a table client of
+        # the service shares the service's connection pool, and closing it leaves that open.
+        for old in evicted:
+            await old.client.close()
         return store
 
     async def close(self) -> None:
