@@ -25,7 +25,7 @@ object). An entry larger than an eighth of the budget is not kept at all: one ve
 
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -132,25 +132,33 @@ def message_bytes(message: ChatMessage) -> int:
 def value_bytes(value: Any, depth: int = 0) -> int:
     """The estimated size of a value made of dataclasses, dicts, sequences, strings and
     scalars (a state, a run, their parameters). Deeper than a few levels it counts a flat
-    size: run parameters are JSON of a known shape, not arbitrary graphs."""
-    if isinstance(value, str):
+    size: run parameters are JSON of a known shape, not arbitrary graphs. (Called on every
+    commit: a few dozen objects, tens of microseconds.)"""
+    kind = type(value)
+    if kind is str:
         return text_bytes(value)
-    if value is None or isinstance(value, bool) or (isinstance(value, int) and -5 <= value < 257):
-        return 0  # objects every user shares
+    if value is None or kind is bool:
+        return 0  # shared objects
+    if kind is int:
+        return 0 if -5 <= value < 257 else SCALAR_BYTES  # small ints are shared
     if depth > 6:
         return SCALAR_BYTES
-    if isinstance(value, dict):
+    if kind is dict:
         return DICT_BYTES + sum(
             ITEM_BYTES + value_bytes(k, depth + 1) + value_bytes(v, depth + 1)
             for k, v in value.items()
         )
-    if isinstance(value, list | tuple):
+    if kind is list or kind is tuple:
         return SEQUENCE_BYTES + sum(SLOT_BYTES + value_bytes(item, depth + 1) for item in value)
-    if is_dataclass(value) and not isinstance(value, type):
-        return INSTANCE_BYTES + sum(
-            FIELD_BYTES + value_bytes(getattr(value, field.name), depth + 1)
-            for field in fields(value)
+    if hasattr(kind, "__dataclass_fields__") and hasattr(value, "__dict__"):
+        attributes = vars(value)
+        return (
+            INSTANCE_BYTES
+            + FIELD_BYTES * len(attributes)
+            + sum(value_bytes(item, depth + 1) for item in attributes.values())
         )
+    if isinstance(value, str):
+        return text_bytes(value)
     return SCALAR_BYTES
 
 
