@@ -63,7 +63,7 @@ class CreateHandler:
     async def __call__(self, request: AssistantCreate, context: MessageContext) -> HandlerResult:
         check_tools(request, self._services)
         store = await self._services.stores.get(
-            request.chat_storage_connection_setting, request.collection_name
+            request.chat_storage_connection_setting, request.collection_name, create=True
         )
         now = self._services.clock()
         state = ChatState(

@@ -8,14 +8,18 @@ neither Azure nor openai.
 """
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
 import inspect
+import queue
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, overload
 
@@ -26,6 +30,7 @@ __all__ = [
     "ToolLoadError",
     "ToolRegistry",
     "ToolSpec",
+    "ToolThreads",
     "load_tools",
     "tool",
     "tool_executor",
@@ -376,13 +381,155 @@ class ToolRegistry:
 MIN_TOOL_THREADS = 4
 
 
-def tool_executor(concurrency: int) -> ThreadPoolExecutor:
+@dataclass(eq=False)
+class _Call:
+    """One sync tool call handed to ``ToolThreads``."""
+
+    future: Future[Any]
+    run: Callable[[], Any]
+    running: bool = False
+    # Its caller gave up while it ran (timeout or cancellation): its thread is stuck.
+    stuck: bool = False
+
+
+class ToolThreads(Executor):
+    """The threads sync tools run on: ``size`` of them, not counting stuck ones.
+
+    A thread cannot be stopped: a sync tool that hangs keeps its thread after its caller gave
+    up (the call's timeout, or shutdown). On a fixed pool such threads pile up until every
+    call waits for a thread past its own timeout, and then no sync tool runs at all. Here a
+    thread whose call was abandoned while it ran is *stuck*: it is no longer counted, and a
+    new thread takes its place, so the calls that follow always have ``size`` threads. A
+    stuck thread that returns after all leaves if its place was taken meanwhile.
+
+    ``stuck`` is how many stuck threads have not returned (``/readyz`` reports it as degraded,
+    and ``assistant_worker_tool_threads_stuck``), ``abandoned`` how many ever were. The
+    threads are daemons: a hung tool does not keep the process from exiting.
+
+    ``submit`` hands out futures that stay pending while their call runs, so that a caller's
+    cancellation reaches this class: ``run_in_executor`` cancels the future when the task
+    awaiting it is cancelled (an ``asyncio.timeout`` included).
+    """
+
+    def __init__(self, threads: int, name: str = "tool") -> None:
+        self.size = max(threads, MIN_TOOL_THREADS)
+        self._name = name
+        self._lock = threading.Lock()
+        self._work: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._alive = 0  # threads started and not ended, stuck ones included
+        self._running = 0  # threads running a call, stuck ones included
+        self._queued = 0  # calls waiting for a thread
+        self._stuck = 0
+        self._started = 0
+        self._closed = False
+        self.abandoned = 0
+
+    @property
+    def stuck(self) -> int:
+        return self._stuck
+
+    def alive(self) -> int:
+        """Threads started and not ended, stuck ones included."""
+        return self._alive
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        call = _Call(Future(), functools.partial(fn, *args, **kwargs))
+        call.future.add_done_callback(lambda _: self._abandoned(call))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the tool threads are shut down")
+            self._queued += 1
+            self._work.put(call)
+            self._start_threads()
+        return call.future
+
+    def _start_threads(self) -> None:
+        """Start a thread when calls wait for more threads than are idle and fewer than
+        ``size`` threads are alive and not stuck (under the lock)."""
+        idle = self._alive - self._running
+        if self._queued > idle and self._alive - self._stuck < self.size:
+            self._alive += 1
+            self._started += 1
+            thread = threading.Thread(
+                target=self._serve, name=f"{self._name}_{self._started - 1}", daemon=True
+            )
+            thread.start()
+
+    def _abandoned(self, call: _Call) -> None:
+        """A call's future is done: if it was cancelled while it ran, its thread is stuck."""
+        if not call.future.cancelled():
+            return
+        with self._lock:
+            if call.running and not call.stuck:
+                call.stuck = True
+                self._stuck += 1
+                self.abandoned += 1
+                self._start_threads()
+
+    def _serve(self) -> None:
+        while True:
+            call = self._work.get()
+            if call is None:
+                with self._lock:
+                    self._alive -= 1
+                return
+            with self._lock:
+                self._queued -= 1
+                if call.future.cancelled():
+                    continue  # its caller gave up before it started
+                call.running = True
+                self._running += 1
+            value: Any = None
+            error: BaseException | None = None
+            try:
+                value = call.run()
+            except BaseException as exc:  # the tool's failure goes to its caller
+                error = exc
+            with self._lock:
+                call.running = False
+                self._running -= 1
+                replaced = call.stuck
+                if replaced:
+                    self._stuck -= 1
+            if not replaced:
+                with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                    if error is None:
+                        call.future.set_result(value)
+                    else:
+                        call.future.set_exception(error)
+            with self._lock:
+                # A stuck thread that came back after its place was taken leaves.
+                if self._alive - self._stuck > self.size:
+                    self._alive -= 1
+                    return
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more calls; the threads end once the calls they run return (stuck ones
+        perhaps never: they are daemons). ``wait`` is ignored: nothing can wait for a thread
+        that may never return."""
+        dropped: list[_Call] = []
+        with self._lock:
+            self._closed = True
+            while cancel_futures:
+                try:
+                    call = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if call is not None:
+                    self._queued -= 1
+                    dropped.append(call)
+            for _ in range(self._alive):
+                self._work.put(None)
+        # Outside the lock: cancelling runs the futures' callbacks, which take it.
+        for call in dropped:
+            call.future.cancel()
+
+
+def tool_executor(concurrency: int) -> ToolThreads:
     """The threads sync tools run on: one per message the worker processes at once (at least
-    ``MIN_TOOL_THREADS``), named ``tool_N``. Its owner shuts it down (without waiting: a tool
-    that timed out keeps its thread until it returns)."""
-    return ThreadPoolExecutor(
-        max_workers=max(concurrency, MIN_TOOL_THREADS), thread_name_prefix="tool"
-    )
+    ``MIN_TOOL_THREADS``), named ``tool_N``, replaced when stuck (see ``ToolThreads``). Its
+    owner shuts it down."""
+    return ToolThreads(concurrency)
 
 
 def _origin(function: Callable[..., Any]) -> str:

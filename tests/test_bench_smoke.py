@@ -10,6 +10,7 @@ import pytest
 from bench import (
     creates,
     latency,
+    memory,
     open_conversations,
     profile,
     requests_per_run,
@@ -119,3 +120,14 @@ def test_profile_smoke() -> None:
     assert 0 < numbers["cpu_ms_per_post"] < 60_000
     assert numbers["areas_ms"][profile.WORKER] > 0 and numbers["worker_top"]
     assert "`worker/loop/worker.py:_handle`" in report.markdown()
+
+
+def test_memory_smoke() -> None:
+    report = memory.measure(chats=2_000, every=100, turns=2, others=2)
+    numbers = report.numbers
+    assert _tables(report) == 3  # RSS, the steady conversation's hits, on Azurite
+    assert 0 < numbers["new_peak_mb"] < numbers["target_mb"]
+    assert numbers["old_peak_mb"] > 0 and numbers["new_cache_mb"] > 0
+    assert numbers["steady_turns"] == 20
+    assert numbers["new_steady"] == numbers["old_steady"] == {"history": 1.0, "commits": 1.0}
+    assert numbers["store_reads"] == {"new": 0, "old": 0}

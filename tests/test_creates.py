@@ -37,7 +37,7 @@ async def counted(storage: StorageEnv) -> AsyncIterator[tuple[TableChatStore, Re
 
     stores = ChatStores(storage.settings(), lambda c: table_service(c, observe))
     try:
-        store = await stores.get("AzureWebJobsStorage", storage.table)
+        store = await stores.get("AzureWebJobsStorage", storage.table, create=True)
         requests.clear()
         yield store, requests
     finally:

@@ -38,7 +38,7 @@ MARKER = "[truncated by assistant-worker:"
 async def opened(storage: StorageEnv) -> AsyncIterator[TableChatStore]:
     stores = ChatStores(storage.settings())
     try:
-        yield await stores.get("AzureWebJobsStorage", storage.table)
+        yield await stores.get("AzureWebJobsStorage", storage.table, create=True)
     finally:
         await stores.close()
 

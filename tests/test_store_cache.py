@@ -49,7 +49,8 @@ async def process_view(storage: StorageEnv) -> AsyncIterator[CountedStore]:
 
     stores = ChatStores(storage.settings(), lambda c: table_service(c, observe))
     try:
-        view = CountedStore(await stores.get("AzureWebJobsStorage", storage.table), requests)
+        store = await stores.get("AzureWebJobsStorage", storage.table, create=True)
+        view = CountedStore(store, requests)
         view.made()
         yield view
     finally:

@@ -511,7 +511,7 @@ def test_run_errors_reach_replies_redacted(storage: StorageEnv) -> None:
     async def scenario() -> dict[str, Any]:
         stores = ChatStores(storage.settings())
         try:
-            store = await stores.get("AzureWebJobsStorage", storage.table)
+            store = await stores.get("AzureWebJobsStorage", storage.table, create=True)
             chat = ChatRef("secret-chat", "AzureWebJobsStorage", storage.table)
             now = datetime.now(UTC)
             state = ChatState("secret-chat", True, now, now, 0, 0, {})

@@ -21,7 +21,7 @@ from handlers.tools import (
 )
 from tests import sample_tools
 from tests.sample_tools import echo, fail, find_order, get_weather, nothing, slow, slow_sync
-from tests.support.env import StorageEnv
+from tests.support.env import StorageEnv, wait_until
 from worker.app import open_app
 
 SAMPLES = "tests.sample_tools"
@@ -440,9 +440,54 @@ class TestToolThreads:
         """A worker processing one message at a time still runs a few calls at once."""
         pool = tool_executor(1)
         try:
-            assert pool._max_workers == MIN_TOOL_THREADS
+            assert pool.size == MIN_TOOL_THREADS
         finally:
             pool.shutdown(wait=False)
+
+    def test_hung_calls_beyond_the_pool_do_not_starve_the_next_call(self) -> None:
+        """More hung sync calls than threads time out; the next call still runs, on a thread
+        that took a stuck one's place. The stuck threads are counted until they return, and
+        then leave: the pool is back to its size."""
+        let_go = threading.Event()
+
+        @tool
+        def hang(label: str) -> str:
+            """Blocks until the test lets go."""
+            let_go.wait(timeout=30)
+            return label
+
+        @tool
+        def quick() -> str:
+            """Answers at once."""
+            return "quick"
+
+        registry = ToolRegistry([hang, quick])
+        threads = tool_executor(1)
+        registry.set_executor(threads)
+        hung = [ToolCall(f"h{n}", "hang", json.dumps({"label": str(n)})) for n in range(6)]
+
+        async def scenario() -> tuple[list[ToolResult], ToolResult, int]:
+            stalled = await run_tool_calls(registry, hung, allowed=None, timeout=0.3)
+            after = await run_tool_call(registry, ToolCall("q", "quick", ""), allowed=None)
+            return stalled, after, threads.stuck
+
+        try:
+            stalled, after, stuck = asyncio.run(scenario())
+            assert [r.output for r in stalled] == ["error: tool 'hang' timed out after 0.3 s"] * 6
+            assert after.ok and after.output == "quick"
+            assert stuck >= threads.size == MIN_TOOL_THREADS
+            assert threads.abandoned == stuck
+            let_go.set()
+            asyncio.run(
+                wait_until(
+                    lambda: threads.stuck == 0 and threads.alive() <= threads.size,
+                    5,
+                    "the stuck threads to return and leave",
+                )
+            )
+        finally:
+            let_go.set()
+            threads.shutdown(wait=False)
 
     def test_without_a_pool_sync_tools_use_asyncio_default(self) -> None:
         """No executor set (a registry used on its own): asyncio's default pool, as before."""

@@ -106,9 +106,12 @@ async def open_app(
     if tracing is not None:
         registry.set_call_tracer(tool_call_tracer(tracing, known=lambda name: name in registry))
     # Sync tools get a thread per message processed at once (asyncio's default pool is
-    # smaller: calls would wait for a thread past their timeout).
+    # smaller: calls would wait for a thread past their timeout); stuck ones are replaced.
     threads = tool_executor(settings.concurrency)
     registry.set_executor(threads)
+    health.track_tool_threads(lambda: threads.stuck)
+    if metrics is not None:
+        metrics.track_tool_threads(lambda: threads.stuck)
     # Every client with an identity uses the process's one credential, closed at the end.
     CREDENTIAL.retain()
     broker = AzureQueueBroker(queue_service(settings.default_storage, requests))

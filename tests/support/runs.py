@@ -484,7 +484,7 @@ def services_on(
     handler called directly, without a worker)."""
 
     class Stores:
-        async def get(self, setting: str, table: str) -> TableChatStore:
+        async def get(self, setting: str, table: str, *, create: bool = False) -> TableChatStore:
             return store
 
     return RunServices(

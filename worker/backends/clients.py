@@ -11,6 +11,7 @@ The SDK's own retries are kept small: long waits go back to the queue as delayed
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 SDK_MAX_RETRIES = 0
 REQUEST_TIMEOUT = 120.0
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
+# Clients kept (about 30 KB each). Their keys come from configuration only (an unknown
+# aiConnectionName is refused before any client is built), so a sane configuration never
+# reaches this; the bound keeps it so whatever the configuration.
+MAX_MODEL_CLIENTS = 16
 
 
 class ModelNotConfigured(Exception):
@@ -34,9 +39,10 @@ class ModelNotConfigured(Exception):
 class ModelClients:
     """The clients of the configured endpoints, built on first use."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, max_clients: int = MAX_MODEL_CLIENTS) -> None:
         self._settings = settings
-        self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        self._max_clients = max(1, max_clients)
+        self._clients: OrderedDict[tuple[str, str], openai.AsyncOpenAI] = OrderedDict()
         self._token_provider_: Callable[[], Any] | None = None
 
     def client(self, ai_connection: str | None = None) -> openai.AsyncOpenAI:
@@ -108,9 +114,20 @@ class ModelClients:
     def _cached(
         self, key: tuple[str, str], build: Callable[[], openai.AsyncOpenAI]
     ) -> openai.AsyncOpenAI:
-        if key not in self._clients:
-            self._clients[key] = build()
-        return self._clients[key]
+        client = self._clients.get(key)
+        if client is not None:
+            self._clients.move_to_end(key)
+            return client
+        client = self._clients[key] = build()
+        while len(self._clients) > self._max_clients:
+            # Not closed here: a model call may still be using it ("not usable after close").
+            # The SDK's HTTP client closes itself once the last call holding it lets go.
+            self._clients.popitem(last=False)
+        return client
+
+    def cached(self) -> int:
+        """How many clients are kept."""
+        return len(self._clients)
 
     async def close(self) -> None:
         for client in self._clients.values():

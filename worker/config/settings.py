@@ -105,6 +105,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
 def _optional_port(text: str) -> int | None:
     if not text:
         return None
@@ -313,6 +320,14 @@ SPECS: tuple[SettingSpec, ...] = (
         "(yet) is retried before it is dead-lettered",
     ),
     SettingSpec(
+        "WORKER_CACHE_MB",
+        "cache_mb",
+        _non_negative_int,
+        "64",
+        "memory budget, in MiB, for what the worker caches (chat histories, last commits, "
+        "table clients); least recently used first out; 0: cache no chat",
+    ),
+    SettingSpec(
         "WORKER_IN_PROCESS_STEPS",
         "in_process_steps",
         _switch,
@@ -426,6 +441,7 @@ class Settings:
     run_timeout: float = 600.0
     step_timeout: float = 900.0
     create_grace: float = 120.0
+    cache_mb: int = 64
     in_process_steps: bool = True
     poll_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0)
     chat_model: str = "gpt-4o-mini"

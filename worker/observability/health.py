@@ -3,9 +3,18 @@
 The worker loop marks what it knows: the queues exist (after ``ensure_queues``), it is
 draining (after ``stop()``), its own storage is down or up again (the storage-outage pause),
 it has stopped. Readiness is the conjunction; the reasons say what is missing.
+
+Stuck tool threads (a sync tool that hung past its timeout, see ``handlers.tools.ToolThreads``)
+make the worker *degraded*, not unready: it still takes work and runs every tool (a new
+thread took the stuck one's place), so a 503 would only take a working replica out of its
+Service and hide it from the query, and a restart would cut the runs of every other chat it
+holds. ``/readyz`` says so in its reasons (still 200), and the metric
+``assistant_worker_tool_threads_stuck`` is what to alert on: the tool needs a timeout of its
+own, and a restart frees the threads.
 """
 
 import time
+from collections.abc import Callable
 
 
 class Health:
@@ -17,6 +26,7 @@ class Health:
         self._draining = False
         self._storage_down: str | None = None
         self._storage_down_since: float | None = None
+        self._stuck_tool_threads: Callable[[], int] = lambda: 0
 
     def mark_storage_down(self, reason: str) -> None:
         """The worker's own storage fails every request alike: receiving is paused."""
@@ -35,6 +45,11 @@ class Health:
             self.mark_storage_up()
         else:
             self.mark_storage_down(reason)
+
+    def track_tool_threads(self, stuck: Callable[[], int]) -> None:
+        """Read the number of stuck tool threads from ``stuck`` at each probe (it changes on
+        the tools' threads)."""
+        self._stuck_tool_threads = stuck
 
     def mark_draining(self) -> None:
         """``stop()`` was called: no new messages are taken, in-flight ones finish."""
@@ -57,7 +72,8 @@ class Health:
         return self._storage_down
 
     def ready(self) -> tuple[bool, list[str]]:
-        """Whether this worker should be sent work, and if not, why (one sentence each)."""
+        """Whether this worker should be sent work, and if not, why (one sentence each);
+        when it should, the reasons say what is degraded (stuck tool threads), if anything."""
         reasons: list[str] = []
         if not self.alive:
             reasons.append("the worker loop has stopped")
@@ -69,4 +85,13 @@ class Health:
             reasons.append(f"storage unreachable{elapsed}: {self._storage_down}")
         if not self.queues_present:
             reasons.append("the work queues are not yet checked or created")
-        return not reasons, reasons
+        return not reasons, reasons + self._degraded()
+
+    def _degraded(self) -> list[str]:
+        stuck = self._stuck_tool_threads()
+        if not stuck:
+            return []
+        return [
+            f"degraded: {stuck} tool thread(s) stuck in sync tools that ran past their timeout "
+            "(replaced, so tools still run; a restart frees them)"
+        ]

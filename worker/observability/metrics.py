@@ -131,6 +131,12 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
+        self.tool_threads_stuck = Gauge(
+            "assistant_worker_tool_threads_stuck",
+            "Threads of sync tools whose call was abandoned (it ran past its timeout) and that "
+            "have not returned; each was replaced, so tools still run.",
+            registry=registry,
+        )
         self.storage_paused = Gauge(
             "assistant_worker_storage_paused",
             "1 while receiving is paused because the worker's own storage is unreachable.",
@@ -142,6 +148,10 @@ class Metrics:
     def track_in_flight(self, count: Callable[[], int]) -> None:
         """Read the number of in-flight messages from ``count`` at each scrape."""
         self.in_flight.set_function(lambda: float(count()))
+
+    def track_tool_threads(self, stuck: Callable[[], int]) -> None:
+        """Read the number of stuck tool threads from ``stuck`` at each scrape."""
+        self.tool_threads_stuck.set_function(lambda: float(stuck()))
 
     def track_health(self, health: Health) -> None:
         """Report ``storage_paused`` from ``health`` at each scrape."""

@@ -8,6 +8,7 @@ message, see NOTES).
 import asyncio
 import contextlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,11 @@ from azure.core.exceptions import (
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
 from worker.queues.transport import MAX_RECEIVE, Delivery, LeaseLost, QueueNotFound
+
+# Queue names come from messages too (a post's replyTo), so the clients and the names known to
+# exist are kept for the queues used last only: a client costs about 4 KB, a name ~100 bytes.
+MAX_QUEUE_CLIENTS = 256
+MAX_KNOWN_QUEUES = 4096
 
 
 def _whole_seconds(value: float) -> int:
@@ -114,17 +120,42 @@ class AzureQueue:
 
 
 class AzureQueueBroker:
-    """Queues of one storage account; clients are cached per queue name."""
+    """Queues of one storage account; clients are cached per queue name, for the
+    ``max_queues`` queues used last.
 
-    def __init__(self, service: QueueServiceClient) -> None:
+    Dropping a client needs no close: a queue client made by the service sends through the
+    service's transport (which the SDK wraps so that closing the queue client leaves it open),
+    so a sender still holding an evicted client goes on working, and the client is freed once
+    nobody holds it.
+    """
+
+    def __init__(
+        self,
+        service: QueueServiceClient,
+        *,
+        max_queues: int = MAX_QUEUE_CLIENTS,
+        max_known: int = MAX_KNOWN_QUEUES,
+    ) -> None:
         self.service = service
-        self._queues: dict[str, AzureQueue] = {}
-        self._known: set[str] = set()
+        self._max_queues = max(1, max_queues)
+        self._max_known = max(1, max_known)
+        self._queues: OrderedDict[str, AzureQueue] = OrderedDict()
+        # Queues this process created or found: ensure_queues sends nothing for them.
+        self._known: OrderedDict[str, None] = OrderedDict()
 
     def queue(self, name: str) -> AzureQueue:
-        if name not in self._queues:
-            self._queues[name] = AzureQueue(self.service.get_queue_client(name))
-        return self._queues[name]
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = AzureQueue(self.service.get_queue_client(name))
+            while len(self._queues) > self._max_queues:
+                self._queues.popitem(last=False)
+        else:
+            self._queues.move_to_end(name)
+        return queue
+
+    def cached(self) -> tuple[int, int]:
+        """How many queue clients and known queue names this broker keeps."""
+        return len(self._queues), len(self._known)
 
     async def send(
         self, queue: str, body: str, *, delay: float = 0.0, time_to_live: int | None = None
@@ -151,7 +182,9 @@ class AzureQueueBroker:
         async def create(name: str) -> None:
             with contextlib.suppress(ResourceExistsError):
                 await self.queue(name).client.create_queue()
-            self._known.add(name)
+            self._known[name] = None
+            while len(self._known) > self._max_known:
+                self._known.popitem(last=False)
 
         await asyncio.gather(*(create(name) for name in missing))
 

@@ -9,6 +9,9 @@ from azure.core.exceptions import HttpResponseError, ServiceRequestError, Servic
 
 from worker.loop.errors import PermanentError, StorageUnavailable, TransientError, describe
 
+# The error code of a request to a table that does not exist (404).
+TABLE_NOT_FOUND = "TableNotFound"
+
 # Status codes of requests the service will refuse however often they are sent.
 _PERMANENT_STATUS = {400, 413}
 
@@ -50,3 +53,14 @@ async def storage_errors(action: str, where: str, setting: str) -> AsyncIterator
             setting=setting,
             error_type=type(error).__name__,
         ) from error
+
+
+def table_missing(error: BaseException) -> bool:
+    """Whether ``error`` says the table does not exist (only a create makes tables: a post,
+    submit or delete naming another ``collectionName`` finds none)."""
+    return (
+        isinstance(error, HttpResponseError)
+        and error.status_code == 404
+        # A str enum (TableErrorCode) or a plain string: equal to the code either way.
+        and getattr(error, "error_code", None) == TABLE_NOT_FOUND
+    )

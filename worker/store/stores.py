@@ -1,9 +1,16 @@
 """Chat stores per connection setting and table: the one place a request's storage setting
-and table name become a store (only allow-listed settings; each table created once)."""
+and table name become a store (only allow-listed settings; a table is created only for a
+create request, once).
+
+Table names come from messages, so nothing here grows with them: the stores are kept in a
+least-recently-used map of a size set by ``WORKER_CACHE_MB`` (what the chats' histories and
+last commits may take is shared by all of them, in one ``ChatMemory``).
+"""
 
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
@@ -14,16 +21,42 @@ from worker.config.settings import Settings
 from worker.connections.clients import table_service
 from worker.connections.counting import RequestObserver
 from worker.loop.errors import PermanentError
+from worker.store.cache import MIB, ChatMemory
 from worker.store.errors import storage_errors
 from worker.store.tables import TableChatStore
 
+# What one store costs (its TableClient with its pipeline, measured with tracemalloc: ~57 KB).
+STORE_BYTES = 64 * 1024
+# The stores may take this share of the budget (1/16: 64 stores of the default 64 MiB), and
+# the chats' memory the rest; a process keeps at least this many stores whatever the budget.
+STORES_SHARE = 16
+MIN_STORES = 8
+
+
+def max_stores(budget_bytes: int) -> int:
+    """How many stores a process keeps for a budget of ``budget_bytes``."""
+    return max(MIN_STORES, budget_bytes // STORES_SHARE // STORE_BYTES)
+
+
+@dataclass
+class _Table:
+    store: TableChatStore
+    # This process created the table (or found it there): a create needs no request for it.
+    created: bool = False
+
 
 class ChatStores:
-    """Chat stores per (connection setting, table), with clients cached per key.
+    """Chat stores per (connection setting, table), on one table service client per setting.
 
     A request may name only allowed settings (``AzureWebJobsStorage`` and those listed in
     ``WORKER_STORAGE_SETTINGS``): a producer must not make the worker use any other app
-    setting as a connection string.
+    setting as a connection string; so the service clients are as many as the settings.
+
+    Stores are kept for the ``max_stores`` tables used last. A store evicted while a handler
+    still holds it keeps working: its table client sends through its service's transport,
+    which closing the table client leaves open (the SDK wraps it so), and what it remembers
+    of chats is in the shared ``memory``, keyed by table, where a new store of the same table
+    finds it.
     """
 
     def __init__(
@@ -34,8 +67,12 @@ class ChatStores:
         self._settings = settings
         self._service_factory = service_factory
         self._services: dict[str, TableServiceClient] = {}
-        self._stores: dict[tuple[str, str], TableChatStore] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        budget = settings.cache_mb * MIB
+        self.max_stores = max_stores(budget)
+        self.memory = ChatMemory(max(0, budget - self.max_stores * STORE_BYTES))
+        self._tables: OrderedDict[tuple[str, str], _Table] = OrderedDict()
+        # Only while a table is being created: later creates of it wait for that one.
+        self._creating: dict[tuple[str, str], asyncio.Lock] = {}
 
     def _service(self, setting: str) -> TableServiceClient:
         connection = self._settings.storage.get(setting)
@@ -49,16 +86,35 @@ class ChatStores:
             self._services[setting] = self._service_factory(connection)
         return self._services[setting]
 
-    async def get(self, setting: str, table: str) -> TableChatStore:
-        """The store of ``table`` on the account of ``setting``; the table is created once."""
+    async def get(self, setting: str, table: str, *, create: bool = False) -> TableChatStore:
+        """The store of ``table`` on the account of ``setting``.
+
+        Only a create (``create=True``) makes the table, once per process; any other request
+        uses the table as it is, and a table that does not exist holds no chat: a post or
+        submit then finds no chat (``ChatNotFound``), a delete nothing to delete. A name a
+        producer made up thus creates nothing.
+        """
         key = (setting, table)
-        store = self._stores.get(key)
-        if store is not None:
-            return store
-        service = self._service(setting)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key not in self._stores:
+        entry = self._tables.get(key)
+        if entry is None:
+            service = self._service(setting)
+            entry = _Table(TableChatStore(service.get_table_client(table), setting, self.memory))
+            self._tables[key] = entry
+            await self._evict()
+        else:
+            self._tables.move_to_end(key)
+        if create and not entry.created:
+            await self._create_table(key, entry)
+        return entry.store
+
+    async def _create_table(self, key: tuple[str, str], entry: _Table) -> None:
+        setting, table = key
+        lock = self._creating.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                if entry.created:
+                    return
+                service = self._service(setting)
                 try:
                     async with storage_errors(
                         "create the table",
@@ -68,8 +124,21 @@ class ChatStores:
                         await service.create_table(table)
                 except ResourceExistsError:
                     pass
-                self._stores[key] = TableChatStore(service.get_table_client(table), setting)
-        return self._stores[key]
+                entry.created = True
+        finally:
+            # Those already waiting hold the lock; a later create finds the table created.
+            if self._creating.get(key) is lock:
+                del self._creating[key]
+
+    async def _evict(self) -> None:
+        while len(self._tables) > self.max_stores:
+            _, evicted = self._tables.popitem(last=False)
+            # Closes nothing a holder of the store needs (see the class's docstring).
+            await evicted.store.client.close()
+
+    def cached(self) -> int:
+        """How many table stores are kept."""
+        return len(self._tables)
 
     async def probe(self, setting: str) -> None:
         """One cheap request to the table service of ``setting``; raises if it does not
@@ -83,11 +152,11 @@ class ChatStores:
 
     async def close(self) -> None:
         """Close every client opened."""
-        for store in self._stores.values():
-            await store.client.close()
+        for entry in self._tables.values():
+            await entry.store.client.close()
         for service in self._services.values():
             await service.close()
-        self._stores.clear()
+        self._tables.clear()
         self._services.clear()
 
 

@@ -16,7 +16,12 @@ from dataclasses import replace
 from typing import Any
 
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceNotFoundError, ServiceRequestError, ServiceResponseError
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 from azure.data.tables import TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient
 from tenacity import (
@@ -28,9 +33,9 @@ from tenacity import (
 
 from worker.loop.errors import PermanentError
 from worker.runs.model import Run
-from worker.store.cache import Committed, CommittedCache, HistoryCache
+from worker.store.cache import ChatMemory, Committed, CommittedCache, HistoryCache
 from worker.store.claims import CLAIMED, Claims, NewClaim
-from worker.store.errors import storage_errors
+from worker.store.errors import storage_errors, table_missing
 from worker.store.layout import (
     MESSAGE_PREFIX,
     MESSAGE_PREFIX_END,
@@ -98,16 +103,24 @@ def _delete(chat_id: str, row_key: str, etag: str | None = None) -> tuple[Any, .
 
 
 class TableChatStore:
-    """The chats of one table."""
+    """The chats of one table.
 
-    def __init__(self, client: TableClient, setting: str) -> None:
+    What it remembers of chats lives in ``memory``, the process's one ``ChatMemory`` (given by
+    ``ChatStores``; a store made alone gets its own), keyed by the setting and table: a store
+    object made again for the same table (the old one evicted from ``ChatStores``) finds it.
+    """
+
+    def __init__(self, client: TableClient, setting: str, memory: ChatMemory | None = None) -> None:
         self.client = client
         self.table_name: str = client.table_name
         self.setting = setting
         self.where = f"table '{self.table_name}' of storage setting '{setting}'"
         self.claims = Claims(client, self.where, setting)
-        self._history = HistoryCache()
-        self._committed = CommittedCache()
+        memory = memory if memory is not None else ChatMemory()
+        # Table names are letters and digits only: the scope cannot be confused with another.
+        scope = f"{setting}|{self.table_name}"
+        self._history = HistoryCache(memory, scope)
+        self._committed = CommittedCache(memory, scope)
 
     def errors(self, action: str) -> AbstractAsyncContextManager[None]:
         return storage_errors(action, self.where, self.setting)
@@ -402,9 +415,16 @@ class TableChatStore:
         return removal
 
     async def delete_chat(self, chat_id: str, applied: AppliedRequest) -> Removal | None:
-        """Delete the chat's rows; None if the request was applied already."""
+        """Delete the chat's rows; None if the request was applied already. In a table that
+        does not exist there is nothing to delete (and no record can be written: only a
+        create makes a table)."""
         self._forget(chat_id)
-        return await delete_chat(self, chat_id, applied)
+        try:
+            return await delete_chat(self, chat_id, applied)
+        except HttpResponseError as error:
+            if table_missing(error):
+                return Removal(rows_deleted=0, runs=())
+            raise
 
     def _forget(self, chat_id: str) -> None:
         self._history.forget(chat_id)
