@@ -17,15 +17,10 @@ from mcp.types import Tool, ToolAnnotations
 from tests.support.env import run
 from tests.support.mcp_server import FORECAST, SERVER_NAME, McpServerProcess
 from worker.config.settings import McpServerConfig
-from worker.mcp.servers import (
-    LIST_TTL,
-    McpServers,
-    McpTool,
-    describe_tools,
-    function_name,
-    server_of,
-)
-from worker.mcp.session import McpSession, McpUnavailable
+from worker.mcp.errors import McpUnavailable
+from worker.mcp.servers import LIST_TTL, McpServers, describe_tools
+from worker.mcp.session import McpSession
+from worker.mcp.tools import McpTool, function_name, server_of
 
 TOKEN = "mcp-test-token-1234"
 
@@ -101,6 +96,7 @@ def test_tools_are_listed_with_their_schema_and_annotations(server: McpServerPro
         "weather__get_weather",
         "weather__send_email",
         "weather__slow",
+        "weather__slow_lookup",
         "weather__broken",
     }
     weather = tools["weather__get_weather"]

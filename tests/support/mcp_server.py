@@ -6,7 +6,9 @@ Its tools:
 
 - ``get_weather(city)``: read-only (its annotations say so), answers at once;
 - ``send_email(to, subject)``: neither read-only nor idempotent (a call must not run twice);
-- ``slow(seconds)``: sleeps, then answers (a server too slow for the worker's timeout);
+- ``slow(seconds, label)``: sleeps, then answers (a server too slow for the worker's timeout;
+  a call a crash interrupts is not run again);
+- ``slow_lookup(seconds, label)``: the same, read-only (a call a crash interrupts runs again);
 - ``broken()``: fails as a tool (``isError``), the server itself is fine.
 
 Every execution appends ``{"tool", "event": "start"|"end", "key", "pid"}`` to ``--tool-log``
@@ -66,7 +68,7 @@ def forecast(city: str) -> dict[str, str]:
 
 
 def build_server(tool_log: str | None) -> Any:
-    """The MCP server with its four tools (imported here: only this process needs the server)."""
+    """The MCP server with its tools (imported here: only this process needs the server)."""
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
     from mcp.types import ToolAnnotations
@@ -100,6 +102,14 @@ def build_server(tool_log: str | None) -> Any:
         await asyncio.sleep(seconds)
         log("slow", "end", label)
         return f"slept {seconds:g} s"
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    async def slow_lookup(seconds: float, label: str = "") -> str:
+        """Look something up, slowly (safe to run again)."""
+        log("slow_lookup", "start", label)
+        await asyncio.sleep(seconds)
+        log("slow_lookup", "end", label)
+        return f"looked up {label}"
 
     @server.tool()
     def broken() -> str:

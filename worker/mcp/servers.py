@@ -15,9 +15,7 @@ and the cost of a lie is one repeated call, not an unauthorized one.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,10 +25,21 @@ import structlog
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from mcp import Client
+from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, Tool
 
 from worker.config.settings import McpServerConfig
-from worker.mcp.session import McpSession, McpUnavailable, reason_of
+from worker.mcp.errors import McpRefused, McpUnavailable, reason_of
+from worker.mcp.session import McpSession
+from worker.mcp.tools import (
+    MAX_ERROR_CHARS,
+    MAX_FUNCTION_NAME,
+    McpListing,
+    McpResult,
+    McpTool,
+    cut,
+    function_name,
+)
 
 log = structlog.get_logger("worker.mcp")
 
@@ -42,85 +51,6 @@ FAILURE_TTL = 5.0
 LIST_TIMEOUT = 10.0
 # Pages of tools/list read at most (a server that pages forever cannot hold a step).
 MAX_PAGES = 20
-# A function name OpenAI accepts.
-MAX_FUNCTION_NAME = 64
-SEPARATOR = "__"
-_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_-]")
-# Validation errors shown to the model at most, and the length of each.
-MAX_ERRORS_SHOWN = 10
-MAX_ERROR_CHARS = 300
-
-
-def function_name(server: str, tool: str) -> str:
-    """The name the model calls a server's tool by: ``{server}__{tool}``, with characters
-    OpenAI does not take in a name (``.``, ``/``, ...) written ``_``."""
-    return f"{server}{SEPARATOR}{_NOT_IN_NAMES.sub('_', tool)}"
-
-
-def server_of(function: str) -> str | None:
-    """The server a function name points to (``weather`` of ``weather__get``), or None."""
-    server, separator, tool = function.partition(SEPARATOR)
-    return server if separator and server and tool else None
-
-
-@dataclass(frozen=True, eq=False)
-class McpTool:
-    """One tool of one server, as the model is offered it."""
-
-    server: str
-    # Its name on the server (what tools/call sends).
-    name: str
-    # What the model calls it: {server}__{name}.
-    function: str
-    description: str
-    # The server's input JSON Schema (an object at the root).
-    parameters: Mapping[str, Any]
-    # Safe to run again after a crash interrupted a call (read-only or idempotent).
-    rerun_safe: bool
-    validator: Any
-
-    def definition(self) -> dict[str, Any]:
-        """The Chat Completions tool definition (a copy: backends may add keys)."""
-        return {
-            "type": "function",
-            "function": {
-                "name": self.function,
-                "description": self.description,
-                "parameters": copy.deepcopy(dict(self.parameters)),
-            },
-        }
-
-    def check(self, arguments: Mapping[str, Any]) -> str | None:
-        """What is wrong with ``arguments`` for the server's schema, or None."""
-        errors = sorted(
-            self.validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.absolute_path]
-        )
-        if not errors:
-            return None
-        parts = []
-        for error in errors[:MAX_ERRORS_SHOWN]:
-            where = ".".join(str(p) for p in error.absolute_path) or "(arguments)"
-            parts.append(f"{where}: {_cut(str(error.message), MAX_ERROR_CHARS)}")
-        if len(errors) > MAX_ERRORS_SHOWN:
-            parts.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more")
-        return "; ".join(parts)
-
-
-@dataclass(frozen=True)
-class McpListing:
-    """A server's tools, and the names of those that cannot be offered (and why)."""
-
-    server: str
-    tools: tuple[McpTool, ...]
-    skipped: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class McpResult:
-    """A ``tools/call`` answer: its text for the model, and whether the tool failed."""
-
-    text: str
-    is_error: bool
 
 
 @dataclass(frozen=True)
@@ -213,14 +143,21 @@ class McpServers:
         arguments: dict[str, Any],
         timeout: float,  # noqa: ASYNC109
     ) -> McpResult:
-        """``tools/call`` on the tool's server within ``timeout`` seconds. Raises
-        ``TimeoutError``, ``McpUnavailable`` (not reached, or the session broke), or the SDK's
-        error when the server refused the request."""
+        """``tools/call`` on the tool's server within ``timeout`` seconds. A tool that failed
+        is a result (``is_error``); the request's own failures raise ``TimeoutError``,
+        ``McpUnavailable`` (not reached, or the session broke) or ``McpRefused``."""
 
         async def send(client: Client) -> CallToolResult:
             return await client.call_tool(tool.name, arguments)
 
-        result = await self._sessions[tool.server].request(send, timeout)
+        try:
+            result = await self._sessions[tool.server].request(send, timeout)
+        except MCPError as error:
+            raise McpRefused(cut(error.message, MAX_ERROR_CHARS) or reason_of(error)) from None
+        except (TimeoutError, McpUnavailable):
+            raise
+        except Exception as error:  # an answer the SDK could not read, say
+            raise McpRefused(reason_of(error)) from None
         return McpResult(result_text(result), bool(result.is_error))
 
     async def close(self) -> None:
@@ -258,7 +195,7 @@ def describe_tools(server: str, listed: Iterable[Tool]) -> McpListing:
                 validator_class = validator_for(schema)
                 validator_class.check_schema(schema)
             except SchemaError as error:
-                why = f"invalid input schema ({_cut(error.message, 100)})"
+                why = f"invalid input schema ({cut(error.message, 100)})"
         if why is not None:
             skipped.append(f"{tool.name}: {why}")
             continue
@@ -308,7 +245,3 @@ def result_text(result: CallToolResult) -> str:
         parts.append(json.dumps(result.structured_content, ensure_ascii=False))
     # Never empty: some OpenAI-compatible servers refuse an empty tool message.
     return "\n".join(parts) if parts else "(no output)"
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -29,6 +29,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import CONNECTION_CLOSED, INVALID_REQUEST, Implementation
 
 from worker.config.settings import McpServerConfig
+from worker.mcp.errors import McpUnavailable, reason_of
 
 T = TypeVar("T")
 
@@ -37,23 +38,6 @@ log = structlog.get_logger("worker.mcp")
 CLIENT_INFO = Implementation(name="assistant-worker", version="0.1.0")
 # Seconds to connect to a server (a whole request has its caller's timeout).
 CONNECT_TIMEOUT = 10.0
-# Texts of errors are cut to this: they go to the model and into the history.
-MAX_REASON_CHARS = 300
-
-
-class McpUnavailable(Exception):
-    """The server could not be reached, or the session broke. The message is one line, from
-    the transport's error: it names neither the server's URL nor its token."""
-
-
-def reason_of(error: BaseException) -> str:
-    """The innermost cause of a failure (the transport's task group wraps it in exception
-    groups), as ``Type: message``, one line, short."""
-    while isinstance(error, BaseExceptionGroup) and error.exceptions:
-        error = error.exceptions[0]
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
 
 def session_lost(error: MCPError) -> bool:
