@@ -2,7 +2,8 @@
 // environment, a user-assigned managed identity with data-plane roles on the storage account
 // and the Azure OpenAI account, and the worker app, scaled by KEDA on its three work queues
 // (requests, run steps, run deadlines) from zero replicas. No keys anywhere: storage, the scaler, the model and the registry are
-// all reached with the managed identity.
+// all reached with the managed identity; the bearer tokens of MCP servers, if any, are Key Vault
+// references read with that identity.
 //
 //   az deployment group create -g RESOURCE_GROUP \
 //     -f deploy/containerapp.bicep -p deploy/containerapp.parameters.json
@@ -79,6 +80,12 @@ param drainMarginSeconds int = 10
 @secure()
 param applicationInsightsConnectionString string = ''
 
+@description('MCP servers assistants may use (WORKER_MCP_SERVERS), as objects { name, url, tokenSecretName? }: name as assistants name it in mcpServers, url its Streamable HTTP endpoint, tokenSecretName the Key Vault secret (in keyVaultName) holding its bearer token, if it needs one.')
+param mcpServers array = []
+
+@description('Existing Key Vault (this resource group) holding the MCP servers\' bearer tokens; the app reads them with its identity (Key Vault references). Empty when no server needs a token.')
+param keyVaultName string = ''
+
 @description('Days the workspace keeps logs.')
 param logRetentionDays int = 30
 
@@ -90,6 +97,7 @@ var storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 var storageTableDataContributor = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
 var cognitiveServicesOpenAIUser = '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd'
 var acrPull = '7f951dda-4ed3-4680-a7ca-43fe172d538d'
+var keyVaultSecretsUser = '4633458b-17de-408a-b874-0445c86b69e6'
 
 // /healthz (liveness), /readyz (readiness: 503 while storage is unreachable), /metrics.
 var httpPort = 8080
@@ -105,6 +113,10 @@ resource openAi 'Microsoft.CognitiveServices/accounts@2024-10-01' existing = {
 
 resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' existing = if (!empty(containerRegistryName)) {
   name: containerRegistryName
+}
+
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = if (!empty(keyVaultName)) {
+  name: keyVaultName
 }
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
@@ -148,6 +160,17 @@ resource acrPullRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (
   scope: registry
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', acrPull)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The MCP servers' tokens: read by the app's identity from the vault (RBAC vault), nowhere else.
+resource vaultSecretsRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(keyVaultName)) {
+  name: guid(resourceGroup().id, keyVaultName, identity.id, keyVaultSecretsUser)
+  scope: vault
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsUser)
     principalId: identity.properties.principalId
     principalType: 'ServicePrincipal'
   }
@@ -282,6 +305,35 @@ var appInsightsSecrets = empty(applicationInsightsConnectionString) ? [] : [
   }
 ]
 
+// MCP servers (SPEC §5.5): WORKER_MCP_SERVERS names them; each name N has N__url and, when the
+// server needs a token, N__token from a Container Apps secret that is a Key Vault reference
+// (resolved by the platform with the app's identity: the token is never in this template, its
+// parameters or the revision). Secret names allow only lower-case letters, digits and '-'.
+var mcpServersWithToken = filter(mcpServers, server => !empty(server.?tokenSecretName ?? ''))
+
+var mcpEnv = empty(mcpServers) ? [] : concat(
+  [
+    {
+      name: 'WORKER_MCP_SERVERS'
+      value: join(map(mcpServers, server => server.name), ',')
+    }
+  ],
+  map(mcpServers, server => {
+    name: '${server.name}__url'
+    value: server.url
+  }),
+  map(mcpServersWithToken, server => {
+    name: '${server.name}__token'
+    secretRef: 'mcp-token-${toLower(replace(server.name, '_', '-'))}'
+  })
+)
+
+var mcpSecrets = map(mcpServersWithToken, server => {
+  name: 'mcp-token-${toLower(replace(server.name, '_', '-'))}'
+  keyVaultUrl: 'https://${keyVaultName}${az.environment().suffixes.keyvaultDns}/secrets/${server.tokenSecretName}'
+  identity: identity.id
+})
+
 var registries = empty(containerRegistryName) ? [] : [
   {
     server: '${containerRegistryName}.azurecr.io'
@@ -306,6 +358,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
     tableDataRole
     openAiUserRole
     acrPullRole
+    vaultSecretsRole
   ]
   properties: {
     environmentId: environment.id
@@ -314,7 +367,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
       // A queue worker takes no HTTP traffic: no ingress. The probes reach the container directly.
       activeRevisionsMode: 'Single'
       registries: registries
-      secrets: appInsightsSecrets
+      secrets: concat(appInsightsSecrets, mcpSecrets)
     }
     template: {
       // WORKER_SHUTDOWN_GRACE for in-flight messages, plus a margin to release the rest.
@@ -327,7 +380,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
             cpu: json('0.5')
             memory: '1Gi'
           }
-          env: concat(baseEnv, appInsightsEnv)
+          env: concat(baseEnv, appInsightsEnv, mcpEnv)
           probes: [
             {
               type: 'Liveness'

@@ -76,6 +76,7 @@ ROLES = {
     "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "storage",  # Storage Queue Data Contributor
     "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "storage",  # Storage Table Data Contributor
     "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd": "openAi",  # Cognitive Services OpenAI User
+    "4633458b-17de-408a-b874-0445c86b69e6": "vault",  # Key Vault Secrets User (MCP tokens)
 }
 
 # Read by libraries or the Functions host rather than by Settings.from_env:
@@ -605,6 +606,43 @@ def test_bicep_reads_no_keys() -> None:
     assert "identity: identity.id" in bicep_block(
         text, "var registries = empty(containerRegistryName) ? [] :"
     ), "AcrPull, no password"
+
+
+def test_bicep_mcp_servers_are_allow_listed_and_their_tokens_are_key_vault_references() -> None:
+    """``mcpServers`` become WORKER_MCP_SERVERS and each server's ``N__url``; a token is a
+    Container Apps secret that is a Key Vault reference read with the app's identity (which
+    may read the vault's secrets, and nothing else of it): never a value in the template, its
+    parameters or the environment. The names are those the worker reads."""
+    bicep = Bicep.read()
+    assert bicep.defaults["mcpServers"] == [] and bicep.defaults["keyVaultName"] == ""
+    text = bicep.text
+    env = text[text.index("var mcpEnv =") : text.index("var mcpSecrets =")]
+    assert "name: 'WORKER_MCP_SERVERS'" in env
+    assert "value: join(map(mcpServers, server => server.name), ',')" in env
+    assert "name: '${server.name}__url'\n    value: server.url" in env
+    token = bicep_block(env[env.index("map(mcpServersWithToken") :], "server => {")
+    assert "name: '${server.name}__token'" in token
+    assert "secretRef: 'mcp-token-" in token and "value:" not in token
+    secrets = bicep_block(text, "var mcpSecrets =")
+    assert "keyVaultUrl: 'https://${keyVaultName}" in secrets
+    assert "/secrets/${server.tokenSecretName}'" in secrets
+    assert "identity: identity.id" in secrets and "value:" not in secrets
+    assert re.search(r"name: 'mcp-token-\$\{toLower\(replace\(server\.name, '_', '-'\)\)\}'", secrets)
+    app = bicep_block(text, "resource app 'Microsoft.App/containerApps@")
+    assert "secrets: concat(appInsightsSecrets, mcpSecrets)" in app
+    assert "env: concat(baseEnv, appInsightsEnv, mcpEnv)" in app
+    assert "vaultSecretsRole" in bicep_block(app, "dependsOn: [")
+    # What the template writes for a server with a token is what the worker reads.
+    settings = Settings.from_env(
+        {
+            "WORKER_MCP_SERVERS": "weather,mail_1",
+            "weather__url": "https://weather.example.com/mcp",
+            "mail_1__url": "https://mail.example.com/mcp",
+            "mail_1__token": "from-key-vault",
+        }
+    )
+    assert settings.mcp_servers["mail_1"].token == "from-key-vault"
+    assert settings.mcp_servers["weather"].token is None
 
 
 def test_bicep_probes_fit_the_worker() -> None:

@@ -38,6 +38,8 @@ log = structlog.get_logger("worker.mcp")
 CLIENT_INFO = Implementation(name="assistant-worker", version="0.1.0")
 # Seconds to connect to a server (a whole request has its caller's timeout).
 CONNECT_TIMEOUT = 10.0
+# Seconds a closing session waits for the server to take its goodbye (a DELETE).
+CLOSE_TIMEOUT = 5.0
 
 
 def session_lost(error: MCPError) -> bool:
@@ -177,12 +179,16 @@ class McpSession:
             log.info("mcp.session_broken", server=self.name, error=reason)
 
     async def _discard(self, current: _Open) -> None:
-        """Close ``current`` if it is still the session in use, and wait for its owner."""
+        """Close ``current`` if it is still the session in use, and wait for its owner (a
+        server that does not answer the session's goodbye is left after ``CLOSE_TIMEOUT``)."""
         async with self._opening:
             if self._open is current:
                 self._open = None
         current.closing.set()
-        await asyncio.gather(current.owner, return_exceptions=True)
+        done, _ = await asyncio.wait((current.owner,), timeout=CLOSE_TIMEOUT)
+        if not done:
+            current.owner.cancel()
+            await asyncio.gather(current.owner, return_exceptions=True)
 
     async def close(self) -> None:
         """Close the session (at shutdown); a later request would open a new one."""
