@@ -627,7 +627,9 @@ def test_bicep_mcp_servers_are_allow_listed_and_their_tokens_are_key_vault_refer
     assert "keyVaultUrl: 'https://${keyVaultName}" in secrets
     assert "/secrets/${server.tokenSecretName}'" in secrets
     assert "identity: identity.id" in secrets and "value:" not in secrets
-    assert re.search(r"name: 'mcp-token-\$\{toLower\(replace\(server\.name, '_', '-'\)\)\}'", secrets)
+    assert re.search(
+        r"name: 'mcp-token-\$\{toLower\(replace\(server\.name, '_', '-'\)\)\}'", secrets
+    )
     app = bicep_block(text, "resource app 'Microsoft.App/containerApps@")
     assert "secrets: concat(appInsightsSecrets, mcpSecrets)" in app
     assert "env: concat(baseEnv, appInsightsEnv, mcpEnv)" in app
