@@ -24,6 +24,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
     from bench import (
         creates,
         latency,
+        mcp,
         open_conversations,
         profile,
         requests_per_run,
@@ -39,6 +40,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         "scaleout": lambda: scaleout.measure(posts=200),
         "startup": lambda: startup.report(startup.measure(runs=5)),
         "profile": lambda: profile.measure(chats=40),
+        "mcp": lambda: mcp.measure(),
         "throughput": lambda: _module("throughput", "Throughput (creates; loop only)"),
         "runs": lambda: _module("runs", "Runs through the worker against the same turns by hand"),
     }

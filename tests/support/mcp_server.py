@@ -9,10 +9,12 @@ Its tools:
 - ``slow(seconds, label)``: sleeps, then answers (a server too slow for the worker's timeout;
   a call a crash interrupts is not run again);
 - ``slow_lookup(seconds, label)``: the same, read-only (a call a crash interrupts runs again);
-- ``broken()``: fails as a tool (``isError``), the server itself is fine.
+- ``broken()``: fails as a tool (``isError``), the server itself is fine;
+- ``chaos_remote(tag)``: answers ``ok <tag>`` (the chaos soak's MCP tool, not safe to repeat).
 
-Every execution appends ``{"tool", "event": "start"|"end", "key", "pid"}`` to ``--tool-log``
-(the format of ``tests.support.runs.ToolLog``), and every HTTP request to ``/mcp`` appends
+Every execution appends ``{"tool", "event": "start"|"end", "key", "tag", "pid", "t"}`` to
+``--tool-log`` (the format of ``tests.support.runs.ToolLog`` and of the chaos soak's tool log,
+whose audit counts the executions of each tag), and every HTTP request to ``/mcp`` appends
 ``{"method", "authorized"}`` (its JSON-RPC method, and whether it carried the expected bearer
 token, never the header itself) to ``--request-log``. With ``--token``, a request without
 ``Authorization: Bearer <token>`` is refused with 401.
@@ -39,6 +41,7 @@ from typing import Any
 import httpx2
 
 from tests.support.azurite import REPO_ROOT
+from worker.devtools.azurite import die_with_parent
 
 SERVER_NAME = "weather"
 FORECAST = {"city": "Seattle, WA", "forecast": "70 degrees and sunny"}
@@ -78,7 +81,8 @@ def build_server(tool_log: str | None) -> Any:
     server = MCPServer(SERVER_NAME, log_level="WARNING")
 
     def log(tool: str, event: str, key: str) -> None:
-        _append(tool_log, {"tool": tool, "event": event, "key": key, "pid": os.getpid()})
+        entry = {"tool": tool, "event": event, "key": key, "tag": key, "pid": os.getpid()}
+        _append(tool_log, {**entry, "t": time.time()})
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
     def get_weather(city: str) -> dict[str, str]:
@@ -115,6 +119,13 @@ def build_server(tool_log: str | None) -> Any:
     def broken() -> str:
         """Always fails."""
         raise ToolError("the weather station is offline")
+
+    @server.tool()
+    def chaos_remote(tag: str) -> str:
+        """Record one execution of the call tagged ``tag`` and return ``ok <tag>``."""
+        log("chaos_remote", "start", tag)
+        log("chaos_remote", "end", tag)
+        return f"ok {tag}"
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -192,10 +203,12 @@ class McpServerProcess:
 
     A context manager: on exit the process is killed and reaped."""
 
-    def __init__(self, directory: Path, *, token: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, token: str | None = None, tool_log: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.token = token
-        self.tool_log = directory / f"mcp-tools-{self.port}.jsonl"
+        self.tool_log = tool_log or directory / f"mcp-tools-{self.port}.jsonl"
         self.request_log = directory / f"mcp-requests-{self.port}.jsonl"
         self.output = directory / f"mcp-server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -219,8 +232,9 @@ class McpServerProcess:
             command += ["--token", self.token]
         with self.output.open("ab") as output:
             self.proc = subprocess.Popen(
-                command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=output, stderr=output
-            )
+                command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
         deadline = time.monotonic() + READY_TIMEOUT
         while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
