@@ -495,7 +495,9 @@ class Soak:
                 mcp_outage = "down"
             elif mcp_outage == "down" and now - mcp_down_at >= self.options.mcp_outage:
                 assert self.mcp is not None
-                self.mcp.start()
+                self.mcp.launch()  # its start-up takes seconds: the chaos goes on meanwhile
+                mcp_outage = "starting"
+            elif mcp_outage == "starting" and self.mcp is not None and self.mcp.answers():
                 self.mcp_down_seconds = time.monotonic() - mcp_down_at
                 self.say(f"MCP server back after {self.mcp_down_seconds:.1f} s")
                 mcp_outage = "done"
@@ -537,8 +539,9 @@ class Soak:
         if self.azurite is not None and not self.azurite.table_running:
             self.azurite.start_table()
             self.outage_seconds = time.monotonic() - down_at
-        if mcp_outage == "down" and self.mcp is not None:
-            self.mcp.start()
+        if mcp_outage != "done" and self.mcp is not None:
+            if not self.mcp.running:
+                self.mcp.start()
             self.mcp_down_seconds = time.monotonic() - mcp_down_at
 
     def stop_faults(self) -> list[dict[str, Any]]:

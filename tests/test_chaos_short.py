@@ -175,7 +175,7 @@ def test_the_audit_holds_mcp_calls_to_at_most_once() -> None:
     down = "error: MCP server 'remote' is unavailable: ConnectError: All connection attempts failed"
     assert not failed(audit(_collected(executions=1, reply=True, plan="M1")))
     lines = {line.name: line for line in audit(_collected(0, True, plan="M1", output=down))}
-    assert not failed(lines.values())
+    assert not failed(list(lines.values()))
     assert lines[mcp_line].value.startswith("0 of 1 once; 1 answered 'unavailable'")
     lines = {line.name: line for line in audit(_collected(executions=2, reply=True, plan="M1"))}
     assert lines[mcp_line].ok is False

@@ -98,6 +98,7 @@ def test_tools_are_listed_with_their_schema_and_annotations(server: McpServerPro
         "weather__slow",
         "weather__slow_lookup",
         "weather__broken",
+        "weather__chaos_remote",
     }
     weather = tools["weather__get_weather"]
     assert weather.parameters["required"] == ["city"]

@@ -226,6 +226,24 @@ class McpServerProcess:
 
     def start(self) -> McpServerProcess:
         """Start the process and wait until it answers (bounded)."""
+        self.launch()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.answers():
+            if not self.running or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(
+                    f"the MCP test server did not start on port {self.port}: "
+                    f"{self.output.read_text(errors='replace')[-2000:]}"
+                )
+            time.sleep(0.05)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (``answers`` says when it does)."""
         command = [sys.executable, "-m", "tests.support.mcp_server", "--port", str(self.port)]
         command += ["--tool-log", str(self.tool_log), "--request-log", str(self.request_log)]
         if self.token:
@@ -235,18 +253,9 @@ class McpServerProcess:
                 command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                 preexec_fn=die_with_parent,
             )  # fmt: skip
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not self._answers():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(
-                    f"the MCP test server did not start on port {self.port}: "
-                    f"{self.output.read_text(errors='replace')[-2000:]}"
-                )
-            time.sleep(0.05)
-        return self
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
+        """Whether the server answers HTTP (its health route)."""
         try:
             response = httpx2.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1.0)
         except httpx2.HTTPError:
