@@ -24,6 +24,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
     from bench import (
         creates,
         latency,
+        mcp,
         memory,
         open_conversations,
         profile,
@@ -41,6 +42,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         "startup": lambda: startup.report(startup.measure(runs=5)),
         "profile": lambda: profile.measure(chats=40),
         "memory": lambda: memory.measure(),
+        "mcp": lambda: mcp.measure(),
         "throughput": lambda: _module("throughput", "Throughput (creates; loop only)"),
         "runs": lambda: _module("runs", "Runs through the worker against the same turns by hand"),
     }

@@ -7,14 +7,16 @@ calls; several ``assistant-worker run`` processes share the queues, with the too
 ``bench.chaos_tools``; a producer process (``bench.chaos_producer``) creates chats and posts to
 them back to back across the three model APIs, and answers external tool calls (partial,
 concurrent and duplicated submits). Meanwhile a random worker is SIGKILLed every few seconds
-and restarted, and the table service is stopped once for a while and restarted on its data.
+and restarted, the table service is stopped once for a while and restarted on its data, and the
+MCP server the chats use (``tests/support/mcp_server.py``, its own process) is killed once for a
+few seconds and started again on its port.
 
 When the faults stop the soak waits (bounded) until every post has its final reply and the
 work queues are empty, stops everything and audits every chat (``bench.chaos_audit``): the
 table it prints says what held; the exit code is 1 when any line failed.
 
     python -m bench.chaos --chats 100 --posts 2000 --workers 3 --kill-every 5 \\
-        --fault-rate 0.2 --outage 60 --seed 1
+        --fault-rate 0.2 --outage 60 --mcp-outage 8 --seed 1
     python -m bench.chaos --short          # about 2 minutes (the version in `make test`)
 """
 
@@ -48,8 +50,9 @@ from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue.aio import QueueServiceClient
 
 from bench.chaos_audit import Collected, Line, audit, failed, render
-from bench.chaos_model import EXTERNAL_DEFINITION, LOCAL_TOOL, pick_plan
+from bench.chaos_model import EXTERNAL_DEFINITION, LOCAL_TOOL, MCP_SERVER, pick_plan
 from bench.chaos_tools import TOOL_LOG_ENV
+from tests.support.mcp_server import McpServerProcess
 from worker.devtools.azurite import REPO_ROOT, SplitAzurite, die_with_parent
 
 APIS = ("chat", "responses", "assistants")
@@ -62,6 +65,8 @@ MODEL = "chaos-bot"
 AUDIT_USER_AGENT = "chaos-audit"
 # Seconds the chaos goes on after the schedule for the strict chats' last posts.
 STRICT_GRACE = 120.0
+# The MCP server's bearer token (a secret of the workers: it must never reach their logs).
+MCP_TOKEN = "chaos-mcp-token-0123456789"
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Options:
     kill_every: float
     fault_rate: float
     outage: float
+    mcp_outage: float
     seed: int
     rate: float
     run_timeout: float
@@ -100,6 +106,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--kill-every", type=float, metavar="SECONDS")
     parser.add_argument("--fault-rate", type=float, default=0.2)
     parser.add_argument("--outage", type=float, metavar="SECONDS")
+    parser.add_argument(
+        "--mcp-outage", type=float, metavar="SECONDS", help="how long the MCP server is down"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=float, metavar="POSTS_PER_S", help="producer's send rate")
     parser.add_argument("--run-timeout", type=float, metavar="SECONDS", help="WORKER_RUN_TIMEOUT")
@@ -132,6 +141,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "posts": (150, 2000),
         "kill_every": (4.0, 5.0),
         "outage": (15.0, 60.0),
+        "mcp_outage": (4.0, 8.0),
         "rate": (3.0, 8.0),
         "run_timeout": (120.0, 300.0),
         "visibility": (10.0, 20.0),
@@ -151,6 +161,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         kill_every=float(values["kill_every"]),
         fault_rate=args.fault_rate,
         outage=float(values["outage"]),
+        mcp_outage=float(values["mcp_outage"]),
         seed=args.seed,
         rate=float(values["rate"]),
         run_timeout=float(values["run_timeout"]),
@@ -197,6 +208,7 @@ def make_plan(options: Options) -> dict[str, Any]:
                 "together": rng.random() < 0.5,
                 "reply_queue": f"chaos-replies-{i % REPLY_QUEUES}",
                 "tools": [LOCAL_TOOL, EXTERNAL_DEFINITION],
+                "mcp_servers": [MCP_SERVER],
                 "posts": posts,
             }
         )
@@ -351,6 +363,8 @@ class Soak:
     folder: Path
     azurite: SplitAzurite | None = None
     fake: FakeModel | None = None
+    mcp: McpServerProcess | None = None
+    mcp_down_seconds: float = 0.0
     workers: list[Child | None] = field(default_factory=list)
     generations: list[int] = field(default_factory=list)
     producer: Child | None = None
@@ -364,8 +378,9 @@ class Soak:
     # -- set-up ----------------------------------------------------------------------
 
     def worker_env(self) -> dict[str, str]:
-        assert self.azurite is not None and self.fake is not None
+        assert self.azurite is not None and self.fake is not None and self.mcp is not None
         return {
+            **self.mcp.env(MCP_SERVER),
             "AzureWebJobsStorage": self.azurite.connection_string,
             "WORKER_REQUESTS_QUEUE": REQUESTS_QUEUE,
             "WORKER_RUNS_QUEUE": RUNS_QUEUE,
@@ -400,6 +415,11 @@ class Soak:
         )
         self.fake = FakeModel(self.options, self.folder / "fake-openai.log")
         self.say(f"fake model at {self.fake.url}, faults on {self.options.fault_rate:.0%} of calls")
+        # Its executions go to the tool log of the local tools: the audit counts them alike.
+        self.mcp = McpServerProcess(
+            self.folder, token=MCP_TOKEN, tool_log=self.folder / "tools.jsonl"
+        ).start()
+        self.say(f"MCP server '{MCP_SERVER}' at {self.mcp.url}")
         self.workers = [None] * self.options.workers
         self.generations = [0] * self.options.workers
         for slot in range(self.options.workers):
@@ -452,6 +472,8 @@ class Soak:
         deadline = time.monotonic() + self.options.soak_deadline
         next_kill = time.monotonic() + self.options.kill_every
         outage: str = "pending" if self.options.outage > 0 else "done"
+        mcp_outage: str = "pending" if self.options.mcp_outage > 0 else "done"
+        mcp_down_at = 0.0
         down_at = 0.0
         posts = self.options.posts
         last_report = 0.0
@@ -465,6 +487,20 @@ class Soak:
             if self.options.kill_every > 0 and now >= next_kill:
                 self.kill_one(rng)
                 next_kill = now + self.options.kill_every * rng.uniform(0.6, 1.4)
+            if mcp_outage == "pending" and int(status.get("sent_posts", 0)) >= posts // 4:
+                assert self.mcp is not None
+                self.mcp.kill()
+                self.say(f"MCP server killed for {self.options.mcp_outage:g} s")
+                mcp_down_at = now
+                mcp_outage = "down"
+            elif mcp_outage == "down" and now - mcp_down_at >= self.options.mcp_outage:
+                assert self.mcp is not None
+                self.mcp.launch()  # its start-up takes seconds: the chaos goes on meanwhile
+                mcp_outage = "starting"
+            elif mcp_outage == "starting" and self.mcp is not None and self.mcp.answers():
+                self.mcp_down_seconds = time.monotonic() - mcp_down_at
+                self.say(f"MCP server back after {self.mcp_down_seconds:.1f} s")
+                mcp_outage = "done"
             if outage == "pending" and int(status.get("sent_posts", 0)) >= posts // 2:
                 self.say(f"table service stopped for {self.options.outage:g} s")
                 stopping = time.monotonic()
@@ -494,7 +530,7 @@ class Soak:
             sending_over = status.get("done_sending") or (
                 schedule_done_at and now - schedule_done_at > STRICT_GRACE
             )
-            if outage == "done" and sending_over:
+            if outage == "done" and mcp_outage == "done" and sending_over:
                 break
             if now > deadline:
                 self.say("the chaos phase ran past its deadline: going on to the audit")
@@ -503,6 +539,10 @@ class Soak:
         if self.azurite is not None and not self.azurite.table_running:
             self.azurite.start_table()
             self.outage_seconds = time.monotonic() - down_at
+        if mcp_outage != "done" and self.mcp is not None:
+            if not self.mcp.running:
+                self.mcp.start()
+            self.mcp_down_seconds = time.monotonic() - mcp_down_at
 
     def stop_faults(self) -> list[dict[str, Any]]:
         """Model faults off; returns the rules with their counters."""
@@ -590,6 +630,8 @@ class Soak:
                 child.kill()
         if self.fake is not None:
             self.fake.kill()
+        if self.mcp is not None:
+            self.mcp.kill()
         if self.azurite is not None:
             self.azurite.stop()
 
@@ -625,7 +667,11 @@ class Soak:
         tool_log = read_jsonl(self.folder / "tools.jsonl")
         events = Counter[str]()
         delays: dict[str, set[str]] = {}
+        token_leaks = 0
         for log in self.folder.glob("worker-*.log"):
+            token_leaks += sum(
+                1 for line in log.read_text(errors="replace").splitlines() if MCP_TOKEN in line
+            )
             for entry in read_jsonl(log):
                 name = str(entry.get("event"))
                 events[name] += 1
@@ -661,6 +707,8 @@ class Soak:
             model_calls=calls,
             kills=self.kills,
             outage_seconds=self.outage_seconds,
+            mcp_down_seconds=self.mcp_down_seconds,
+            token_leaks=token_leaks,
             wall_seconds=time.monotonic() - self.began,
             reads_failed=problems,
             queue_depths=depths,

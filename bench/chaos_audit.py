@@ -18,6 +18,8 @@ from bench.chaos_model import final_answer, rounds, user_message
 
 # What the worker stores for a tool call whose worker died while running it (at most once).
 INTERRUPTED = "was interrupted"
+# What it stores for an MCP call its server could not take (down, or killed mid-call).
+MCP_FAILED = ("is unavailable", "timed out after")
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
 MAX_SHOWN = 12
 
@@ -58,6 +60,8 @@ class Collected:
     # requestId -> what delayed it, from the worker logs: "create wait", "outage", "redelivered"
     delays: Mapping[str, frozenset[str]] = field(default_factory=dict)
     killed: Mapping[int, float] = field(default_factory=dict)  # worker pid -> SIGKILL time
+    mcp_down_seconds: float = 0.0  # how long the MCP server was down
+    token_leaks: int = 0  # worker log lines holding the MCP server's token
 
 
 def join_text(entity: Mapping[str, Any], name: str) -> str:
@@ -174,6 +178,7 @@ def audit(data: Collected) -> list[Line]:
 
     # -- per chat -----------------------------------------------------------------------
     fail: dict[str, list[str]] = defaultdict(list)
+    mcp_fail: list[str] = []
     totals = Counter[str]()
     order_info: list[str] = []
     inversion_causes = Counter[str]()
@@ -269,9 +274,14 @@ def audit(data: Collected) -> list[Line]:
                             )
                         continue
                     totals["local"] += 1
+                    totals["mcp"] += call.mcp
                     started, finished = starts.get(call.tag, 0), ends.get(call.tag, 0)
                     results = tag_results.get(call.tag, [])
                     interrupted = [r for r in results if INTERRUPTED in r]
+                    unavailable = [
+                        r for r in results if call.mcp and any(m in r for m in MCP_FAILED)
+                    ]
+                    failures_before = len(fail["executions"])
                     if started > 1 or finished > 1:
                         totals["local_twice"] += 1
                         if rerun_after_kill(call.tag):
@@ -283,10 +293,16 @@ def audit(data: Collected) -> list[Line]:
                         )
                     elif finished == 1:
                         totals["local_once"] += 1
+                        totals["mcp_once"] += call.mcp
                     elif interrupted:
                         # At most once: the worker running it died; not run again, answered
                         # with an error that says so.
                         totals["local_interrupted"] += 1
+                        totals["mcp_interrupted"] += call.mcp
+                    elif unavailable:
+                        # An MCP call while its server was down: the model was told, the call
+                        # never ran (or died with the server), and it was not sent again.
+                        totals["mcp_unavailable"] += 1
                     else:
                         fail["executions"].append(
                             f"{chat_id} {call.tag}: never executed (started {started}) and "
@@ -296,12 +312,16 @@ def audit(data: Collected) -> list[Line]:
                         totals["interrupted"] += started - finished
                     if finished == 1 and results and results[0] != call.output:
                         totals["result_lost"] += 1
-                    good = len(results) == 1 and (results[0] == call.output or interrupted)
+                    good = len(results) == 1 and (
+                        results[0] == call.output or bool(interrupted) or bool(unavailable)
+                    )
                     if not good:
                         fail["history"].append(
                             f"{chat_id} {call.tag}: local results stored "
                             f"{[r[:60] for r in results]}"
                         )
+                    if call.mcp:
+                        mcp_fail.extend(fail["executions"][failures_before:])
         expected_requests = {p["requestId"] for p in chat["posts"]}
         for request_id, extra in runs_by_request.items():
             if request_id not in expected_requests:
@@ -428,6 +448,21 @@ def audit(data: Collected) -> list[Line]:
             f"{totals['local']}",
             not fail["executions"],
             fail["executions"],
+        ),
+        Line(
+            "MCP calls run at most once (server killed once)",
+            f"{totals['mcp_once']} of {totals['mcp']} once; {totals['mcp_unavailable']} "
+            f"answered 'unavailable' while the server was down ({data.mcp_down_seconds:.0f} s), "
+            f"never sent again; {totals['mcp_interrupted']} interrupted by a kill",
+            f"{totals['mcp']}",
+            not mcp_fail,
+            mcp_fail,
+        ),
+        Line(
+            "MCP token in worker logs",
+            f"{data.token_leaks} lines",
+            "0",
+            data.token_leaks == 0,
         ),
         Line(
             "external outputs applied once",

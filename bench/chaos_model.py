@@ -2,7 +2,8 @@
 
 A post's user message is ``chaos <tag> plan=<plan>``. The plan is a list of tool rounds
 separated by ``.``; each round is made of ``L<n>`` (n quick local calls), ``S<n>`` (n slow local
-calls) and ``E<n>`` (n external calls), e.g. ``L2E1.L1``; an empty plan answers at once.
+calls), ``E<n>`` (n external calls) and ``M<n>`` (n calls of the MCP server's ``chaos_remote``),
+e.g. ``L2E1.M1``; an empty plan answers at once.
 :func:`chaos_scenario` (the fake model's default scenario in the soak, loaded with
 ``--scenario-callable bench.chaos_model:chaos_scenario``) is stateless: it counts the tool
 rounds the conversation already holds since the post and asks for the next round, or answers
@@ -20,10 +21,14 @@ from worker.testing.fake_openai_brain import Conversation, Turn
 
 LOCAL_TOOL = "chaos_local"
 EXTERNAL_TOOL = "chaos_external"
+# The soak's MCP server (tests/support/mcp_server.py) by its name in WORKER_MCP_SERVERS, and
+# its tool as the model calls it.
+MCP_SERVER = "remote"
+MCP_TOOL = f"{MCP_SERVER}__chaos_remote"
 SLOW_SECONDS = 2.0
 
 _MESSAGE_RE = re.compile(r"^chaos (?P<tag>\S+) plan=(?P<plan>\S*)$")
-_ROUND_RE = re.compile(r"([LSE])(\d+)")
+_ROUND_RE = re.compile(r"([LSEM])(\d+)")
 
 # What the external tool is, as the create's function definition.
 EXTERNAL_DEFINITION = {
@@ -50,6 +55,9 @@ PLANS: tuple[tuple[str, int], ...] = (
     ("E2", 12),
     ("L1E1", 6),
     ("E1.L1", 5),
+    ("M1", 8),
+    ("L1M1", 5),
+    ("M1.L1", 4),
 )
 # How the producer answers a toolCallsRequired event (see bench.chaos_producer).
 MODES_ONE = ("whole", "twice")
@@ -61,24 +69,29 @@ class Call:
     """One call a plan asks for."""
 
     tag: str
-    kind: str  # "L", "S" or "E"
+    kind: str  # "L", "S", "E" or "M"
 
     @property
     def name(self) -> str:
-        return EXTERNAL_TOOL if self.kind == "E" else LOCAL_TOOL
+        return {"E": EXTERNAL_TOOL, "M": MCP_TOOL}.get(self.kind, LOCAL_TOOL)
+
+    @property
+    def mcp(self) -> bool:
+        return self.kind == "M"
 
     @property
     def external(self) -> bool:
         return self.kind == "E"
 
     def arguments(self) -> dict[str, object]:
-        if self.kind == "E":
+        if self.kind in ("E", "M"):
             return {"tag": self.tag}
         return {"tag": self.tag, "seconds": SLOW_SECONDS if self.kind == "S" else 0.0}
 
     @property
     def output(self) -> str:
-        """What its result says: the local tool's return value, or the producer's output."""
+        """What its result says: the local or MCP tool's return value, or the producer's
+        output."""
         return f"{'ext' if self.external else 'ok'} {self.tag}"
 
 

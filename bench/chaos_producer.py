@@ -120,6 +120,7 @@ class Producer:
             "instructions": f"You are chaos assistant {chat['id']}.",
             "api": chat["api"],
             "tools": chat["tools"],
+            **({"mcpServers": chat["mcp_servers"]} if chat.get("mcp_servers") else {}),
         }
 
     def post_body(self, chat: dict[str, Any], post: dict[str, Any]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 // environment, a user-assigned managed identity with data-plane roles on the storage account
 // and the Azure OpenAI account, and the worker app, scaled by KEDA on its three work queues
 // (requests, run steps, run deadlines) from zero replicas. No keys anywhere: storage, the scaler, the model and the registry are
-// all reached with the managed identity. The one secret of the worker's own, the keys of its
-// query API (WORKER_QUERY_KEYS), is a Key Vault reference, read with that identity.
+// all reached with the managed identity. The worker's own secrets, the keys of its query API
+// (WORKER_QUERY_KEYS) and the bearer tokens of MCP servers, if any, are Key Vault references,
+// read with that identity.
 //
 //   az deployment group create -g RESOURCE_GROUP \
 //     -f deploy/containerapp.bicep -p deploy/containerapp.parameters.json
@@ -80,11 +81,14 @@ param drainMarginSeconds int = 10
 @secure()
 param applicationInsightsConnectionString string = ''
 
-@description('Existing Key Vault (this resource group, Azure RBAC permission model) holding the query API\'s keys. Empty: the query API is off (GET /assistants/{id} answers 404).')
+@description('Existing Key Vault (this resource group, Azure RBAC permission model) holding the worker\'s secrets: the query API\'s keys and the MCP servers\' bearer tokens. Empty: the query API is off (GET /assistants/{id} answers 404) and no MCP server may need a token.')
 param keyVaultName string = ''
 
-@description('Secret of that Key Vault holding WORKER_QUERY_KEYS: comma-separated keys, two during a rotation. Referenced without a version, so a new version reaches the app within 30 minutes (docs/operations.md).')
+@description('Secret of that Key Vault holding WORKER_QUERY_KEYS: comma-separated keys, two during a rotation. Referenced without a version, so a new version reaches the app within 30 minutes (docs/operations.md). Empty: the query API stays off even with a vault (for MCP tokens alone).')
 param queryKeysSecretName string = 'worker-query-keys'
+
+@description('MCP servers assistants may use (WORKER_MCP_SERVERS), as objects { name, url, tokenSecretName? }: name as assistants name it in mcpServers, url its Streamable HTTP endpoint, tokenSecretName the Key Vault secret (in keyVaultName) holding its bearer token, if it needs one.')
+param mcpServers array = []
 
 @description('Days the workspace keeps logs.')
 param logRetentionDays int = 30
@@ -119,7 +123,7 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = if (!empty(keyV
   name: keyVaultName
 }
 
-resource queryKeysSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = if (!empty(keyVaultName)) {
+resource queryKeysSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = if (queryKeysOn) {
   parent: vault
   name: queryKeysSecretName
 }
@@ -170,10 +174,21 @@ resource acrPullRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (
   }
 }
 
-// The identity reads this one secret, not the whole vault.
-resource queryKeysRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(keyVaultName)) {
+// The query API's keys: the identity reads this one secret, not the whole vault.
+resource queryKeysRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (queryKeysOn) {
   name: guid(resourceGroup().id, keyVaultName, queryKeysSecretName, identity.id, keyVaultSecretsUser)
   scope: queryKeysSecret
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsUser)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The MCP servers' tokens: read by the app's identity from the vault (RBAC vault), nowhere else.
+resource vaultSecretsRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(keyVaultName) && !empty(mcpServersWithToken)) {
+  name: guid(resourceGroup().id, keyVaultName, identity.id, keyVaultSecretsUser)
+  scope: vault
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsUser)
     principalId: identity.properties.principalId
@@ -306,20 +321,23 @@ var appInsightsEnv = empty(applicationInsightsConnectionString) ? [] : [
 
 // The query API's keys: a Key Vault reference without a version (the latest one is used),
 // read with the app's identity; the value never appears in the template or its deployments.
-var queryKeysSecrets = empty(keyVaultName) ? [] : [
+// The query API is served when its keys have a vault and a secret.
+var queryKeysOn = !empty(keyVaultName) && !empty(queryKeysSecretName)
+
+var queryKeysSecrets = queryKeysOn ? [
   {
     name: 'query-keys'
     keyVaultUrl: 'https://${keyVaultName}${environment().suffixes.keyvaultDns}/secrets/${queryKeysSecretName}'
     identity: identity.id
   }
-]
+] : []
 
-var queryKeysEnv = empty(keyVaultName) ? [] : [
+var queryKeysEnv = queryKeysOn ? [
   {
     name: 'WORKER_QUERY_KEYS'
     secretRef: 'query-keys'
   }
-]
+] : []
 
 var appInsightsSecrets = empty(applicationInsightsConnectionString) ? [] : [
   {
@@ -327,6 +345,35 @@ var appInsightsSecrets = empty(applicationInsightsConnectionString) ? [] : [
     value: applicationInsightsConnectionString
   }
 ]
+
+// MCP servers (SPEC §5.5): WORKER_MCP_SERVERS names them; each name N has N__url and, when the
+// server needs a token, N__token from a Container Apps secret that is a Key Vault reference
+// (resolved by the platform with the app's identity: the token is never in this template, its
+// parameters or the revision). Secret names allow only lower-case letters, digits and '-'.
+var mcpServersWithToken = filter(mcpServers, server => !empty(server.?tokenSecretName ?? ''))
+
+var mcpEnv = empty(mcpServers) ? [] : concat(
+  [
+    {
+      name: 'WORKER_MCP_SERVERS'
+      value: join(map(mcpServers, server => server.name), ',')
+    }
+  ],
+  map(mcpServers, server => {
+    name: '${server.name}__url'
+    value: server.url
+  }),
+  map(mcpServersWithToken, server => {
+    name: '${server.name}__token'
+    secretRef: 'mcp-token-${toLower(replace(server.name, '_', '-'))}'
+  })
+)
+
+var mcpSecrets = map(mcpServersWithToken, server => {
+  name: 'mcp-token-${toLower(replace(server.name, '_', '-'))}'
+  keyVaultUrl: 'https://${keyVaultName}${az.environment().suffixes.keyvaultDns}/secrets/${server.tokenSecretName}'
+  identity: identity.id
+})
 
 var registries = empty(containerRegistryName) ? [] : [
   {
@@ -353,6 +400,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
     openAiUserRole
     acrPullRole
     queryKeysRole
+    vaultSecretsRole
   ]
   properties: {
     environmentId: environment.id
@@ -361,7 +409,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
       // A queue worker takes no HTTP traffic: no ingress. The probes reach the container directly.
       activeRevisionsMode: 'Single'
       registries: registries
-      secrets: concat(appInsightsSecrets, queryKeysSecrets)
+      secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets)
     }
     template: {
       // WORKER_SHUTDOWN_GRACE for in-flight messages, plus a margin to release the rest.
@@ -374,7 +422,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
             cpu: json('0.5')
             memory: '1Gi'
           }
-          env: concat(baseEnv, appInsightsEnv, queryKeysEnv)
+          env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv)
           probes: [
             {
               type: 'Liveness'

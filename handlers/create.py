@@ -21,6 +21,7 @@ def assistant_defaults(request: AssistantCreate) -> dict[str, Any]:
             "chat_model",
             "api",
             "tools",
+            "mcp_servers",
             "temperature",
             "top_p",
             "max_tokens",
@@ -53,6 +54,27 @@ def check_tools(request: AssistantCreate, services: RunServices) -> None:
         )
 
 
+def check_mcp_servers(request: AssistantCreate, services: RunServices) -> None:
+    """MCP servers are named only from the operator's allow-list (never a URL from a message),
+    each once."""
+    names = [e if isinstance(e, str) else e.name for e in request.mcp_servers or []]
+    allowed = services.settings.mcp_servers
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        listed = ", ".join(sorted(allowed)) or "none"
+        raise PermanentError(
+            f"MCP server(s) {', '.join(map(repr, unknown))} not allowed: list them in "
+            f"WORKER_MCP_SERVERS (allowed: {listed})",
+            error_type="McpServerNotAllowed",
+        )
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise PermanentError(
+            f"MCP server(s) {', '.join(map(repr, twice))} named more than once in mcpServers",
+            error_type="McpServerNotAllowed",
+        )
+
+
 class CreateHandler:
     """Writes the ``state`` row and the system message; a redelivery with the same
     ``requestId`` finds its applied record and does not reset the chat again."""
@@ -62,6 +84,7 @@ class CreateHandler:
 
     async def __call__(self, request: AssistantCreate, context: MessageContext) -> HandlerResult:
         check_tools(request, self._services)
+        check_mcp_servers(request, self._services)
         store = await self._services.stores.get(
             request.chat_storage_connection_setting, request.collection_name, create=True
         )

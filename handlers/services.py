@@ -3,7 +3,7 @@
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -13,6 +13,10 @@ from worker.config.settings import Settings
 from worker.runs.model import Run
 from worker.store.protocol import ChatStore
 from worker.store.stores import ChatStores
+
+if TYPE_CHECKING:
+    # Loaded by the wiring only when WORKER_MCP_SERVERS names a server.
+    from worker.mcp.servers import McpServers
 
 log = structlog.get_logger("worker.runs")
 
@@ -37,6 +41,8 @@ class RunServices:
     clock: Callable[[], datetime]
     # Masks the worker's secrets in texts that leave it (run errors in replies).
     redact: Callable[[str], str] = lambda text: text
+    # The MCP servers of WORKER_MCP_SERVERS (None when it names none).
+    mcp: "McpServers | None" = None
 
     async def store(self, chat: ChatRef) -> ChatStore:
         return await self.stores.get(chat.storage_setting, chat.collection)

@@ -16,8 +16,9 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from handlers.mcp_tools import NO_MCP_TOOLS, McpToolset, load_toolset, run_mcp_call
 from handlers.services import ChatRef, RunServices
-from handlers.tool_calls import ToolCall, run_tool_calls
+from handlers.tool_calls import ToolCall, ToolResult, run_tool_calls
 from handlers.transitions import StaleRun, commit_transition, deadline_send, lost_follow_ups
 from schemas import RunStep
 from worker.backends.base import Backend, ModelError, TurnRequest
@@ -165,9 +166,14 @@ def per_message_cap(count: int) -> int:
 
 class ToolSetup:
     """Which tools an assistant offers: registered ones by name, external definitions, and
-    hosted tools, from its ``tools`` default (absent: every registered tool)."""
+    hosted tools, from its ``tools`` default (absent: every registered tool), and the tools
+    of its ``mcpServers`` (``load`` lists them)."""
 
-    def __init__(self, services: RunServices, defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, services: RunServices, defaults: dict[str, Any], mcp: McpToolset = NO_MCP_TOOLS
+    ) -> None:
+        self._services = services
+        self.mcp = mcp
         entries = defaults.get("tools")
         registry = services.tools
         if entries is None:
@@ -183,9 +189,36 @@ class ToolSetup:
             [
                 *registry.definitions(self.allowed),
                 *({"type": "function", "function": e["function"]} for e in external),
+                *mcp.definitions(taken={*self.allowed, *self.external_names}),
             ]
         )
         self.hosted = tuple(hosted)
+
+    @classmethod
+    async def load(cls, services: RunServices, defaults: dict[str, Any]) -> "ToolSetup":
+        """The assistant's tools, its MCP servers' listed (cached a minute per server)."""
+        return cls(services, defaults, await load_toolset(services.mcp, defaults))
+
+    async def run(self, call: ToolCall, timeout: float) -> ToolResult:  # noqa: ASYNC109
+        """Run one of the model's calls: a registered tool, or a tool of an MCP server."""
+        services = self._services
+        if call.name not in self.allowed and self.mcp.server_of(call.name) is not None:
+            return await run_mcp_call(
+                services.mcp, self.mcp, call, registry=services.tools, timeout=timeout,
+                redact=services.redact,
+            )  # fmt: skip
+        [result] = await run_tool_calls(
+            services.tools, [call], allowed=self.allowed, timeout=timeout
+        )
+        return result
+
+    def rerun_allowed(self, name: str) -> bool:
+        """Whether a call interrupted by a crash may run again: a registered tool declared
+        idempotent, or an MCP tool whose annotations say it is read-only or idempotent."""
+        if name in self.allowed:
+            spec = self._services.tools.get(name)
+            return spec is not None and spec.idempotent
+        return self.mcp.rerun_safe(name)
 
 
 class StepSuperseded(Exception):
@@ -211,10 +244,6 @@ class StepHandler:
         if current is None or current.step != run.step or current.commit_id != run.commit_id:
             await store.claims.release(chat_id, key, claim)
             raise StepSuperseded()
-
-    def _rerun_allowed(self, name: str) -> bool:
-        spec = self._services.tools.get(name)
-        return spec is not None and spec.idempotent
 
     async def __call__(self, step: RunStep, context: MessageContext) -> HandlerResult:
         services = self._services
@@ -394,7 +423,7 @@ class StepHandler:
         now = self._services.clock()
         if now >= run.expires_at:
             return machine.expire(run, now, self._services.settings.run_timeout)
-        tools = ToolSetup(self._services, state.defaults)
+        tools = await ToolSetup.load(self._services, state.defaults)
         if run.phase == "tools":
             return await self._run_tools(store, state, run, tools, now, held)
         backend = self._services.backends.get(run.api)
@@ -512,13 +541,11 @@ class StepHandler:
             if isinstance(claim, Busy):
                 busy.append(claim.until)
                 return
-            if claim.taken_over and not self._rerun_allowed(call.name):
+            if claim.taken_over and not tools.rerun_allowed(call.name):
                 output = INTERRUPTED.format(name=call.name)
             else:
                 async with store.claims.held(state.chat_id, key, claim):
-                    [result] = await run_tool_calls(
-                        self._services.tools, [call], allowed=tools.allowed, timeout=TOOL_TIMEOUT
-                    )
+                    result = await tools.run(call, TOOL_TIMEOUT)
                 output = result.output
             if len(self._finished) >= MAX_UNSTORED:
                 self._finished.clear()  # bounded: only ever more than a few during an outage
@@ -529,7 +556,7 @@ class StepHandler:
             # kill then loses only the unfinished ones), and always for a tool that must not
             # run twice: if the commit fails and another worker continues the run, it finds
             # the output instead of answering the call "interrupted".
-            if running > 0 or not self._rerun_allowed(call.name):
+            if running > 0 or not tools.rerun_allowed(call.name):
                 await store.save_tool_result(
                     state.chat_id, run.run_id, run.tool_rounds, call.id, output
                 )

@@ -99,17 +99,9 @@ async def run_tool_call(
     if spec is None:
         return failed(_unknown(call.name, registry, allowed))
 
-    try:
-        parsed = json.loads(call.arguments) if call.arguments.strip() else {}
-    except json.JSONDecodeError as exc:
-        # The position is enough to see what broke; the input itself is not echoed.
-        return failed(f"the arguments for tool {call.name!r} are not valid JSON ({exc})")
-    if parsed is None:  # some models send "null" for a function without parameters
-        parsed = {}
-    if not isinstance(parsed, dict):
-        return failed(
-            f"the arguments for tool {call.name!r} must be a JSON object, not {_json_type(parsed)}"
-        )
+    parsed = parse_arguments(call)
+    if isinstance(parsed, str):
+        return failed(parsed)
 
     try:
         args, kwargs = _bind(spec, parsed)
@@ -137,6 +129,22 @@ async def run_tool_call(
             f"tool {call.name!r} returned a value that is not JSON: {describe_exception(exc)}"
         )
     return ToolResult(call.id, call.name, output, ok=True)
+
+
+def parse_arguments(call: ToolCall) -> dict[str, Any] | str:
+    """The call's arguments as a JSON object, or what is wrong with them (for the model)."""
+    try:
+        parsed = json.loads(call.arguments) if call.arguments.strip() else {}
+    except json.JSONDecodeError as exc:
+        # The position is enough to see what broke; the input itself is not echoed.
+        return f"the arguments for tool {call.name!r} are not valid JSON ({exc})"
+    if parsed is None:  # some models send "null" for a function without parameters
+        return {}
+    if not isinstance(parsed, dict):
+        return (
+            f"the arguments for tool {call.name!r} must be a JSON object, not {_json_type(parsed)}"
+        )
+    return parsed
 
 
 def _bind(spec: ToolSpec, arguments: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:

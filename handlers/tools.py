@@ -322,6 +322,12 @@ class ToolRegistry:
         self._observer = observer
         self._observed.clear()
 
+    def observe(self, name: str, outcome: str, seconds: float) -> None:
+        """Report an execution that is not a registered tool's (an MCP tool's) to the
+        observer, if one is set."""
+        if self._observer is not None:
+            self._observer(name, outcome, seconds)
+
     def set_call_tracer(self, tracer: ToolCallTracer | None) -> None:
         """Run every tool call (``run_tool_calls``) through ``tracer(call, running)``, which
         awaits ``running`` inside an ``execute_tool`` span; None: calls run untraced."""

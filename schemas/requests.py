@@ -73,6 +73,21 @@ ToolSpec = Annotated[
 ToolEntry = Annotated[str, Field(min_length=1, max_length=64)] | ToolSpec
 
 
+# An MCP server of WORKER_MCP_SERVERS, by name, and one of its tools, by its name there.
+McpServerName = Annotated[str, Field(min_length=1, max_length=64)]
+McpToolName = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class McpServerRef(WireModel):
+    """An MCP server an assistant uses, and which of its tools (every one when absent)."""
+
+    name: McpServerName
+    allowed_tools: Annotated[list[McpToolName], Field(max_length=256)] | None = None
+
+
+McpServerEntry = McpServerName | McpServerRef
+
+
 class AssistantCreate(ChatRequest):
     """Create (or reset) an assistant: the extension's ``assistantCreate``."""
 
@@ -81,6 +96,8 @@ class AssistantCreate(ChatRequest):
     chat_model: str | None = None
     api: ModelApi | None = None
     tools: list[ToolEntry] | None = None
+    # Names from WORKER_MCP_SERVERS: their tools are offered as {server}__{tool} (SPEC §5.5).
+    mcp_servers: Annotated[list[McpServerEntry], Field(max_length=32)] | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     max_tokens: MaxTokens | None = None

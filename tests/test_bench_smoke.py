@@ -10,6 +10,7 @@ import pytest
 from bench import (
     creates,
     latency,
+    mcp,
     memory,
     open_conversations,
     profile,
@@ -131,3 +132,20 @@ def test_memory_smoke() -> None:
     assert numbers["steady_turns"] == 20
     assert numbers["new_steady"] == numbers["old_steady"] == {"history": 1.0, "commits": 1.0}
     assert numbers["store_reads"] == {"new": 0, "old": 0}
+
+
+def test_mcp_smoke() -> None:
+    """MCP calls against local ones: both kinds measured, one session for all the turns'
+    calls, every call answered by the server."""
+    report = mcp.measure(posts=2, calls=3, path_calls=10, batches=2)
+    numbers = report.numbers
+    assert _tables(report) == 4
+    assert numbers["posts"] == (2, 2)
+    assert numbers["handshakes_for_turns"] == 1
+    assert _finite(
+        numbers["turn_extra_ms_per_call"], numbers["path_extra_ms_per_call"],
+        numbers["local_path_us"], numbers["mcp_path_us"],
+    )  # fmt: skip
+    assert numbers["mcp_path_us"] > numbers["local_path_us"] > 0
+    # Turns: 3 posts of 3 calls (the warm-up's too); the path: 5 + 2 x 10 + 10.
+    assert numbers["executions"] == 3 * 3 + 5 + 2 * 10 + 10

@@ -93,13 +93,15 @@ def test_chaos_scenario_walks_the_plan_rounds() -> None:
     assert turns[2] == {"content": final_answer("c001p002", "L1E1.L1")}
 
 
-def _collected(executions: int, reply: bool) -> Collected:
+def _collected(
+    executions: int, reply: bool, plan: str = "L1", output: str | None = None
+) -> Collected:
     chat = {
         "id": "c",
         "strict": True,
-        "posts": [{"requestId": "p0", "tag": "t0", "plan": "L1", "mode": "none"}],
+        "posts": [{"requestId": "p0", "tag": "t0", "plan": plan, "mode": "none"}],
     }
-    [[call]] = rounds("t0", "L1")
+    [[call]] = rounds("t0", plan)
     run_id = "run-1"
     rows: dict[str, dict[str, Any]] = {
         "state": {"RowKey": "state", "ActiveRunId": ""},
@@ -108,7 +110,7 @@ def _collected(executions: int, reply: bool) -> Collected:
         "msg-0002": {
             "RowKey": "msg-0002",
             "Role": "User",
-            "Content": user_message("t0", "L1"),
+            "Content": user_message("t0", plan),
             "RunId": run_id,
         },
         "msg-0003": {
@@ -123,7 +125,7 @@ def _collected(executions: int, reply: bool) -> Collected:
         "msg-0004": {
             "RowKey": "msg-0004",
             "Role": "Tool",
-            "Content": call.output,
+            "Content": call.output if output is None else output,
             "Name": "k",
             "RunId": run_id,
         },
@@ -131,7 +133,7 @@ def _collected(executions: int, reply: bool) -> Collected:
             "RowKey": "msg-0005",
             "Role": "Assistant",
             "RunId": run_id,
-            "Content": final_answer("t0", "L1"),
+            "Content": final_answer("t0", plan),
         },
     }
     journal: list[dict[str, Any]] = [
@@ -164,3 +166,18 @@ def test_the_audit_passes_a_good_chat_and_names_what_failed() -> None:
     assert failure.startswith("c t0.r0.l0: executed 2 times (started 0), results stored 1")
     assert lines["final replies received"].ok is False
     assert lines["completed"].ok is True
+
+
+def test_the_audit_holds_mcp_calls_to_at_most_once() -> None:
+    """An MCP call ran once, or never while its server was down (answered unavailable): both
+    pass; run twice, or neither run nor answered for a reason: a failure, on its own line."""
+    mcp_line = "MCP calls run at most once (server killed once)"
+    down = "error: MCP server 'remote' is unavailable: ConnectError: All connection attempts failed"
+    assert not failed(audit(_collected(executions=1, reply=True, plan="M1")))
+    lines = {line.name: line for line in audit(_collected(0, True, plan="M1", output=down))}
+    assert not failed(list(lines.values()))
+    assert lines[mcp_line].value.startswith("0 of 1 once; 1 answered 'unavailable'")
+    lines = {line.name: line for line in audit(_collected(executions=2, reply=True, plan="M1"))}
+    assert lines[mcp_line].ok is False
+    lines = {line.name: line for line in audit(_collected(0, True, plan="M1", output="error: x"))}
+    assert lines[mcp_line].ok is False

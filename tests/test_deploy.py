@@ -71,11 +71,13 @@ READINESS_PATH = "/readyz"
 # Seconds a container needs beyond WORKER_SHUTDOWN_GRACE: release the unfinished leases, exit.
 MIN_DRAIN_MARGIN = 5
 
-ROLES = {
-    # Built-in role definition ids (the same in every tenant) and the resource they are on.
+ROLES: dict[str, str | tuple[str, ...]] = {
+    # Built-in role definition ids (the same in every tenant) and the resources they are on.
     "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "storage",  # Storage Queue Data Contributor
     "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "storage",  # Storage Table Data Contributor
     "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd": "openAi",  # Cognitive Services OpenAI User
+    # Key Vault Secrets User: on the query keys' secret alone, and on the vault for MCP tokens.
+    "4633458b-17de-408a-b874-0445c86b69e6": ("queryKeysSecret", "vault"),
 }
 
 # Read by libraries or the Functions host rather than by Settings.from_env:
@@ -591,10 +593,12 @@ def test_bicep_assigns_the_data_roles_to_the_identity() -> None:
             for block in assignments
             if f"'Microsoft.Authorization/roleDefinitions', {variable.group(1)})" in block
         ]
-        assert len(matching) == 1, f"role {variable.group(1)} must be assigned once"
-        assert f"scope: {scope}\n" in matching[0]
-        assert "principalId: identity.properties.principalId" in matching[0]
-        assert "principalType: 'ServicePrincipal'" in matching[0]
+        scopes = (scope,) if isinstance(scope, str) else scope
+        assert len(matching) == len(scopes), f"role {variable.group(1)}: one assignment a scope"
+        for block, expected in zip(matching, scopes, strict=True):
+            assert f"scope: {expected}\n" in block
+            assert "principalId: identity.properties.principalId" in block
+            assert "principalType: 'ServicePrincipal'" in block
     identity = bicep_block(text, "identity: {")
     assert "type: 'UserAssigned'" in identity and "'${identity.id}': {}" in identity
 
@@ -608,6 +612,45 @@ def test_bicep_reads_no_keys() -> None:
     assert "identity: identity.id" in bicep_block(
         text, "var registries = empty(containerRegistryName) ? [] :"
     ), "AcrPull, no password"
+
+
+def test_bicep_mcp_servers_are_allow_listed_and_their_tokens_are_key_vault_references() -> None:
+    """``mcpServers`` become WORKER_MCP_SERVERS and each server's ``N__url``; a token is a
+    Container Apps secret that is a Key Vault reference read with the app's identity (which
+    may read the vault's secrets, and nothing else of it): never a value in the template, its
+    parameters or the environment. The names are those the worker reads."""
+    bicep = Bicep.read()
+    assert bicep.defaults["mcpServers"] == [] and bicep.defaults["keyVaultName"] == ""
+    text = bicep.text
+    env = text[text.index("var mcpEnv =") : text.index("var mcpSecrets =")]
+    assert "name: 'WORKER_MCP_SERVERS'" in env
+    assert "value: join(map(mcpServers, server => server.name), ',')" in env
+    assert "name: '${server.name}__url'\n    value: server.url" in env
+    token = bicep_block(env[env.index("map(mcpServersWithToken") :], "server => {")
+    assert "name: '${server.name}__token'" in token
+    assert "secretRef: 'mcp-token-" in token and "value:" not in token
+    secrets = bicep_block(text, "var mcpSecrets =")
+    assert "keyVaultUrl: 'https://${keyVaultName}" in secrets
+    assert "/secrets/${server.tokenSecretName}'" in secrets
+    assert "identity: identity.id" in secrets and "value:" not in secrets
+    assert re.search(
+        r"name: 'mcp-token-\$\{toLower\(replace\(server\.name, '_', '-'\)\)\}'", secrets
+    )
+    app = bicep_block(text, "resource app 'Microsoft.App/containerApps@")
+    assert "secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets)" in app
+    assert "env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv)" in app
+    assert "vaultSecretsRole" in bicep_block(app, "dependsOn: [")
+    # What the template writes for a server with a token is what the worker reads.
+    settings = Settings.from_env(
+        {
+            "WORKER_MCP_SERVERS": "weather,mail_1",
+            "weather__url": "https://weather.example.com/mcp",
+            "mail_1__url": "https://mail.example.com/mcp",
+            "mail_1__token": "from-key-vault",
+        }
+    )
+    assert settings.mcp_servers["mail_1"].token == "from-key-vault"
+    assert settings.mcp_servers["weather"].token is None
 
 
 def test_bicep_probes_fit_the_worker() -> None:
@@ -1089,16 +1132,17 @@ def test_bicep_takes_the_query_keys_from_key_vault() -> None:
     worker_secrets = {name for name in secret_env if name in settings_read_by_worker()}
     assert worker_secrets == set(deployment_secret_env()) == REFERENCED_SECRETS
 
-    entries = bicep_block(bicep.text, "var queryKeysSecrets = empty(keyVaultName) ? [] :")
+    assert "var queryKeysOn = !empty(keyVaultName) && !empty(queryKeysSecretName)" in bicep.text
+    entries = bicep_block(bicep.text, "var queryKeysSecrets = queryKeysOn ? ")
     assert f"name: '{secret_env['WORKER_QUERY_KEYS']}'" in entries
     url = re.search(r"keyVaultUrl: '([^']+)'", entries)
     assert url, "a Key Vault reference"
     assert url.group(1).endswith("/secrets/${queryKeysSecretName}"), "versionless: rotations apply"
     assert "identity: identity.id" in entries
     assert "value:" not in entries, "the value stays in Key Vault"
-    assert "secrets: concat(appInsightsSecrets, queryKeysSecrets)" in bicep.text
-    assert "env: concat(baseEnv, appInsightsEnv, queryKeysEnv)" in bicep.text
-    env_entries = bicep_block(bicep.text, "var queryKeysEnv = empty(keyVaultName) ? [] :")
+    assert "secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets)" in bicep.text
+    assert "env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv)" in bicep.text
+    env_entries = bicep_block(bicep.text, "var queryKeysEnv = queryKeysOn ? ")
     assert "name: 'WORKER_QUERY_KEYS'" in env_entries
 
     role = re.search(r"^var (\w+) = '4633458b-17de-408a-b874-0445c86b69e6'$", bicep.text, re.M)
@@ -1108,9 +1152,8 @@ def test_bicep_takes_the_query_keys_from_key_vault() -> None:
         for block in bicep_blocks(
             bicep.text, "'Microsoft.Authorization/roleAssignments@2022-04-01' ="
         )
-        if f"roleDefinitions', {role.group(1)})" in block
-    ]
-    assert "scope: queryKeysSecret\n" in assignment, "the one secret, not the whole vault"
+        if f"roleDefinitions', {role.group(1)})" in block and "scope: queryKeysSecret\n" in block
+    ]  # the one secret, not the whole vault (the vault's role is for MCP tokens alone)
     assert "principalId: identity.properties.principalId" in assignment
     assert "queryKeysRole" in bicep_block(bicep.text, "dependsOn: [")
 

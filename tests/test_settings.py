@@ -38,6 +38,11 @@ def test_flags_override_the_environment() -> None:
         ({"WORKER_MESSAGE_ENCODING": "utf7"}, "none, base64"),
         ({"WORKER_STORAGE_SETTINGS": "Other"}, "names 'Other'"),
         ({"WORKER_AI_CONNECTIONS": "east"}, "east__endpoint is not set"),
+        ({"WORKER_MCP_SERVERS": "weather"}, "weather__url is not set"),
+        ({"WORKER_MCP_SERVERS": "w", "w__url": "ftp://x"}, "w__url must be an http"),
+        ({"WORKER_MCP_SERVERS": "w", "w__url": "https://u:p@x/mcp"}, "set w__token"),
+        ({"WORKER_MCP_SERVERS": "a__b", "a__b__url": "http://x"}, "names 'a__b'"),
+        ({"WORKER_MCP_SERVERS": "x" * 31, "x" * 31 + "__url": "http://x"}, "at most 30"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], fragment: str) -> None:
@@ -72,9 +77,12 @@ def test_secrets_are_collected_and_hidden_from_repr() -> None:
         "WORKER_AI_CONNECTIONS": "east",
         "east__endpoint": "https://east",
         "east__key": "eastkey",
+        "WORKER_MCP_SERVERS": "weather",
+        "weather__url": "https://mcp.example.com/mcp",
+        "weather__token": "mcp-token",
     }
     settings = Settings.from_env(env)
-    assert set(settings.secrets()) == {"KEY123==", "sk-abc", "azkey", "eastkey"}
+    assert set(settings.secrets()) == {"KEY123==", "sk-abc", "azkey", "eastkey", "mcp-token"}
     text = repr(settings)
     for secret in settings.secrets():
         assert secret not in text
@@ -115,3 +123,23 @@ def test_bad_query_keys_are_named_by_position_never_shown(value: str, fragment: 
     for part in value.split(","):
         if part.strip():
             assert part.strip() not in message
+
+
+def test_mcp_servers_are_allowed_by_name() -> None:
+    """Only the servers named in WORKER_MCP_SERVERS exist for the worker, each with its URL and
+    optional token; another NAME__url in the environment is never read."""
+    settings = Settings.from_env(
+        {
+            "WORKER_MCP_SERVERS": "weather, mail-1",
+            "weather__url": "http://127.0.0.1:9000/mcp",
+            "mail-1__url": "https://mail.example.com/mcp",
+            "mail-1__token": " t0ken ",
+            "other__url": "http://evil.example.com/mcp",
+        }
+    )
+    assert set(settings.mcp_servers) == {"weather", "mail-1"}
+    weather, mail = settings.mcp_servers["weather"], settings.mcp_servers["mail-1"]
+    assert (weather.url, weather.token) == ("http://127.0.0.1:9000/mcp", None)
+    assert (mail.url, mail.token) == ("https://mail.example.com/mcp", "t0ken")
+    assert "t0ken" not in repr(settings)
+    assert Settings.from_env({}).mcp_servers == {}

@@ -22,6 +22,9 @@ LAZY_PACKAGES = (
     "opentelemetry.sdk",
     "aiohttp.web",
     "schemas.export",
+    # Loaded only when WORKER_MCP_SERVERS names a server.
+    "mcp",
+    "jsonschema",
 )
 # The modules of the other subcommands (and what only they use).
 OTHER_COMMANDS = (

@@ -40,6 +40,7 @@ from worker.store.stores import ChatStores
 if TYPE_CHECKING:
     # With WORKER_HTTP_PORT only: prometheus-client and aiohttp's web server load then.
     from worker.http.server import HttpServer
+    from worker.mcp.servers import McpServers
     from worker.observability.metrics import Metrics
 
 
@@ -117,6 +118,12 @@ async def open_app(
     broker = AzureQueueBroker(queue_service(settings.default_storage, requests))
     stores = ChatStores(settings, lambda connection: table_service(connection, requests))
     clients = ModelClients(settings)
+    mcp: McpServers | None = None
+    if settings.mcp_servers:
+        # The SDK loads only here: a worker without MCP servers never imports it.
+        from worker.mcp.servers import McpServers
+
+        mcp = McpServers(settings.mcp_servers)
     services = RunServices(
         stores=stores,
         settings=settings,
@@ -124,6 +131,7 @@ async def open_app(
         tools=registry,
         clock=lambda: datetime.now(UTC),
         redact=Redactor(settings.secrets()),
+        mcp=mcp,
     )
 
     async def probe_storage() -> None:
@@ -166,6 +174,8 @@ async def open_app(
         if tracing is not None:
             registry.set_call_tracer(None)
         await gate.close()
+        if mcp is not None:
+            await mcp.close()
         await clients.close()
         await stores.close()
         await broker.close()

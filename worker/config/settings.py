@@ -7,9 +7,11 @@ Nothing here runs at import time.
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from schemas.names import MAX_BASE_QUEUE_NAME_LENGTH, check_queue_name
 from schemas.requests import DEFAULT_STORAGE_SETTING
@@ -75,6 +77,44 @@ class AIConnection:
     name: str
     endpoint: str
     key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class McpServerConfig:
+    """An MCP server assistants may use (SPEC §5.5), by the name an operator gave it in
+    ``WORKER_MCP_SERVERS``: where it is, and the bearer token the worker sends it."""
+
+    name: str
+    url: str
+    token: str | None = field(default=None, repr=False)
+
+
+# An MCP server's name prefixes its tools' function names (``{server}__{tool}``): letters,
+# digits and single ``_`` or ``-`` (never ``__``, so the function name splits one way only),
+# short enough to leave the tool most of OpenAI's 64 characters.
+MCP_SERVER_NAME = re.compile(r"^[A-Za-z0-9]+(?:[_-][A-Za-z0-9]+)*$")
+MAX_MCP_SERVER_NAME = 30
+
+
+def mcp_server(name: str, env: Mapping[str, str]) -> McpServerConfig:
+    """The MCP server named ``name`` in ``WORKER_MCP_SERVERS``: ``NAME__url`` (required,
+    http or https) and ``NAME__token`` (optional, sent as ``Authorization: Bearer``)."""
+    if not MCP_SERVER_NAME.match(name) or len(name) > MAX_MCP_SERVER_NAME:
+        raise SettingsError(
+            f"WORKER_MCP_SERVERS names {name!r}: a server name is letters and digits, joined "
+            f"by single '_' or '-', at most {MAX_MCP_SERVER_NAME} characters"
+        )
+    url = (env.get(f"{name}__url") or "").strip()
+    if not url:
+        raise SettingsError(f"WORKER_MCP_SERVERS names {name!r}, but {name}__url is not set")
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise SettingsError(f"{name}__url must be an http:// or https:// URL")
+    if parsed.username or parsed.password:
+        # A credential in the URL would travel into logs and traces: it belongs in the token.
+        raise SettingsError(f"{name}__url must not hold credentials; set {name}__token")
+    token = (env.get(f"{name}__token") or "").strip() or None
+    return McpServerConfig(name, url, token)
 
 
 def _seconds(text: str) -> float:
@@ -378,6 +418,14 @@ SPECS: tuple[SettingSpec, ...] = (
         "comma-separated named AI connections requests may select",
     ),
     SettingSpec(
+        "WORKER_MCP_SERVERS",
+        "mcp_server_names",
+        _names,
+        "",
+        "comma-separated names of the MCP servers assistants may use (each NAME has NAME__url "
+        "and optionally NAME__token)",
+    ),
+    SettingSpec(
         "WORKER_HTTP_PORT",
         "http_port",
         _optional_port,
@@ -449,6 +497,7 @@ class Settings:
     tool_modules: tuple[str, ...] = ()
     storage_setting_names: tuple[str, ...] = ()
     ai_connection_names: tuple[str, ...] = ()
+    mcp_server_names: tuple[str, ...] = ()
     http_port: int | None = None
     http_host: str = "0.0.0.0"
     log_format: str = "auto"
@@ -460,6 +509,7 @@ class Settings:
     ai_connections: dict[str, AIConnection] = field(default_factory=dict)
     # WORKER_QUERY_KEYS: a secret, so no CLI flag (a flag shows in the process list).
     query_keys: tuple[str, ...] = field(default=(), repr=False)
+    mcp_servers: dict[str, McpServerConfig] = field(default_factory=dict)
 
     @classmethod
     def from_env(
@@ -508,6 +558,7 @@ class Settings:
             keys = query_keys(env.get("WORKER_QUERY_KEYS", ""))
         except ValueError as error:
             raise SettingsError(f"WORKER_QUERY_KEYS {error}") from None
+        mcp_servers = {name: mcp_server(name, env) for name in values["mcp_server_names"]}
 
         return cls(
             storage=storage,
@@ -517,6 +568,7 @@ class Settings:
                 env.get("AZURE_OPENAI_API_KEY") or env.get("AZURE_OPENAI_KEY") or None
             ),
             ai_connections=ai_connections,
+            mcp_servers=mcp_servers,
             **values,
         )
 
@@ -547,6 +599,9 @@ class Settings:
         for ai in self.ai_connections.values():
             if ai.key:
                 found.append(ai.key)
+        for server in self.mcp_servers.values():
+            if server.token:
+                found.append(server.token)
         for value in (self.openai_api_key, self.azure_openai_api_key):
             if value:
                 found.append(value)

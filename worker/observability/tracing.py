@@ -695,7 +695,8 @@ def tool_call_tracer(
     """For ``ToolRegistry.set_call_tracer``: runs each call inside an ``execute_tool {name}``
     span (INTERNAL); a call whose result is a failure is an error span. The span name holds
     only a name ``known`` accepts (a registered tool); the model may call any name, and such a
-    call is ``execute_tool other``, its name cut in ``gen_ai.tool.name``."""
+    call is ``execute_tool other``, its name cut in ``gen_ai.tool.name``. A call of an MCP
+    tool records its server (``mcp.server.name``)."""
     tracer = tracing.tracer
     capture = tracing.capture_content
 
@@ -706,6 +707,13 @@ def tool_call_tracer(
             "gen_ai.tool.call.id": call.id,
             "gen_ai.tool.type": "function",
         }
+        # A call of an MCP server's tool (handlers.mcp_tools.McpCall) names its server; the
+        # SDK's own span for the request nests under this one, and carries its trace on.
+        server = getattr(call, "server", None)
+        if server:
+            attributes["gen_ai.tool.type"] = "extension"
+            attributes["mcp.server.name"] = server
+            attributes["mcp.method.name"] = "tools/call"
         if capture:
             attributes["gen_ai.tool.call.arguments"] = _cut(call.arguments)
         name = call.name if known(call.name) else OTHER
