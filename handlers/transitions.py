@@ -254,6 +254,7 @@ def _stored(message: NewMessage, index: int, run: Run, now: datetime) -> ChatMes
         name=message.tool_call_id,
         tool_calls=message.tool_calls,
         run_id=run.run_id,
+        decision=message.decision,
     )
 
 
