@@ -12,7 +12,7 @@ import functools
 import json
 import random
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from worker.loop.errors import PermanentError, TransientError, describe
 from worker.loop.handling import HandlerResult, MessageContext, Send
 from worker.loop.outcome import RetryPolicy, backoff
 from worker.runs import machine
+from worker.runs.approvals import ApprovalPolicy
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition
 from worker.runs.model import ModelTurn, Pending, Run, ToolCallRef
@@ -124,8 +125,7 @@ def claim_rows(run: Run) -> list[str]:
     if run.phase == "tools":
         return [
             tool_result_row_key(run.run_id, run.tool_rounds, c.id)
-            for c in run.pending_calls
-            if not c.external
+            for c in machine.runnable_calls(run)
         ]
     if run.phase == "model" and run.api in REMOTE_BACKENDS:
         return [model_claim_row_key(run.run_id, run.step)]
@@ -142,7 +142,9 @@ def acts_on(state: ChatState, run: Run, step: int, now: datetime) -> bool:
 
 def claims_ahead(run: Run) -> list[NewClaim]:
     """Claims on the local tool calls ``run`` is about to execute, written with the turn
-    that asked for them (for the worker that runs them next, in-process)."""
+    that asked for them (for the worker that runs them next, in-process). A call a person
+    approved is only reserved: it is marked claimed right before it runs, so that a worker
+    that dies in between leaves it to run once, not to be answered "interrupted"."""
     if run.phase != "tools" or run.finished:
         return []
     owner = uuid.uuid4().hex
@@ -151,9 +153,9 @@ def claims_ahead(run: Run) -> list[NewClaim]:
             tool_result_row_key(run.run_id, run.tool_rounds, c.id),
             owner,
             {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": c.id},
+            reserved=c.approval,
         )
-        for c in run.pending_calls
-        if not c.external
+        for c in machine.runnable_calls(run)
     ]
 
 
@@ -186,6 +188,16 @@ class ToolSetup:
             ]
         )
         self.hosted = tuple(hosted)
+        # Which calls wait for a person's decision, and the MCP server of each tool.
+        self.approvals = ApprovalPolicy.of(defaults, registry.approval_names())
+
+
+@dataclass(frozen=True)
+class _Call(ToolCall):
+    """A call of the round as the tools step runs it: ``approved`` when a person approved it
+    (its claim was reserved ahead, and is started before it runs)."""
+
+    approved: bool = False
 
 
 class StepSuperseded(Exception):
@@ -416,8 +428,9 @@ class StepHandler:
             return replace(transition, remote=remote or None)
         turn: ModelTurn = result
         transition = machine.on_turn(
-            run, turn, now, max_rounds=MAX_TOOL_ROUNDS, external_tools=tools.external_names
-        )
+            run, turn, now, max_rounds=MAX_TOOL_ROUNDS, external_tools=tools.external_names,
+            approvals=tools.approvals,
+        )  # fmt: skip
         remote = {k: v for k, v in turn.handle.items() if k in REMOTE_KEYS}
         return replace(transition, remote=remote or None)
 
@@ -472,7 +485,7 @@ class StepHandler:
         An output is stored in its claim row as soon as it is ready while other calls of the
         round still run (a kill then loses only the unfinished ones); the last one goes
         straight into the round's transaction, unless its tool is not idempotent."""
-        local = [c for c in run.pending_calls if not c.external]
+        local = machine.runnable_calls(run)
         keys = {c.id: tool_result_row_key(run.run_id, run.tool_rounds, c.id) for c in local}
         outputs: dict[str, str] = {}
         if not all(key in held for key in keys.values()):
@@ -481,7 +494,7 @@ class StepHandler:
         busy: list[datetime] = []
         running = len([c for c in local if c.id not in outputs])
 
-        async def execute(call: ToolCall) -> None:
+        async def execute(call: _Call) -> None:
             nonlocal running
             key = keys[call.id]
             extra = {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": call.id}
@@ -495,7 +508,13 @@ class StepHandler:
                 outputs[call.id] = self._finished.pop((state.chat_id, key))
                 return
             claim: ClaimResult
-            if key in held:
+            if key in held and call.approved:
+                # Reserved with the decision that approved the call: claimed now, as it starts.
+                started = await store.claims.start(state.chat_id, key, Claimed(held[key]))
+                if started is None:
+                    raise StepSuperseded()
+                claim = started
+            elif key in held:
                 claim = Claimed(held[key])  # claimed with the turn that asked for the call
             else:
                 claim = await store.claims.acquire(
@@ -536,7 +555,11 @@ class StepHandler:
             outputs[call.id] = output
 
         results = await asyncio.gather(
-            *(execute(ToolCall(c.id, c.name, c.arguments)) for c in local if c.id not in outputs),
+            *(
+                execute(_Call(c.id, c.name, c.arguments, c.approval))
+                for c in local
+                if c.id not in outputs
+            ),
             return_exceptions=True,
         )
         # Raise only once every call has ended: none keeps running behind our back.

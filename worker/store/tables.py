@@ -29,7 +29,7 @@ from tenacity import (
 from worker.loop.errors import PermanentError
 from worker.runs.model import Run
 from worker.store.cache import Committed, CommittedCache, HistoryCache
-from worker.store.claims import CLAIMED, Claims, NewClaim
+from worker.store.claims import LIVE, Claims, NewClaim
 from worker.store.errors import storage_errors
 from worker.store.layout import (
     MESSAGE_PREFIX,
@@ -279,11 +279,12 @@ class TableChatStore:
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                 parameters={"pk": chat_id, "lo": prefix, "hi": prefix[:-1] + "."},
             )
-            # A row still only claimed is a call running (or died running) elsewhere.
+            # A row still only claimed (or reserved) is a call running (or died running, or
+            # about to run) elsewhere.
             return {
                 str(entity["CallId"]): join_text(dict(entity), "Output")
                 async for entity in entities
-                if entity.get("State") != CLAIMED
+                if entity.get("State") not in LIVE
             }
 
     async def commit(
