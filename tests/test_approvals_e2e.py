@@ -34,6 +34,8 @@ from tests.support.runs import (
     query_state,
     serving,
 )
+from tests.support.scrape import fetch
+from tests.test_cli_runs import clean_env, cli
 from worker.config.settings import Settings
 from worker.testing import FakeOpenAI
 from worker.testing.fake_openai_brain import Conversation, Turn
@@ -129,12 +131,12 @@ def test_an_approved_call_waits_for_its_decision_then_runs_once(
     when are kept on the call's Tool message and shown by the query and the reply."""
     chat_id = f"approve-{storage.suffix}"
     replies = ReplyQueue(storage, f"replies-{storage.suffix}")
-    settings = settings_for(storage, fake)
+    settings = settings_for(storage, fake, WORKER_HTTP_PORT="0", WORKER_HTTP_HOST="127.0.0.1")
 
     async def scenario() -> dict[str, Any]:
         await create(storage, settings, chat_id, approvalRequired=["send_email"])
         found: dict[str, Any] = {}
-        async with serving(settings, approval_registry()):
+        async with serving(settings, approval_registry()) as app:
             post = post_body(chat_id, storage.table, "lunch at noon", replyTo=replies.name,
                              requestId="ask", traceparent=TRACEPARENT)  # fmt: skip
             await storage.send(post)
@@ -148,6 +150,7 @@ def test_an_approved_call_waits_for_its_decision_then_runs_once(
                          by="ana@example.com", reason="fine by me", requestId="yes")
             )  # fmt: skip
             [found["reply"]] = await replies.wait_for("assistantReply", 30)
+            found["http"] = await fetch(app, f"/assistants/{chat_id}", collectionName=storage.table)
         found["final"] = await query_state(settings, chat_id, storage.table)
         found["done"] = await chat_rows(storage, chat_id, storage.table)
         return found
@@ -186,6 +189,15 @@ def test_an_approved_call_waits_for_its_decision_then_runs_once(
     assert (audited.approval.approved, audited.approval.by) == (True, "ana@example.com")
     assert audited.approval.reason == "fine by me" and audited.approval.decided_at is not None
     assert final.runs[0].waiting_tool_calls == []
+    http = found["http"]
+    assert http.status == 200, http.text
+    [over_http] = [m for m in http.json["recentMessages"] if m["role"] == "Tool"]
+    assert over_http["approval"] == {
+        "approved": True,
+        "by": "ana@example.com",
+        "reason": "fine by me",
+        "decidedAt": over_http["approval"]["decidedAt"],
+    }
     assert not any(key.startswith("claim") or key.startswith("tool-") for key in
                    run(storage.partition(chat_id, storage.table))), "no claim row left"  # fmt: skip
 
@@ -480,3 +492,52 @@ def test_the_deadline_ends_a_run_waiting_for_approval(
     assert history_problems(rows.messages) == []
     [letter] = found["letters"]
     assert "not waiting for approvals" in letter["deadLetter"]["reason"]
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def test_send_approve_and_deny_from_the_cli_and_state_shows_what_waits(
+    storage: StorageEnv, fake: FakeOpenAI, tool_log: ToolLog
+) -> None:
+    """`assistant-worker state` shows the call that waits for a decision; `send approve`
+    (with --by and --reason) decides it; a second round is refused with `send deny`; `state`
+    then shows both decisions on the calls' Tool messages."""
+    chat_id = f"cli-{storage.suffix}"
+    replies = ReplyQueue(storage, f"replies-{storage.suffix}")
+    settings = settings_for(storage, fake)
+    env = clean_env(**storage.env(**model_env(fake.base_url)))
+
+    async def decide(round_number: int, verdict: str, *extra: str) -> dict[str, Any]:
+        asked = (await replies.wait_for("toolApprovalRequired", 30, count=round_number))[-1]
+        code, out, err = await cli(env, "state", chat_id, "--collection", storage.table)
+        assert code == 0, err
+        [waiting] = json.loads(out)["runs"][-1]["waitingToolCalls"]
+        assert waiting["waitsFor"] == "approval"
+        code, _, err = await cli(env, "send", verdict, chat_id, asked["runId"], waiting["id"],
+                                 "--collection", storage.table, *extra)  # fmt: skip
+        assert code == 0, err
+        [reply] = await replies.wait_for("assistantReply", 30, runId=asked["runId"])
+        return reply
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        await create(storage, settings, chat_id, approvalRequired=["send_email"])
+        async with serving(settings, approval_registry()):
+            await storage.send(post_body(chat_id, storage.table, "first", replyTo=replies.name))
+            approved = await decide(1, "approve", "--by", "ana", "--reason", "ok")
+            await storage.send(post_body(chat_id, storage.table, "second", replyTo=replies.name))
+            denied = await decide(2, "deny", "--by", "bo", "--reason", "enough mail")
+        code, out, err = await cli(env, "state", chat_id, "--collection", storage.table)
+        assert code == 0, err
+        return approved, denied, json.loads(out)
+
+    approved, denied, state = run(scenario())
+    assert approved["content"] == "send_email: sent to bo@example.com: first"
+    assert denied["content"] == "send_email: denied: enough mail"
+    audits = [m["approval"] for m in state["recentMessages"] if m["role"] == "Tool"]
+    assert [(a["approved"], a["by"], a["reason"]) for a in audits] == [
+        (True, "ana", "ok"),
+        (False, "bo", "enough mail"),
+    ]
+    assert all(run_["waitingToolCalls"] == [] for run_ in state["runs"])
+    assert tool_log.count() == {("send_email", "first"): 1}
