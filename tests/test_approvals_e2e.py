@@ -52,18 +52,17 @@ LOOKUP_ORDER = {
 
 
 def mail_bot(conversation: Conversation) -> Turn:
-    """The fake model: ``send_email`` with the user's text as its subject ("mixed ...": with
-    the weather and an order lookup in the same round; "wire ...": ``wire_money`` instead),
-    then an answer that quotes every result it got."""
+    """The fake model: ``send_email`` with the user's text as its subject, to the address in
+    it (else bo@example.com) ("mixed ...": with the weather and an order lookup in the same
+    round; "wire ...": ``wire_money`` instead), then an answer that quotes every result."""
     results = conversation.tool_results()
     if results:
         return {"content": " | ".join(f"{name}: {results[name]}" for name in sorted(results))}
     text = conversation.last_user_text()
     if text.startswith("wire"):
         return {"tool_calls": [{"name": "wire_money", "arguments": {"amount": 5}}]}
-    calls: list[dict[str, Any]] = [
-        {"name": "send_email", "arguments": {"to": "bo@example.com", "subject": text}}
-    ]
+    to = next((word for word in text.split() if "@" in word), "bo@example.com")
+    calls: list[dict[str, Any]] = [{"name": "send_email", "arguments": {"to": to, "subject": text}}]
     if text.startswith("mixed"):
         calls += [
             {"name": "getWeatherAtLocation", "arguments": {"location": "Oslo"}},
