@@ -10,7 +10,8 @@ is dead-lettered with the reason).
 
 When the decisions complete the round, the run goes on at once in this process, with this
 message as its carrier: an approved call runs next (its claim, written with the decisions, is
-only reserved, and marked claimed as the call starts), or the model is called. If the worker
+only reserved when its tool must not run twice, and marked claimed as the call starts), or
+the model is called. If the worker
 dies in between, the message's redelivery continues the run from its stored step, and an
 approved call that had not started runs then, once.
 """
@@ -97,7 +98,7 @@ class ApprovalsHandler:
                 run_id=run.run_id, step=transition.run.step,
             )  # fmt: skip
             # The approved calls run next, here: reserved now, with the decisions.
-            ahead = claims_ahead(transition.run) if context.continues_here else []
+            ahead = claims_ahead(transition.run, services.tools) if context.continues_here else []
             try:
                 effects = await commit_transition(
                     services, store, chat, run, transition, applied=applied, state=state,

@@ -8,6 +8,7 @@ failures become a delayed step (Retry-After when the service gives one) instead 
 """
 
 import asyncio
+import contextlib
 import functools
 import json
 import random
@@ -18,6 +19,7 @@ from typing import Any
 
 from handlers.services import ChatRef, RunServices
 from handlers.tool_calls import ToolCall, run_tool_calls
+from handlers.tools import ToolRegistry
 from handlers.transitions import StaleRun, commit_transition, deadline_send, lost_follow_ups
 from schemas import RunStep
 from worker.backends.base import Backend, ModelError, TurnRequest
@@ -28,7 +30,7 @@ from worker.runs import machine
 from worker.runs.approvals import ApprovalPolicy
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition
-from worker.runs.model import ModelTurn, Pending, Run, ToolCallRef
+from worker.runs.model import ModelTurn, Pending, PendingCall, Run, ToolCallRef
 from worker.store.claims import (
     Busy,
     Claimed,
@@ -140,11 +142,19 @@ def acts_on(state: ChatState, run: Run, step: int, now: datetime) -> bool:
     return not (run.phase == "external" and now < run.expires_at)
 
 
-def claims_ahead(run: Run) -> list[NewClaim]:
+def reserved(call: PendingCall, tools: ToolRegistry) -> bool:
+    """Whether the claim on ``call`` written ahead is only a reservation, marked claimed as
+    the call starts: a call a person approved, of a tool that must not run twice. A worker
+    that dies between the stored decision and the call then leaves it to run once, instead of
+    answered "interrupted". (An idempotent tool is run again by whoever takes its claim over:
+    a plain claim does.)"""
+    spec = tools.get(call.name)
+    return call.approval and not (spec is not None and spec.idempotent)
+
+
+def claims_ahead(run: Run, tools: ToolRegistry) -> list[NewClaim]:
     """Claims on the local tool calls ``run`` is about to execute, written with the turn
-    that asked for them (for the worker that runs them next, in-process). A call a person
-    approved is only reserved: it is marked claimed right before it runs, so that a worker
-    that dies in between leaves it to run once, not to be answered "interrupted"."""
+    (or the decisions) that made them due (for the worker that runs them next, in-process)."""
     if run.phase != "tools" or run.finished:
         return []
     owner = uuid.uuid4().hex
@@ -153,7 +163,7 @@ def claims_ahead(run: Run) -> list[NewClaim]:
             tool_result_row_key(run.run_id, run.tool_rounds, c.id),
             owner,
             {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": c.id},
-            reserved=c.approval,
+            reserved=reserved(c, tools),
         )
         for c in machine.runnable_calls(run)
     ]
@@ -194,10 +204,11 @@ class ToolSetup:
 
 @dataclass(frozen=True)
 class _Call(ToolCall):
-    """A call of the round as the tools step runs it: ``approved`` when a person approved it
-    (its claim was reserved ahead, and is started before it runs)."""
+    """A call of the round as the tools step runs it: ``approved`` when a person approved it;
+    ``reserved`` when its claim written ahead is a reservation (see ``reserved``)."""
 
     approved: bool = False
+    reserved: bool = False
 
 
 class StepSuperseded(Exception):
@@ -273,6 +284,9 @@ class StepHandler:
                 note="stale: another delivery advanced the run",
                 effects=await self._after_stale(store, chat, stale, step, context),
             )
+        except Exception:
+            await self._keep_outputs(store, chat.chat_id, run)
+            raise
         self._forget_finished(chat.chat_id, run)
         if context.dequeue_count > 1 and not context.in_process and not transition.run.finished:
             # A redelivered message that carries the run: its watchdog again (SPEC §5).
@@ -332,7 +346,7 @@ class StepHandler:
         services = self._services
         carrier = context.message_id
         deletes = claim_rows(run)
-        ahead = claims_ahead(transition.run) if context.continues_here else []
+        ahead = claims_ahead(transition.run, services.tools) if context.continues_here else []
         operations = len(transition.messages) + 2 * len(deletes) + len(ahead) + 4
         if operations > MAX_TRANSACTION_OPERATIONS:
             deletes, ahead = [], []  # a huge round keeps its records rather than fail to fit
@@ -392,6 +406,20 @@ class StepHandler:
         if step.step != run.step - 1 and not carried:
             return ()
         return await lost_follow_ups(self._services, store, chat, run, state, in_process=True)
+
+    async def _keep_outputs(self, store: ChatStore, chat_id: str, run: Run) -> None:
+        """The round's commit failed: the outputs this process holds for it are stored in
+        their claim rows (best effort), so that a worker that continues the run finds them
+        instead of answering the calls "interrupted"."""
+        if run.phase != "tools":
+            return
+        for call in machine.runnable_calls(run):
+            key = tool_result_row_key(run.run_id, run.tool_rounds, call.id)
+            output = self._finished.get((chat_id, key))
+            if output is None:
+                continue
+            with contextlib.suppress(Exception):
+                await store.save_tool_result(chat_id, run.run_id, run.tool_rounds, call.id, output)
 
     def _forget_finished(self, chat_id: str, run: Run) -> None:
         """The step is stored (or another delivery stored it): its outputs kept in memory
@@ -508,7 +536,7 @@ class StepHandler:
                 outputs[call.id] = self._finished.pop((state.chat_id, key))
                 return
             claim: ClaimResult
-            if key in held and call.approved:
+            if key in held and call.reserved:
                 # Reserved with the decision that approved the call: claimed now, as it starts.
                 started = await store.claims.start(state.chat_id, key, Claimed(held[key]))
                 if started is None:
@@ -547,16 +575,20 @@ class StepHandler:
             # Stored now, not only with the round's commit, while other calls still run (a
             # kill then loses only the unfinished ones), and always for a tool that must not
             # run twice: if the commit fails and another worker continues the run, it finds
-            # the output instead of answering the call "interrupted".
-            if running > 0 or not self._rerun_allowed(call.name):
+            # the output instead of answering the call "interrupted". An approved call's is
+            # stored by the commit, or when the commit fails (``_keep_outputs``): one request
+            # less per approval round for the same protection (a worker killed before the
+            # next write lands leaves the call started but unanswered either way).
+            if running > 0 or (not self._rerun_allowed(call.name) and not call.approved):
                 await store.save_tool_result(
                     state.chat_id, run.run_id, run.tool_rounds, call.id, output
                 )
             outputs[call.id] = output
 
+        tools_registry = self._services.tools
         results = await asyncio.gather(
             *(
-                execute(_Call(c.id, c.name, c.arguments, c.approval))
+                execute(_Call(c.id, c.name, c.arguments, c.approval, reserved(c, tools_registry)))
                 for c in local
                 if c.id not in outputs
             ),

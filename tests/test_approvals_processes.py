@@ -90,3 +90,54 @@ def test_a_worker_killed_after_the_approval_was_stored_runs_the_call_once(
         "ana",
     )
     assert history_problems(rows.messages) == []
+
+
+def test_an_approved_call_whose_round_commit_failed_keeps_its_output(
+    storage: StorageEnv, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The approved call ran, and the commit of its round failed (the table service refused
+    it): the worker stores the call's output in its claim row at once, and dies before it
+    retries anything. The next worker continues the run with that output (the call is not
+    answered "interrupted", nor run again)."""
+    chat_id = f"kept-{storage.suffix}"
+    replies = ReplyQueue(storage, f"replies-{storage.suffix}")
+    tools = ToolLog(tmp_path / "tools.jsonl")
+    with FaultProxy(storage.azurite.table_port) as proxy:
+        env = storage.env(
+            **model_env(fake.base_url, CHAT_MODEL_DEPLOYMENT_NAME=MODEL),
+            AzureWebJobsStorage=with_endpoint(storage.connection_string, "Table", proxy.port),
+            WORKER_TOOLS=TOOLS,
+            WORKER_VISIBILITY_TIMEOUT="4",
+            WORKER_MAX_POLLING_INTERVAL="0.2",
+            **{TOOL_LOG_ENV: str(tools.path)},
+        )
+        with WorkerProcess(env, tmp_path / "first.log") as first:
+            first.wait_for_events("worker.started", 1, timeout=30)
+            run(storage.send(create_body(chat_id, storage.table, approvalRequired=["send_email"])))
+            first.wait_for_events("message.completed", 1, timeout=30)
+            post = post_body(chat_id, storage.table, "keep it", replyTo=replies.name)
+            run(storage.send({**post, "requestId": "ask"}))
+            [asked] = run(replies.wait_for("toolApprovalRequired", 30))
+            [call] = asked["toolCalls"]
+            # The decisions' transaction passes; the round's is refused (every attempt the
+            # SDK makes); after it, every read and transaction waits: only a write made at
+            # once, before the worker retries anything, can keep the output.
+            refused = proxy.add("fail", r"/\$batch", method="POST", skip=1, count=4)
+            proxy.add("hold", ".*", method="GET", count=1_000_000, after=refused)
+            proxy.add("hold", r"/\$batch", method="POST", count=1_000_000, after=refused)
+            run(storage.send(decision(storage, chat_id, asked["runId"], call["id"], True)))
+            wait_until(lambda: _output_kept(storage, chat_id), timeout=60, what="the output kept")
+            first.kill()
+        proxy.clear()
+        assert tools.count() == {("send_email", "keep it"): 1}
+        with WorkerProcess(env, tmp_path / "second.log") as second:
+            [reply] = run(replies.wait_for("assistantReply", 90, requestId="ask"))
+            second.kill()
+    assert reply["status"] == "completed", reply
+    assert reply["content"] == "send_email: sent to bo@example.com: keep it"
+    assert tools.count("start") == {("send_email", "keep it"): 1}
+
+
+def _output_kept(storage: StorageEnv, chat_id: str) -> bool:
+    rows = run(storage.partition(chat_id, storage.table))
+    return any(key.startswith("tool-") and "Output" in row for key, row in rows.items())
