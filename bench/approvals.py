@@ -169,6 +169,16 @@ def measure(runs: int = 2) -> Report:
         "than the same round without approval."
     )
     out.add(
+        "Where the approval round's extra requests go: the `toolApprovalRequired` event, the "
+        "decision's receive, its commit (the decisions, with the approved call's claim) and its "
+        "delete. An approved call of a tool that must not run twice (`send_email`) is claimed "
+        "as it starts (`Table_MergeEntity`, so that a worker killed between the decision and "
+        "the call leaves it to run once), and its output then goes with the round's commit "
+        "instead of before it (`Table_UpdateEntity`). The decision is applied here by the "
+        "process that parked the run, which has the run as its last commit left it; on another "
+        "replica it reads the chat's state and run rows first (2 requests more)."
+    )
+    out.add(
         kinds_table(
             {n: Counter({k: round(v, 1) for k, v in results[n].kinds.items()}) for n in names}
         )
