@@ -2,7 +2,9 @@
 
 A post's user message is ``chaos <tag> plan=<plan>``. The plan is a list of tool rounds
 separated by ``.``; each round is made of ``L<n>`` (n quick local calls), ``S<n>`` (n slow local
-calls) and ``E<n>`` (n external calls), e.g. ``L2E1.L1``; an empty plan answers at once.
+calls), ``E<n>`` (n external calls) and ``A<n>`` (n local calls that wait for a decision: every
+chat names their tool in ``approvalRequired``), e.g. ``L2E1.L1``; an empty plan answers at once.
+The producer approves or denies each ``A`` call (:func:`approves`: at random, seeded by its tag).
 :func:`chaos_scenario` (the fake model's default scenario in the soak, loaded with
 ``--scenario-callable bench.chaos_model:chaos_scenario``) is stateless: it counts the tool
 rounds the conversation already holds since the post and asks for the next round, or answers
@@ -20,10 +22,12 @@ from worker.testing.fake_openai_brain import Conversation, Turn
 
 LOCAL_TOOL = "chaos_local"
 EXTERNAL_TOOL = "chaos_external"
+# A local tool whose calls wait for the producer's decision (not safe to run twice).
+APPROVAL_TOOL = "chaos_approve"
 SLOW_SECONDS = 2.0
 
 _MESSAGE_RE = re.compile(r"^chaos (?P<tag>\S+) plan=(?P<plan>\S*)$")
-_ROUND_RE = re.compile(r"([LSE])(\d+)")
+_ROUND_RE = re.compile(r"([LSEA])(\d+)")
 
 # What the external tool is, as the create's function definition.
 EXTERNAL_DEFINITION = {
@@ -50,10 +54,22 @@ PLANS: tuple[tuple[str, int], ...] = (
     ("E2", 12),
     ("L1E1", 6),
     ("E1.L1", 5),
+    ("A1", 8),
+    ("L1A1", 5),
+    ("A2", 5),
+    ("A1E1", 4),
+    ("A1.L1", 3),
 )
 # How the producer answers a toolCallsRequired event (see bench.chaos_producer).
 MODES_ONE = ("whole", "twice")
 MODES_MANY = ("whole", "partial", "concurrent", "repeat", "twice")
+# How it decides a toolApprovalRequired event: one request, the same sent twice, two approvers
+# who disagree sending at once (the first decision stored stands), one request per call, one
+# after another or all at once.
+APPROVAL_MODES_ONE = ("whole", "twice", "conflict")
+APPROVAL_MODES_MANY = ("whole", "twice", "conflict", "split", "concurrent")
+# The share of the calls that wait for a decision that the producer approves.
+APPROVE_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -61,25 +77,44 @@ class Call:
     """One call a plan asks for."""
 
     tag: str
-    kind: str  # "L", "S" or "E"
+    kind: str  # "L", "S", "E" or "A"
 
     @property
     def name(self) -> str:
-        return EXTERNAL_TOOL if self.kind == "E" else LOCAL_TOOL
+        return {"E": EXTERNAL_TOOL, "A": APPROVAL_TOOL}.get(self.kind, LOCAL_TOOL)
 
     @property
     def external(self) -> bool:
         return self.kind == "E"
 
+    @property
+    def approval(self) -> bool:
+        return self.kind == "A"
+
     def arguments(self) -> dict[str, object]:
-        if self.kind == "E":
+        if self.kind in ("E", "A"):
             return {"tag": self.tag}
         return {"tag": self.tag, "seconds": SLOW_SECONDS if self.kind == "S" else 0.0}
 
     @property
     def output(self) -> str:
-        """What its result says: the local tool's return value, or the producer's output."""
+        """What its result says: the local tool's return value (an approved call's too), or
+        the producer's output."""
         return f"{'ext' if self.external else 'ok'} {self.tag}"
+
+    @property
+    def denied_output(self) -> str:
+        """The result of a call that waited for a decision and was denied."""
+        return f"denied: {denial_reason(self.tag)}"
+
+
+def approves(tag: str) -> bool:
+    """The producer's decision on the call tagged ``tag`` (at random, the same every time)."""
+    return random.Random(f"approve {tag}").random() < APPROVE_SHARE
+
+
+def denial_reason(tag: str) -> str:
+    return f"chaos denies {tag}"
 
 
 def user_message(tag: str, plan: str) -> str:
@@ -123,6 +158,14 @@ def chaos_scenario(conversation: Conversation) -> Turn:
             ]
         }
     return {"content": final_answer(tag, plan)}
+
+
+def pick_approval_mode(rng: random.Random, plan: str) -> str:
+    """How the producer decides the calls of a plan that wait for approval."""
+    most = max((len([c for c in r if c.approval]) for r in rounds("x", plan)), default=0)
+    if most == 0:
+        return "none"
+    return rng.choice(APPROVAL_MODES_MANY if most > 1 else APPROVAL_MODES_ONE)
 
 
 def pick_plan(rng: random.Random) -> tuple[str, str]:
