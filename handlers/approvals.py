@@ -120,11 +120,12 @@ class ApprovalsHandler:
         self, store: ChatStore, submit: SubmitToolApprovals, *, fresh: bool
     ) -> tuple[ChatState, Run, bool]:
         """The chat's state and the run: as this process's last commit of the chat left them
-        when it has them (the commit that parked the run, usually: no read), else from the
-        table. The bool says which."""
+        when that commit parked the run (usually: no read), else from the table. The bool
+        says which. The copy is left in place: were the run not parked, it would belong to the
+        step taken right after that commit, with the claims it holds."""
         if not fresh:
-            committed = store.committed(submit.id, submit.run_id)
-            if committed is not None:
+            committed = store.committed(submit.id, submit.run_id, keep=True)
+            if committed is not None and committed.run.status == "requires_action":
                 return committed.state, committed.run, True
         state = await store.load_state(submit.id)
         if state is None or not state.exists:

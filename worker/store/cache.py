@@ -111,5 +111,12 @@ class CommittedCache:
             return None
         return Committed(entry[0], entry[1][run_id], entry[2])
 
+    def peek(self, chat_id: str, run_id: str) -> Committed | None:
+        """The same, left in place (for a reader that only acts on a run that waits)."""
+        entry = self._chats.get(chat_id)
+        if entry is None or run_id not in entry[1]:
+            return None
+        return Committed(entry[0], entry[1][run_id], entry[2])
+
     def forget(self, chat_id: str) -> None:
         self._chats.pop(chat_id, None)

@@ -179,9 +179,13 @@ class TableChatStore:
         self._history.put(chat_id, state.created_at, messages)
         return messages
 
-    def committed(self, chat_id: str, run_id: str) -> Committed | None:
+    def committed(self, chat_id: str, run_id: str, *, keep: bool = False) -> Committed | None:
         """The state and the run ``run_id`` as this process's last commit of the chat left
-        them (once), or None. Only for the step taken right after that commit."""
+        them (once), or None. Only for the step taken right after that commit; ``keep``: left
+        for it (a reader that acts only on a run waiting for producers, which no step
+        follows)."""
+        if keep:
+            return self._committed.peek(chat_id, run_id)
         return self._committed.take(chat_id, run_id)
 
     async def load_run(self, chat_id: str, run_id: str) -> Run | None:
