@@ -22,6 +22,7 @@ RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
 
 def _benchmarks() -> dict[str, Callable[[], Report]]:
     from bench import (
+        approvals,
         creates,
         latency,
         mcp,
@@ -35,6 +36,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
 
     return {
         "requests_per_run": lambda: requests_per_run.measure(history=200, runs=2),
+        "approvals": lambda: approvals.measure(runs=3),
         "latency": lambda: latency.measure(),
         "creates": lambda: creates.measure(messages=300),
         "open_conversations": lambda: open_conversations.measure(posts=300),

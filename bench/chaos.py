@@ -5,11 +5,13 @@ model server runs as its own process with the stateless script of ``bench.chaos_
 seeded random faults (429 with Retry-After, 500, dropped connections) on a share of the model
 calls; several ``assistant-worker run`` processes share the queues, with the tools of
 ``bench.chaos_tools``; a producer process (``bench.chaos_producer``) creates chats and posts to
-them back to back across the three model APIs, and answers external tool calls (partial,
-concurrent and duplicated submits). Meanwhile a random worker is SIGKILLed every few seconds
-and restarted, the table service is stopped once for a while and restarted on its data, and the
-MCP server the chats use (``tests/support/mcp_server.py``, its own process) is killed once for a
-few seconds and started again on its port.
+them back to back across the three model APIs, answers external tool calls (partial,
+concurrent and duplicated submits) and decides the calls that wait for approval (approved or
+denied at random; sent once, twice, one call at a time, or by two approvers who disagree).
+Meanwhile a random worker is SIGKILLed every few seconds and restarted, the table service is
+stopped once for a while and restarted on its data, and the MCP server the chats use
+(``tests/support/mcp_server.py``, its own process) is killed once for a few seconds and started
+again on its port.
 
 When the faults stop the soak waits (bounded) until every post has its final reply and the
 work queues are empty, stops everything and audits every chat (``bench.chaos_audit``): the
@@ -50,7 +52,14 @@ from azure.data.tables.aio import TableServiceClient
 from azure.storage.queue.aio import QueueServiceClient
 
 from bench.chaos_audit import Collected, Line, audit, failed, render
-from bench.chaos_model import EXTERNAL_DEFINITION, LOCAL_TOOL, MCP_SERVER, pick_plan
+from bench.chaos_model import (
+    APPROVAL_TOOL,
+    EXTERNAL_DEFINITION,
+    LOCAL_TOOL,
+    MCP_SERVER,
+    pick_approval_mode,
+    pick_plan,
+)
 from bench.chaos_tools import TOOL_LOG_ENV
 from tests.support.mcp_server import McpServerProcess
 from worker.devtools.azurite import REPO_ROOT, SplitAzurite, die_with_parent
@@ -178,7 +187,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
 
 def make_plan(options: Options) -> dict[str, Any]:
-    """Chats, their posts (plan and submit mode each) and the order the producer sends them."""
+    """Chats, their posts (plan, submit mode and approval mode each) and the order the
+    producer sends them."""
     rng = random.Random(options.seed)
     counts = [1] * options.chats
     for _ in range(options.posts - options.chats):
@@ -198,6 +208,7 @@ def make_plan(options: Options) -> dict[str, Any]:
                     "tag": f"c{i:03d}p{n:03d}",
                     "plan": plan,
                     "mode": mode,
+                    "approval_mode": pick_approval_mode(rng, plan),
                 }
             )
         chats.append(
@@ -207,8 +218,9 @@ def make_plan(options: Options) -> dict[str, Any]:
                 "strict": strict,
                 "together": rng.random() < 0.5,
                 "reply_queue": f"chaos-replies-{i % REPLY_QUEUES}",
-                "tools": [LOCAL_TOOL, EXTERNAL_DEFINITION],
+                "tools": [LOCAL_TOOL, APPROVAL_TOOL, EXTERNAL_DEFINITION],
                 "mcp_servers": [MCP_SERVER],
+                "approval_required": [APPROVAL_TOOL],
                 "posts": posts,
             }
         )

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.chaos_model import final_answer, rounds, user_message
+from bench.chaos_model import Call, approves, final_answer, rounds, user_message
 
 # What the worker stores for a tool call whose worker died while running it (at most once).
 INTERRUPTED = "was interrupted"
@@ -137,6 +137,14 @@ def audit(data: Collected) -> list[Line]:
         elif event.get("type") == "toolCallsRequired":
             required += 1
     answers = [e for e in data.journal if e.get("kind") == "answer"]
+    decided_events = [e for e in data.journal if e.get("kind") == "decide"]
+    # The approval mode each post's decisions were sent in (a conflict may stand either way).
+    approval_modes = {
+        post["tag"]: post.get("approval_mode", "none")
+        for chat in chats.values()
+        for post in chat["posts"]
+    }
+    approval_events = sum(1 for e in events if e.get("type") == "toolApprovalRequired")
 
     ends = Counter(str(e.get("tag")) for e in data.tool_log if e.get("event") == "end")
     by_tag: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
@@ -180,6 +188,49 @@ def audit(data: Collected) -> list[Line]:
     fail: dict[str, list[str]] = defaultdict(list)
     mcp_fail: list[str] = []
     totals = Counter[str]()
+
+    def audit_approval(call: Call, rows: Sequence[Mapping[str, Any]], chat_id: str) -> None:
+        """A call that waited for a decision: approved, it ran exactly once (started once;
+        a kill while it ran leaves it answered "interrupted", never run again); denied, it
+        never ran and its result says so. Its one result keeps the decision that stood, which
+        is the producer's (either of the two in a conflict)."""
+        totals["approval_calls"] += 1
+        started, finished = starts.get(call.tag, 0), ends.get(call.tag, 0)
+        texts = [join_text(row, "Content") for row in rows]
+        where = f"{chat_id} {call.tag}"
+        if len(rows) != 1:
+            fail["history"].append(f"{where}: results stored {[t[:60] for t in texts]}")
+            return
+        [row], [text] = rows, texts
+        verdict = row.get("Approval")
+        conflict = approval_modes.get(call.tag.split(".r")[0]) == "conflict"
+        if verdict not in ("approved", "denied"):
+            fail["approvals"].append(f"{where}: no decision kept with its result {text[:80]!r}")
+            return
+        if not conflict and (verdict == "approved") != approves(call.tag):
+            fail["approvals"].append(f"{where}: {verdict}, but the producer decided otherwise")
+        if conflict:
+            totals["approval_conflicts"] += 1
+        if verdict == "approved":
+            totals["approved"] += 1
+            interrupted = INTERRUPTED in text
+            if started == 1 and finished <= 1 and (text == call.output or interrupted):
+                totals["approved_once"] += 1
+                totals["approved_interrupted"] += int(interrupted)
+            else:
+                fail["approved"].append(
+                    f"{where}: approved, executed {finished} times (started {started}), "
+                    f"result {text[:60]!r}{executions_detail(call.tag)}"
+                )
+        else:
+            totals["denied"] += 1
+            if started == 0 and text.startswith("denied: "):
+                totals["denied_never"] += 1
+            else:
+                fail["denied"].append(
+                    f"{where}: denied, started {started} times, result {text[:60]!r}"
+                )
+
     order_info: list[str] = []
     inversion_causes = Counter[str]()
     orphan_claims: list[str] = []
@@ -208,9 +259,11 @@ def audit(data: Collected) -> list[Line]:
                 if isinstance(arguments, dict) and "tag" in arguments:
                     id_to_tag[str(tool_call.get("id"))] = str(arguments["tag"])
         tag_results: dict[str, list[str]] = defaultdict(list)
+        tag_rows: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
         for m in messages:
             if m.get("Role") == "Tool" and str(m.get("Name")) in id_to_tag:
                 tag_results[id_to_tag[str(m.get("Name"))]].append(join_text(m, "Content"))
+                tag_rows[id_to_tag[str(m.get("Name"))]].append(m)
         user_counts = Counter(users)
         if not state:
             fail["chat exists"].append(f"{chat_id}: no state row")
@@ -272,6 +325,9 @@ def audit(data: Collected) -> list[Line]:
                             fail["external"].append(
                                 f"{chat_id} {call.tag}: output stored {stored_results} times"
                             )
+                        continue
+                    if call.approval:
+                        audit_approval(call, tag_rows.get(call.tag, []), chat_id)
                         continue
                     totals["local"] += 1
                     totals["mcp"] += call.mcp
@@ -391,7 +447,7 @@ def audit(data: Collected) -> list[Line]:
         Line(
             "posts sent",
             f"{posts} (+{sends['create']} creates, {sends['submit'] + sends['submit-again']} "
-            "submits)",
+            f"submits, {sum(v for k, v in sends.items() if k.startswith('decide'))} decisions)",
             f"{posts_planned}",
             posts == posts_planned,
             [
@@ -471,6 +527,31 @@ def audit(data: Collected) -> list[Line]:
             f"{totals['external']}",
             not fail["external"],
             fail["external"],
+        ),
+        Line(
+            "approved calls run exactly once",
+            f"{totals['approved_once']} of {totals['approved']} "
+            f"({totals['approved_interrupted']} interrupted by a kill while running, not re-run)",
+            f"{totals['approved']}",
+            not fail["approved"],
+            fail["approved"],
+        ),
+        Line(
+            "denied calls never run",
+            f"{totals['denied_never']} of {totals['denied']}",
+            f"{totals['denied']}",
+            not fail["denied"],
+            fail["denied"],
+        ),
+        Line(
+            "decisions kept with their calls",
+            f"{totals['approved'] + totals['denied']} of {totals['approval_calls']} "
+            f"({approval_events} events, {len(decided_events)} decided, "
+            f"{totals['approval_conflicts']} by two approvers at once; "
+            f"{data.worker_events['approval.ignored']} later decisions ignored)",
+            f"{totals['approval_calls']}",
+            not fail["approvals"],
+            fail["approvals"],
         ),
         Line(
             "history valid (calls answered once)",

@@ -2,8 +2,10 @@
 
 A post's user message is ``chaos <tag> plan=<plan>``. The plan is a list of tool rounds
 separated by ``.``; each round is made of ``L<n>`` (n quick local calls), ``S<n>`` (n slow local
-calls), ``E<n>`` (n external calls) and ``M<n>`` (n calls of the MCP server's ``chaos_remote``),
-e.g. ``L2E1.M1``; an empty plan answers at once.
+calls), ``E<n>`` (n external calls), ``M<n>`` (n calls of the MCP server's ``chaos_remote``)
+and ``A<n>`` (n local calls that wait for a decision: every chat names their tool in
+``approvalRequired``), e.g. ``L2E1.M1``; an empty plan answers at once. The producer approves
+or denies each ``A`` call (:func:`approves`: at random, seeded by its tag).
 :func:`chaos_scenario` (the fake model's default scenario in the soak, loaded with
 ``--scenario-callable bench.chaos_model:chaos_scenario``) is stateless: it counts the tool
 rounds the conversation already holds since the post and asks for the next round, or answers
@@ -25,10 +27,12 @@ EXTERNAL_TOOL = "chaos_external"
 # its tool as the model calls it.
 MCP_SERVER = "remote"
 MCP_TOOL = f"{MCP_SERVER}__chaos_remote"
+# A local tool whose calls wait for the producer's decision (not safe to run twice).
+APPROVAL_TOOL = "chaos_approve"
 SLOW_SECONDS = 2.0
 
 _MESSAGE_RE = re.compile(r"^chaos (?P<tag>\S+) plan=(?P<plan>\S*)$")
-_ROUND_RE = re.compile(r"([LSEM])(\d+)")
+_ROUND_RE = re.compile(r"([LSEMA])(\d+)")
 
 # What the external tool is, as the create's function definition.
 EXTERNAL_DEFINITION = {
@@ -58,10 +62,22 @@ PLANS: tuple[tuple[str, int], ...] = (
     ("M1", 8),
     ("L1M1", 5),
     ("M1.L1", 4),
+    ("A1", 8),
+    ("L1A1", 5),
+    ("A2", 5),
+    ("A1E1", 4),
+    ("A1.L1", 3),
 )
 # How the producer answers a toolCallsRequired event (see bench.chaos_producer).
 MODES_ONE = ("whole", "twice")
 MODES_MANY = ("whole", "partial", "concurrent", "repeat", "twice")
+# How it decides a toolApprovalRequired event: one request, the same sent twice, two approvers
+# who disagree sending at once (the first decision stored stands), one request per call, one
+# after another or all at once.
+APPROVAL_MODES_ONE = ("whole", "twice", "conflict")
+APPROVAL_MODES_MANY = ("whole", "twice", "conflict", "split", "concurrent")
+# The share of the calls that wait for a decision that the producer approves.
+APPROVE_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -69,11 +85,11 @@ class Call:
     """One call a plan asks for."""
 
     tag: str
-    kind: str  # "L", "S", "E" or "M"
+    kind: str  # "L", "S", "E", "M" or "A"
 
     @property
     def name(self) -> str:
-        return {"E": EXTERNAL_TOOL, "M": MCP_TOOL}.get(self.kind, LOCAL_TOOL)
+        return {"E": EXTERNAL_TOOL, "M": MCP_TOOL, "A": APPROVAL_TOOL}.get(self.kind, LOCAL_TOOL)
 
     @property
     def mcp(self) -> bool:
@@ -83,16 +99,34 @@ class Call:
     def external(self) -> bool:
         return self.kind == "E"
 
+    @property
+    def approval(self) -> bool:
+        return self.kind == "A"
+
     def arguments(self) -> dict[str, object]:
-        if self.kind in ("E", "M"):
+        if self.kind in ("E", "M", "A"):
             return {"tag": self.tag}
         return {"tag": self.tag, "seconds": SLOW_SECONDS if self.kind == "S" else 0.0}
 
     @property
     def output(self) -> str:
-        """What its result says: the local or MCP tool's return value, or the producer's
-        output."""
+        """What its result says: the local or MCP tool's return value (an approved call's
+        too), or the producer's output."""
         return f"{'ext' if self.external else 'ok'} {self.tag}"
+
+    @property
+    def denied_output(self) -> str:
+        """The result of a call that waited for a decision and was denied."""
+        return f"denied: {denial_reason(self.tag)}"
+
+
+def approves(tag: str) -> bool:
+    """The producer's decision on the call tagged ``tag`` (at random, the same every time)."""
+    return random.Random(f"approve {tag}").random() < APPROVE_SHARE
+
+
+def denial_reason(tag: str) -> str:
+    return f"chaos denies {tag}"
 
 
 def user_message(tag: str, plan: str) -> str:
@@ -136,6 +170,14 @@ def chaos_scenario(conversation: Conversation) -> Turn:
             ]
         }
     return {"content": final_answer(tag, plan)}
+
+
+def pick_approval_mode(rng: random.Random, plan: str) -> str:
+    """How the producer decides the calls of a plan that wait for approval."""
+    most = max((len([c for c in r if c.approval]) for r in rounds("x", plan)), default=0)
+    if most == 0:
+        return "none"
+    return rng.choice(APPROVAL_MODES_MANY if most > 1 else APPROVAL_MODES_ONE)
 
 
 def pick_plan(rng: random.Random) -> tuple[str, str]:

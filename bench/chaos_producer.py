@@ -7,9 +7,13 @@ each once the reply of the one before has arrived. It reads the reply queues and
 ``toolCallsRequired`` event with ``submitToolOutputs`` in the post's mode: ``whole`` (one
 submit), ``twice`` (the same submit, same requestId, sent twice), ``partial`` (one call per
 submit, one after another), ``concurrent`` (one call per submit, all sent at once) or
-``repeat`` (partial, each submit repeating the outputs already sent). Everything it sends and
-receives is appended to the journal (JSON lines); a status file says how far it got. It stops
-on SIGTERM/SIGINT or at its deadline.
+``repeat`` (partial, each submit repeating the outputs already sent). It decides each
+``toolApprovalRequired`` event with ``submitToolApprovals`` (approve or deny each call as
+``bench.chaos_model.approves`` says) in the post's approval mode: ``whole``, ``twice``,
+``split`` (one call per request, one after another), ``concurrent`` (one call per request, all
+at once) or ``conflict`` (a second approver sends the opposite decisions at the same instant:
+the first stored stands). Everything it sends and receives is appended to the journal (JSON
+lines); a status file says how far it got. It stops on SIGTERM/SIGINT or at its deadline.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
-from bench.chaos_model import user_message
+from bench.chaos_model import approves, denial_reason, user_message
 
 STATUS_INTERVAL = 0.5
 RECEIVE_IDLE = 0.2
@@ -69,6 +73,7 @@ class Producer:
     replied: set[str] = field(default_factory=set)
     reply_waiters: dict[str, asyncio.Event] = field(default_factory=dict)
     handled_events: int = 0
+    decisions: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,11 @@ class Producer:
         self.chats = {chat["id"]: chat for chat in self.config["chats"]}
         self.modes = {
             post["tag"]: post["mode"] for chat in self.config["chats"] for post in chat["posts"]
+        }
+        self.approval_modes = {
+            post["tag"]: post.get("approval_mode", "whole")
+            for chat in self.config["chats"]
+            for post in chat["posts"]
         }
         self.total_posts = sum(len(chat["posts"]) for chat in self.config["chats"])
         self.requests = self.service.get_queue_client(self.config["requests_queue"])
@@ -121,6 +131,7 @@ class Producer:
             "api": chat["api"],
             "tools": chat["tools"],
             **({"mcpServers": chat["mcp_servers"]} if chat.get("mcp_servers") else {}),
+            "approvalRequired": chat.get("approval_required"),
         }
 
     def post_body(self, chat: dict[str, Any], post: dict[str, Any]) -> dict[str, Any]:
@@ -255,8 +266,9 @@ class Producer:
             if event.get("status") in ("completed", "failed", "cancelled", "expired", "incomplete"):
                 self.replied.add(request_id)
                 self.reply_waiters.setdefault(request_id, asyncio.Event()).set()
-        elif event.get("type") == "toolCallsRequired":
-            task = asyncio.create_task(self.answer(event))
+        elif event.get("type") in ("toolCallsRequired", "toolApprovalRequired"):
+            answer = self.answer if event["type"] == "toolCallsRequired" else self.decide
+            task = asyncio.create_task(answer(event))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
@@ -313,6 +325,70 @@ class Producer:
                 if number < len(outputs) - 1:
                     await asyncio.sleep(PARTIAL_PAUSE)
 
+    async def decide(self, event: dict[str, Any]) -> None:
+        """Approve or deny each call of a toolApprovalRequired event, in the post's mode."""
+        chat_id, run_id = str(event.get("id")), str(event.get("runId"))
+        decisions: list[dict[str, Any]] = []
+        tags: list[str] = []
+        for call in event.get("toolCalls") or []:
+            try:
+                tag = str(json.loads(call.get("arguments") or "{}").get("tag"))
+            except (ValueError, AttributeError):
+                tag = "?"
+            tags.append(tag)
+            approve = approves(tag)
+            decision = {"toolCallId": str(call.get("id")), "approve": approve, "by": "chaos-a"}
+            if not approve:
+                decision["reason"] = denial_reason(tag)
+            decisions.append(decision)
+        if not decisions:
+            return
+        mode = self.approval_modes.get(tags[0].split(".r")[0], "whole")
+        if len(decisions) == 1 and mode in ("split", "concurrent"):
+            mode = "whole"
+        table = self.config["table"]
+        ids = [d["toolCallId"] for d in decisions]
+
+        def body(chosen: Sequence[dict[str, Any]], request_id: str) -> dict[str, Any]:
+            return {
+                "type": "submitToolApprovals",
+                "id": chat_id,
+                "runId": run_id,
+                "collectionName": table,
+                "requestId": request_id,
+                "approvals": list(chosen),
+            }
+
+        self.log(kind="decide", chat=chat_id, runId=run_id, mode=mode, calls=ids, tags=tags,
+                 approve=[d["approve"] for d in decisions])  # fmt: skip
+        whole = body(decisions, f"dec-{run_id}-{short_hash(*ids)}")
+        if mode in ("whole", "twice"):
+            await self.send(whole, "decide")
+            if mode == "twice":
+                await self.send(whole, "decide-again")
+        elif mode == "conflict":
+            other = [
+                {**d, "approve": not d["approve"], "by": "chaos-b", "reason": "second opinion"}
+                for d in decisions
+            ]
+            await asyncio.gather(
+                self.send(whole, "decide"),
+                self.send(body(other, f"dec-b-{run_id}-{short_hash(*ids)}"), "decide-conflict"),
+            )
+        elif mode == "concurrent":
+            await asyncio.gather(
+                *(self.send(body([d], f"dec-{run_id}-{d['toolCallId']}"), "decide")
+                  for d in decisions)
+            )  # fmt: skip
+        else:  # split
+            for number, decision in enumerate(decisions):
+                await self.send(
+                    body([decision], f"dec-{run_id}-{decision['toolCallId']}"), "decide"
+                )
+                if number < len(decisions) - 1:
+                    await asyncio.sleep(PARTIAL_PAUSE)
+        self.decisions += 1
+
     # -- status ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -325,6 +401,7 @@ class Producer:
             "done_sending": self.done_sending,
             "replied": len(self.replied),
             "submits": self.submits,
+            "decisions": self.decisions,
             "send_errors": self.send_errors,
             "events": self.handled_events,
         }

@@ -1,4 +1,6 @@
-"""The chaos soak's local tool (``WORKER_TOOLS=bench.chaos_tools``).
+"""The chaos soak's local tools (``WORKER_TOOLS=bench.chaos_tools``): ``chaos_local``, and
+``chaos_approve``, whose calls wait for the producer's decision (the chats name it in
+``approvalRequired``).
 
 Tools never learn their call id, so each call carries a unique ``tag`` (see
 ``bench.chaos_model``); every execution appends a ``start`` and an ``end`` line to the file
@@ -36,5 +38,14 @@ async def chaos_local(tag: str, seconds: float = 0.0) -> str:
     _record("start", tag)
     if seconds > 0:
         await asyncio.sleep(seconds)
+    _record("end", tag)
+    return f"ok {tag}"
+
+
+@tool
+async def chaos_approve(tag: str) -> str:
+    """Record one execution of the approved call tagged ``tag`` and return ``ok <tag>`` (not
+    safe to run twice: it runs only once a person said yes)."""
+    _record("start", tag)
     _record("end", tag)
     return f"ok {tag}"

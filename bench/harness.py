@@ -137,6 +137,8 @@ class Producer:
     reply_queue: str = field(default_factory=lambda: f"rep-{uuid.uuid4().hex[:10]}")
     poll_interval: float = 0.01
     replies: dict[str, Reply] = field(default_factory=dict)
+    # The other events (toolCallsRequired, toolApprovalRequired), in arrival order.
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     async def __aenter__(self) -> Producer:
         from worker.queues.azure import AzureQueueBroker
@@ -182,6 +184,22 @@ class Producer:
             await self._arrived.wait_for(lambda: request_id in self.replies)
         return self.replies[request_id]
 
+    async def event(self, kind: str, within: float = 60.0, **match: Any) -> dict[str, Any]:
+        """The first event of type ``kind`` with the given fields (TimeoutError after
+        ``within`` s)."""
+
+        def found() -> dict[str, Any] | None:
+            for event in self.events:
+                if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                    return event
+            return None
+
+        async with asyncio.timeout(within), self._arrived:
+            await self._arrived.wait_for(lambda: found() is not None)
+        event = found()
+        assert event is not None
+        return event
+
     async def wait_replies(self, request_ids: list[str], within: float) -> None:
         async with asyncio.timeout(within), self._arrived:
             await self._arrived.wait_for(lambda: all(r in self.replies for r in request_ids))
@@ -208,6 +226,10 @@ class Producer:
                 if event.get("type") == "assistantReply" and event.get("requestId"):
                     async with self._arrived:
                         self.replies[event["requestId"]] = Reply(event, arrived)
+                        self._arrived.notify_all()
+                elif isinstance(event, dict):
+                    async with self._arrived:
+                        self.events.append(event)
                         self._arrived.notify_all()
 
 

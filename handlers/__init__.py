@@ -1,5 +1,6 @@
 """Message handlers: one module per message type, wired together by ``build_registry``."""
 
+from handlers.approvals import ApprovalsHandler
 from handlers.create import CreateHandler
 from handlers.deadline import DeadlineHandler
 from handlers.delete import DeleteHandler
@@ -18,6 +19,7 @@ def build_registry(services: RunServices) -> HandlerRegistry:
             "assistantDelete": DeleteHandler(services),
             "assistantPost": PostHandler(services),
             "submitToolOutputs": SubmitHandler(services),
+            "submitToolApprovals": ApprovalsHandler(services),
         },
         runs={"runStep": StepHandler(services)},
         deadlines={"runDeadline": DeadlineHandler(services)},

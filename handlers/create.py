@@ -6,8 +6,10 @@ from handlers.replies import end_removed_runs
 from handlers.services import RunServices
 from schemas import AssistantCreate
 from schemas.bounded import listing
+from schemas.requests import FunctionTool
 from worker.loop.errors import PermanentError
 from worker.loop.handling import HandlerResult, MessageContext
+from worker.runs.approvals import SEPARATOR
 from worker.store.layout import AppliedRequest, ChatMessage, ChatState
 
 
@@ -22,6 +24,7 @@ def assistant_defaults(request: AssistantCreate) -> dict[str, Any]:
             "api",
             "tools",
             "mcp_servers",
+            "approval_required",
             "temperature",
             "top_p",
             "max_tokens",
@@ -75,6 +78,26 @@ def check_mcp_servers(request: AssistantCreate, services: RunServices) -> None:
         )
 
 
+def check_approvals(request: AssistantCreate, services: RunServices) -> None:
+    """``approvalRequired`` names tools the assistant can call: registered ones, its external
+    tools, or ``server__tool`` tools of MCP servers; a name that is none of them (a typo) would
+    never match a call, and the tool would run without approval."""
+    required = request.approval_required
+    if not isinstance(required, list):
+        return
+    known = set(services.tools.names())
+    known.update(t.function.name for t in request.tools or [] if isinstance(t, FunctionTool))
+    unknown = [name for name in required if name not in known and SEPARATOR not in name]
+    if unknown:
+        hint = ' (for every tool, send "approvalRequired": "all")' if "all" in unknown else ""
+        raise PermanentError(
+            f"approvalRequired names unknown tool(s) {', '.join(map(repr, unknown))}: name "
+            "registered tools, external tools of this assistant, or MCP tools as "
+            f"server__tool{hint}",
+            error_type="UnknownTool",
+        )
+
+
 class CreateHandler:
     """Writes the ``state`` row and the system message; a redelivery with the same
     ``requestId`` finds its applied record and does not reset the chat again."""
@@ -85,6 +108,7 @@ class CreateHandler:
     async def __call__(self, request: AssistantCreate, context: MessageContext) -> HandlerResult:
         check_tools(request, self._services)
         check_mcp_servers(request, self._services)
+        check_approvals(request, self._services)
         store = await self._services.stores.get(
             request.chat_storage_connection_setting, request.collection_name, create=True
         )

@@ -1,6 +1,7 @@
 """The events a run sends its producer on ``replyTo``: ``assistantReply`` when it ends,
-``toolCallsRequired`` when it waits for external tools, and ``cancelled`` replies for the runs a
-delete or reset removed. Each is cut to fit one queue message; the chat keeps the whole text.
+``toolCallsRequired`` when it waits for external tools, ``toolApprovalRequired`` when calls wait
+for a decision, and ``cancelled`` replies for the runs a delete or reset removed. Each is cut to
+fit one queue message; the chat keeps the whole text.
 """
 
 from collections.abc import Callable, Sequence
@@ -8,7 +9,14 @@ from typing import Any
 
 from handlers.query import to_assistant_message
 from handlers.services import ChatRef, RunServices
-from schemas import AssistantReply, ToolCallRequest, ToolCallsRequired, encode_body
+from schemas import (
+    ApprovalCall,
+    AssistantReply,
+    ToolApprovalRequired,
+    ToolCallRequest,
+    ToolCallsRequired,
+    encode_body,
+)
 from schemas.decode import MAX_MESSAGE_BYTES, Encoding
 from schemas.events import Usage as UsageEvent
 from worker.loop.handling import Send
@@ -26,11 +34,41 @@ def tool_calls_required(chat: ChatRef, run: Run, reply_to: str, encoding: Encodi
         tool_calls=[
             ToolCallRequest(id=call.id, name=call.name, arguments=call.arguments)
             for call in run.pending_calls
-            if call.external
+            if call.external and not call.undecided
         ],
         traceparent=run.traceparent,
     )
     return Send(reply_to, fit_tool_calls(event, encoding), best_effort=True)
+
+
+def tool_approval_required(chat: ChatRef, run: Run, reply_to: str, encoding: Encoding) -> Send:
+    """The ``toolApprovalRequired`` event of a run whose calls wait for a decision, cut to
+    fit one queue message like ``toolCallsRequired``."""
+    event = ToolApprovalRequired(
+        id=chat.chat_id,
+        run_id=run.run_id,
+        request_id=run.request_id,
+        tool_calls=[
+            ApprovalCall(id=call.id, name=call.name, arguments=call.arguments, server=call.server)
+            for call in run.pending_calls
+            if call.undecided
+        ],
+        traceparent=run.traceparent,
+    )
+    return Send(reply_to, fit_tool_calls(event, encoding), best_effort=True)
+
+
+def waiting_events(chat: ChatRef, run: Run, encoding: Encoding) -> list[Send]:
+    """What a run in requires_action waits for, announced on its replyTo: external outputs
+    (``toolCallsRequired``) and decisions (``toolApprovalRequired``)."""
+    if not run.reply_to:
+        return []
+    sends = []
+    if any(call.external and not call.undecided for call in run.pending_calls):
+        sends.append(tool_calls_required(chat, run, run.reply_to, encoding))
+    if any(call.undecided for call in run.pending_calls):
+        sends.append(tool_approval_required(chat, run, run.reply_to, encoding))
+    return sends
 
 
 async def replies_of(
@@ -160,7 +198,9 @@ ARGUMENTS_CUT = (
 )
 
 
-def fit_tool_calls(event: ToolCallsRequired, encoding: Encoding) -> dict[str, Any]:
+def fit_tool_calls(
+    event: ToolCallsRequired | ToolApprovalRequired, encoding: Encoding
+) -> dict[str, Any]:
     """The event as a payload that fits one queue message (64 KiB).
 
     Every call keeps its id and name (a producer must be able to answer each one); the

@@ -8,17 +8,19 @@ failures become a delayed step (Retry-After when the service gives one) instead 
 """
 
 import asyncio
+import contextlib
 import functools
 import json
 import random
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from handlers.mcp_tools import NO_MCP_TOOLS, McpToolset, load_toolset, run_mcp_call
 from handlers.services import ChatRef, RunServices
 from handlers.tool_calls import ToolCall, ToolResult, run_tool_calls
+from handlers.tools import ToolRegistry
 from handlers.transitions import StaleRun, commit_transition, deadline_send, lost_follow_ups
 from schemas import RunStep
 from worker.backends.base import Backend, ModelError, TurnRequest
@@ -26,9 +28,10 @@ from worker.loop.errors import PermanentError, TransientError, describe
 from worker.loop.handling import HandlerResult, MessageContext, Send
 from worker.loop.outcome import RetryPolicy, backoff
 from worker.runs import machine
+from worker.runs.approvals import ApprovalPolicy
 from worker.runs.history import ModelMessage, prepare_for_model, token_budget
 from worker.runs.machine import Transition
-from worker.runs.model import ModelTurn, Pending, Run, ToolCallRef
+from worker.runs.model import ModelTurn, Pending, PendingCall, Run, ToolCallRef
 from worker.store.claims import (
     Busy,
     Claimed,
@@ -125,8 +128,7 @@ def claim_rows(run: Run) -> list[str]:
     if run.phase == "tools":
         return [
             tool_result_row_key(run.run_id, run.tool_rounds, c.id)
-            for c in run.pending_calls
-            if not c.external
+            for c in machine.runnable_calls(run)
         ]
     if run.phase == "model" and run.api in REMOTE_BACKENDS:
         return [model_claim_row_key(run.run_id, run.step)]
@@ -141,9 +143,19 @@ def acts_on(state: ChatState, run: Run, step: int, now: datetime) -> bool:
     return not (run.phase == "external" and now < run.expires_at)
 
 
-def claims_ahead(run: Run) -> list[NewClaim]:
+def reserved(call: PendingCall, tools: ToolRegistry) -> bool:
+    """Whether the claim on ``call`` written ahead is only a reservation, marked claimed as
+    the call starts: a call a person approved, of a tool that must not run twice. A worker
+    that dies between the stored decision and the call then leaves it to run once, instead of
+    answered "interrupted". (An idempotent tool is run again by whoever takes its claim over:
+    a plain claim does.)"""
+    spec = tools.get(call.name)
+    return call.approval and not (spec is not None and spec.idempotent)
+
+
+def claims_ahead(run: Run, tools: ToolRegistry) -> list[NewClaim]:
     """Claims on the local tool calls ``run`` is about to execute, written with the turn
-    that asked for them (for the worker that runs them next, in-process)."""
+    (or the decisions) that made them due (for the worker that runs them next, in-process)."""
     if run.phase != "tools" or run.finished:
         return []
     owner = uuid.uuid4().hex
@@ -152,9 +164,9 @@ def claims_ahead(run: Run) -> list[NewClaim]:
             tool_result_row_key(run.run_id, run.tool_rounds, c.id),
             owner,
             {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": c.id},
+            reserved=reserved(c, tools),
         )
-        for c in run.pending_calls
-        if not c.external
+        for c in machine.runnable_calls(run)
     ]
 
 
@@ -193,6 +205,8 @@ class ToolSetup:
             ]
         )
         self.hosted = tuple(hosted)
+        # Which calls wait for a person's decision, and the MCP server of each tool.
+        self.approvals = ApprovalPolicy.of(defaults, registry.approval_names())
 
     @classmethod
     async def load(cls, services: RunServices, defaults: dict[str, Any]) -> "ToolSetup":
@@ -219,6 +233,15 @@ class ToolSetup:
             spec = self._services.tools.get(name)
             return spec is not None and spec.idempotent
         return self.mcp.rerun_safe(name)
+
+
+@dataclass(frozen=True)
+class _Call(ToolCall):
+    """A call of the round as the tools step runs it: ``approved`` when a person approved it;
+    ``reserved`` when its claim written ahead is a reservation (see ``reserved``)."""
+
+    approved: bool = False
+    reserved: bool = False
 
 
 class StepSuperseded(Exception):
@@ -290,6 +313,9 @@ class StepHandler:
                 note="stale: another delivery advanced the run",
                 effects=await self._after_stale(store, chat, stale, step, context),
             )
+        except Exception:
+            await self._keep_outputs(store, chat.chat_id, run)
+            raise
         self._forget_finished(chat.chat_id, run)
         if context.dequeue_count > 1 and not context.in_process and not transition.run.finished:
             # A redelivered message that carries the run: its watchdog again (SPEC §5).
@@ -349,7 +375,7 @@ class StepHandler:
         services = self._services
         carrier = context.message_id
         deletes = claim_rows(run)
-        ahead = claims_ahead(transition.run) if context.continues_here else []
+        ahead = claims_ahead(transition.run, services.tools) if context.continues_here else []
         operations = len(transition.messages) + 2 * len(deletes) + len(ahead) + 4
         if operations > MAX_TRANSACTION_OPERATIONS:
             deletes, ahead = [], []  # a huge round keeps its records rather than fail to fit
@@ -410,6 +436,20 @@ class StepHandler:
             return ()
         return await lost_follow_ups(self._services, store, chat, run, state, in_process=True)
 
+    async def _keep_outputs(self, store: ChatStore, chat_id: str, run: Run) -> None:
+        """The round's commit failed: the outputs this process holds for it are stored in
+        their claim rows (best effort), so that a worker that continues the run finds them
+        instead of answering the calls "interrupted"."""
+        if run.phase != "tools":
+            return
+        for call in machine.runnable_calls(run):
+            key = tool_result_row_key(run.run_id, run.tool_rounds, call.id)
+            output = self._finished.get((chat_id, key))
+            if output is None:
+                continue
+            with contextlib.suppress(Exception):
+                await store.save_tool_result(chat_id, run.run_id, run.tool_rounds, call.id, output)
+
     def _forget_finished(self, chat_id: str, run: Run) -> None:
         """The step is stored (or another delivery stored it): its outputs kept in memory
         for a failed commit are not needed any more."""
@@ -445,8 +485,9 @@ class StepHandler:
             return replace(transition, remote=remote or None)
         turn: ModelTurn = result
         transition = machine.on_turn(
-            run, turn, now, max_rounds=MAX_TOOL_ROUNDS, external_tools=tools.external_names
-        )
+            run, turn, now, max_rounds=MAX_TOOL_ROUNDS, external_tools=tools.external_names,
+            approvals=tools.approvals,
+        )  # fmt: skip
         remote = {k: v for k, v in turn.handle.items() if k in REMOTE_KEYS}
         return replace(transition, remote=remote or None)
 
@@ -501,7 +542,7 @@ class StepHandler:
         An output is stored in its claim row as soon as it is ready while other calls of the
         round still run (a kill then loses only the unfinished ones); the last one goes
         straight into the round's transaction, unless its tool is not idempotent."""
-        local = [c for c in run.pending_calls if not c.external]
+        local = machine.runnable_calls(run)
         keys = {c.id: tool_result_row_key(run.run_id, run.tool_rounds, c.id) for c in local}
         outputs: dict[str, str] = {}
         if not all(key in held for key in keys.values()):
@@ -510,7 +551,7 @@ class StepHandler:
         busy: list[datetime] = []
         running = len([c for c in local if c.id not in outputs])
 
-        async def execute(call: ToolCall) -> None:
+        async def execute(call: _Call) -> None:
             nonlocal running
             key = keys[call.id]
             extra = {"RunId": run.run_id, "Round": run.tool_rounds, "CallId": call.id}
@@ -524,7 +565,13 @@ class StepHandler:
                 outputs[call.id] = self._finished.pop((state.chat_id, key))
                 return
             claim: ClaimResult
-            if key in held:
+            if key in held and call.reserved:
+                # Reserved with the decision that approved the call: claimed now, as it starts.
+                started = await store.claims.start(state.chat_id, key, Claimed(held[key]))
+                if started is None:
+                    raise StepSuperseded()
+                claim = started
+            elif key in held:
                 claim = Claimed(held[key])  # claimed with the turn that asked for the call
             else:
                 claim = await store.claims.acquire(
@@ -555,15 +602,23 @@ class StepHandler:
             # Stored now, not only with the round's commit, while other calls still run (a
             # kill then loses only the unfinished ones), and always for a tool that must not
             # run twice: if the commit fails and another worker continues the run, it finds
-            # the output instead of answering the call "interrupted".
-            if running > 0 or not tools.rerun_allowed(call.name):
+            # the output instead of answering the call "interrupted". An approved call's is
+            # stored by the commit, or when the commit fails (``_keep_outputs``): one request
+            # less per approval round for the same protection (a worker killed before the
+            # next write lands leaves the call started but unanswered either way).
+            if running > 0 or (not tools.rerun_allowed(call.name) and not call.approved):
                 await store.save_tool_result(
                     state.chat_id, run.run_id, run.tool_rounds, call.id, output
                 )
             outputs[call.id] = output
 
+        tools_registry = self._services.tools
         results = await asyncio.gather(
-            *(execute(ToolCall(c.id, c.name, c.arguments)) for c in local if c.id not in outputs),
+            *(
+                execute(_Call(c.id, c.name, c.arguments, c.approval, reserved(c, tools_registry)))
+                for c in local
+                if c.id not in outputs
+            ),
             return_exceptions=True,
         )
         # Raise only once every call has ended: none keeps running behind our back.

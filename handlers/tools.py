@@ -77,6 +77,9 @@ class ToolSpec:
     # Safe to run again: a call interrupted when its worker died is run again, not answered
     # with an "interrupted" error (reads and other idempotent tools should say so).
     idempotent: bool = False
+    # Every call waits for a person's decision (submitToolApprovals) before it runs, whatever
+    # the assistant's approvalRequired says.
+    approval: bool = False
 
 
 # --- the decorator -----------------------------------------------------------------------------
@@ -93,6 +96,7 @@ def tool(
     description: str | None = None,
     parameters: Mapping[str, Any] | None = None,
     idempotent: bool = False,
+    approval: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -104,6 +108,7 @@ def tool(
     description: str | None = None,
     parameters: Mapping[str, Any] | None = None,
     idempotent: bool = False,
+    approval: bool = False,
 ) -> F | Callable[[F], F]:
     """Mark a sync or async function as a tool; use bare (``@tool``) or with overrides.
 
@@ -116,11 +121,14 @@ def tool(
     Each call runs at most once: a call whose worker died while running it is answered with an
     "interrupted" error rather than run again, since it may have taken effect. A tool that is
     safe to run twice (a lookup) says ``idempotent=True``, and is then run again.
+
+    ``approval=True``: every call waits for a person's decision before it runs (SPEC §5.5),
+    for every assistant, as if each named the tool in its ``approvalRequired``.
     """
 
     def decorate(fn: F) -> F:
         spec = build_spec(fn, name, description, parameters)
-        setattr(fn, SPEC_ATTRIBUTE, replace(spec, idempotent=idempotent))
+        setattr(fn, SPEC_ATTRIBUTE, replace(spec, idempotent=idempotent, approval=approval))
         return fn
 
     return decorate(function) if function is not None else decorate
@@ -267,6 +275,10 @@ class ToolRegistry:
     def names(self) -> list[str]:
         """Tool names in registration order."""
         return list(self._specs)
+
+    def approval_names(self) -> list[str]:
+        """The tools declared ``@tool(approval=True)``: their calls always wait for a decision."""
+        return [name for name, spec in self._specs.items() if spec.approval]
 
     def get(self, name: str) -> ToolSpec | None:
         """The spec registered under ``name``, or ``None`` (observed, see ``set_observer``)."""

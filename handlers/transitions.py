@@ -16,7 +16,7 @@ from datetime import datetime
 
 import structlog
 
-from handlers.replies import replies_of, tool_calls_required
+from handlers.replies import replies_of, tool_approval_required, tool_calls_required, waiting_events
 from handlers.services import ChatRef, RunServices
 from schemas import (
     RunDeadline,
@@ -254,6 +254,7 @@ def _stored(message: NewMessage, index: int, run: Run, now: datetime) -> ChatMes
         name=message.tool_call_id,
         tool_calls=message.tool_calls,
         run_id=run.run_id,
+        decision=message.decision,
     )
 
 
@@ -264,9 +265,11 @@ def _transition_sends(
     if transition.next_step_delay is not None and not run.finished:
         delay = transition.next_step_delay
         sends.append(step_send(services, chat, run, delay, in_process=in_process))
+    encoding = services.settings.message_encoding
     if transition.announce_tool_calls and run.reply_to:
-        encoding = services.settings.message_encoding
         sends.append(tool_calls_required(chat, run, run.reply_to, encoding))
+    if transition.announce_approvals and run.reply_to:
+        sends.append(tool_approval_required(chat, run, run.reply_to, encoding))
     return sends
 
 
@@ -284,7 +287,7 @@ async def lost_follow_ups(
 
     For the redelivery of a message that carried the run (it stored a transition, then
     failed to send, or its worker died): the run's watchdog, and the next step or the
-    toolCallsRequired event; or the reply of a finished run, and the watchdog (and, at step
+    toolCallsRequired and toolApprovalRequired events; or the reply of a finished run, and the watchdog (and, at step
     0, the first step) of the run its end started. Each is idempotent for its consumer (a
     step acts once, a watchdog of a finished run does nothing, replies and events carry the
     run id), and the watchdog is re-sent on every such redelivery: one that was lost would
@@ -296,10 +299,8 @@ async def lost_follow_ups(
             return ()
         watchdog = deadline_send(services, chat, run)
         if run.phase == "external":
-            if not run.reply_to:
-                return (watchdog,)
             encoding = services.settings.message_encoding
-            return (watchdog, tool_calls_required(chat, run, run.reply_to, encoding))
+            return (watchdog, *waiting_events(chat, run, encoding))
         return (watchdog, step_send(services, chat, run, in_process=in_process))
     sends = await replies_of(services, store, chat, run, state)
     if active and active != run.run_id:

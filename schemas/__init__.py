@@ -8,13 +8,17 @@ OpenAI SDK, so that a producer can vendor it.
 
 from schemas.decode import InvalidMessage, decode_body, encode_body, parse_message
 from schemas.events import (
+    ApprovalAudit,
+    ApprovalCall,
     AssistantMessage,
     AssistantReply,
     AssistantState,
     DeadLetterEnvelope,
     DeadLetterInfo,
+    ToolApprovalRequired,
     ToolCallRequest,
     ToolCallsRequired,
+    WaitingToolCall,
 )
 from schemas.requests import (
     DEFAULT_COLLECTION,
@@ -27,7 +31,9 @@ from schemas.requests import (
     Message,
     RunDeadline,
     RunStep,
+    SubmitToolApprovals,
     SubmitToolOutputs,
+    ToolApproval,
     ToolOutput,
 )
 
@@ -35,6 +41,8 @@ __all__ = [
     "DEFAULT_COLLECTION",
     "DEFAULT_INSTRUCTIONS",
     "DEFAULT_STORAGE_SETTING",
+    "ApprovalAudit",
+    "ApprovalCall",
     "AssistantCreate",
     "AssistantDelete",
     "AssistantMessage",
@@ -48,10 +56,14 @@ __all__ = [
     "Message",
     "RunDeadline",
     "RunStep",
+    "SubmitToolApprovals",
     "SubmitToolOutputs",
+    "ToolApproval",
+    "ToolApprovalRequired",
     "ToolCallRequest",
     "ToolCallsRequired",
     "ToolOutput",
+    "WaitingToolCall",
     "decode_body",
     "encode_body",
     "parse_message",

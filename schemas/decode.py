@@ -204,6 +204,10 @@ def infer_type(payload: dict[str, Any]) -> str:
         return "assistantPost"
     if "toolOutputs" in payload:
         return "submitToolOutputs"
+    if "approvals" in payload:
+        # Not the extension's, but a decision sent without its type must never be read as a
+        # create (which would reset the chat).
+        return "submitToolApprovals"
     return "assistantCreate"
 
 

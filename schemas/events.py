@@ -27,6 +27,15 @@ RunStatus = Literal[
 Role = Literal["System", "User", "Assistant", "Tool"]
 
 
+class ApprovalAudit(EventModel):
+    """The decision on a tool call that needed approval: who, approve or deny, why, when."""
+
+    approved: bool
+    by: str | None = None
+    reason: str | None = None
+    decided_at: datetime | None = None
+
+
 class AssistantMessage(EventModel):
     """One message of ``AssistantState.recentMessages`` (the extension's shape, plus extras)."""
 
@@ -38,6 +47,20 @@ class AssistantMessage(EventModel):
     created_at: datetime | None = None
     tool_call_id: str | None = None
     run_id: str | None = None
+    # On a Tool message whose call needed approval: the decision (kept for good).
+    approval: ApprovalAudit | None = None
+
+
+class WaitingToolCall(EventModel):
+    """A tool call an active run waits for: a decision (``approval``), an external tool's
+    output (``output``), or its turn to run once nothing else waits (``run``, approved)."""
+
+    id: str
+    name: str
+    arguments: str
+    waits_for: Literal["approval", "output", "run"]
+    server: str | None = None
+    approval: ApprovalAudit | None = None
 
 
 class RunSummary(EventModel):
@@ -48,6 +71,8 @@ class RunSummary(EventModel):
     created_at: datetime | None = None
     usage: dict[str, int] | None = None
     error: str | None = None
+    # What the run waits for while it is active (requires_action: decisions and outputs).
+    waiting_tool_calls: list[WaitingToolCall] = Field(default_factory=list)
 
 
 class AssistantState(EventModel):
@@ -115,6 +140,30 @@ class ToolCallsRequired(ReplyEvent):
     traceparent: str | None = None
     # Set when the calls' arguments were too large for one queue message and were left out
     # (the whole calls are in the chat's state: ``assistant-worker state``).
+    truncated: bool = False
+
+
+class ApprovalCall(EventModel):
+    """One tool call that waits for a decision."""
+
+    id: str
+    name: str
+    arguments: str
+    # The MCP server of a ``server__tool`` call, else null.
+    server: str | None = None
+
+
+class ToolApprovalRequired(ReplyEvent):
+    """Sent to ``replyTo`` when a run waits for decisions on tool calls (SPEC §5.5)."""
+
+    type: Literal["toolApprovalRequired"] = "toolApprovalRequired"
+    id: str
+    run_id: str
+    request_id: str | None = None
+    tool_calls: list[ApprovalCall]
+    traceparent: str | None = None
+    # Set when the calls' arguments were too large for one queue message and were cut (the
+    # whole calls are in the chat's state: ``assistant-worker state``).
     truncated: bool = False
 
 

@@ -12,13 +12,20 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from schemas.events import AssistantReply, AssistantState, DeadLetterEnvelope, ToolCallsRequired
+from schemas.events import (
+    AssistantReply,
+    AssistantState,
+    DeadLetterEnvelope,
+    ToolApprovalRequired,
+    ToolCallsRequired,
+)
 from schemas.requests import (
     AssistantCreate,
     AssistantDelete,
     AssistantPost,
     RunDeadline,
     RunStep,
+    SubmitToolApprovals,
     SubmitToolOutputs,
 )
 
@@ -27,17 +34,19 @@ MODELS: dict[str, type[BaseModel]] = {
     "assistantCreate": AssistantCreate,
     "assistantPost": AssistantPost,
     "submitToolOutputs": SubmitToolOutputs,
+    "submitToolApprovals": SubmitToolApprovals,
     "assistantDelete": AssistantDelete,
     "runStep": RunStep,
     "runDeadline": RunDeadline,
     "assistantReply": AssistantReply,
     "toolCallsRequired": ToolCallsRequired,
+    "toolApprovalRequired": ToolApprovalRequired,
     "deadLetterEnvelope": DeadLetterEnvelope,
     "assistantState": AssistantState,
 }
 
 
-EVENTS = frozenset({"assistantReply", "toolCallsRequired"})
+EVENTS = frozenset({"assistantReply", "toolCallsRequired", "toolApprovalRequired"})
 
 
 def render(name: str, model: type[BaseModel]) -> str:

@@ -71,6 +71,11 @@ ToolSpec = Annotated[
 ]
 # A registered tool by name, or a full definition.
 ToolEntry = Annotated[str, Field(min_length=1, max_length=64)] | ToolSpec
+# A tool as the model sees it: a registered or external tool's name, or an MCP server's tool
+# as ``{server}__{tool}``.
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+# Most tool names one assistant may list as needing approval.
+MAX_APPROVAL_NAMES = 256
 
 
 # An MCP server of WORKER_MCP_SERVERS, by name, and one of its tools, by its name there.
@@ -98,6 +103,10 @@ class AssistantCreate(ChatRequest):
     tools: list[ToolEntry] | None = None
     # Names from WORKER_MCP_SERVERS: their tools are offered as {server}__{tool} (SPEC §5.5).
     mcp_servers: Annotated[list[McpServerEntry], Field(max_length=32)] | None = None
+    # Tools whose calls wait for a person's decision (submitToolApprovals), or "all".
+    approval_required: (
+        Annotated[list[ToolName], Field(max_length=MAX_APPROVAL_NAMES)] | Literal["all"] | None
+    ) = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     max_tokens: MaxTokens | None = None
@@ -144,6 +153,31 @@ class SubmitToolOutputs(ChatRequest):
     tool_outputs: Annotated[list[ToolOutput], Field(min_length=1)]
 
 
+# Who decided (a person's name or address, a service), as kept for audit.
+MAX_BY_LENGTH = 256
+# A decision's reason (what the model reads after "denied: ").
+MAX_REASON_LENGTH = 4000
+# Most decisions one request may carry.
+MAX_APPROVALS = 1000
+
+
+class ToolApproval(WireModel):
+    """A decision on one tool call that waits for approval."""
+
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)]
+    approve: bool
+    reason: Annotated[str, Field(max_length=MAX_REASON_LENGTH)] | None = None
+    by: Annotated[str, Field(max_length=MAX_BY_LENGTH)] | None = None
+
+
+class SubmitToolApprovals(ChatRequest):
+    """Decide tool calls a run waits for in ``requires_action`` (approve or deny each)."""
+
+    type: Literal["submitToolApprovals"] = "submitToolApprovals"
+    run_id: Annotated[str, Field(min_length=1, max_length=128)]
+    approvals: Annotated[list[ToolApproval], Field(min_length=1, max_length=MAX_APPROVALS)]
+
+
 class AssistantDelete(ChatRequest):
     """Remove a chat's rows and cancel its runs."""
 
@@ -176,13 +210,20 @@ class RunDeadline(WireModel):
 
 
 Message = (
-    AssistantCreate | AssistantPost | SubmitToolOutputs | AssistantDelete | RunStep | RunDeadline
+    AssistantCreate
+    | AssistantPost
+    | SubmitToolOutputs
+    | SubmitToolApprovals
+    | AssistantDelete
+    | RunStep
+    | RunDeadline
 )
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     "assistantCreate": AssistantCreate,
     "assistantPost": AssistantPost,
     "submitToolOutputs": SubmitToolOutputs,
+    "submitToolApprovals": SubmitToolApprovals,
     "assistantDelete": AssistantDelete,
     "runStep": RunStep,
     "runDeadline": RunDeadline,

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from bench import (
+    approvals,
     creates,
     latency,
     mcp,
@@ -49,6 +50,21 @@ def test_requests_per_run_counts_the_worker_only() -> None:
     assert 5 <= numbers["long_total"] < 500
     assert "Table GET" in report.markdown() and "Queue DELETE" in report.markdown()
     assert numbers["long_entities"] >= numbers["short_entities"] > 0
+
+
+def test_approvals_smoke() -> None:
+    report = approvals.measure(runs=1)
+    numbers = report.numbers
+    assert _tables(report) == 4  # kinds, the summary, operations, per round
+    assert set(numbers["totals"]) == {
+        "send_email",
+        "send_email + approval",
+        "lookup_order",
+        "lookup_order + approval",
+    }
+    assert all(5 <= total < 100 for total in numbers["totals"].values())
+    # An approval round costs at least its event, the decision's receive, commit and delete.
+    assert all(4 <= extra < 20 for extra in numbers["extra"].values())
 
 
 def test_latency_smoke() -> None:

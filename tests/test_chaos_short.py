@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bench.chaos_audit import Collected, audit, failed
-from bench.chaos_model import chaos_scenario, final_answer, rounds, user_message
+from bench.chaos_model import approves, chaos_scenario, final_answer, rounds, user_message
 from worker.devtools.azurite import REPO_ROOT
 from worker.testing.fake_openai_brain import Conversation, Message, ToolCall
 from worker.testing.fake_openai_faults import FaultBook
@@ -181,3 +181,90 @@ def test_the_audit_holds_mcp_calls_to_at_most_once() -> None:
     assert lines[mcp_line].ok is False
     lines = {line.name: line for line in audit(_collected(0, True, plan="M1", output="error: x"))}
     assert lines[mcp_line].ok is False
+
+
+def _approval_chat(tag: str, verdict: str, content: str, executions: int) -> Collected:
+    """A chat whose one post made one call that waited for a decision (plan ``A1``)."""
+    [[call]] = rounds(tag, "A1")
+    run_id = "run-1"
+    chat = {
+        "id": "c",
+        "strict": True,
+        "posts": [
+            {"requestId": "p0", "tag": tag, "plan": "A1", "mode": "none", "approval_mode": "whole"}
+        ],
+    }
+    rows: dict[str, dict[str, Any]] = {
+        "state": {"RowKey": "state", "ActiveRunId": ""},
+        "run-1": {"RowKey": "run-1", "RunId": run_id, "RequestId": "p0", "Status": "completed"},
+        "msg-0001": {
+            "RowKey": "msg-0001",
+            "Role": "User",
+            "Content": user_message(tag, "A1"),
+            "RunId": run_id,
+        },
+        "msg-0002": {
+            "RowKey": "msg-0002",
+            "Role": "Assistant",
+            "Content": "",
+            "RunId": run_id,
+            "ToolCalls": json.dumps(
+                [{"id": "k", "functionArguments": json.dumps(call.arguments())}]
+            ),
+        },
+        "msg-0003": {
+            "RowKey": "msg-0003",
+            "Role": "Tool",
+            "Content": content,
+            "Name": "k",
+            "RunId": run_id,
+            "Approval": verdict,
+            "ApprovalBy": "chaos-a",
+        },
+        "msg-0004": {
+            "RowKey": "msg-0004",
+            "Role": "Assistant",
+            "RunId": run_id,
+            "Content": final_answer(tag, "A1"),
+        },
+    }
+    body = {"type": "assistantReply", "requestId": "p0", "status": "completed"}
+    return Collected(
+        plan={"chats": [chat]},
+        rows={"c": rows},
+        journal=[
+            {"kind": "send", "what": "post", "chat": "c", "requestId": "p0"},
+            {"kind": "event", "body": body},
+        ],
+        leftover_events=[],
+        tool_log=[
+            {"event": e, "tag": call.tag} for _ in range(executions) for e in ("start", "end")
+        ],
+        dead_letters=[],
+        worker_events=Counter(),
+        faults=[],
+        model_calls=0,
+        kills=0,
+        outage_seconds=0,
+        wall_seconds=0,
+    )
+
+
+def test_the_audit_counts_approved_calls_once_and_denied_never() -> None:
+    """An approved call executed once passes, twice fails; a denied call that never ran
+    passes, one that ran fails; a decision the producer did not make fails."""
+    [[yes]] = rounds("t1", "A1")
+    [[no]] = rounds("t2", "A1")
+    assert approves("t1") and not approves("t2"), "the seeded decisions of these tags"
+
+    def lines(collected: Collected) -> dict[str, Any]:
+        return {line.name: line for line in audit(collected)}
+
+    assert not failed(audit(_approval_chat("t1", "approved", yes.output, 1)))
+    assert not failed(audit(_approval_chat("t2", "denied", no.denied_output, 0)))
+    twice = lines(_approval_chat("t1", "approved", yes.output, 2))
+    assert twice["approved calls run exactly once"].ok is False
+    ran = lines(_approval_chat("t2", "denied", no.denied_output, 1))
+    assert ran["denied calls never run"].ok is False
+    other = lines(_approval_chat("t2", "approved", no.output, 1))
+    assert other["decisions kept with their calls"].ok is False

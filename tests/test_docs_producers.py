@@ -17,15 +17,26 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from azure.storage.queue import AccountSasPermissions, ResourceTypes, generate_account_sas
 
-from schemas import AssistantCreate, AssistantPost, AssistantReply, parse_message
+from schemas import (
+    AssistantCreate,
+    AssistantPost,
+    AssistantReply,
+    ToolApprovalRequired,
+    ToolCallsRequired,
+    parse_message,
+)
 from schemas.decode import decode_body
+from schemas.events import ReplyEvent
+from tests.support.approval_tools import approval_registry
 from tests.support.azurite import DEV_ACCOUNT_KEY, DEV_ACCOUNT_NAME, HOST, REPO_ROOT
 from tests.support.env import StorageEnv, run
-from tests.support.runs import model_env, serving
+from tests.support.runs import TOOL_LOG_ENV, ReplyQueue, ToolLog, model_env, serving
+from tests.test_approvals_e2e import mail_bot
 from worker.testing import FakeOpenAI
 
 DOC = REPO_ROOT / "docs" / "producers.md"
@@ -33,6 +44,11 @@ QUESTION = "Hello! What can you do?"
 # The fake model's echo scenario (any model name with "echo" in it).
 ANSWER = f"You said: {QUESTION}"
 EXAMPLE_TIMEOUT = 90.0
+EVENTS: dict[str, type[ReplyEvent]] = {
+    "assistantReply": AssistantReply,
+    "toolCallsRequired": ToolCallsRequired,
+    "toolApprovalRequired": ToolApprovalRequired,
+}
 _FENCE = re.compile(r"^```([\w#+-]+)([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
@@ -41,14 +57,14 @@ def fenced_blocks(text: str) -> list[tuple[str, str, str]]:
     return [(m.group(1), m.group(2).strip(), m.group(3)) for m in _FENCE.finditer(text)]
 
 
-def producer_example(language: str) -> str:
-    """The one block marked ```` ```LANGUAGE producer ````."""
+def producer_example(language: str, role: str = "producer") -> str:
+    """The one block marked ```` ```LANGUAGE ROLE ```` (a producer, or an approver)."""
     found = [
         code
         for lang, info, code in fenced_blocks(DOC.read_text())
-        if lang == language and "producer" in info.split()
+        if lang == language and role in info.split()
     ]
-    assert len(found) == 1, f"expected one ```{language} producer block in {DOC}, got {len(found)}"
+    assert len(found) == 1, f"expected one ```{language} {role} block in {DOC}, got {len(found)}"
     return found[0]
 
 
@@ -176,9 +192,10 @@ def test_every_json_block_is_a_valid_message() -> None:
     assert blocks
     for code in blocks:
         payload = decode_body(code)
-        if payload.get("type") == "assistantReply":
-            reply = AssistantReply.model_validate(payload)
-            assert set(payload) == set(reply.to_wire()), "a reply field is missing"
+        event = EVENTS.get(str(payload.get("type")))
+        if event is not None:
+            reply = event.model_validate(payload)
+            assert set(payload) == set(reply.to_wire()), "an event field is missing"
         else:
             parse_message(payload)
 
@@ -204,3 +221,66 @@ def test_other_examples_build_the_same_requests() -> None:
         assert message.request_id
         if isinstance(message, AssistantPost):
             assert message.reply_to == "r-q"
+
+
+@pytest.mark.parametrize(("language", "encoding"), [("python", "none"), ("js", "base64")])
+def test_approver_example_decides_through_the_queues(
+    storage: StorageEnv,
+    fake: FakeOpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    language: str,
+    encoding: str,
+) -> None:
+    """The approver example, run as printed, reads the toolApprovalRequired events of two
+    posts from the reply queue (leaving the replies there), approves the mail to the allowed
+    domain and denies the other, through the requests queue: the approved call runs once, the
+    denied one never, and the audit names the approver."""
+    monkeypatch.setenv(TOOL_LOG_ENV, str(tmp_path / "tools.jsonl"))
+    tools = ToolLog(tmp_path / "tools.jsonl")
+    fake.set_default(mail_bot)
+    chat_id = f"approver-{language}-{storage.suffix}"
+    reply_queue = f"replies-{storage.suffix}"
+    path = example_path(language, tmp_path)
+    path.write_text(producer_example(language, "approver"))
+    settings = storage.settings(
+        **model_env(fake.base_url, CHAT_MODEL_DEPLOYMENT_NAME="mail-bot"),
+        WORKER_MESSAGE_ENCODING=encoding,
+    )
+    env = {
+        **example_env(storage, chat_id, reply_queue),
+        "MAX_EVENTS": "2",
+        "APPROVER": f"{language}-approver",
+        "ALLOWED_DOMAIN": "example.com",
+    }
+    replies = ReplyQueue(storage, reply_queue)
+
+    async def scenario() -> tuple[int, str, str, list[dict[str, Any]]]:
+        async with serving(settings, approval_registry()):
+            await storage.send(
+                {"type": "assistantCreate", "id": chat_id, "approvalRequired": ["send_email"]}
+            )
+            for number, text in enumerate(["mail bo@example.com", "mail eve@elsewhere.org"]):
+                await storage.send({"type": "assistantPost", "id": chat_id, "userMessage": text,
+                                    "replyTo": reply_queue, "requestId": f"post-{number}"})  # fmt: skip
+            code, out, err = await run_example(command(language, path), env, tmp_path)
+            found = await replies.wait_for("assistantReply", 30, count=2) if code == 0 else []
+            return code, out, err, found
+
+    code, out, err, found = run(scenario())
+    assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    decisions = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [d["approvals"][0]["approve"] for d in decisions] == [True, False]
+    by_request = {reply["requestId"]: reply for reply in found}
+    assert (
+        by_request["post-0"]["content"] == "send_email: sent to bo@example.com: mail bo@example.com"
+    )
+    assert by_request["post-1"]["content"] == (
+        "send_email: denied: eve@elsewhere.org is outside example.com"
+    )
+    assert tools.count() == {("send_email", "mail bo@example.com"): 1}
+    rows = run(storage.partition(chat_id))
+    audits = [(row["Approval"], row["ApprovalBy"]) for key, row in sorted(rows.items())
+              if key.startswith("msg-") and row["Role"] == "Tool"]  # fmt: skip
+    assert audits == [("approved", f"{language}-approver"), ("denied", f"{language}-approver")]
+    assert run(storage.count(storage.requests_poison)) == 0

@@ -7,7 +7,13 @@ import json
 from typing import Any
 
 from handlers.replies import fit_tool_calls
-from schemas import ToolCallRequest, ToolCallsRequired, encode_body
+from schemas import (
+    ApprovalCall,
+    ToolApprovalRequired,
+    ToolCallRequest,
+    ToolCallsRequired,
+    encode_body,
+)
 from schemas.decode import MAX_MESSAGE_BYTES, Encoding
 from tests.support.env import StorageEnv, run
 from tests.support.runs import (
@@ -66,6 +72,31 @@ def test_the_longest_arguments_are_cut_and_every_call_kept() -> None:
         assert huge.startswith(shown) and len(shown) > 10_000
         assert f"{MARKER}{len(shown):,} of {len(huge):,} characters" in cut
         assert size(payload, encoding) > MAX_MESSAGE_BYTES - 2_000  # not cut more than needed
+
+
+def test_an_approval_event_is_cut_like_tool_calls() -> None:
+    """toolApprovalRequired: the huge call's arguments cut with the marker; every call keeps
+    its id, name and server; every field of the event present."""
+    huge = json.dumps({"body": "y" * 200_000})
+    approval = ToolApprovalRequired(
+        id="chat",
+        run_id="run",
+        request_id="post-1",
+        tool_calls=[
+            ApprovalCall(id="call_0", name="send_email", arguments=huge, server=None),
+            ApprovalCall(id="call_1", name="bank__pay", arguments="{}", server="bank"),
+        ],
+    )
+    payload = fit_tool_calls(approval, "base64")
+    assert size(payload, "base64") <= MAX_MESSAGE_BYTES
+    assert set(payload) == {f.alias for f in ToolApprovalRequired.model_fields.values()}
+    assert (payload["truncated"], payload["requestId"]) == (True, "post-1")
+    calls = payload["toolCalls"]
+    assert [(c["id"], c["name"], c["server"]) for c in calls] == [
+        ("call_0", "send_email", None),
+        ("call_1", "bank__pay", "bank"),
+    ]
+    assert MARKER in calls[0]["arguments"] and calls[1]["arguments"] == "{}"
 
 
 def test_two_long_arguments_are_cut_to_the_same_length() -> None:

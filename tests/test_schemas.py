@@ -11,6 +11,7 @@ from schemas import (
     AssistantPost,
     InvalidMessage,
     RunStep,
+    SubmitToolApprovals,
     SubmitToolOutputs,
     decode_body,
     encode_body,
@@ -159,3 +160,52 @@ class TestParseMessage:
 def test_committed_json_schemas_match_the_models() -> None:
     """schemas/json/ is regenerated whenever a model changes (python -m schemas.export)."""
     assert export_main(["--check"]) == 0
+
+
+class TestApprovals:
+    def test_submit_tool_approvals(self) -> None:
+        """Decisions with who and why; without a type, a body with approvals is a
+        submitToolApprovals (never a create, which would reset the chat)."""
+        body = {
+            "id": "chat-1",
+            "runId": "run_1",
+            "approvals": [
+                {"toolCallId": "call_1", "approve": True, "by": "ana@example.com"},
+                {"toolCallId": "call_2", "approve": False, "reason": "no"},
+            ],
+        }
+        message = parse_message(body)
+        assert isinstance(message, SubmitToolApprovals)
+        assert [(a.tool_call_id, a.approve, a.by, a.reason) for a in message.approvals] == [
+            ("call_1", True, "ana@example.com", None),
+            ("call_2", False, None, "no"),
+        ]
+
+    @pytest.mark.parametrize(
+        ("approval", "field"),
+        [
+            ({"toolCallId": "c", "approve": "yes"}, "approvals.0.approve"),
+            ({"toolCallId": "c"}, "approvals.0.approve"),
+            ({"toolCallId": "c", "approve": True, "by": "x" * 257}, "approvals.0.by"),
+            ({"toolCallId": "", "approve": True}, "approvals.0.toolCallId"),
+        ],
+    )
+    def test_invalid_decisions_say_which_field(
+        self, approval: dict[str, object], field: str
+    ) -> None:
+        body = {"type": "submitToolApprovals", "id": "c", "runId": "r", "approvals": [approval]}
+        with pytest.raises(InvalidMessage, match=field.replace(".", r"\.")):
+            parse_message(body)
+
+    def test_approval_required_on_create(self) -> None:
+        """Tool names (MCP ones as server__tool) or "all"; nothing else."""
+        names = parse_message(
+            {**EXTENSION_CREATE, "approvalRequired": ["send_email", "mail__send"]}
+        )
+        assert isinstance(names, AssistantCreate)
+        assert names.approval_required == ["send_email", "mail__send"]
+        every = parse_message({**EXTENSION_CREATE, "approvalRequired": "all"})
+        assert isinstance(every, AssistantCreate) and every.approval_required == "all"
+        for wrong in ("some", ["no spaces"], [""]):
+            with pytest.raises(InvalidMessage, match="approvalRequired"):
+                parse_message({**EXTENSION_CREATE, "approvalRequired": wrong})

@@ -18,6 +18,7 @@ from tests.support.runs import services_on
 from tests.test_store import NOW, applied, fresh_state, system
 from worker.connections.clients import table_service
 from worker.runs.model import Run
+from worker.store.cache import ChatMemory, CommittedCache
 from worker.store.layout import ChatMessage, ChatState
 from worker.store.protocol import Conflict
 from worker.store.stores import ChatStores
@@ -283,3 +284,20 @@ def test_a_redelivered_step_resends_what_its_first_delivery_lost(storage: Storag
 
     [reply] = run(scenario())
     assert reply["status"] == "completed" and reply["content"] == "the answer", reply
+
+
+def test_a_peek_at_the_last_commit_leaves_it_for_the_step() -> None:
+    """A reader that only acts on a waiting run (a decision) peeks at the last commit; the
+    step taken right after that commit still finds it, with the claims it holds, once."""
+    cache = CommittedCache(ChatMemory(), "ChatState")
+    run_ = Run(
+        run_id="run-a", seq=1, status="requires_action", request_id="r", user_message="hi",
+        api="chat", model="m", created_at=NOW, expires_at=NOW + timedelta(minutes=5),
+    )  # fmt: skip
+    cache.put(fresh_state(CHAT), {"run-a": run_}, {"tool-x": "etag-1"})
+    peeked = cache.peek(CHAT, "run-a")
+    assert peeked is not None and peeked.run == run_ and peeked.claims == {"tool-x": "etag-1"}
+    assert cache.peek(CHAT, "run-b") is None
+    taken = cache.take(CHAT, "run-a")
+    assert taken is not None and taken.claims == {"tool-x": "etag-1"}
+    assert cache.take(CHAT, "run-a") is None and cache.peek(CHAT, "run-a") is None

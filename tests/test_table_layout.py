@@ -1,12 +1,13 @@
 """The table layout (worker.store.layout): row keys, lossless text split, caps, entity mapping (pure)."""
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from worker.runs.model import PendingCall, Run, Usage
+from worker.runs.model import Decision, PendingCall, Run, Usage
 from worker.store.layout import (
     MAX_ERROR_UNITS,
     MAX_PROPERTY_UNITS,
@@ -332,3 +333,37 @@ def test_answered_calls_round_trip() -> None:
     """Which calls of the round already have an output survives the row."""
     run = make_run(answered_calls=("call_a", "call_b"))
     assert run_from_entity(run_entity("chat", run), None).answered_calls == ("call_a", "call_b")
+
+
+def test_approvals_round_trip_on_the_run_row() -> None:
+    """A call's approval, its decision (who, why, when), its MCP server, and the run's
+    decided calls survive the run row; rows written before approvals read as none."""
+    decision = Decision(approve=True, at=NOW, reason="ok by policy", by="ana@example.com")
+    calls = (
+        PendingCall("call_1", "send_email", "{}", approval=True, decision=decision),
+        PendingCall("call_2", "bank__pay", "{}", approval=True, server="bank"),
+        PendingCall("call_3", "get_weather", "{}"),
+    )
+    run = make_run(pending_calls=calls, decided_calls=(("call_0", False), ("call_1", True)))
+    back = run_from_entity(run_entity("chat", run), None)
+    assert back.pending_calls == calls
+    assert back.decided_calls == (("call_0", False), ("call_1", True))
+    assert '"approval"' not in json.dumps(run_entity("chat", make_run())["PendingCalls"])
+
+
+def test_a_decision_is_kept_on_the_tool_message_row() -> None:
+    """The Tool message of a decided call keeps the decision in properties the extension
+    ignores (Approval, ApprovalBy, ApprovalReason, ApprovalAt); other rows have none."""
+    decision = Decision(approve=False, at=NOW, reason="no mail on Sundays", by="bo")
+    message = ChatMessage(4, "Tool", "denied: no mail on Sundays", NOW, name="call_1",
+                          run_id="run_1", decision=decision)  # fmt: skip
+    entity = message_entity("chat", message)
+    assert (entity["Approval"], entity["ApprovalBy"]) == ("denied", "bo")
+    assert (entity["ApprovalReason"], entity["ApprovalAt"]) == ("no mail on Sundays", NOW)
+    assert message_from_entity(entity) == message
+    plain = message_entity("chat", ChatMessage(5, "Tool", "sunny", NOW, name="call_2"))
+    assert not any(key.startswith("Approval") for key in plain)
+    assert message_from_entity(plain).decision is None
+    anonymous = replace(decision, by=None, reason=None, approve=True)
+    entity = message_entity("chat", replace(message, decision=anonymous))
+    assert message_from_entity(entity).decision == anonymous

@@ -9,7 +9,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from schemas import AssistantCreate, AssistantDelete, AssistantPost, SubmitToolOutputs, encode_body
+from schemas import (
+    AssistantCreate,
+    AssistantDelete,
+    AssistantPost,
+    SubmitToolApprovals,
+    SubmitToolOutputs,
+    encode_body,
+)
 from schemas.decode import describe_errors
 from worker.cli.common import CliError, add_queue_flags, add_storage_flags, print_json
 from worker.client.replies import wait_for_reply
@@ -22,6 +29,8 @@ examples:
   assistant-worker send create chat-1 --instructions "Be brief." --tool getWeatherAtLocation
   assistant-worker send post chat-1 "What's the weather in Seattle?" --wait
   assistant-worker send tool-outputs chat-1 RUN_ID --output call_abc="70 degrees"
+  assistant-worker send approve chat-1 RUN_ID call_abc --by ana@example.com
+  assistant-worker send deny chat-1 RUN_ID call_abc --reason "not to customers" --by ana
   assistant-worker send delete chat-1
 """
 
@@ -29,7 +38,7 @@ examples:
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     parser = subparsers.add_parser(
         "send",
-        help="enqueue a request (create, post, tool-outputs, delete)",
+        help="enqueue a request (create, post, tool-outputs, approve, deny, delete)",
         description="Put one request on the requests queue and print its message id and "
         "requestId. A requestId is generated when not given; re-sending a command with the "
         "same --request-id is harmless.",
@@ -76,12 +85,29 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     outputs.add_argument("--output", dest="outputs", action="append", default=[],
                          metavar="CALL_ID=TEXT", help="one tool call's output (repeat)")  # fmt: skip
 
+    decisions = []
+    for verdict, verb in (("approve", "approve"), ("deny", "deny")):
+        decision = kinds.add_parser(
+            verdict,
+            help=f"{verb} a tool call that waits for approval",
+            description=f"Send a submitToolApprovals that {verb}s one call of a run in "
+            "requires_action (from toolApprovalRequired, or the waitingToolCalls of "
+            "`assistant-worker state`). The first decision for a call stands.",
+        )
+        decision.add_argument("id", help="assistant (chat) id")
+        decision.add_argument("run_id", help="the run waiting for the decision")
+        decision.add_argument("call_id", help="the tool call to decide")
+        decision.add_argument("--reason", help="why (a denied call's result says it)")
+        decision.add_argument("--by", help="who decides (kept with the call, for audit)")
+        decision.set_defaults(approve=verdict == "approve")
+        decisions.append(decision)
+
     delete = kinds.add_parser(
         "delete", help="delete an assistant and its chat", description="Send an assistantDelete."
     )
     delete.add_argument("id", help="assistant (chat) id")
 
-    for sub in (create, post, outputs, delete):
+    for sub in (create, post, outputs, *decisions, delete):
         sub.add_argument("--request-id", help="idempotency key (default: a new UUID)")
         add_storage_flags(sub)
         add_queue_flags(sub)
@@ -131,6 +157,12 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     elif args.kind == "tool-outputs":
         model = SubmitToolOutputs
         fields = {"runId": args.run_id, "toolOutputs": _outputs(args.outputs)}
+    elif args.kind in ("approve", "deny"):
+        model = SubmitToolApprovals
+        approval = {"toolCallId": args.call_id, "approve": args.approve,
+                    "reason": args.reason, "by": args.by}  # fmt: skip
+        approval = {key: value for key, value in approval.items() if value is not None}
+        fields = {"runId": args.run_id, "approvals": [approval]}
     else:
         model = AssistantDelete
     payload = {"type": model.model_fields["type"].default, **payload}
@@ -188,7 +220,9 @@ async def _send(
 
 
 def _show_event(event: dict[str, Any]) -> None:
-    if event.get("type") == "toolCallsRequired":
+    kind = event.get("type")
+    if kind in ("toolCallsRequired", "toolApprovalRequired"):
         calls = ", ".join(f"{c.get('name')}({c.get('id')})" for c in event.get("toolCalls", []))
-        print(f"run {event.get('runId')} waits for tool outputs: {calls}", file=sys.stderr)
+        what = "tool outputs" if kind == "toolCallsRequired" else "approval"
+        print(f"run {event.get('runId')} waits for {what}: {calls}", file=sys.stderr)
         print(json.dumps(event), file=sys.stderr)

@@ -16,7 +16,9 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "state",
         help="print a chat's AssistantState as JSON",
         description="Print the AssistantState of the extension's assistantQuery: id, exists, "
-        "createdAt, lastUpdatedAt, totalMessages, totalTokens and recentMessages.",
+        "createdAt, lastUpdatedAt, totalMessages, totalTokens and recentMessages (with the "
+        "decision on each call that needed approval), and the latest runs (with the calls an "
+        "active run waits for: decisions, outputs).",
     )
     parser.add_argument("id", help="assistant (chat) id")
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""Waiting for reply events (``assistantReply``, ``toolCallsRequired``) on a reply queue."""
+"""Waiting for reply events on a reply queue (``assistantReply``; ``toolCallsRequired`` and
+``toolApprovalRequired`` are shown as they pass)."""
 
 import asyncio
 from collections.abc import Callable

@@ -12,7 +12,17 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from schemas.bounded import listing
-from worker.runs.model import ModelTurn, Pending, PendingCall, Role, Run, RunStatus, ToolCallRef
+from worker.runs.approvals import ApprovalPolicy
+from worker.runs.model import (
+    Decision,
+    ModelTurn,
+    Pending,
+    PendingCall,
+    Role,
+    Run,
+    RunStatus,
+    ToolCallRef,
+)
 
 CAP_MESSAGE = (
     "error: the limit of {rounds} tool rounds per run was reached; this call was not executed. "
@@ -28,6 +38,8 @@ class NewMessage:
     content: str
     tool_calls: str = ""
     tool_call_id: str | None = None
+    # The decision on the call this Tool message answers, when it needed approval (audit).
+    decision: Decision | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,8 @@ class Transition:
     next_step_delay: float | None = None
     # The run now waits for a producer's tool outputs: announce them on replyTo.
     announce_tool_calls: bool = False
+    # The run now waits for decisions on calls that need approval: announce them on replyTo.
+    announce_approvals: bool = False
     # The total tokens of the latest model call (the extension's TotalTokens semantics).
     last_total_tokens: int | None = None
     # Chat-level backend ids to remember (the Assistants API's assistant and thread).
@@ -115,8 +129,10 @@ def on_turn(
     *,
     max_rounds: int,
     external_tools: Collection[str],
+    approvals: ApprovalPolicy | None = None,
 ) -> Transition:
-    """The model answered: finish with its text, or record its tool calls for the next step."""
+    """The model answered: finish with its text, or record its tool calls for the next step
+    (``approvals``: which calls wait for a decision before they run)."""
     usage = run.usage + turn.usage
     handle = {**run.handle, **turn.handle}
     tokens = turn.usage.total_tokens or None
@@ -152,29 +168,79 @@ def on_turn(
         capped = _advance(run, usage=usage, handle=handle, phase="model", force_final=True)
         return Transition(capped, (asked, *refused), next_step_delay=0.0, last_total_tokens=tokens)
 
+    policy = approvals or ApprovalPolicy()
     pending = tuple(
-        PendingCall(c.id, c.name, c.arguments, external=c.name in external_tools) for c in calls
+        PendingCall(
+            c.id,
+            c.name,
+            c.arguments,
+            external=c.name in external_tools,
+            approval=policy.needs(c.name),
+            server=policy.server_of(c.name),
+        )
+        for c in calls
     )
-    has_local = any(not call.external for call in pending)
-    waiting = _advance(
+    # A run that waits for producers gets no step: their outputs and decisions resume it, and
+    # the run's deadline message ends it if they never come.
+    return _settle(
         run,
+        pending,
+        (asked,),
         usage=usage,
         handle=handle,
-        pending_calls=pending,
         answered_calls=(),
         tool_rounds=run.tool_rounds + 1,
-        phase="tools" if has_local else "external",
-        status="in_progress" if has_local else "requires_action",
         poll_attempt=0,
+        last_total_tokens=tokens,
     )
-    # A run waiting for a producer gets no step: its outputs resume it, and the run's
-    # deadline message ends it if they never come.
+
+
+def runnable_calls(run: Run) -> tuple[PendingCall, ...]:
+    """The calls the round's ``tools`` step runs: the local calls that may run now.
+
+    While any call of the round still waits (for a decision or an external output), only the
+    calls that need no decision run: they do not wait for the others. A call that was approved
+    runs once nothing waits any more, just before the model is called again."""
+    local = [c for c in run.pending_calls if not c.external and not c.undecided]
+    if any(c.external or c.undecided for c in run.pending_calls):
+        return tuple(c for c in local if not c.approval)
+    return tuple(local)
+
+
+def _settle(
+    run: Run,
+    pending: tuple[PendingCall, ...],
+    messages: tuple[NewMessage, ...],
+    *,
+    announce_outputs: bool = False,
+    last_total_tokens: int | None = None,
+    **changes: object,
+) -> Transition:
+    """What the round does next with the calls still ``pending``: call the model again when
+    none is left, run the local calls that may run now, or wait for producers (outputs,
+    decisions). Waits are announced when the run starts waiting (``announce_outputs``: also
+    when a decision made an external call wait for its output)."""
+    probe = replace(run, pending_calls=pending)
+    if not pending:
+        resumed = _advance(run, pending_calls=(), phase="model", status="in_progress", **changes)
+        return Transition(
+            resumed, messages, next_step_delay=0.0, last_total_tokens=last_total_tokens
+        )
+    if runnable_calls(probe):
+        nxt = _advance(run, pending_calls=pending, phase="tools", status="in_progress", **changes)
+        return Transition(nxt, messages, next_step_delay=0.0, last_total_tokens=last_total_tokens)
+    waiting = _advance(
+        run, pending_calls=pending, phase="external", status="requires_action", **changes
+    )
+    # Announced once, when the run starts waiting; a partial submit announces nothing.
+    starts = run.phase != "external"
+    outputs = any(c.external and not c.undecided for c in pending)
     return Transition(
         waiting,
-        (asked,),
-        next_step_delay=0.0 if has_local else None,
-        announce_tool_calls=not has_local,
-        last_total_tokens=tokens,
+        messages,
+        announce_tool_calls=outputs and (starts or announce_outputs),
+        announce_approvals=starts and any(c.undecided for c in pending),
+        last_total_tokens=last_total_tokens,
     )
 
 
@@ -182,32 +248,105 @@ def on_tool_results(run: Run, results: Sequence[tuple[str, str]], now: datetime)
     """Results for some pending calls (call id, output): store them, then go on or wait.
 
     External outputs may come one submit at a time, from several producers: the run resumes
-    once every pending call has a result, and remembers which calls of the round are answered.
-    """
+    once every pending call has a result (and every decision was taken), and remembers which
+    calls of the round are answered. A result of an approved call keeps its decision."""
     answered = {call_id for call_id, _ in results}
+    calls = {call.id: call for call in run.pending_calls}
     messages = tuple(
-        NewMessage("Tool", output, tool_call_id=call_id) for call_id, output in results
+        NewMessage(
+            "Tool",
+            output,
+            tool_call_id=call_id,
+            decision=calls[call_id].decision if call_id in calls else None,
+        )
+        for call_id, output in results
     )
     remaining = tuple(call for call in run.pending_calls if call.id not in answered)
     done = (*run.answered_calls, *(call_id for call_id, _ in results))
-    if remaining:
-        if any(not call.external for call in remaining):
-            # Local calls still open (only possible if a caller passed a subset): run them next.
-            nxt = _advance(
-                run, pending_calls=remaining, answered_calls=done, phase="tools",
-                status="in_progress",
-            )  # fmt: skip
-            return Transition(nxt, messages, next_step_delay=0.0)
-        waiting = _advance(
-            run, pending_calls=remaining, answered_calls=done, phase="external",
-            status="requires_action",
-        )  # fmt: skip
-        # Announced once, when the run starts waiting; a partial submit announces nothing.
-        return Transition(waiting, messages, announce_tool_calls=run.phase != "external")
-    resumed = _advance(
-        run, pending_calls=(), answered_calls=done, phase="model", status="in_progress"
+    return _settle(run, remaining, messages, answered_calls=done)
+
+
+def denied_output(decision: Decision) -> str:
+    """The tool result of a denied call: what the model reads instead of the tool's output."""
+    return f"denied: {decision.reason or 'the call was not approved'}"
+
+
+def on_decisions(run: Run, decisions: Sequence[tuple[str, Decision]], now: datetime) -> Transition:
+    """Decisions on calls that wait for approval (sorted by ``sort_decisions``): each is kept
+    with its call; a denied call is answered ``denied: <reason>`` at once, an approved one
+    runs once nothing else waits. The run resumes when every call is decided (and every
+    external output is in)."""
+    given = dict(decisions)
+    decided = tuple(
+        replace(call, decision=given[call.id]) if call.id in given and call.undecided else call
+        for call in run.pending_calls
     )
-    return Transition(resumed, messages, next_step_delay=0.0)
+    denied = [
+        c for c in decided if c.id in given and c.decision is not None and not c.decision.approve
+    ]
+    messages = tuple(
+        NewMessage("Tool", denied_output(c.decision), tool_call_id=c.id, decision=c.decision)
+        for c in denied
+        if c.decision is not None
+    )
+    gone = {c.id for c in denied}
+    pending = tuple(c for c in decided if c.id not in gone)
+    return _settle(
+        run,
+        pending,
+        messages,
+        announce_outputs=any(c.external and c.id in given and given[c.id].approve for c in pending),
+        answered_calls=(*run.answered_calls, *(c.id for c in denied)),
+        decided_calls=(*run.decided_calls, *((i, d.approve) for i, d in decisions)),
+    )
+
+
+@dataclass(frozen=True)
+class SortedDecisions:
+    """What a producer's decisions mean for a run: the calls they decide (``fresh``), the
+    ones already decided, whose first decision stands (``repeated``: call id, the standing
+    decision, the one ignored), or why none can be accepted (``problem``)."""
+
+    fresh: tuple[str, ...] = ()
+    repeated: tuple[tuple[str, bool, bool], ...] = ()
+    problem: str | None = None
+
+
+def sort_decisions(run: Run, decisions: Sequence[tuple[str, bool]]) -> SortedDecisions:
+    """Which of a producer's decisions (call id, approve) are new for this run.
+
+    A decision for a call that was decided already, in this round or an earlier one of the
+    run, is left out (another approver was first, or the submit was sent again): the first
+    decision stands. Decisions for calls that do not wait for one are refused, naming them."""
+    ids = [call_id for call_id, _ in decisions]
+    if len(set(ids)) != len(ids):
+        return SortedDecisions(problem="the same toolCallId is given more than once")
+    standing = dict(run.decided_calls)
+    repeated = tuple(
+        (call_id, standing[call_id], approve)
+        for call_id, approve in decisions
+        if call_id in standing
+    )
+    fresh = tuple(call_id for call_id in ids if call_id not in standing)
+    if not fresh:
+        return SortedDecisions(repeated=repeated)
+    if run.status != "requires_action":
+        return SortedDecisions(
+            repeated=repeated,
+            problem=f"run {run.run_id!r} is not waiting for approvals (its status is {run.status})",
+        )
+    waiting = {call.id for call in run.pending_calls if call.undecided}
+    unknown = [call_id for call_id in fresh if call_id not in waiting]
+    if unknown:
+        expected = ", ".join(sorted(waiting)) or "none"
+        return SortedDecisions(
+            repeated=repeated,
+            problem=(
+                f"run {run.run_id!r} has no tool call {', '.join(map(repr, unknown))} waiting "
+                f"for approval (waiting for: {expected})"
+            ),
+        )
+    return SortedDecisions(fresh=fresh, repeated=repeated)
 
 
 def sort_outputs(run: Run, call_ids: Sequence[str]) -> tuple[list[str], str | None]:
@@ -215,7 +354,8 @@ def sort_outputs(run: Run, call_ids: Sequence[str]) -> tuple[list[str], str | No
 
     An output for a call of the round that already has one is left out (a second service
     answering the same call, a re-sent submit): ignored, not an error. Outputs for calls the
-    run does not wait for are refused, naming them.
+    run does not wait for are refused, naming them (an external call that waits for approval
+    takes its output only once approved).
     """
     if len(set(call_ids)) != len(call_ids):
         return [], "the same toolCallId is given more than once"
@@ -228,14 +368,17 @@ def sort_outputs(run: Run, call_ids: Sequence[str]) -> tuple[list[str], str | No
             [],
             f"run {run.run_id!r} is not waiting for tool outputs (its status is {run.status})",
         )
-    waiting = {call.id for call in run.pending_calls if call.external}
+    waiting = {call.id for call in run.pending_calls if call.external and not call.undecided}
     unknown = [call_id for call_id in fresh if call_id not in waiting]
     if unknown:
         # Cut lists: a submit may name thousands of calls.
         expected = listing(sorted(waiting), shown=20) or "none"
+        undecided = {call.id for call in run.pending_calls if call.undecided}
+        early = [call_id for call_id in unknown if call_id in undecided]
+        first = f"; {listing(early)} must be approved first (submitToolApprovals)" if early else ""
         return [], (
             f"run {run.run_id!r} has no pending tool call {listing(unknown)} "
-            f"(waiting for: {expected})"
+            f"(waiting for: {expected}){first}"
         )
     return fresh, None
 
@@ -256,24 +399,32 @@ def on_transient(run: Run, delay: float) -> Transition:
     return Transition(retried, next_step_delay=delay)
 
 
+def _closing(run: Run, ended: str) -> tuple[NewMessage, ...]:
+    """A result for every open call of a run that ends (``ended``: "failed", "expired"), so
+    the stored history stays valid; a call that was decided keeps its decision."""
+    return tuple(
+        NewMessage(
+            "Tool",
+            f"error: the run {ended} while this call waited for approval; it was not run"
+            if call.undecided
+            else f"error: the run {ended} before this call was answered",
+            tool_call_id=call.id,
+            decision=call.decision,
+        )
+        for call in run.pending_calls
+    )
+
+
 def fail(run: Run, error: str, now: datetime) -> Transition:
     """The run ends ``failed`` (the model refused the request, or a step kept failing);
     open tool calls get a result, so the stored history stays valid."""
-    closing = tuple(
-        NewMessage("Tool", "error: the run failed before this call was answered", tool_call_id=c.id)
-        for c in run.pending_calls
-    )
-    return Transition(_end(run, "failed", now, error=error), closing)
+    return Transition(_end(run, "failed", now, error=error), _closing(run, "failed"))
 
 
 def expire(run: Run, now: datetime, timeout: float) -> Transition:
-    """The run did not finish within WORKER_RUN_TIMEOUT; open tool calls get a result."""
-    closing = tuple(
-        NewMessage(
-            "Tool", "error: the run expired before this call was answered", tool_call_id=c.id
-        )
-        for c in run.pending_calls
-    )
+    """The run did not finish within WORKER_RUN_TIMEOUT; open tool calls get a result (those
+    that waited for a decision say so: they were never run)."""
+    closing = _closing(run, "expired")
     ended = _end(run, "expired", now, error=f"the run did not finish within {timeout:g} s")
     return Transition(ended, closing)
 

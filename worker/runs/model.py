@@ -12,11 +12,42 @@ TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "expir
 # What the next step of a run does:
 # "model"    call the model (or start a background response / remote run),
 # "poll"     poll a background response / remote run that is still pending,
-# "tools"    execute the local tool calls of the last model turn,
-# "external" wait for a producer's submitToolOutputs (status requires_action).
+# "tools"    execute the local tool calls of the last model turn that may run now,
+# "external" wait for producers (status requires_action): the outputs of external tools
+#            (submitToolOutputs) and the decisions on calls that need approval
+#            (submitToolApprovals).
 Phase = Literal["model", "poll", "tools", "external"]
 # The roles of a chat's messages, as the extension stores them.
 Role = Literal["System", "User", "Assistant", "Tool"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A person's (or a service's) decision on a call that needed approval: kept with the
+    call for good, as its audit trail (who, approve or deny, why, when)."""
+
+    approve: bool
+    at: datetime
+    reason: str | None = None
+    by: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "approve": self.approve,
+            "at": self.at.isoformat(),
+            "reason": self.reason,
+            "by": self.by,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "Decision":
+        reason, by = value.get("reason"), value.get("by")
+        return cls(
+            approve=bool(value.get("approve")),
+            at=datetime.fromisoformat(str(value["at"])),
+            reason=str(reason) if reason is not None else None,
+            by=str(by) if by is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -27,22 +58,46 @@ class PendingCall:
     name: str
     arguments: str
     external: bool = False
+    # The call waits for a decision (submitToolApprovals) before it may run.
+    approval: bool = False
+    # The decision, once taken (an approved call keeps it until its result is stored).
+    decision: Decision | None = None
+    # The MCP server of a ``server__tool`` call of one of the assistant's mcpServers.
+    server: str | None = None
+
+    @property
+    def undecided(self) -> bool:
+        """Waiting for a decision."""
+        return self.approval and self.decision is None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        value: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "arguments": self.arguments,
             "external": self.external,
         }
+        # Written only when set: the rows of runs without approvals stay as they were.
+        if self.approval:
+            value["approval"] = True
+        if self.decision is not None:
+            value["decision"] = self.decision.to_json()
+        if self.server is not None:
+            value["server"] = self.server
+        return value
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> "PendingCall":
+        decision = value.get("decision")
+        server = value.get("server")
         return cls(
             id=str(value["id"]),
             name=str(value["name"]),
             arguments=str(value.get("arguments") or ""),
             external=bool(value.get("external", False)),
+            approval=bool(value.get("approval", False)),
+            decision=Decision.from_json(decision) if isinstance(decision, dict) else None,
+            server=str(server) if server is not None else None,
         )
 
 
@@ -100,6 +155,9 @@ class Run:
     # Ids of this round's calls that already have a result (external outputs arrive one
     # submit at a time): a repeated output for one of them is ignored, not an error.
     answered_calls: tuple[str, ...] = ()
+    # Every call of the run (all rounds) that was decided, and how (approve or not): a later
+    # decision for one of them is ignored (the first stands), even once the run moved on.
+    decided_calls: tuple[tuple[str, bool], ...] = ()
     handle: dict[str, Any] = field(default_factory=dict)
     poll_attempt: int = 0
     transient_failures: int = 0

@@ -253,5 +253,15 @@ class CommittedCache:
             return None
         return Committed(rows[0], rows[1][run_id], rows[2])
 
+    def peek(self, chat_id: str, run_id: str) -> Committed | None:
+        """The same, left in place (for a reader that only acts on a run that waits)."""
+        entry = self._memory.entry(self._key(chat_id))
+        if entry is None:
+            return None
+        rows: _Rows = entry.value
+        if run_id not in rows[1]:
+            return None
+        return Committed(rows[0], rows[1][run_id], rows[2])
+
     def forget(self, chat_id: str) -> None:
         self._memory.pop(self._key(chat_id))

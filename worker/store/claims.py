@@ -11,6 +11,11 @@ soon, one that is busy keeps it however long the work takes.
 
 Rows: the tool-result row of a call (``tool-…``) and ``claim-<runId>-<step>`` for a model
 call. A row without ``State`` is a result written before claims existed.
+
+A claim written ahead for a call that a person approved is *reserved* (``State: reserved``):
+its holder marks it claimed (``start``) right before the call runs. A worker that dies between
+the two leaves a reservation, which the next copy of the step takes over and runs: the call
+never started, and an approved call must run once (not be answered "interrupted").
 """
 
 import asyncio
@@ -33,6 +38,10 @@ from worker.store.errors import storage_errors
 from worker.store.layout import CLAIM_PREFIX, join_text, split_text, utc
 
 CLAIMED = "claimed"
+# Claimed ahead for an approved call that has not started yet (see ``Claims.start``).
+RESERVED = "reserved"
+# The states of a row whose work is not done (the others hold its result).
+LIVE = frozenset({CLAIMED, RESERVED})
 _TAKEOVER_ATTEMPTS = 3
 # Seconds a claim lives unless renewed, and how often its holder renews it.
 CLAIM_TTL = 15.0
@@ -81,16 +90,24 @@ class NewClaim:
     row_key: str
     owner: str
     extra: dict[str, Any]
+    # Reserved, not claimed: the holder calls ``start`` before the work begins.
+    reserved: bool = False
 
     def entity(self, chat_id: str) -> dict[str, Any]:
-        return claim_entity(chat_id, self.row_key, self.owner, self.extra)
+        state = RESERVED if self.reserved else CLAIMED
+        return claim_entity(chat_id, self.row_key, self.owner, self.extra, state=state)
 
 
 def claim_entity(
-    chat_id: str, row_key: str, owner: str, extra: dict[str, Any] | None = None
+    chat_id: str,
+    row_key: str,
+    owner: str,
+    extra: dict[str, Any] | None = None,
+    *,
+    state: str = CLAIMED,
 ) -> dict[str, Any]:
     """A live claim row: held by ``owner`` for ``CLAIM_TTL`` seconds from now."""
-    entity = {"PartitionKey": chat_id, "RowKey": row_key, "State": CLAIMED, "Owner": owner}
+    entity = {"PartitionKey": chat_id, "RowKey": row_key, "State": state, "Owner": owner}
     entity.update(extra or {})
     return _expiring(entity)
 
@@ -151,24 +168,46 @@ class Claims:
                 current = await self._client.get_entity(chat_id, row_key)
             except ResourceNotFoundError:
                 return Superseded()
-            if current.get("State") != CLAIMED:
+            state = current.get("State")
+            if state not in LIVE:
                 return Done(join_text(dict(current), value_property))
             now = datetime.now(UTC)
             expires = utc(current.get("ExpiresAt")) or now
             if expires > now:
                 return Busy(expires)
             try:
-                # The holder died: take over, unless another worker just did.
+                # The holder died: take over, unless another worker just did. A reservation
+                # never started its work: taken over, the work is simply done now.
                 taken = await self._client.update_entity(
                     _expiring(entity),
                     mode=UpdateMode.REPLACE,
                     etag=current.metadata.get("etag"),
                     match_condition=MatchConditions.IfNotModified,
                 )
-                return Claimed(_etag(taken), taken_over=True)
+                return Claimed(_etag(taken), taken_over=state == CLAIMED)
             except ResourceModifiedError:
                 continue
         return Busy(datetime.now(UTC) + timedelta(seconds=1))
+
+    async def start(self, chat_id: str, row_key: str, reserved: Claimed) -> Claimed | None:
+        """Mark a reservation claimed, right before its work begins (guarded by the ETag the
+        reservation was written with): from now on a worker that finds the row after this one
+        died answers the call "interrupted" instead of running it again. None when the row
+        changed meanwhile (its step was stored, or another copy took the reservation over):
+        this copy must not do the work."""
+        expires = datetime.now(UTC) + timedelta(seconds=CLAIM_TTL)
+        patch = {"PartitionKey": chat_id, "RowKey": row_key, "State": CLAIMED, "ExpiresAt": expires}
+        try:
+            async with storage_errors("start a claimed call", self._where, self._setting):
+                result = await self._client.update_entity(
+                    patch,
+                    mode=UpdateMode.MERGE,
+                    etag=reserved.etag,
+                    match_condition=MatchConditions.IfNotModified,
+                )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return None
+        return Claimed(_etag(result) or reserved.etag)
 
     @contextlib.asynccontextmanager
     async def held(self, chat_id: str, row_key: str, claim: Claimed) -> AsyncIterator[None]:

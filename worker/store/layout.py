@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.runs.model import PendingCall, Role, Run, Usage
+from worker.runs.model import Decision, PendingCall, Role, Run, Usage
 
 STATE_ROW = "state"
 MESSAGE_PREFIX = "msg-"
@@ -266,6 +266,40 @@ class ChatMessage:
     name: str | None = None
     tool_calls: str = ""
     run_id: str | None = None
+    # On the Tool message of a call that needed approval: the decision, for good (audit).
+    decision: Decision | None = None
+
+
+# The audit of a decision on the Tool message row of its call: properties of the worker's own,
+# which the extension's readers ignore.
+APPROVED, DENIED = "approved", "denied"
+
+
+def decision_properties(decision: Decision) -> dict[str, Any]:
+    """The ``Approval*`` properties of a Tool message row (who, approve or deny, why, when)."""
+    properties: dict[str, Any] = {
+        "Approval": APPROVED if decision.approve else DENIED,
+        "ApprovalAt": decision.at,
+    }
+    if decision.by is not None:
+        properties["ApprovalBy"] = decision.by
+    if decision.reason is not None:
+        properties["ApprovalReason"] = cap_text(decision.reason, MAX_ERROR_UNITS)
+    return properties
+
+
+def decision_from_entity(entity: Mapping[str, Any]) -> Decision | None:
+    """The decision a Tool message row keeps, if its call needed approval."""
+    verdict = entity.get("Approval")
+    if verdict not in (APPROVED, DENIED):
+        return None
+    reason, by = entity.get("ApprovalReason"), entity.get("ApprovalBy")
+    return Decision(
+        approve=verdict == APPROVED,
+        at=utc(entity.get("ApprovalAt")) or datetime(1, 1, 1, tzinfo=UTC),
+        reason=str(reason) if reason is not None else None,
+        by=str(by) if by is not None else None,
+    )
 
 
 def message_entity(chat_id: str, message: ChatMessage) -> dict[str, Any]:
@@ -286,6 +320,8 @@ def message_entity(chat_id: str, message: ChatMessage) -> dict[str, Any]:
         entity["Name"] = message.name
     if message.run_id is not None:
         entity["RunId"] = message.run_id
+    if message.decision is not None:
+        entity.update(decision_properties(message.decision))
     return entity
 
 
@@ -318,6 +354,7 @@ def message_from_entity(entity: dict[str, Any]) -> ChatMessage:
         name=entity.get("Name") or None,
         tool_calls=join_text(entity, "ToolCalls"),
         run_id=entity.get("RunId") or None,
+        decision=decision_from_entity(entity),
     )
 
 
@@ -414,6 +451,7 @@ def run_entity(chat_id: str, run: Run) -> dict[str, Any]:
                 ("Usage", _json(run.usage.to_json())),
                 ("PendingCalls", pending_calls_json(run.pending_calls)),
                 ("CallsAnswered", _json(list(run.answered_calls))),
+                ("CallsDecided", _json([list(pair) for pair in run.decided_calls])),
                 ("Handle", _json(run.handle)),
                 ("Params", _json(run.params)),
                 ("UserMessage", run.user_message),
@@ -483,6 +521,11 @@ def run_from_entity(entity: dict[str, Any], etag: str | None) -> Run:
         tool_rounds=int(entity.get("ToolRounds") or 0),
         pending_calls=tuple(PendingCall.from_json(item) for item in pending),
         answered_calls=tuple(str(i) for i in _json_list(join_text(entity, "CallsAnswered"))),
+        decided_calls=tuple(
+            (str(pair[0]), bool(pair[1]))
+            for pair in _json_list(join_text(entity, "CallsDecided"))
+            if isinstance(pair, list) and len(pair) == 2
+        ),
         handle=_json_dict(join_text(entity, "Handle")),
         poll_attempt=int(entity.get("PollAttempt") or 0),
         transient_failures=int(entity.get("TransientFailures") or 0),

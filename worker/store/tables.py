@@ -34,7 +34,7 @@ from tenacity import (
 from worker.loop.errors import PermanentError
 from worker.runs.model import Run
 from worker.store.cache import ChatMemory, Committed, CommittedCache, HistoryCache
-from worker.store.claims import CLAIMED, Claims, NewClaim
+from worker.store.claims import LIVE, Claims, NewClaim
 from worker.store.errors import storage_errors, table_missing
 from worker.store.layout import (
     MESSAGE_PREFIX,
@@ -192,9 +192,13 @@ class TableChatStore:
         self._history.put(chat_id, state.created_at, messages)
         return messages
 
-    def committed(self, chat_id: str, run_id: str) -> Committed | None:
+    def committed(self, chat_id: str, run_id: str, *, keep: bool = False) -> Committed | None:
         """The state and the run ``run_id`` as this process's last commit of the chat left
-        them (once), or None. Only for the step taken right after that commit."""
+        them (once), or None. Only for the step taken right after that commit; ``keep``: left
+        for it (a reader that acts only on a run waiting for producers, which no step
+        follows)."""
+        if keep:
+            return self._committed.peek(chat_id, run_id)
         return self._committed.take(chat_id, run_id)
 
     async def load_run(self, chat_id: str, run_id: str) -> Run | None:
@@ -292,11 +296,12 @@ class TableChatStore:
                 "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
                 parameters={"pk": chat_id, "lo": prefix, "hi": prefix[:-1] + "."},
             )
-            # A row still only claimed is a call running (or died running) elsewhere.
+            # A row still only claimed (or reserved) is a call running (or died running, or
+            # about to run) elsewhere.
             return {
                 str(entity["CallId"]): join_text(dict(entity), "Output")
                 async for entity in entities
-                if entity.get("State") != CLAIMED
+                if entity.get("State") not in LIVE
             }
 
     async def commit(
