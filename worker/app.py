@@ -103,9 +103,6 @@ async def open_app(
     if metrics is not None:
         metrics.track_health(health)
         registry.set_observer(metrics.observe_tool_call)
-    tracing = tracing if tracing is not None else current_tracing()
-    if tracing is not None:
-        registry.set_call_tracer(tool_call_tracer(tracing, known=lambda name: name in registry))
     # Sync tools get a thread per message processed at once (asyncio's default pool is
     # smaller: calls would wait for a thread past their timeout); stuck ones are replaced.
     threads = tool_executor(settings.concurrency)
@@ -124,6 +121,15 @@ async def open_app(
         from worker.mcp.servers import McpServers
 
         mcp = McpServers(settings.mcp_servers)
+    tracing = tracing if tracing is not None else current_tracing()
+    if tracing is not None:
+        # Span names hold only names the operator's code or servers give (SPEC §10).
+        servers = mcp
+
+        def known(name: str) -> bool:
+            return name in registry or (servers is not None and servers.offers(name))
+
+        registry.set_call_tracer(tool_call_tracer(tracing, known=known))
     services = RunServices(
         stores=stores,
         settings=settings,

@@ -39,6 +39,7 @@ from worker.mcp.tools import (
     McpTool,
     cut,
     function_name,
+    server_of,
 )
 
 log = structlog.get_logger("worker.mcp")
@@ -87,6 +88,16 @@ class McpServers:
 
     def __contains__(self, name: object) -> bool:
         return name in self._sessions
+
+    def offers(self, function: str) -> bool:
+        """Whether ``function`` (``server__tool``) is a tool a configured server listed the last
+        time it was asked: a name the operator's servers give, not one the model made up (the
+        bound of the ``execute_tool`` span names, SPEC §10)."""
+        server = server_of(function)
+        cached = self._listings.get(server) if server is not None else None
+        if cached is None:
+            return False
+        return any(tool.function == function for tool in cached.listing.tools)
 
     def sessions_opened(self, server: str) -> int:
         return self._sessions[server].opened
