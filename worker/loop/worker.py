@@ -23,6 +23,7 @@ from schemas.names import poison_queue_name
 from worker.config.redact import Redactor
 from worker.config.settings import Settings
 from worker.deadletters.envelope import envelope_body, request_id_of
+from worker.deadletters.identity import identity_of
 from worker.loop.errors import TransientError, describe
 from worker.loop.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole, Send
 from worker.loop.outage import StorageGate, is_storage_failure
@@ -35,6 +36,7 @@ from worker.loop.outcome import (
     RetryPolicy,
     check_before_running,
     decide,
+    gives_up_in_handler,
 )
 from worker.observability.health import Health
 from worker.queues.lease import Lease
@@ -353,10 +355,11 @@ class Worker:
         early = check_before_running(delivery.dequeue_count, policy, age)
         outcome: Outcome | None = early
         give_up: str | None = None
-        if isinstance(early, DeadLetter) and role == "runs":
-            # A step is not dead-lettered before it runs: its handler ends the run failed
-            # instead (without doing the step), so that the run's producer hears of it and
-            # the chat's next post starts now, not at the run's deadline.
+        if isinstance(early, DeadLetter) and gives_up_in_handler(
+            role, identity_of(delivery.body).type
+        ):
+            # Not dead-lettered unseen: the handler, told to give up, ends a step's run
+            # failed, or finds that a request's chat never came (see gives_up_in_handler).
             give_up, outcome = early.reason, None
         if outcome is None:
             lease.start_renewal()
@@ -630,12 +633,15 @@ class Worker:
                     await self._dead_letter(lease, self.redact(reason), error_type, fields)
                     self.stats["dead_lettered"] += 1
                     self._observe("dead_lettered", fields, started, error_type)
+                    # A message never decoded or never run still says what it was (read
+                    # best-effort from its body, as `poison list` does).
+                    said = identity_of(lease.delivery.body).log_fields()
                     self._log.error(
                         "message.dead_lettered",
                         reason=self.redact(reason),
                         error_type=error_type,
                         duration_ms=duration_ms,
-                        **fields,
+                        **{**said, **fields},
                     )
         except LeaseLost:
             # Someone else holds the message now; it will be processed again, harmlessly.
