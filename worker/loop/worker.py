@@ -24,7 +24,7 @@ from worker.config.redact import Redactor
 from worker.config.settings import Settings
 from worker.deadletters.envelope import envelope_body, request_id_of
 from worker.deadletters.identity import identity_of
-from worker.loop.errors import TransientError, describe
+from worker.loop.errors import DEAD_LETTER_TYPES, TransientError, describe
 from worker.loop.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole, Send
 from worker.loop.outage import StorageGate, is_storage_failure
 from worker.loop.outcome import (
@@ -139,6 +139,7 @@ class Worker:
             self._observe = tracing.observing(self._observe)
         if metrics is not None:
             metrics.track_in_flight(lambda: len(self._inflight))
+            metrics.expect_dead_letters(settings.work_queues, DEAD_LETTER_TYPES)
         self._stopping = asyncio.Event()
         self._activity = asyncio.Event()
         # The grace period counts from stop(), not from when the loop noticed it.
