@@ -15,6 +15,12 @@ from schemas.names import MAX_BASE_QUEUE_NAME_LENGTH, check_queue_name
 from schemas.requests import DEFAULT_STORAGE_SETTING
 
 DEV_STORAGE = "UseDevelopmentStorage=true"
+# No key is needed for an OpenAI-compatible server that asks for none (the shipped fake).
+NO_MODEL_ENDPOINT = (
+    "no model endpoint is configured: set OPENAI_BASE_URL (an OpenAI-compatible server; "
+    "add OPENAI_API_KEY if it asks for a key), OPENAI_API_KEY alone (api.openai.com), or "
+    "AZURE_OPENAI_ENDPOINT (Azure OpenAI)"
+)
 
 
 class SettingsError(ValueError):
@@ -481,6 +487,14 @@ class Settings:
     def default_storage_setting(self) -> str:
         """The name of the setting of the worker's own storage account."""
         return DEFAULT_STORAGE_SETTING
+
+    @property
+    def model_endpoint_missing(self) -> str | None:
+        """Why no run can reach a model with these settings (None: the default endpoint is
+        configured). A worker says so at start, and each run that needs it fails with it."""
+        if self.azure_openai_endpoint or self.openai_base_url or self.openai_api_key:
+            return None
+        return NO_MODEL_ENDPOINT
 
     def with_values(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (tests, the demo)."""

@@ -424,12 +424,15 @@ class Worker:
         give_up: str | None = None,
     ) -> HandlerResult:
         message: Message = parse_message(decode_body(delivery.body))
+        # A run's steps and watchdog carry the requestId of the post that started it.
         request_id = getattr(message, "request_id", None) or delivery.message_id
-        fields.update(type=message.type, chat_id=message.id, request_id=request_id)
+        identity = {"type": message.type, "chat_id": message.id, "request_id": request_id}
+        run_id = getattr(message, "run_id", None)
+        if run_id:
+            identity["run_id"] = run_id
+        fields.update(identity)
         # Logs of the store, the backends and the tools carry the message's identity too.
-        structlog.contextvars.bind_contextvars(
-            type=message.type, chat_id=message.id, request_id=request_id
-        )
+        structlog.contextvars.bind_contextvars(**identity)
         handler = self.registry.handler_for(role, message)
         context = MessageContext(
             queue=delivery.queue,
@@ -515,7 +518,11 @@ class Worker:
                 continues_here=not self._stopping.is_set(),
             )
             started = time.monotonic()
-            step_fields = {"step": getattr(step, "step", None), "in_process": True}
+            step_fields = {
+                "step": getattr(step, "step", None),
+                "run_id": getattr(step, "run_id", None),
+                "in_process": True,
+            }
             span = (
                 self._tracing.in_process_step(send.payload, send.queue, carrier.message_id)
                 if self._tracing is not None

@@ -50,7 +50,7 @@ class Metrics:
     def __init__(self) -> None:
         # No `<counter>_created` series beside each counter and histogram: they double the
         # scrape and nothing here reads them (a process-wide switch of prometheus-client).
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.messages = Counter(
