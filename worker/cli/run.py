@@ -17,7 +17,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser = subparsers.add_parser(
         "run",
         help="start the worker",
-        description="Consume the requests and runs queues until SIGTERM/SIGINT. On a signal "
+        description="Consume the requests, runs and deadlines queues until SIGTERM/SIGINT. On a signal "
         "the worker stops receiving, gives in-flight messages --shutdown-grace seconds, and "
         "leaves the rest to reappear for the next worker. Every flag overrides the "
         "environment variable named in its help.",

@@ -6,6 +6,7 @@ Nothing here runs at import time.
 """
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,29 +84,48 @@ class AIConnection:
     key: str | None = field(default=None, repr=False)
 
 
+def _number(text: str) -> float:
+    """A finite number, or a ValueError that says so (not Python's ``float()`` text)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number (of seconds), not {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def _whole(text: str) -> int:
+    """A whole number, or a ValueError that says so (not Python's ``int()`` text)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be a whole number, not {text!r}") from None
+
+
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if value < 0:
         raise ValueError("must not be negative")
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value > 0:
         raise ValueError("must be more than 0")
     return value
 
 
 def _lease_seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 1 <= value <= 7 * 24 * 3600:
         raise ValueError("must be between 1 s and 7 days (Azure's visibility timeout range)")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise ValueError("must be at least 1")
     return value
@@ -114,7 +134,7 @@ def _positive_int(text: str) -> int:
 def _optional_port(text: str) -> int | None:
     if not text:
         return None
-    value = int(text)
+    value = _whole(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be a port number")
     return value

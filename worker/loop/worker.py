@@ -46,6 +46,7 @@ from worker.queues.transport import (
     Broker,
     Delivery,
     LeaseLost,
+    QueueNotFound,
     QueueTransport,
 )
 
@@ -470,10 +471,15 @@ class Worker:
                 continue
             body = encode_body(send.payload, self.settings.message_encoding)
             try:
-                await self.broker.send(send.queue, body, delay=send.delay)
+                # A producer's queue (replyTo) is the producer's to create: one that does not
+                # exist (never made, or deleted: a `send --wait` that has ended) is not made
+                # again from a name in a message, and its event is dropped.
+                await self.broker.send(
+                    send.queue, body, delay=send.delay, create_missing=not send.best_effort
+                )
             except Exception as error:
                 status = getattr(error, "status_code", None)
-                refused = (
+                refused = isinstance(error, QueueNotFound) or (
                     isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
                 )
                 # A queue that refuses the message will always refuse it; anything else may
