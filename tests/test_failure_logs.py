@@ -7,12 +7,15 @@ model endpoint says so at once.
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from tests.support.azurite import REPO_ROOT
 from tests.support.env import StorageEnv, run
 from tests.support.processes import WorkerProcess
 from tests.support.runs import ReplyQueue, create_body, model_env, post_body, serving
@@ -137,3 +140,37 @@ def test_a_worker_without_a_model_endpoint_says_so_at_start(
     assert line["level"] == "warning", line
     assert line["reason"] == NO_MODEL_ENDPOINT
     assert NO_MODEL_ENDPOINT.index("OPENAI_BASE_URL") < NO_MODEL_ENDPOINT.index("OPENAI_API_KEY")
+
+
+def logged_events() -> dict[str, str]:
+    """Every event the worker logs at info or above, with its level, found in the source."""
+    found: dict[str, str] = {}
+    for package in ("worker", "handlers"):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            if "testing" in path.parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                level, args = node.func.attr, node.args
+                if level not in {"info", "warning", "error"} or not args:
+                    continue
+                name = args[0].value if isinstance(args[0], ast.Constant) else None
+                if isinstance(name, str) and re.fullmatch(r"[a-z_]+\.[a-z_]+", name):
+                    found[name] = level
+    return found
+
+
+def test_every_log_event_is_in_the_operations_table_with_its_level() -> None:
+    """docs/operations.md 7.3 lists each event the code logs (``step.completed``, the most
+    common, included) at the level the code logs it."""
+    lines = (REPO_ROOT / "docs" / "operations.md").read_text().splitlines()
+    start = lines.index("<!-- log events -->") + 3
+    documented: dict[str, str] = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        names, level, _ = (cell.strip() for cell in line.strip("|").split("|", 2))
+        for name in re.findall(r"`([^`]+)`", names):
+            documented[name] = level
+    assert documented == logged_events()

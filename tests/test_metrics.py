@@ -5,6 +5,7 @@ report them (backend and tool wrappers, the queue depth poller) on their own.
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from handlers.tool_calls import ToolCall, run_tool_calls
 from handlers.tools import ToolRegistry, tool
+from tests.support.azurite import REPO_ROOT
 from tests.support.env import StorageEnv, run
 from tests.support.runs import (
     create_body,
@@ -197,6 +199,18 @@ def test_a_fresh_worker_reports_zero_dead_letters_and_no_created_series(
             key = (DEAD_LETTERS, frozenset({("queue", queue), ("error_type", error_type)}))
             assert samples.get(key) == 0.0, (queue, error_type)
     assert "_created" not in text
+
+
+def test_every_metric_is_in_the_operations_table() -> None:
+    """docs/operations.md 7.1 has a row per metric (``steps_in_process_total`` included)."""
+    text = (REPO_ROOT / "docs" / "operations.md").read_text()
+    table = text[text.index("### 7.1 Metrics") : text.index("### 7.2 Alerts")]
+    documented = set(re.findall(r"^\| `(assistant_worker_\w+)`", table, re.MULTILINE))
+    exposed = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in Metrics().registry.collect()
+    }
+    assert documented == exposed
 
 
 def test_metrics_are_off_without_the_http_port(storage: StorageEnv) -> None:
