@@ -544,6 +544,8 @@ class Worker:
                     completed({**fields, "type": step.type, **result.log_fields})
             except Exception:
                 self._observe_step("failed", {})
+                # The carrier's retry line names the run whose step failed.
+                fields.setdefault("run_id", step_fields["run_id"])
                 raise
             self.stats["steps_in_process"] += 1
             self._observe_step("completed", result.log_fields)
