@@ -16,7 +16,7 @@ import structlog
 from tests.support.cli import clean_env, cli
 from tests.support.env import StorageEnv, run
 from tests.support.runs import create_body, eventually, model_env, post_body, serving
-from worker.cli.waiting import QUIET, Look, Request, remarks
+from worker.cli.waiting import Look, Request, quiet_for, remarks
 from worker.testing import FakeOpenAI
 
 DEAD_PORT = 9  # discard: nothing answers there
@@ -158,14 +158,16 @@ def test_each_remark_is_said_once_and_its_end_too() -> None:
     request), that is said too."""
     request = Request("c", "ChatState", "AzureWebJobsStorage", "m-1", "assistant-requests")
     said: set[str] = set()
-    first = remarks(Look(chat_exists=False, unreceived=True), 2.0, said, request, 120)
+    quiet = quiet_for(10)
+    first = remarks(Look(chat_exists=False, unreceived=True), 2.0, said, request, 120, quiet)
     assert [line.split(":")[0] for line in first] == [
         "assistant 'c' does not exist (yet) in table 'ChatState'"
     ]
-    later = remarks(Look(chat_exists=False, unreceived=True), QUIET, said, request, 120)
+    assert remarks(Look(chat_exists=False, unreceived=True), 14.0, said, request, 120, quiet) == []
+    later = remarks(Look(chat_exists=False, unreceived=True), 15.0, said, request, 120, quiet)
     assert len(later) == 1 and "no worker has received it" in later[0]
-    assert remarks(Look(chat_exists=False, unreceived=True), 30.0, said, request, 120) == []
-    assert remarks(Look(chat_exists=True), 31.0, said, request, 120) == [
+    assert remarks(Look(chat_exists=False, unreceived=True), 30.0, said, request, 120, quiet) == []
+    assert remarks(Look(chat_exists=True), 31.0, said, request, 120, quiet) == [
         "assistant 'c' exists now",
         "a worker received the request",
     ]

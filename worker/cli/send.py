@@ -13,7 +13,14 @@ from pydantic import BaseModel, ValidationError
 from schemas import AssistantCreate, AssistantDelete, AssistantPost, SubmitToolOutputs, encode_body
 from schemas.decode import describe_errors
 from worker.cli.common import CliError, add_queue_flags, add_storage_flags, print_json
-from worker.cli.waiting import CHECK_EVERY, Request, Watcher, dead_letter_line, remarks
+from worker.cli.waiting import (
+    CHECK_EVERY,
+    Request,
+    Watcher,
+    dead_letter_line,
+    quiet_for,
+    remarks,
+)
 from worker.client.replies import wait_for_reply
 from worker.config.settings import Settings
 from worker.connections.clients import queue_service
@@ -214,6 +221,7 @@ async def _wait(
         )
     )
     watcher = Watcher(broker, settings, request)
+    quiet = quiet_for(settings.max_polling_interval)
     said: set[str] = set()
     try:
         while not waiting.done():
@@ -223,7 +231,8 @@ async def _wait(
             look = await watcher.look()
             if look.dead_letter is not None:
                 raise CliError(dead_letter_line(look.dead_letter))
-            for line in remarks(look, loop.time() - started, said, request, settings.create_grace):
+            elapsed = loop.time() - started
+            for line in remarks(look, elapsed, said, request, settings.create_grace, quiet):
                 say(line)
         reply = waiting.result()
     finally:

@@ -21,8 +21,16 @@ from worker.store.stores import ChatStores
 
 # Seconds between two looks.
 CHECK_EVERY = 2.0
-# Seconds a request may sit on the queue unreceived before it is worth a word.
+# Seconds a request may sit on the queue unreceived, beyond the longest a worker waits between
+# two polls of an idle requests queue (WORKER_MAX_POLLING_INTERVAL), before it is worth a word.
 QUIET = 5.0
+
+
+def quiet_for(max_polling_interval: float) -> float:
+    """How long an unreceived request is normal: a running worker polls by then."""
+    return max_polling_interval + QUIET
+
+
 # Seconds between two reads of a poison queue too long to peek through (they lease it).
 FULL_READ_EVERY = 30.0
 
@@ -49,9 +57,10 @@ class Request:
 
 
 def remarks(
-    look: Look, elapsed: float, said: set[str], request: Request, grace: float
+    look: Look, elapsed: float, said: set[str], request: Request, grace: float, quiet: float
 ) -> list[str]:
-    """The lines ``look`` calls for that were not said before (``said`` is updated)."""
+    """The lines ``look`` calls for that were not said before (``said`` is updated).
+    ``grace``: WORKER_CREATE_GRACE; ``quiet``: see ``quiet_for``."""
     lines: list[tuple[str, str]] = []
     if look.chat_exists is False:
         lines.append(
@@ -65,7 +74,7 @@ def remarks(
         )
     elif look.chat_exists and "no chat" in said:
         lines.append(("chat came", f"assistant {request.chat_id!r} exists now"))
-    if look.unreceived and elapsed >= QUIET:
+    if look.unreceived and elapsed >= quiet:
         lines.append(
             (
                 "unreceived",
