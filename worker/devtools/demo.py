@@ -3,8 +3,9 @@
 Azurite (unless ``AzureWebJobsStorage`` is set), the fake OpenAI server scripted as the
 weather bot of the Assistants docs (unless ``OPENAI_API_KEY`` or ``AZURE_OPENAI_ENDPOINT`` is
 set: then the real service answers), the worker, and a producer that creates the assistant
-with the extension's payload, posts the question, prints the conversation as it happens, and
-prints the final ``AssistantState``.
+with the extension's payload, posts the question, prints the conversation as it happens, the
+reply, and the counts of the final ``AssistantState`` (its messages were shown already); then,
+unless ``--once``, the commands that reach the same worker and storage from another terminal.
 """
 
 import argparse
