@@ -159,15 +159,15 @@ def test_each_remark_is_said_once_and_its_end_too() -> None:
     request = Request("c", "ChatState", "AzureWebJobsStorage", "m-1", "assistant-requests")
     said: set[str] = set()
     quiet = quiet_for(10)
-    first = remarks(Look(chat_exists=False, unreceived=True), 2.0, said, request, 120, quiet)
+    first = remarks(Look(chat_exists=False, unreceived=True), 2.0, said, request, quiet)
     assert [line.split(":")[0] for line in first] == [
         "assistant 'c' does not exist (yet) in table 'ChatState'"
     ]
-    assert remarks(Look(chat_exists=False, unreceived=True), 14.0, said, request, 120, quiet) == []
-    later = remarks(Look(chat_exists=False, unreceived=True), 15.0, said, request, 120, quiet)
+    assert remarks(Look(chat_exists=False, unreceived=True), 14.0, said, request, quiet) == []
+    later = remarks(Look(chat_exists=False, unreceived=True), 15.0, said, request, quiet)
     assert len(later) == 1 and "no worker has received it" in later[0]
-    assert remarks(Look(chat_exists=False, unreceived=True), 30.0, said, request, 120, quiet) == []
-    assert remarks(Look(chat_exists=True), 31.0, said, request, 120, quiet) == [
+    assert remarks(Look(chat_exists=False, unreceived=True), 30.0, said, request, quiet) == []
+    assert remarks(Look(chat_exists=True), 31.0, said, request, quiet) == [
         "assistant 'c' exists now",
         "a worker received the request",
     ]

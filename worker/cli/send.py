@@ -232,7 +232,7 @@ async def _wait(
             if look.dead_letter is not None:
                 raise CliError(dead_letter_line(look.dead_letter))
             elapsed = loop.time() - started
-            for line in remarks(look, elapsed, said, request, settings.create_grace, quiet):
+            for line in remarks(look, elapsed, said, request, quiet):
                 say(line)
         reply = waiting.result()
     finally:

@@ -57,19 +57,19 @@ class Request:
 
 
 def remarks(
-    look: Look, elapsed: float, said: set[str], request: Request, grace: float, quiet: float
+    look: Look, elapsed: float, said: set[str], request: Request, quiet: float
 ) -> list[str]:
-    """The lines ``look`` calls for that were not said before (``said`` is updated).
-    ``grace``: WORKER_CREATE_GRACE; ``quiet``: see ``quiet_for``."""
+    """The lines ``look`` calls for that were not said before (``said`` is updated);
+    ``quiet``: see ``quiet_for``."""
     lines: list[tuple[str, str]] = []
     if look.chat_exists is False:
         lines.append(
             (
                 "no chat",
                 f"assistant {request.chat_id!r} does not exist (yet) in table "
-                f"{request.table!r}: the worker retries the post until {grace:g} s after it was "
-                "sent (WORKER_CREATE_GRACE), then dead-letters it. Create it with: "
-                f"assistant-worker send create {request.chat_id}",
+                f"{request.table!r}: the worker retries the post for WORKER_CREATE_GRACE after "
+                "it was sent (its own setting, 120 s by default), then dead-letters it. Create "
+                f"it with: assistant-worker send create {request.chat_id}",
             )
         )
     elif look.chat_exists and "no chat" in said:
