@@ -87,6 +87,10 @@ class PostHandler:
                     f"assistant {post.id!r} does not exist in table {post.collection_name!r}: "
                     "send an assistantCreate first"
                 )
+            if context.give_up is not None:
+                # Delivered too often (the crash guard): only the chat's absence, read above,
+                # may explain that; the post itself is not run again.
+                raise PermanentError(context.give_up, error_type="MaxDequeueCountExceeded")
             if attempt > 0 or context.dequeue_count > 1:
                 # A first delivery's first try skips this read: its commit creates the
                 # applied record, and fails (a conflict) if the record is there already.

@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+import structlog
+
 from handlers.mcp_tools import NO_MCP_TOOLS, McpToolset, load_toolset, run_mcp_call
 from handlers.services import ChatRef, RunServices
 from handlers.tool_calls import ToolCall, ToolResult, run_tool_calls
@@ -51,6 +53,8 @@ from worker.store.layout import (
 )
 from worker.store.protocol import ChatStore
 from worker.store.tables import MAX_TRANSACTION_BYTES, MAX_TRANSACTION_OPERATIONS
+
+log = structlog.get_logger("worker.runs")
 
 MAX_TOOL_ROUNDS = 10
 TOOL_TIMEOUT = 30.0
@@ -277,7 +281,7 @@ class StepHandler:
         state, run, held = await self._load(store, step, context)
         if state is None or run is None:
             return HandlerResult(note="stale: the run no longer exists")
-        fields = {"run_id": run.run_id, "step": run.step}
+        fields: dict[str, Any] = {"run_id": run.run_id, "step": run.step}
         if run.finished or run.step != step.step or state.active_run_id != run.run_id:
             return HandlerResult(
                 note="stale: the run has moved on",
@@ -320,6 +324,9 @@ class StepHandler:
         if context.dequeue_count > 1 and not context.in_process and not transition.run.finished:
             # A redelivered message that carries the run: its watchdog again (SPEC §5).
             effects = (deadline_send(services, chat, transition.run), *effects)
+        if run.phase == "tools":
+            # The log line of a tool step names the tools it ran.
+            fields["tools"] = sorted({c.name for c in run.pending_calls if not c.external})
         if transition.run.finished:
             fields = {**fields, "run_status": transition.run.status, "api": run.api}
         return HandlerResult(
@@ -473,11 +480,23 @@ class StepHandler:
         try:
             result = await self._call_model(store, backend, request, run, now)
         except ModelError as error:
-            if not error.transient:
-                return machine.fail(run, self._services.redact(error.message), now)
             delay = error.retry_after
-            if delay is None:
+            if error.transient and delay is None:
                 delay = backoff(run.transient_failures + 1, MODEL_RETRY, jitter=random.random())
+            # Once per attempt: the run's reply says only how it ended, the log says why.
+            log.warning(
+                "model.call_failed",
+                run_id=run.run_id,
+                request_id=run.request_id,
+                step=run.step,
+                api=run.api,
+                model=run.model,
+                status=error.status,
+                retry_in_seconds=round(delay, 3) if delay is not None else None,
+                error=self._services.redact(error.message),
+            )
+            if not error.transient or delay is None:
+                return machine.fail(run, self._services.redact(error.message), now)
             return machine.on_transient(run, delay)
         if isinstance(result, Pending):
             transition = machine.on_pending(run, result, now, self._services.settings.poll_backoff)

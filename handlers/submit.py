@@ -22,7 +22,7 @@ from schemas import SubmitToolOutputs
 from worker.loop.errors import ChatNotFound, PermanentError, TransientError
 from worker.loop.handling import HandlerResult, MessageContext, Send
 from worker.runs import machine
-from worker.store.layout import AppliedRecord, AppliedRequest
+from worker.store.layout import AppliedRecord, AppliedRequest, ChatState
 from worker.store.protocol import ChatStore
 
 
@@ -38,16 +38,16 @@ class SubmitHandler:
         store = await services.store(chat)
         fields = {"run_id": submit.run_id}
         for attempt in range(MAX_CONFLICT_RETRIES):
+            if context.give_up is not None:
+                await self._chat_exists(store, submit)
+                # Delivered too often (the crash guard), and not for want of its chat: the
+                # submit is not run again.
+                raise PermanentError(context.give_up, error_type="MaxDequeueCountExceeded")
             record = await store.applied_record(submit.id, context.request_id)
             if record is not None:
                 effects = await self._resume(store, chat, submit, record)
                 return HandlerResult(note="duplicate", effects=effects, log_fields=fields)
-            state = await store.load_state(submit.id)
-            if state is None or not state.exists:
-                raise ChatNotFound(
-                    f"assistant {submit.id!r} does not exist in table "
-                    f"{submit.collection_name!r}: its tool outputs cannot be applied"
-                )
+            state = await self._chat_exists(store, submit)
             run = await store.load_run(submit.id, submit.run_id)
             if run is None:
                 raise PermanentError(
@@ -88,6 +88,16 @@ class SubmitHandler:
             note = "outputs stored; waiting for the rest" if waiting else "outputs accepted"
             return HandlerResult(note=note, effects=effects, log_fields=fields)
         raise TransientError(f"run {submit.run_id!r} kept changing; retrying the submit later")
+
+    async def _chat_exists(self, store: ChatStore, submit: SubmitToolOutputs) -> ChatState:
+        """The chat's state; ``ChatNotFound`` (retried within the create grace) without it."""
+        state = await store.load_state(submit.id)
+        if state is None or not state.exists:
+            raise ChatNotFound(
+                f"assistant {submit.id!r} does not exist in table "
+                f"{submit.collection_name!r}: its tool outputs cannot be applied"
+            )
+        return state
 
     async def _landed(
         self, store: ChatStore, chat: ChatRef, stale: StaleRun

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydantic
+import structlog
 from pydantic_core import to_jsonable_python
 
 from handlers.tools import ToolRegistry, ToolSpec, describe_exception, shorten
+
+log = structlog.get_logger("worker.runs")
 
 # Keep error texts short: they go back to the model and into the stored history.
 _MAX_ERRORS_SHOWN = 10
@@ -64,6 +67,13 @@ async def run_tool_calls(
             for call in calls
         )
     )
+    for result in results:
+        if not result.ok:
+            # The model reads the error and goes on; the operator reads it here (the log's
+            # processors mask secrets).
+            log.warning(
+                "tool.failed", tool=result.name, call_id=result.call_id, error=result.output
+            )
     return list(results)
 
 

@@ -63,6 +63,7 @@ def step_send(
         collection_name=chat.collection,
         chat_storage_connection_setting=chat.storage_setting,
         traceparent=run.traceparent,
+        request_id=run.request_id or None,
     )
     return Send(
         services.settings.runs_queue,
@@ -81,6 +82,7 @@ def deadline_send(services: RunServices, chat: ChatRef, run: Run) -> Send:
         collection_name=chat.collection,
         chat_storage_connection_setting=chat.storage_setting,
         traceparent=run.traceparent,
+        request_id=run.request_id or None,
     )
     delay = machine.until_expiry(run, services.clock())
     return Send(services.settings.deadlines_queue, deadline.to_wire(), delay=delay)
@@ -170,6 +172,8 @@ async def commit_transition(
             # Only the state changed (a post arrived): decide again on the fresh state.
             await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
             continue
+        if run.finished and not before.finished:
+            _log_ended(run, chat)
         if run.status in ("expired", "cancelled", "failed") and not before.finished:
             # Expired, failed or cancelled mid-way: the backend may still be working on it.
             await services.cancel_remote(run, state.remote)
@@ -177,6 +181,24 @@ async def commit_transition(
         steps = _transition_sends(services, chat, run, transition, in_process=bool(carrier))
         return (*steps, *follow_ups, *replies)
     raise TransientError(f"the chat {chat.chat_id!r} kept changing; retrying the step later")
+
+
+def _log_ended(run: Run, chat: ChatRef) -> None:
+    """A run that ended failed, expired or incomplete is a failure its producer meets: a
+    warning that says why (the run's error, already redacted). A completed or cancelled run
+    needs no line of its own (``message.completed`` / ``step.completed`` say it ended)."""
+    if run.status in ("completed", "cancelled"):
+        return
+    log.warning(
+        "run.ended",
+        run_id=run.run_id,
+        chat_id=chat.chat_id,
+        request_id=run.request_id,
+        status=run.status,
+        api=run.api,
+        model=run.model,
+        error=run.error,
+    )
 
 
 async def release_chat(

@@ -193,6 +193,8 @@ class RunStep(WireModel):
     step: Annotated[int, Field(ge=0)]
     collection_name: TableName = DEFAULT_COLLECTION
     chat_storage_connection_setting: SettingName = DEFAULT_STORAGE_SETTING
+    # The requestId of the post that started the run (for the logs of every step).
+    request_id: RequestId | None = None
     traceparent: TraceParent | None = None
 
 
@@ -206,6 +208,8 @@ class RunDeadline(WireModel):
     run_id: Annotated[str, Field(min_length=1, max_length=128)]
     collection_name: TableName = DEFAULT_COLLECTION
     chat_storage_connection_setting: SettingName = DEFAULT_STORAGE_SETTING
+    # The requestId of the post that started the run (for the logs of every step).
+    request_id: RequestId | None = None
     traceparent: TraceParent | None = None
 
 

@@ -17,6 +17,7 @@ import structlog
 
 from schemas import ToolApprovalRequired
 from tests.support.approval_tools import approval_registry
+from tests.support.cli import clean_env, cli
 from tests.support.env import StorageEnv, run
 from tests.support.http_faults import FaultProxy, with_endpoint
 from tests.support.runs import (
@@ -35,7 +36,6 @@ from tests.support.runs import (
     serving,
 )
 from tests.support.scrape import fetch
-from tests.test_cli_runs import clean_env, cli
 from worker.config.settings import Settings
 from worker.testing import FakeOpenAI
 from worker.testing.fake_openai_brain import Conversation, Turn

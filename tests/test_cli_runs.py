@@ -1,17 +1,26 @@
 """The producer-side commands end to end: `send post --wait`, `send tool-outputs`, `demo`."""
 
 import asyncio
+import contextlib
 import json
-import os
+import queue
+import re
+import signal
+import socket
+import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.support.azurite import REPO_ROOT
+from tests.support.cli import clean_env, cli
 from tests.support.env import StorageEnv, run
 from tests.support.runs import burst, create_body, model_env, serving
+from worker.devtools.demo import DEFAULT_PORTS
 from worker.testing import FakeOpenAI
 
 WEATHER_ANSWER = "The weather in The Emerald City (Seattle, WA) is currently 70 degrees and sunny."
@@ -21,35 +30,6 @@ WEATHER_ANSWER = "The weather in The Emerald City (Seattle, WA) is currently 70 
 def fake() -> Iterator[FakeOpenAI]:
     with FakeOpenAI(background_delay=0.05).running_in_thread() as server:
         yield server
-
-
-async def cli(env: dict[str, str], *args: str, within: float = 90) -> tuple[int, str, str]:
-    """Run ``python -m worker ARGS`` with ``env``; (exit code, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), within)
-    except TimeoutError:
-        process.kill()
-        out, err = await process.communicate()
-        raise AssertionError(
-            f"{' '.join(args)} did not finish within {within} s:\n{out.decode()}\n{err.decode()}"
-        ) from None
-    return int(process.returncode or 0), out.decode(), err.decode()
-
-
-def clean_env(**values: str) -> dict[str, str]:
-    """The test process's environment without any model or storage configuration of its own."""
-    drop = {"OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "AzureWebJobsStorage"}
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, **values}
 
 
 def test_send_post_wait_prints_the_answer(storage: StorageEnv, fake: FakeOpenAI) -> None:
@@ -160,4 +140,85 @@ def test_demo_runs_the_weather_conversation_offline(storage: StorageEnv) -> None
         "status completed",
     ):
         assert line in out, f"missing {line!r} in:\n{out}"
-    assert '"exists": true' in out
+    # Short and true: the conversation once, the state's counts, what each token count means.
+    assert out.count("[Tool]      getUserFavoriteCity -> Seattle, WA") == 1
+    assert "exists: true, totalMessages: 8, totalTokens: " in out
+    assert "(the latest model call's, as the extension counts)" in out
+    assert "usage.totalTokens: " in out and "(all its model calls)" in out
+    assert len(out.splitlines()) <= 30, out
+    # The demo's reply queue was its own, for this conversation only.
+    [replies] = re.findall(r"assistantReply on '(demo-replies-\w+)'", out)
+    assert run(storage.queue_exists(replies)) is False
+
+
+def test_the_demo_on_other_ports_prints_follow_ups_that_work() -> None:
+    """With Azurite's default ports taken, the demo starts it on others, and the commands it
+    prints for another terminal reach that Azurite and its worker: run as printed, they work."""
+    with contextlib.ExitStack() as stack:
+        for port in DEFAULT_PORTS:
+            held = stack.enter_context(socket.socket())
+            with contextlib.suppress(OSError):  # taken already: as good
+                held.bind(("127.0.0.1", port))
+                held.listen()
+        demo = stack.enter_context(
+            subprocess.Popen(
+                [sys.executable, "-m", "worker", "demo"],
+                cwd=REPO_ROOT,
+                env=clean_env(WORKER_MAX_POLLING_INTERVAL="0.5"),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+        stack.callback(demo.kill)
+        output = LineReader(demo)
+        lines = output.until(lambda line: "poison list" in line, within=200)
+        start = next(i for i, line in enumerate(lines) if "From another terminal" in line)
+        commands = [line.strip() for line in lines[start + 1 :]]
+        assert commands[0].startswith("export AzureWebJobsStorage='"), commands
+        assert "10001" not in commands[0]
+        script = "\n".join(commands[:1] + [c for c in commands[1:] if " state " in c])
+        state = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert state.returncode == 0, state.stderr
+        assert json.loads(state.stdout)["exists"] is True
+        script = "\n".join(commands[:1] + [c for c in commands[1:] if " send post " in c])
+        post = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+        assert post.returncode == 0, post.stderr
+        assert json.loads(post.stdout)["status"] == "completed"
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 0, output.text()
+
+
+class LineReader:
+    """A process's output, read line by line in a thread, so that a wait for one is bounded."""
+
+    def __init__(self, process: "subprocess.Popen[str]") -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        assert process.stdout is not None
+        stream = process.stdout
+
+        def pump() -> None:
+            for line in stream:
+                self._lines.put(line.rstrip("\n"))
+            self._lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def until(self, found: Callable[[str], bool], within: float) -> list[str]:
+        """The lines so far, once one satisfies ``found``."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"nothing like it within {within} s:\n{self.text()}") from None
+            if line is None:
+                raise AssertionError(f"the process ended first:\n{self.text()}")
+            self.seen.append(line)
+            if found(line):
+                return list(self.seen)
+
+    def text(self) -> str:
+        return "\n".join(self.seen)

@@ -12,15 +12,15 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.storage.queue import AccountSasPermissions, ResourceTypes, generate_account_sas
 
 from schemas import (
     AssistantCreate,
@@ -33,13 +33,14 @@ from schemas import (
 from schemas.decode import decode_body
 from schemas.events import ReplyEvent
 from tests.support.approval_tools import approval_registry
-from tests.support.azurite import DEV_ACCOUNT_KEY, DEV_ACCOUNT_NAME, HOST, REPO_ROOT
+from tests.support.azurite import REPO_ROOT
 from tests.support.env import StorageEnv, run
 from tests.support.runs import TOOL_LOG_ENV, ReplyQueue, ToolLog, model_env, serving
 from tests.test_approvals_e2e import mail_bot
 from worker.testing import FakeOpenAI
 
 DOC = REPO_ROOT / "docs" / "producers.md"
+WORKER_CLI = str(Path(sys.executable).parent / "assistant-worker")
 QUESTION = "Hello! What can you do?"
 # The fake model's echo scenario (any model name with "echo" in it).
 ANSWER = f"You said: {QUESTION}"
@@ -74,23 +75,31 @@ def fake() -> Iterator[FakeOpenAI]:
         yield server
 
 
+def documented_sas(connection_string: str) -> dict[str, str]:
+    """QUEUE_SERVICE_URL and QUEUE_SAS as the page gets them: ``eval "$(assistant-worker
+    sas)"`` in bash, with the connection in AzureWebJobsStorage."""
+    [line] = [
+        code.splitlines()[0]
+        for lang, _, code in fenced_blocks(DOC.read_text())
+        if lang == "sh" and "assistant-worker sas" in code
+    ]
+    script = f"{line.replace('.venv/bin/assistant-worker', shlex.quote(WORKER_CLI))}\nenv"
+    env = {**os.environ, "AzureWebJobsStorage": connection_string}
+    shell = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert shell.returncode == 0, shell.stderr
+    values = dict(line.partition("=")[::2] for line in shell.stdout.splitlines() if "=" in line)
+    return {name: values[name] for name in ("QUEUE_SERVICE_URL", "QUEUE_SAS")}
+
+
 def example_env(storage: StorageEnv, chat_id: str, reply_queue: str) -> dict[str, str]:
     """What a user sets: the storage connection, the queues, a chat id; nothing of the test's."""
     keep = {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT"}
     env = {key: value for key, value in os.environ.items() if key in keep}
-    sas = generate_account_sas(
-        DEV_ACCOUNT_NAME,
-        DEV_ACCOUNT_KEY,
-        resource_types=ResourceTypes(service=True, container=True, object=True),
-        permission=AccountSasPermissions(
-            read=True, add=True, create=True, process=True, delete=True
-        ),
-        expiry=datetime.now(UTC) + timedelta(hours=1),
-    )
     env.update(
         AzureWebJobsStorage=storage.connection_string,
-        QUEUE_SERVICE_URL=f"http://{HOST}:{storage.azurite.queue_port}/{DEV_ACCOUNT_NAME}",
-        QUEUE_SAS=sas,
+        **documented_sas(storage.connection_string),
         WORKER_REQUESTS_QUEUE=storage.requests_queue,
         CHAT_ID=chat_id,
         REPLY_QUEUE=reply_queue,

@@ -27,11 +27,12 @@ from tests.support.azurite import REPO_ROOT
 from worker.cli.main import build_parser
 from worker.config import settings as settings_module
 from worker.config.settings import SPECS, Settings
+from worker.loop.errors import DEAD_LETTER_TYPES
 
 DOC = REPO_ROOT / "docs" / "reference.md"
 # The code whose failure classes the dead letters' errorType must name.
 SOURCES = ("worker", "handlers", "schemas")
-_MARKER = re.compile(r"<!--\s*(fields:\s*(\w+)|settings)\s*-->")
+_MARKER = re.compile(r"<!--\s*(fields:\s*(\w+)|settings|error types)\s*-->")
 _CODE = re.compile(r"`([^`]+)`")
 # Models documented with their own table besides the exported ones: the fields every request has.
 EXTRA_MODELS: dict[str, type[BaseModel]] = {"ChatRequest": ChatRequest}
@@ -67,7 +68,7 @@ def tables() -> dict[str, list[dict[str, str]]]:
     for number, line in enumerate(lines):
         match = _MARKER.search(line)
         if match:
-            key = f"fields:{match.group(2)}" if match.group(2) else "settings"
+            key = f"fields:{match.group(2)}" if match.group(2) else match.group(1)
             assert key not in found, f"{key} is marked twice in {DOC.name}"
             found[key] = markdown_table(lines, number + 1)
     return found
@@ -314,6 +315,14 @@ def test_dead_letter_error_types_are_documented() -> None:
     [row] = [row for row in table if first_code(row["field"]) == "errorType"]
     documented = set(_CODE.findall(row["meaning"]))
     assert sorted(found - documented) == [], "error types missing from the errorType row"
+
+
+def test_error_types_table_names_each_cause_once() -> None:
+    """The table of ``errorType`` values is the code's list (the one the dead-letter counter
+    starts from), and that list holds every class of permanent failure the code raises."""
+    listed = [first_code(row["`errorType`"]) for row in tables()["error types"]]
+    assert listed == list(DEAD_LETTER_TYPES)
+    assert sorted(permanent_error_types() - set(DEAD_LETTER_TYPES)) == []
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ PURE = (
     "worker.loop.errors",
     "worker.queues.polling",
     "worker.deadletters.envelope",
+    "worker.deadletters.identity",
 )
 ROOTS = ("worker", "handlers", "schemas")
 

@@ -442,6 +442,7 @@ def test_a_step_that_fails_in_process_fails_its_carrier() -> None:
     assert [c.dequeue_count for c in calls] == [1, 2], "a step shares its carrier's attempt"
     [retried] = [e for e in logs if e["event"] == "message.retried"]
     assert "claim" in retried["reason"] and retried["delay_seconds"] == 0.3
+    assert retried["run_id"] == "r", "the carrier's retry names the run whose step failed"
     completed = [e for e in logs if e["event"] == "message.completed"]
     assert [e["type"] for e in completed] == ["assistantCreate"]
 

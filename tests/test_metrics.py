@@ -5,6 +5,7 @@ report them (backend and tool wrappers, the queue depth poller) on their own.
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from handlers.tool_calls import ToolCall, run_tool_calls
 from handlers.tools import ToolRegistry, tool
+from tests.support.azurite import REPO_ROOT
 from tests.support.env import StorageEnv, run
 from tests.support.runs import (
     create_body,
@@ -23,10 +25,19 @@ from tests.support.runs import (
     runs_finished,
     serving,
 )
-from tests.support.scrape import Samples, http_settings, parse_metrics, scrape, total, value
+from tests.support.scrape import (
+    Samples,
+    fetch,
+    http_settings,
+    parse_metrics,
+    scrape,
+    total,
+    value,
+)
 from worker.app import build_backends, open_app
 from worker.backends.base import ModelError, TurnRequest
 from worker.backends.clients import ModelClients
+from worker.loop.errors import DEAD_LETTER_TYPES
 from worker.observability.depth import DepthPoller
 from worker.observability.instrument import InstrumentedBackend
 from worker.observability.metrics import Metrics
@@ -38,6 +49,7 @@ QUESTION = "What's the weather like right now in my favorite city?"
 MESSAGES = "assistant_worker_messages_total"
 HANDLER = "assistant_worker_handler_duration_seconds"
 MODEL = "assistant_worker_model_call_duration_seconds"
+DEAD_LETTERS = "assistant_worker_dead_letters_total"
 
 
 def test_worker_metrics_move_as_messages_are_handled(storage: StorageEnv) -> None:
@@ -165,6 +177,40 @@ def test_runs_are_counted_by_status_and_api(storage: StorageEnv) -> None:
     # The run's steps were taken in-process after its post (none went through the queue).
     assert value(samples, "assistant_worker_steps_in_process_total", outcome="completed") >= 1
     assert not total(samples, "assistant_worker_messages_total", type="runStep")
+
+
+def test_a_fresh_worker_reports_zero_dead_letters_and_no_created_series(
+    storage: StorageEnv,
+) -> None:
+    """Before anything happened, /metrics has the dead-letter counter at 0 for every work
+    queue and documented error type (so that ``increase()`` sees the first one), and no
+    ``_created`` series beside the counters."""
+
+    async def scenario() -> str:
+        async with serving(http_settings(storage)) as app:
+            reply = await fetch(app, "/metrics")
+            assert reply.status == 200
+            return reply.text
+
+    text = run(scenario())
+    samples = parse_metrics(text)
+    for queue in (storage.requests_queue, storage.runs_queue, storage.deadlines_queue):
+        for error_type in DEAD_LETTER_TYPES:
+            key = (DEAD_LETTERS, frozenset({("queue", queue), ("error_type", error_type)}))
+            assert samples.get(key) == 0.0, (queue, error_type)
+    assert "_created" not in text
+
+
+def test_every_metric_is_in_the_operations_table() -> None:
+    """docs/operations.md 7.1 has a row per metric (``steps_in_process_total`` included)."""
+    text = (REPO_ROOT / "docs" / "operations.md").read_text()
+    table = text[text.index("### 7.1 Metrics") : text.index("### 7.2 Alerts")]
+    documented = set(re.findall(r"^\| `(assistant_worker_\w+)`", table, re.MULTILINE))
+    exposed = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in Metrics().registry.collect()
+    }
+    assert documented == exposed
 
 
 def test_metrics_are_off_without_the_http_port(storage: StorageEnv) -> None:

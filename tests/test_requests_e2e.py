@@ -269,7 +269,7 @@ def test_transient_failure_is_dead_lettered_after_max_attempts(storage: StorageE
     assert info["dequeueCount"] == 3
     assert "gave up after 3 attempts" in info["reason"]
     assert "storage setting 'FlakyStorage'" in info["reason"], "the reason names the connection"
-    assert info["errorType"] in {"ServiceRequestError", "ServiceResponseError"}
+    assert info["errorType"] == "StorageUnavailable"
     assert info["requestId"] == "r-n"
     assert letter["message"]["id"] == "never"
 

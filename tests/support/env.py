@@ -115,6 +115,14 @@ class StorageEnv:
                 await client.update_message(message.id, message.pop_receipt, visibility_timeout=0)
             return [str(m.content) for m in messages]
 
+    async def queue_exists(self, queue: str) -> bool:
+        async with self.queues() as service:
+            try:
+                await service.get_queue_client(queue).get_queue_properties()
+            except ResourceNotFoundError:
+                return False
+            return True
+
     async def count(self, queue: str) -> int:
         async with self.queues() as service:
             try:

@@ -23,6 +23,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.queue import QueueClient as SyncQueueClient
+
 from handlers.services import RunServices
 from handlers.tools import ToolRegistry, load_tools, tool
 from schemas import AssistantState
@@ -332,6 +335,12 @@ class ReplyQueue:
     storage: StorageEnv
     name: str
     events: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # A producer creates its reply queue: the worker sends no event to one that is missing.
+        client = SyncQueueClient.from_connection_string(self.storage.connection_string, self.name)
+        with client, contextlib.suppress(ResourceExistsError):
+            client.create_queue()
 
     async def drain(self) -> list[dict[str, Any]]:
         async with self.storage.queues() as service:

@@ -49,11 +49,20 @@ class TurnRequest:
 class ModelError(Exception):
     """A model call failed. ``transient``: retry the step later (429, 5xx, timeouts)."""
 
-    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.transient = transient
         self.retry_after = retry_after
+        # The HTTP status the service answered (None: no answer, or not an HTTP failure).
+        self.status = status
 
 
 class Backend(Protocol):

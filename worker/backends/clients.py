@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from worker.config.settings import Settings
+from worker.config.settings import NO_MODEL_ENDPOINT, Settings
 from worker.connections.clients import shared_credential
 
 if TYPE_CHECKING:
@@ -70,10 +70,7 @@ class ModelClients:
                     timeout=REQUEST_TIMEOUT,
                 ),
             )
-        raise ModelNotConfigured(
-            "no model endpoint is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
-            "OpenAI-compatible server) or AZURE_OPENAI_ENDPOINT"
-        )
+        raise ModelNotConfigured(NO_MODEL_ENDPOINT)
 
     def _azure(self, endpoint: str, key: str | None, *, key_name: str) -> openai.AsyncOpenAI:
         import openai

@@ -44,9 +44,14 @@ def classify(error: Exception) -> ModelError:
                 f"model service answered {status}: {message}",
                 transient=True,
                 retry_after=retry_after_seconds(error),
+                status=status,
             )
+        # A 404 is most often a wrong endpoint (OPENAI_BASE_URL, a deployment name): say where.
+        where = f" at {_endpoint(error)}" if status == 404 else ""
         return ModelError(
-            f"model service refused the request ({status}): {message}", transient=False
+            f"model service refused the request ({status}){where}: {message}",
+            transient=False,
+            status=status,
         )
     return ModelError(f"{type(error).__name__}: {error}", transient=False)
 
@@ -58,3 +63,9 @@ def _message(error: openai.APIStatusError) -> str:
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
             return str(inner["message"])
     return str(error.message)
+
+
+def _endpoint(error: openai.APIStatusError) -> str:
+    """The URL the request went to, without its query (which may carry an api-version)."""
+    url = error.response.request.url
+    return f"{url.scheme}://{url.host}{f':{url.port}' if url.port else ''}{url.path}"

@@ -16,10 +16,15 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def add_queue_flags(parser: argparse.ArgumentParser) -> None:
-    """The queue names, for commands that send or read messages."""
+QUEUE_FIELDS = ("requests_queue", "runs_queue", "deadlines_queue", "message_encoding")
+
+
+def add_queue_flags(
+    parser: argparse.ArgumentParser, fields: tuple[str, ...] = QUEUE_FIELDS
+) -> None:
+    """The queue settings a command uses (``fields``: all of them by default), as flags."""
     for spec in SPECS:
-        if spec.field in {"requests_queue", "runs_queue", "deadlines_queue", "message_encoding"}:
+        if spec.field in fields:
             parser.add_argument(
                 spec.flag,
                 dest=spec.field,

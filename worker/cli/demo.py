@@ -12,7 +12,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         description="Start Azurite (unless AzureWebJobsStorage is set), the fake OpenAI server "
         "as the weather bot of the Assistants docs (unless OPENAI_API_KEY or "
         "AZURE_OPENAI_ENDPOINT is set), and the worker; create an assistant, post the "
-        "question, print the conversation as it happens and the final AssistantState.",
+        "question, print the conversation as it happens, the reply and the final AssistantState's "
+        "counts, then the commands to try from another terminal.",
     )
     parser.add_argument("--api", choices=["chat", "responses", "assistants"], default="chat",
                         help="the model API the assistant uses (default chat)")  # fmt: skip

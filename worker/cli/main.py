@@ -26,6 +26,7 @@ COMMANDS = {
     "state": "worker.cli.state",
     "poison": "worker.cli.poison",
     "chats": "worker.cli.chats",
+    "sas": "worker.cli.sas",
     "demo": "worker.cli.demo",
 }
 

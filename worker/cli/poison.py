@@ -62,9 +62,11 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "poison",
         help="list, show, replay or purge dead letters",
         description=textwrap.fill(
-            "Inspect and manage the dead-letter queues (<queue>-poison) of the requests and "
-            "runs queues. Every action reads both poison queues unless --queue names one, and "
-            "accepts the same filters (--type, --id, --error, --since, --limit).",
+            "Inspect and manage the dead-letter queues (<queue>-poison) of the requests, runs "
+            "and deadlines queues (assistant-requests-poison, assistant-runs-poison, "
+            "assistant-deadlines-poison by default). Every action reads the three unless "
+            "--queue names one, and accepts the same filters (--type, --id, --error, --since, "
+            "--limit).",
             width=79,
         ),
         epilog="examples:\n  assistant-worker poison list --since 1d\n"
@@ -174,7 +176,7 @@ def _sub(
         action="append",
         metavar="NAME",
         help="the work queue (or its -poison queue) to read; repeat for several "
-        "(default: the poison queues of the requests and runs queues)",
+        "(default: the poison queues of the requests, runs and deadlines queues)",
     )
     parser.add_argument(
         "--type",

@@ -17,7 +17,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser = subparsers.add_parser(
         "run",
         help="start the worker",
-        description="Consume the requests and runs queues until SIGTERM/SIGINT. On a signal "
+        description="Consume the requests, runs and deadlines queues until SIGTERM/SIGINT. On a signal "
         "the worker stops receiving, gives in-flight messages --shutdown-grace seconds, and "
         "leaves the rest to reappear for the next worker. Every flag overrides the "
         "environment variable named in its help.",
@@ -52,6 +52,10 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
 async def serve(settings: Settings, *, burst: bool) -> int:
     # With WORKER_HTTP_PORT set, open_app serves /healthz, /readyz, /metrics and the query
     # API on this loop until the worker has drained.
+    missing = settings.model_endpoint_missing
+    if missing is not None:
+        # Said now, not first by the reply of a failed run.
+        structlog.get_logger("worker").warning("model.not_configured", reason=missing)
     async with open_app(settings) as app:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import uuid
@@ -19,6 +20,14 @@ from schemas import (
 )
 from schemas.decode import describe_errors
 from worker.cli.common import CliError, add_queue_flags, add_storage_flags, print_json
+from worker.cli.waiting import (
+    CHECK_EVERY,
+    Request,
+    Watcher,
+    dead_letter_line,
+    quiet_for,
+    remarks,
+)
 from worker.client.replies import wait_for_reply
 from worker.config.settings import Settings
 from worker.connections.clients import queue_service
@@ -110,7 +119,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     for sub in (create, post, outputs, *decisions, delete):
         sub.add_argument("--request-id", help="idempotency key (default: a new UUID)")
         add_storage_flags(sub)
-        add_queue_flags(sub)
+        # A producer's command: only the queue it sends to, and how it encodes.
+        add_queue_flags(sub, ("requests_queue", "message_encoding"))
         sub.set_defaults(handler=send_command)
 
 
@@ -188,10 +198,12 @@ async def _send(
     settings: Settings, payload: dict[str, Any], *, wait: bool, within: float, temporary: bool
 ) -> int:
     broker = AzureQueueBroker(queue_service(settings.default_storage))
+    reply_queue = str(payload.get("replyTo") or "")
     try:
-        reply_queue = str(payload.get("replyTo") or "")
-        queues = [settings.requests_queue, *([reply_queue] if wait else [])]
-        await broker.ensure_queues(queues)
+        # The reply queue is the producer's: the worker sends no event to a missing one.
+        await broker.ensure_queues(
+            [settings.requests_queue, *([reply_queue] if reply_queue else [])]
+        )
         message_id = await broker.send(
             settings.requests_queue, encode_body(payload, settings.message_encoding)
         )
@@ -200,23 +212,73 @@ async def _send(
         if not wait:
             print_json(sent)
             return 0
-        print(f"sent {payload['type']} {message_id}; waiting for the reply on {reply_queue}",
-              file=sys.stderr)  # fmt: skip
-        reply = await wait_for_reply(
-            broker,
-            reply_queue,
-            request_id=str(payload["requestId"]),
-            within=within,
-            on_event=_show_event,
+        say(f"sent {payload['type']} {message_id}; waiting for the reply on {reply_queue}")
+        request = Request(
+            chat_id=str(payload["id"]),
+            table=str(payload["collectionName"]),
+            storage_setting=str(payload["chatStorageConnectionSetting"]),
+            message_id=message_id,
+            queue=settings.requests_queue,
         )
-        if reply is None:
-            raise CliError(f"no reply within {within:g} s (the run may still finish)")
+        reply = await _wait(
+            broker, settings, request, reply_queue, str(payload["requestId"]), within
+        )
         print_json(reply)
         return 0 if reply.get("status") == "completed" else 1
     finally:
         if temporary:
-            await broker.queue(str(payload["replyTo"])).client.delete_queue()
+            # Gone for good: a replay of this post later finds no queue to reply to, and the
+            # worker drops its reply instead of making the queue again. Best effort (storage
+            # may be what failed), and the clients are closed whatever happens.
+            with contextlib.suppress(Exception):
+                await broker.queue(reply_queue).client.delete_queue()
         await broker.close()
+
+
+async def _wait(
+    broker: AzureQueueBroker,
+    settings: Settings,
+    request: Request,
+    reply_queue: str,
+    request_id: str,
+    within: float,
+) -> dict[str, Any]:
+    """The reply; meanwhile say what can be seen (see ``worker.cli.waiting``). A dead letter
+    ends the wait at once, with its reason."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiting = asyncio.create_task(
+        wait_for_reply(
+            broker, reply_queue, request_id=request_id, within=within, on_event=_show_event
+        )
+    )
+    watcher = Watcher(broker, settings, request)
+    quiet = quiet_for(settings.max_polling_interval)
+    said: set[str] = set()
+    try:
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=CHECK_EVERY)
+            if waiting.done():
+                break
+            look = await watcher.look()
+            if look.dead_letter is not None:
+                raise CliError(dead_letter_line(look.dead_letter))
+            elapsed = loop.time() - started
+            for line in remarks(look, elapsed, said, request, quiet):
+                say(line)
+        reply = waiting.result()
+    finally:
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await waiting
+        await watcher.close()
+    if reply is None:
+        raise CliError(f"no reply within {within:g} s (the run may still finish)")
+    return reply
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _show_event(event: dict[str, Any]) -> None:

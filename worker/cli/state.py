@@ -4,8 +4,11 @@ import argparse
 import asyncio
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
+
 from handlers.query import get_state
-from schemas import AssistantState
+from schemas import AssistantState, ChatRequest
+from schemas.decode import describe_errors
 from worker.cli.common import CliError, add_storage_flags, print_json
 from worker.config.settings import Settings
 from worker.store.stores import ChatStores
@@ -53,9 +56,18 @@ async def read_state(
         await stores.close()
 
 
+def check_names(chat_id: str, table: str, setting: str) -> None:
+    """The id, table and setting checked as a request's are, with ``send``'s message (a bad
+    name would otherwise reach the service and come back as a storage error)."""
+    names = {"id": chat_id, "collectionName": table, "chatStorageConnectionSetting": setting}
+    try:
+        ChatRequest.model_validate(names)
+    except ValidationError as error:
+        raise CliError(f"invalid request: {describe_errors(error)}", exit_code=2) from None
+
+
 def state_command(args: argparse.Namespace, settings: Settings) -> int:
-    if not args.id:
-        raise CliError("an assistant id is required", exit_code=2)
+    check_names(args.id, args.collection, args.storage_setting)
     state = asyncio.run(
         read_state(settings, args.id, args.collection, args.storage_setting, args.since)
     )

@@ -6,6 +6,7 @@ Nothing here runs at import time.
 """
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -17,6 +18,12 @@ from schemas.names import MAX_BASE_QUEUE_NAME_LENGTH, check_queue_name
 from schemas.requests import DEFAULT_STORAGE_SETTING
 
 DEV_STORAGE = "UseDevelopmentStorage=true"
+# No key is needed for an OpenAI-compatible server that asks for none (the shipped fake).
+NO_MODEL_ENDPOINT = (
+    "no model endpoint is configured: set OPENAI_BASE_URL (an OpenAI-compatible server; "
+    "add OPENAI_API_KEY if it asks for a key), OPENAI_API_KEY alone (api.openai.com), or "
+    "AZURE_OPENAI_ENDPOINT (Azure OpenAI)"
+)
 
 
 class SettingsError(ValueError):
@@ -117,29 +124,48 @@ def mcp_server(name: str, env: Mapping[str, str]) -> McpServerConfig:
     return McpServerConfig(name, url, token)
 
 
+def _number(text: str) -> float:
+    """A finite number, or a ValueError that says so (not Python's ``float()`` text)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number (of seconds), not {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def _whole(text: str) -> int:
+    """A whole number, or a ValueError that says so (not Python's ``int()`` text)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be a whole number, not {text!r}") from None
+
+
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if value < 0:
         raise ValueError("must not be negative")
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value > 0:
         raise ValueError("must be more than 0")
     return value
 
 
 def _lease_seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 1 <= value <= 7 * 24 * 3600:
         raise ValueError("must be between 1 s and 7 days (Azure's visibility timeout range)")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise ValueError("must be at least 1")
     return value
@@ -155,7 +181,7 @@ def _non_negative_int(text: str) -> int:
 def _optional_port(text: str) -> int | None:
     if not text:
         return None
-    value = int(text)
+    value = _whole(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be a port number")
     return value
@@ -586,6 +612,14 @@ class Settings:
     def default_storage_setting(self) -> str:
         """The name of the setting of the worker's own storage account."""
         return DEFAULT_STORAGE_SETTING
+
+    @property
+    def model_endpoint_missing(self) -> str | None:
+        """Why no run can reach a model with these settings (None: the default endpoint is
+        configured). A worker says so at start, and each run that needs it fails with it."""
+        if self.azure_openai_endpoint or self.openai_base_url or self.openai_api_key:
+            return None
+        return NO_MODEL_ENDPOINT
 
     def with_values(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (tests, the demo)."""

@@ -12,13 +12,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas import DeadLetterEnvelope, InvalidMessage, decode_body, encode_body
-from schemas.decode import Encoding, infer_type
+from schemas.decode import Encoding
 from schemas.names import poison_queue_name
+
+# Re-exported: how `poison list` names the type of a dead letter's original message.
+from worker.deadletters.identity import INVALID_TYPE as INVALID_TYPE
+from worker.deadletters.identity import message_type_of as message_type_of
 
 POISON_SUFFIX = "-poison"
 NOT_AN_ENVELOPE = "not a dead-letter envelope"
-# The type reported for a dead letter whose original body was not a JSON object.
-INVALID_TYPE = "invalid"
 # Envelopes put back on a work queue and dead-lettered again nest; unwrap at most this deep.
 MAX_NESTING = 8
 
@@ -194,17 +196,6 @@ class DeadLetterItem:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
-
-
-def message_type_of(message: Any) -> str:
-    """The type of an original message, inferred for the extension's untyped payloads."""
-    if not isinstance(message, dict):
-        return INVALID_TYPE
-    try:
-        return infer_type(message)
-    except InvalidMessage:
-        declared = message.get("type")
-        return declared if isinstance(declared, str) else INVALID_TYPE
 
 
 @dataclass(frozen=True)

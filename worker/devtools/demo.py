@@ -3,12 +3,14 @@
 Azurite (unless ``AzureWebJobsStorage`` is set), the fake OpenAI server scripted as the
 weather bot of the Assistants docs (unless ``OPENAI_API_KEY`` or ``AZURE_OPENAI_ENDPOINT`` is
 set: then the real service answers), the worker, and a producer that creates the assistant
-with the extension's payload, posts the question, prints the conversation as it happens, and
-prints the final ``AssistantState``.
+with the extension's payload, posts the question, prints the conversation as it happens, the
+reply, and the counts of the final ``AssistantState`` (its messages were shown already); then,
+unless ``--once``, the commands that reach the same worker and storage from another terminal.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import sys
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from handlers.query import get_state
 from schemas import encode_body
@@ -69,7 +72,9 @@ async def show_conversation(app: App, chat_id: str, done: asyncio.Event) -> None
         await asyncio.sleep(0.2)
 
 
-async def run_demo(settings: Settings, *, api: str, question: str, keep_serving: bool) -> int:
+async def run_demo(
+    settings: Settings, *, api: str, question: str, keep_serving: bool, storage_line: str | None
+) -> int:
     async with open_app(settings) as app:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -78,48 +83,97 @@ async def run_demo(settings: Settings, *, api: str, question: str, keep_serving:
         chat_id = f"weather-{uuid.uuid4().hex[:8]}"
         replies = f"demo-replies-{uuid.uuid4().hex[:8]}"
         await app.broker.ensure_queues([settings.requests_queue, replies])
-
-        create = {"id": chat_id, "instructions": INSTRUCTIONS, "api": api,
-                  "chatStorageConnectionSetting": "AzureWebJobsStorage", "collectionName": "ChatState"}  # fmt: skip
-        say(f"producer: create the assistant (the extension's payload, Base64, api={api})")
-        print(json.dumps(create), flush=True)
-        await app.broker.send(settings.requests_queue, encode_body(create, "base64"))
-        store = await app.stores.get("AzureWebJobsStorage", "ChatState")
-        while not (await get_state(store, chat_id)).exists:
-            if serving.done():
-                return 1
-            await asyncio.sleep(0.2)
-
-        post = {"id": chat_id, "userMessage": question, "chatModel": settings.chat_model,
-                "replyTo": replies, "requestId": f"demo-{chat_id}"}  # fmt: skip
-        say("producer: post the question; the conversation as the worker stores it:")
-        await app.broker.send(settings.requests_queue, encode_body(post))
-        done = asyncio.Event()
-        printer = asyncio.create_task(show_conversation(app, chat_id, done))
-        reply = await wait_for_reply(
-            app.broker, replies, request_id=post["requestId"], within=REPLY_TIMEOUT
-        )
-        done.set()
-        await printer
-        if reply is None:
-            say(f"no reply within {REPLY_TIMEOUT:g} s")
-        else:
-            say(f"assistantReply on '{replies}': status {reply['status']}")
-            print(reply.get("content") or reply.get("error"), flush=True)
-        say(f"AssistantState of '{chat_id}' (what assistantQuery returns)")
-        print(json.dumps((await get_state(store, chat_id)).to_wire(), indent=2), flush=True)
-        if keep_serving:
-            exe = Path(sys.executable).parent / "assistant-worker"
-            say(
-                "the worker keeps running; Ctrl-C stops it. From another terminal:\n"
-                f"    {exe} send post {chat_id} 'And tomorrow?' --wait\n"
-                f"    {exe} state {chat_id}"
+        try:
+            reply = await converse(
+                app, settings, serving, chat_id, replies, api=api, question=question
             )
+        finally:
+            # The producer's reply queue was for this conversation only.
+            with contextlib.suppress(Exception):
+                await app.broker.queue(replies).client.delete_queue()
+        if reply is None and serving.done():
+            return 1
+        store = await app.stores.get("AzureWebJobsStorage", "ChatState")
+        say(f"AssistantState of '{chat_id}' (what assistantQuery returns; `state` prints it whole)")
+        for line in state_summary((await get_state(store, chat_id)).to_wire()):
+            print(line, flush=True)
+        if keep_serving:
+            say("the worker keeps running; Ctrl-C stops it. From another terminal:")
+            for line in follow_ups(chat_id, storage_line):
+                print(f"    {line}", flush=True)
             await serving
         else:
             app.worker.stop()
             await serving
         return 0 if reply is not None and reply["status"] == "completed" else 1
+
+
+async def converse(
+    app: App,
+    settings: Settings,
+    serving: "asyncio.Task[None]",
+    chat_id: str,
+    replies: str,
+    *,
+    api: str,
+    question: str,
+) -> dict[str, Any] | None:
+    """The producer's side: create the assistant, post the question, print the conversation
+    as the worker stores it and the reply; the reply (None if none came in time)."""
+    create = {"id": chat_id, "instructions": INSTRUCTIONS, "api": api,
+              "chatStorageConnectionSetting": "AzureWebJobsStorage", "collectionName": "ChatState"}  # fmt: skip
+    say(f"producer: create the assistant (the extension's payload, Base64, api={api})")
+    print(json.dumps(create), flush=True)
+    await app.broker.send(settings.requests_queue, encode_body(create, "base64"))
+    store = await app.stores.get("AzureWebJobsStorage", "ChatState")
+    while not (await get_state(store, chat_id)).exists:
+        if serving.done():
+            return None  # the worker stopped (its error is in the log above)
+        await asyncio.sleep(0.2)
+
+    post = {"id": chat_id, "userMessage": question, "chatModel": settings.chat_model,
+            "replyTo": replies, "requestId": f"demo-{chat_id}"}  # fmt: skip
+    say("producer: post the question; the conversation as the worker stores it:")
+    await app.broker.send(settings.requests_queue, encode_body(post))
+    done = asyncio.Event()
+    printer = asyncio.create_task(show_conversation(app, chat_id, done))
+    reply = await wait_for_reply(
+        app.broker, replies, request_id=post["requestId"], within=REPLY_TIMEOUT
+    )
+    done.set()
+    await printer
+    if reply is None:
+        say(f"no reply within {REPLY_TIMEOUT:g} s")
+    else:
+        say(f"assistantReply on '{replies}': status {reply['status']}")
+        print(reply.get("content") or reply.get("error"), flush=True)
+    return reply
+
+
+def state_summary(state: dict[str, Any]) -> list[str]:
+    """The state's counts, without its messages (the conversation was shown as it happened)."""
+    lines = [
+        f"exists: {str(state['exists']).lower()}, totalMessages: {state['totalMessages']}, "
+        f"totalTokens: {state['totalTokens']} (the latest model call's, as the extension counts)"
+    ]
+    for summary in state.get("runs", []):
+        usage = summary.get("usage") or {}
+        total = (
+            f", usage.totalTokens: {usage['totalTokens']} (all its model calls)" if usage else ""
+        )
+        lines.append(f"run {summary['runId']}: {summary['status']}{total}")
+    return lines
+
+
+def follow_ups(chat_id: str, storage_line: str | None) -> list[str]:
+    """Commands that reach this demo's worker and storage from another terminal."""
+    exe = Path(sys.executable).parent / "assistant-worker"
+    return [
+        *([storage_line] if storage_line else []),
+        f"{exe} send post {chat_id} 'And tomorrow?' --wait",
+        f"{exe} state {chat_id}",
+        f"{exe} poison list",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,16 +188,22 @@ def main(argv: list[str] | None = None) -> int:
 def demo(*, api: str, question: str, keep_serving: bool) -> int:
     """Set up what is missing (storage, model, tools), then run the demo."""
     with ExitStack() as stack:
+        # What another terminal must set to reach the same storage (None: nothing).
+        storage_line: str | None = None
         if not os.environ.get("AzureWebJobsStorage"):
             try:
                 azurite = Azurite(location=REPO_ROOT / ".azurite", ports=DEFAULT_PORTS).start()
                 os.environ["AzureWebJobsStorage"] = DEV_STORAGE
             except RuntimeError:
-                # The default ports are taken (another emulator?): use free ones.
+                # The default ports are taken (another emulator?): use free ones. The
+                # connection string holds only Azurite's well-known development key.
                 azurite = Azurite(location=REPO_ROOT / ".azurite").start()
                 os.environ["AzureWebJobsStorage"] = azurite.connection_string
+                storage_line = f"export AzureWebJobsStorage='{azurite.connection_string}'"
             stack.callback(azurite.stop)
             say(f"Azurite is up (queue port {azurite.queue_port}, table port {azurite.table_port})")
+        else:
+            storage_line = "# with the same AzureWebJobsStorage as this terminal"
         if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("AZURE_OPENAI_ENDPOINT")):
             fake = stack.enter_context(FakeOpenAI(scenario="weather").running_in_thread())
             os.environ["OPENAI_BASE_URL"] = fake.base_url
@@ -158,7 +218,13 @@ def demo(*, api: str, question: str, keep_serving: bool) -> int:
         # The conversation is the show: the worker's own log keeps to warnings and errors.
         configure_logging(settings.log_format, Redactor(settings.secrets()), level=logging.WARNING)
         return asyncio.run(
-            run_demo(settings, api=api, question=question, keep_serving=keep_serving)
+            run_demo(
+                settings,
+                api=api,
+                question=question,
+                keep_serving=keep_serving,
+                storage_line=storage_line,
+            )
         )
 
 

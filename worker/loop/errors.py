@@ -52,6 +52,30 @@ class StorageUnavailable(TransientError):
         self.setting = setting
 
 
+# Every ``errorType`` a dead letter carries by name, each one cause (docs/reference.md says
+# which); a failure that outlasted its attempts otherwise carries its exception's class name.
+# The dead-letter counter starts at 0 for each, so that an alert fires on the first.
+DEAD_LETTER_TYPES = (
+    "InvalidMessage",
+    "WrongQueue",
+    "UnsupportedMessageType",
+    "ReplyToNotAllowed",
+    "ConnectionNotAllowed",
+    "SettingNotAllowed",
+    "UnknownTool",
+    "HostedToolsNotSupported",
+    "UnknownRun",
+    "InvalidToolOutputs",
+    "UnknownAssistant",
+    "TooLarge",
+    "StorageRequestRejected",
+    "StorageUnavailable",
+    "StorageAccessDenied",
+    "TransientError",
+    "MaxDequeueCountExceeded",
+)
+
+
 def describe(error: BaseException) -> str:
     """A one-line description of an error for logs and dead letters, at most
     ``MAX_REASON_CHARS`` long whatever the error carries (a reason may quote a request)."""

@@ -120,6 +120,23 @@ def decide(
     return Retry(backoff(dequeue_count, policy, jitter=jitter), reason)
 
 
+# Requests that may have spent their deliveries waiting for their chat's create (within
+# ``create_grace`` they run however often they were delivered).
+WAITS_FOR_CHAT = frozenset({"assistantPost", "submitToolOutputs"})
+
+
+def gives_up_in_handler(role: str, message_type: str | None) -> bool:
+    """Whether a message stopped by ``check_before_running`` still reaches its handler, told
+    to give up (``MessageContext.give_up``), instead of being dead-lettered unseen.
+
+    A run step ends its run failed (the chat's next post starts now, not at the run's
+    deadline). A request that may have used its deliveries waiting for its chat says whether
+    the chat ever came: if not, it is dead-lettered ``UnknownAssistant`` (the true cause),
+    not ``MaxDequeueCountExceeded``. Told to give up, these handlers only read, never do the
+    work, so a message that crashes the worker is not run again."""
+    return role == "runs" or (role == "requests" and message_type in WAITS_FOR_CHAT)
+
+
 def check_before_running(
     dequeue_count: int, policy: RetryPolicy, age: float | None = None
 ) -> DeadLetter | Resend | None:

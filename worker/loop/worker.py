@@ -23,7 +23,8 @@ from schemas.names import poison_queue_name
 from worker.config.redact import Redactor
 from worker.config.settings import Settings
 from worker.deadletters.envelope import envelope_body, request_id_of
-from worker.loop.errors import TransientError, describe
+from worker.deadletters.identity import identity_of
+from worker.loop.errors import DEAD_LETTER_TYPES, TransientError, describe
 from worker.loop.handling import HandlerRegistry, HandlerResult, MessageContext, QueueRole, Send
 from worker.loop.outage import StorageGate, is_storage_failure
 from worker.loop.outcome import (
@@ -35,6 +36,7 @@ from worker.loop.outcome import (
     RetryPolicy,
     check_before_running,
     decide,
+    gives_up_in_handler,
 )
 from worker.observability.health import Health
 from worker.queues.lease import Lease
@@ -44,6 +46,7 @@ from worker.queues.transport import (
     Broker,
     Delivery,
     LeaseLost,
+    QueueNotFound,
     QueueTransport,
 )
 
@@ -137,6 +140,7 @@ class Worker:
             self._observe = tracing.observing(self._observe)
         if metrics is not None:
             metrics.track_in_flight(lambda: len(self._inflight))
+            metrics.expect_dead_letters(settings.work_queues, DEAD_LETTER_TYPES)
         self._stopping = asyncio.Event()
         self._activity = asyncio.Event()
         # The grace period counts from stop(), not from when the loop noticed it.
@@ -353,10 +357,11 @@ class Worker:
         early = check_before_running(delivery.dequeue_count, policy, age)
         outcome: Outcome | None = early
         give_up: str | None = None
-        if isinstance(early, DeadLetter) and role == "runs":
-            # A step is not dead-lettered before it runs: its handler ends the run failed
-            # instead (without doing the step), so that the run's producer hears of it and
-            # the chat's next post starts now, not at the run's deadline.
+        if isinstance(early, DeadLetter) and gives_up_in_handler(
+            role, identity_of(delivery.body).type
+        ):
+            # Not dead-lettered unseen: the handler, told to give up, ends a step's run
+            # failed, or finds that a request's chat never came (see gives_up_in_handler).
             give_up, outcome = early.reason, None
         if outcome is None:
             lease.start_renewal()
@@ -420,12 +425,15 @@ class Worker:
         give_up: str | None = None,
     ) -> HandlerResult:
         message: Message = parse_message(decode_body(delivery.body))
+        # A run's steps and watchdog carry the requestId of the post that started it.
         request_id = getattr(message, "request_id", None) or delivery.message_id
-        fields.update(type=message.type, chat_id=message.id, request_id=request_id)
+        identity = {"type": message.type, "chat_id": message.id, "request_id": request_id}
+        run_id = getattr(message, "run_id", None)
+        if run_id:
+            identity["run_id"] = run_id
+        fields.update(identity)
         # Logs of the store, the backends and the tools carry the message's identity too.
-        structlog.contextvars.bind_contextvars(
-            type=message.type, chat_id=message.id, request_id=request_id
-        )
+        structlog.contextvars.bind_contextvars(**identity)
         handler = self.registry.handler_for(role, message)
         context = MessageContext(
             queue=delivery.queue,
@@ -463,10 +471,15 @@ class Worker:
                 continue
             body = encode_body(send.payload, self.settings.message_encoding)
             try:
-                await self.broker.send(send.queue, body, delay=send.delay)
+                # A producer's queue (replyTo) is the producer's to create: one that does not
+                # exist (never made, or deleted: a `send --wait` that has ended) is not made
+                # again from a name in a message, and its event is dropped.
+                await self.broker.send(
+                    send.queue, body, delay=send.delay, create_missing=not send.best_effort
+                )
             except Exception as error:
                 status = getattr(error, "status_code", None)
-                refused = (
+                refused = isinstance(error, QueueNotFound) or (
                     isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
                 )
                 # A queue that refuses the message will always refuse it; anything else may
@@ -511,7 +524,11 @@ class Worker:
                 continues_here=not self._stopping.is_set(),
             )
             started = time.monotonic()
-            step_fields = {"step": getattr(step, "step", None), "in_process": True}
+            step_fields = {
+                "step": getattr(step, "step", None),
+                "run_id": getattr(step, "run_id", None),
+                "in_process": True,
+            }
             span = (
                 self._tracing.in_process_step(send.payload, send.queue, carrier.message_id)
                 if self._tracing is not None
@@ -527,6 +544,8 @@ class Worker:
                     completed({**fields, "type": step.type, **result.log_fields})
             except Exception:
                 self._observe_step("failed", {})
+                # The carrier's retry line names the run whose step failed.
+                fields.setdefault("run_id", step_fields["run_id"])
                 raise
             self.stats["steps_in_process"] += 1
             self._observe_step("completed", result.log_fields)
@@ -630,12 +649,15 @@ class Worker:
                     await self._dead_letter(lease, self.redact(reason), error_type, fields)
                     self.stats["dead_lettered"] += 1
                     self._observe("dead_lettered", fields, started, error_type)
+                    # A message never decoded or never run still says what it was (read
+                    # best-effort from its body, as `poison list` does).
+                    said = identity_of(lease.delivery.body).log_fields()
                     self._log.error(
                         "message.dead_lettered",
                         reason=self.redact(reason),
                         error_type=error_type,
                         duration_ms=duration_ms,
-                        **fields,
+                        **{**said, **fields},
                     )
         except LeaseLost:
             # Someone else holds the message now; it will be processed again, harmlessly.

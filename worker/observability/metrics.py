@@ -7,7 +7,7 @@ get ``None`` and report nothing.
 """
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -16,6 +16,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -50,6 +51,9 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        # No `<counter>_created` series beside each counter and histogram: they double the
+        # scrape and nothing here reads them (a process-wide switch of prometheus-client).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.messages = Counter(
@@ -152,6 +156,14 @@ class Metrics:
     def track_tool_threads(self, stuck: Callable[[], int]) -> None:
         """Read the number of stuck tool threads from ``stuck`` at each scrape."""
         self.tool_threads_stuck.set_function(lambda: float(stuck()))
+
+    def expect_dead_letters(self, queues: Iterable[str], error_types: Iterable[str]) -> None:
+        """Start the dead-letter counter at 0 for each queue and error type: a series that
+        appears only with its first dead letter is not seen to increase by ``increase()``,
+        and the alert on it would miss that first one."""
+        for queue in queues:
+            for error_type in error_types:
+                self.dead_letters.labels(queue, error_type)
 
     def track_health(self, health: Health) -> None:
         """Report ``storage_paused`` from ``health`` at each scrape."""

@@ -10,6 +10,7 @@ import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from azure.core.exceptions import (
@@ -118,6 +119,20 @@ class AzureQueue:
         properties = await self.client.get_queue_properties()
         return int(properties.approximate_message_count or 0)
 
+    async def peek(self, max_messages: int) -> list[Delivery]:
+        try:
+            peeked = await self.client.peek_messages(
+                max_messages=max(1, min(max_messages, MAX_RECEIVE))
+            )
+        except ResourceNotFoundError:
+            raise QueueNotFound(f"queue {self.name!r} does not exist") from None
+        return [
+            replace(
+                self._delivery(message), pop_receipt="", dequeue_count=message.dequeue_count or 0
+            )
+            for message in peeked
+        ]
+
 
 class AzureQueueBroker:
     """Queues of one storage account; clients are cached per queue name, for the
@@ -158,7 +173,13 @@ class AzureQueueBroker:
         return len(self._queues), len(self._known)
 
     async def send(
-        self, queue: str, body: str, *, delay: float = 0.0, time_to_live: int | None = None
+        self,
+        queue: str,
+        body: str,
+        *,
+        delay: float = 0.0,
+        time_to_live: int | None = None,
+        create_missing: bool = True,
     ) -> str:
         client = self.queue(queue).client
         options: dict[str, Any] = {}
@@ -168,7 +189,9 @@ class AzureQueueBroker:
             options["time_to_live"] = time_to_live
         try:
             sent = await client.send_message(body, **options)
-        except ResourceNotFoundError:
+        except ResourceNotFoundError as error:
+            if not create_missing:
+                raise QueueNotFound(f"the queue {queue!r} does not exist") from error
             await self.ensure_queues([queue])
             sent = await client.send_message(body, **options)
         return str(sent.id)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from worker.queues.transport import Delivery, LeaseLost
+from worker.queues.transport import Delivery, LeaseLost, QueueNotFound
 
 
 @dataclass
@@ -48,6 +48,14 @@ class MemoryQueue:
             message.visible_at = now + visibility_timeout
             leased.append(self._delivery(message))
         return leased
+
+    async def peek(self, max_messages: int) -> list[Delivery]:
+        now = self.clock()
+        visible = [m for m in self.messages.values() if m.visible_at <= now]
+        return [
+            Delivery(self.name, m.message_id, "", m.dequeue_count, m.body, m.inserted_on)
+            for m in visible[:max_messages]
+        ]
 
     def _delivery(self, message: StoredMessage) -> Delivery:
         return Delivery(
@@ -114,8 +122,16 @@ class MemoryBroker:
         return self.queues[name]
 
     async def send(
-        self, queue: str, body: str, *, delay: float = 0.0, time_to_live: int | None = None
+        self,
+        queue: str,
+        body: str,
+        *,
+        delay: float = 0.0,
+        time_to_live: int | None = None,
+        create_missing: bool = True,
     ) -> str:
+        if not create_missing and queue not in self.queues:
+            raise QueueNotFound(f"the queue {queue!r} does not exist")
         return self.queue(queue).put(body, delay=delay, time_to_live=time_to_live)
 
     def visible_after(self, delay: float) -> float:

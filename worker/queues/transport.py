@@ -54,6 +54,11 @@ class QueueTransport(Protocol):
     async def approximate_count(self) -> int:
         """Messages in the queue, visible or not (used by burst mode to know it is done)."""
 
+    async def peek(self, max_messages: int) -> list[Delivery]:
+        """Up to ``max_messages`` (at most 32) visible messages from the front of the queue,
+        without leasing them (``pop_receipt`` empty; ``dequeue_count`` 0 for a message no
+        one has received yet)."""
+
 
 class Broker(Protocol):
     """A queue service: work queues to consume and queues to send to."""
@@ -62,12 +67,18 @@ class Broker(Protocol):
         """The transport of one queue (cached)."""
 
     async def send(
-        self, queue: str, body: str, *, delay: float = 0.0, time_to_live: int | None = None
+        self,
+        queue: str,
+        body: str,
+        *,
+        delay: float = 0.0,
+        time_to_live: int | None = None,
+        create_missing: bool = True,
     ) -> str:
         """Put a message, visible after ``delay`` seconds; returns its id.
 
         ``time_to_live=-1`` keeps it until it is deleted (dead letters). A queue that does not
-        exist yet is created.
+        exist yet is created, unless ``create_missing`` is False: then ``QueueNotFound``.
         """
 
     def visible_after(self, delay: float) -> float:

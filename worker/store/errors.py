@@ -38,20 +38,17 @@ async def storage_errors(action: str, where: str, setting: str) -> AsyncIterator
             ) from error
         if status >= 500 or status == 429:
             raise StorageUnavailable(
-                f"{where}: could not {action}: {describe(error)}",
-                setting=setting,
-                error_type=type(error).__name__,
+                f"{where}: could not {action}: {describe(error)}", setting=setting
             ) from error
         if status in (401, 403):
+            # The key, SAS or role is wrong (or not yet granted): retried, it may be fixed.
             raise TransientError(
-                f"{where}: could not {action}: {describe(error)}", error_type=type(error).__name__
+                f"{where}: could not {action}: {describe(error)}", error_type="StorageAccessDenied"
             ) from error
         raise
     except (ServiceRequestError, ServiceResponseError) as error:
         raise StorageUnavailable(
-            f"{where}: could not {action}: {describe(error)}",
-            setting=setting,
-            error_type=type(error).__name__,
+            f"{where}: could not {action}: {describe(error)}", setting=setting
         ) from error
 
 
