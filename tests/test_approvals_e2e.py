@@ -130,7 +130,10 @@ def test_an_approved_call_waits_for_its_decision_then_runs_once(
     when are kept on the call's Tool message and shown by the query and the reply."""
     chat_id = f"approve-{storage.suffix}"
     replies = ReplyQueue(storage, f"replies-{storage.suffix}")
-    settings = settings_for(storage, fake, WORKER_HTTP_PORT="0", WORKER_HTTP_HOST="127.0.0.1")
+    key = "approvals-query-key-0123456789"
+    settings = settings_for(
+        storage, fake, WORKER_HTTP_PORT="0", WORKER_HTTP_HOST="127.0.0.1", WORKER_QUERY_KEYS=key
+    )
 
     async def scenario() -> dict[str, Any]:
         await create(storage, settings, chat_id, approvalRequired=["send_email"])
@@ -149,7 +152,10 @@ def test_an_approved_call_waits_for_its_decision_then_runs_once(
                          by="ana@example.com", reason="fine by me", requestId="yes")
             )  # fmt: skip
             [found["reply"]] = await replies.wait_for("assistantReply", 30)
-            found["http"] = await fetch(app, f"/assistants/{chat_id}", collectionName=storage.table)
+            found["http"] = await fetch(
+                app, f"/assistants/{chat_id}", headers={"x-functions-key": key},
+                collectionName=storage.table,
+            )  # fmt: skip
         found["final"] = await query_state(settings, chat_id, storage.table)
         found["done"] = await chat_rows(storage, chat_id, storage.table)
         return found
