@@ -184,6 +184,8 @@ class RecordedRequest:
     fault: str | None = None
     status: int | None = None
     at: float = field(default_factory=time.time)
+    # Wall-clock time the first chunk of text or arguments of a streamed answer was sent.
+    first_token_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (for `GET /admin/requests`)."""
@@ -198,6 +200,7 @@ class RecordedRequest:
             "fault": self.fault,
             "status": self.status,
             "at": self.at,
+            "first_token_at": self.first_token_at,
         }
 
 
