@@ -20,6 +20,7 @@ def assistant_defaults(request: AssistantCreate) -> dict[str, Any]:
             "chat_model",
             "api",
             "tools",
+            "stream",
             "temperature",
             "top_p",
             "max_tokens",

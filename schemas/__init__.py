@@ -8,11 +8,13 @@ OpenAI SDK, so that a producer can vendor it.
 
 from schemas.decode import InvalidMessage, decode_body, encode_body, parse_message
 from schemas.events import (
+    AssistantDelta,
     AssistantMessage,
     AssistantReply,
     AssistantState,
     DeadLetterEnvelope,
     DeadLetterInfo,
+    DeltaToolCall,
     ToolCallRequest,
     ToolCallsRequired,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "DEFAULT_STORAGE_SETTING",
     "AssistantCreate",
     "AssistantDelete",
+    "AssistantDelta",
     "AssistantMessage",
     "AssistantPost",
     "AssistantReply",
@@ -44,6 +47,7 @@ __all__ = [
     "ChatRequest",
     "DeadLetterEnvelope",
     "DeadLetterInfo",
+    "DeltaToolCall",
     "InvalidMessage",
     "Message",
     "RunDeadline",

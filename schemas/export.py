@@ -12,7 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from schemas.events import AssistantReply, AssistantState, DeadLetterEnvelope, ToolCallsRequired
+from schemas.events import (
+    AssistantDelta,
+    AssistantReply,
+    AssistantState,
+    DeadLetterEnvelope,
+    ToolCallsRequired,
+)
 from schemas.requests import (
     AssistantCreate,
     AssistantDelete,
@@ -31,13 +37,14 @@ MODELS: dict[str, type[BaseModel]] = {
     "runStep": RunStep,
     "runDeadline": RunDeadline,
     "assistantReply": AssistantReply,
+    "assistantDelta": AssistantDelta,
     "toolCallsRequired": ToolCallsRequired,
     "deadLetterEnvelope": DeadLetterEnvelope,
     "assistantState": AssistantState,
 }
 
 
-EVENTS = frozenset({"assistantReply", "toolCallsRequired"})
+EVENTS = frozenset({"assistantReply", "assistantDelta", "toolCallsRequired"})
 
 
 def render(name: str, model: type[BaseModel]) -> str:
