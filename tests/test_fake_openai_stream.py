@@ -150,7 +150,7 @@ def test_responses_background_stream_and_its_resume() -> None:
         stream = await client.responses.create(
             model="m", input="hi", background=True, store=True, stream=True
         )
-        events = []
+        events: list[Any] = []
         async for event in stream:
             events.append(event)
             if event.type == "response.output_text.delta" and len(events) > 5:
@@ -164,7 +164,7 @@ def test_responses_background_stream_and_its_resume() -> None:
         retrieved = await client.responses.retrieve(response_id)
         assert retrieved.status == "in_progress"
         resumed = await client.responses.retrieve(response_id, stream=True, starting_after=last)
-        rest = [event async for event in resumed]
+        rest: list[Any] = [event async for event in resumed]
         assert rest[0].sequence_number == last + 1
         deltas = [e.delta for e in [*events, *rest] if e.type == "response.output_text.delta"]
         assert "".join(deltas) == "alpha beta gamma delta"
@@ -189,7 +189,7 @@ def test_responses_stream_of_function_calls_and_a_dropped_stream() -> None:
         resumed = await client.responses.retrieve(
             response_id, stream=True, starting_after=events[-1].sequence_number
         )
-        rest = [event async for event in resumed]
+        rest: list[Any] = [event async for event in resumed]
         pieces = [
             e.delta for e in [*events, *rest] if e.type == "response.function_call_arguments.delta"
         ]

@@ -22,6 +22,7 @@ LAZY_PACKAGES = (
     "opentelemetry.sdk",
     "aiohttp.web",
     "schemas.export",
+    "redis",
 )
 # The modules of the other subcommands (and what only they use).
 OTHER_COMMANDS = (
