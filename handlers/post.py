@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from handlers.live import STREAMING_APIS
 from handlers.services import ChatRef, RunServices
 from handlers.transitions import (
     MAX_CONFLICT_RETRIES,
@@ -33,8 +34,6 @@ from worker.store.protocol import ChatStore, Conflict
 
 # The Assistants API's remote thread of a chat, in ``ChatState.remote``.
 THREAD_ID = "threadId"
-# The backends that stream a model's output (SPEC §5.4).
-STREAMING_APIS = frozenset({"chat", "responses"})
 
 
 def check_names(post: AssistantPost, services: RunServices) -> None:
@@ -154,6 +153,9 @@ class PostHandler:
         defaults = state.defaults
         api = str(post.api or defaults.get("api") or settings.model_api)
         wanted = post.stream if post.stream is not None else bool(defaults.get("stream"))
+        streams = self._services.streams
+        # Streaming needs somewhere to stream to: the replyTo queue, or Redis.
+        wanted = wanted and streams is not None and streams.can_stream(post.reply_to)
         return Run(
             run_id=new_run_id(state.next_run_seq),
             seq=state.next_run_seq,

@@ -13,6 +13,7 @@ from worker.config.settings import Settings
 from worker.runs.model import Run
 from worker.store.protocol import ChatStore
 from worker.store.stores import ChatStores
+from worker.streaming.sinks import StreamSinks
 
 log = structlog.get_logger("worker.runs")
 
@@ -37,6 +38,8 @@ class RunServices:
     clock: Callable[[], datetime]
     # Masks the worker's secrets in texts that leave it (run errors in replies).
     redact: Callable[[str], str] = lambda text: text
+    # Where streamed runs send their deltas (SPEC §5.4); None: nothing streams.
+    streams: StreamSinks | None = None
 
     async def store(self, chat: ChatRef) -> ChatStore:
         return await self.stores.get(chat.storage_setting, chat.collection)

@@ -34,6 +34,8 @@ from worker.observability.tracing import (
 )
 from worker.queues.azure import AzureQueueBroker
 from worker.store.stores import ChatStores
+from worker.streaming.redis_streams import RedisStreams
+from worker.streaming.sinks import StreamSinks
 
 if TYPE_CHECKING:
     # With WORKER_HTTP_PORT only: prometheus-client and aiohttp's web server load then.
@@ -107,6 +109,14 @@ async def open_app(
     broker = AzureQueueBroker(queue_service(settings.default_storage, requests))
     stores = ChatStores(settings, lambda connection: table_service(connection, requests))
     clients = ModelClients(settings)
+    streams = StreamSinks(
+        broker,
+        settings.message_encoding,
+        redis=RedisStreams(settings.stream_redis_url) if settings.stream_redis_url else None,
+        run_timeout=settings.run_timeout,
+        observer=metrics,
+        redact=Redactor(settings.secrets()),
+    )
     services = RunServices(
         stores=stores,
         settings=settings,
@@ -114,6 +124,7 @@ async def open_app(
         tools=registry,
         clock=lambda: datetime.now(UTC),
         redact=Redactor(settings.secrets()),
+        streams=streams,
     )
 
     async def probe_storage() -> None:
@@ -151,6 +162,7 @@ async def open_app(
         if tracing is not None:
             registry.set_call_tracer(None)
         await gate.close()
+        await streams.close()
         await clients.close()
         await stores.close()
         await broker.close()
