@@ -110,7 +110,7 @@ def test_a_streamed_call_stores_what_the_same_answer_sent_whole_stores(
     """The same scripted answers, streamed and not: the same messages (text with a character
     whose halves came in two chunks, two parallel tool calls whose arguments came in pieces)
     and the same usage."""
-    turns = [
+    turns: list[dict[str, Any]] = [
         {
             "content": "Checking 😀 now.",
             "tool_calls": [
