@@ -274,7 +274,10 @@ class FakeOpenAI:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         is_admin = request.path.startswith("/admin/") or request.path == "/health"
         record = RecordedRequest(
-            method=request.method, path=request.path, had_auth=_had_auth(request)
+            method=request.method,
+            path=request.path,
+            had_auth=_had_auth(request),
+            query=request.query_string,
         )
         if not is_admin:
             self._core.record(record)

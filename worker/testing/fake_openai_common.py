@@ -177,6 +177,8 @@ class RecordedRequest:
     method: str
     path: str
     json: Any = None
+    # The query string (`stream=true&starting_after=7` of a resumed stream).
+    query: str = ""
     model: str | None = None
     had_auth: bool = False
     api: str | None = None
@@ -192,6 +194,7 @@ class RecordedRequest:
         return {
             "method": self.method,
             "path": self.path,
+            "query": self.query,
             "json": self.json,
             "model": self.model,
             "had_auth": self.had_auth,
