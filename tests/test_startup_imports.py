@@ -33,6 +33,8 @@ OTHER_COMMANDS = (
     "worker.cli.chats",
     "worker.cli.demo",
     "worker.client.replies",
+    "worker.client.stream",
+    "worker.cli.watch",
     "worker.deadletters.operations",
     "worker.deadletters.reader",
     "worker.store.retention",

@@ -9,13 +9,17 @@ successor resumes it. Every stream is read back by the consumer rule
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.env import StorageEnv
+from tests.support.azurite import REPO_ROOT
+from tests.support.env import StorageEnv, worker_command
 from tests.support.processes import WorkerProcess, send_all, wait_until
 from tests.support.runs import (
     ChatRows,
@@ -243,3 +247,46 @@ def test_a_worker_killed_mid_responses_stream_is_resumed_by_the_next(
     assert reply["deltaCount"] == len(seqs)
     assert assembled.complete
     assert assembled.text() == reply["content"] == LONG_ANSWER == rows.messages[-1]["Content"]
+
+
+def test_send_post_wait_stream_prints_the_answer_as_it_comes_and_watch_replays_it(
+    storage: StorageEnv, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """``send post --wait --stream`` prints the text while the model writes it (its first
+    words long before it exits), then how the run ended; ``watch`` started after the run
+    reads the request's Redis stream from its start and prints the same text."""
+    chat_id = f"cli-{storage.suffix}"
+    with FakeOpenAI(chunk_delay=0.08).running_in_thread() as fake:
+        create(storage, fake, create_body(chat_id, storage.table, chatModel="teller"))
+        fake.script("teller", [{"content": LONG_ANSWER}])
+        env = worker_env(storage, fake, WORKER_STREAM_REDIS_URL=redis_server.url)
+        with WorkerProcess(env, tmp_path / "worker.log") as worker:
+            worker.wait_for_events("worker.started", 1, timeout=30)
+            cli_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+            command = worker_command("send", "post", chat_id, "tell me", "--collection",
+                                     storage.table, "--request-id", "told", "--wait",
+                                     "--stream", "--timeout", "60")  # fmt: skip
+            started = time.monotonic()
+            sender = subprocess.Popen(
+                command, env=cli_env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert sender.stdout is not None
+            arrivals: list[tuple[float, bytes]] = []
+            while chunk := os.read(sender.stdout.fileno(), 4096):
+                arrivals.append((time.monotonic() - started, chunk))
+            sender.wait(timeout=60)
+            errors = sender.stderr.read().decode() if sender.stderr else ""
+            watched = subprocess.run(
+                worker_command("watch", chat_id, "told", "--timeout", "30"),
+                env=cli_env, cwd=REPO_ROOT, capture_output=True, timeout=60, check=False,
+            )  # fmt: skip
+    assert sender.returncode == 0, errors
+    printed = b"".join(chunk for _, chunk in arrivals).decode()
+    assert printed.strip() == LONG_ANSWER
+    text_arrivals = [at for at, chunk in arrivals if chunk.strip()]
+    assert len(text_arrivals) >= 3, "the text came in several pieces"
+    assert text_arrivals[-1] - text_arrivals[0] >= 1.0, "the first words came long before the last"
+    assert "completed" in errors
+    assert watched.returncode == 0, watched.stderr.decode()
+    assert watched.stdout.decode().strip() == LONG_ANSWER
