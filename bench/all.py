@@ -29,6 +29,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         requests_per_run,
         scaleout,
         startup,
+        streaming,
     )
 
     return {
@@ -39,6 +40,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         "scaleout": lambda: scaleout.measure(posts=200),
         "startup": lambda: startup.report(startup.measure(runs=5)),
         "profile": lambda: profile.measure(chats=40),
+        "streaming": lambda: streaming.measure(),
         "throughput": lambda: _module("throughput", "Throughput (creates; loop only)"),
         "runs": lambda: _module("runs", "Runs through the worker against the same turns by hand"),
     }

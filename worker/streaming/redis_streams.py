@@ -6,7 +6,8 @@ it from any entry id with ``XREAD`` (``0-0``: from the start), so after a discon
 from the last id it saw. The length is capped (``XADD MAXLEN ~``) and the key expires an hour
 after the run ends (and at the latest an hour after the run's deadline, should no reply come).
 
-The ``redis`` package's asyncio client is loaded only when a Redis URL is configured.
+The ``redis`` package's asyncio client is loaded only when a Redis URL is configured, and
+then at start (``RedisStreams``): loading it at a run's first delta would hold that delta up.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class RedisStreams:
     def __init__(self, url: str) -> None:
         self._url = url
         self._redis: redis.asyncio.Redis | None = None
+        import redis.asyncio  # noqa: F401  (at start; see the module's docstring)
 
     @property
     def where(self) -> str:

@@ -186,8 +186,10 @@ class RecordedRequest:
     fault: str | None = None
     status: int | None = None
     at: float = field(default_factory=time.time)
-    # Wall-clock time the first chunk of text or arguments of a streamed answer was sent.
+    # Wall-clock times the first and the last chunk of text or arguments of a streamed answer
+    # were sent.
     first_token_at: float | None = None
+    last_token_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (for `GET /admin/requests`)."""
@@ -204,6 +206,7 @@ class RecordedRequest:
             "status": self.status,
             "at": self.at,
             "first_token_at": self.first_token_at,
+            "last_token_at": self.last_token_at,
         }
 
 

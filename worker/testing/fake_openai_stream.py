@@ -109,8 +109,11 @@ class SseChannel:
         await self._maybe_fault(data)
         if self._delay > 0:
             await asyncio.sleep(self._delay)
-        if self._record is not None and self._record.first_token_at is None:
-            self._record.first_token_at = time.time()
+        now = time.time()
+        if self._record is not None:
+            if self._record.first_token_at is None:
+                self._record.first_token_at = now
+            self._record.last_token_at = now
         await self.send(data, event=event)
         self._sent += 1
 
