@@ -295,3 +295,30 @@ def test_the_redis_sink_appends_to_the_request_stream(redis_server: RedisServer)
             await reader.close()
 
     run(scenario())
+
+
+def test_hundreds_of_streams_at_once_share_the_redis_connections(
+    redis_server: RedisServer,
+) -> None:
+    """200 runs streaming at once on one worker each send a delta at the same instant: every
+    send waits for one of the process's connections instead of failing (the client's default
+    pool refused the 101st with "Too many connections", and those deltas were lost)."""
+
+    async def scenario() -> list[int]:
+        streams = RedisStreams(redis_server.url)
+        reader = RedisReader(redis_server.url)
+        sinks = StreamSinks(MemoryBroker(), "none", redis=streams)
+        try:
+            sends = []
+            for n in range(200):
+                sink = sinks.for_request("crowd", f"req-{n}", None)
+                assert sink is not None
+                sends.append(sink.send({"type": "assistantDelta", "seq": 0, "text": "x" * 2000}))
+            await asyncio.gather(*sends)
+            return [len(await reader.read(stream_key("crowd", f"req-{n}"), block=0.01))
+                    for n in range(200)]  # fmt: skip
+        finally:
+            await sinks.close()
+            await reader.close()
+
+    assert run(scenario(), within=60) == [1] * 200

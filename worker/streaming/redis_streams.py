@@ -28,6 +28,11 @@ MAX_ENTRIES = 10_000
 KEPT_AFTER_RUN = 3600
 # Seconds a Redis command may take before it counts as failed.
 COMMAND_TIMEOUT = 5.0
+# Connections to the Redis server per process. Hundreds of runs stream at once: a command
+# waits (up to COMMAND_TIMEOUT) for a free connection rather than fail when all are busy (the
+# client's default pool refuses the 101st: "Too many connections"). One round trip is a
+# fraction of a millisecond, so a few dozen serve thousands of deltas a second.
+MAX_CONNECTIONS = 32
 FIELD = "event"
 
 
@@ -37,14 +42,17 @@ def stream_key(chat_id: str, request_id: str) -> str:
 
 
 def _client(url: str) -> redis.asyncio.Redis:
-    import redis.asyncio  # loaded with the first streamed run, not at start-up
+    import redis.asyncio
 
-    return redis.asyncio.Redis.from_url(
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=COMMAND_TIMEOUT,
         socket_timeout=COMMAND_TIMEOUT,
         socket_connect_timeout=COMMAND_TIMEOUT,
         decode_responses=True,
     )
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 class RedisStreams:
@@ -77,6 +85,7 @@ class RedisStreams:
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+            await self._redis.connection_pool.disconnect()
             self._redis = None
 
 
@@ -112,3 +121,4 @@ class RedisReader:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
