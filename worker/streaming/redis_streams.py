@@ -29,10 +29,12 @@ KEPT_AFTER_RUN = 3600
 # Seconds a Redis command may take before it counts as failed.
 COMMAND_TIMEOUT = 5.0
 # Connections to the Redis server per process. Hundreds of runs stream at once: a command
-# waits (up to COMMAND_TIMEOUT) for a free connection rather than fail when all are busy (the
-# client's default pool refuses the 101st: "Too many connections"). One round trip is a
-# fraction of a millisecond, so a few dozen serve thousands of deltas a second.
-MAX_CONNECTIONS = 32
+# waits for a free connection rather than fail when all are busy (the client's default pool
+# refuses the 101st: "Too many connections"), up to CONNECTION_WAIT seconds: a process whose
+# event loop is saturated by hundreds of streams holds each connection longer than a round
+# trip, and a delta that waits is better than a delta lost.
+MAX_CONNECTIONS = 64
+CONNECTION_WAIT = 30.0
 FIELD = "event"
 
 
@@ -47,7 +49,7 @@ def _client(url: str) -> redis.asyncio.Redis:
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
-        timeout=COMMAND_TIMEOUT,
+        timeout=CONNECTION_WAIT,
         socket_timeout=COMMAND_TIMEOUT,
         socket_connect_timeout=COMMAND_TIMEOUT,
         decode_responses=True,
