@@ -434,8 +434,10 @@ def measure(
         f"operation, mean of {cost_runs} turns (the worker's requests only; empty receives "
         "left out). Streamed to the replyTo queue, each delta is one more `Messages_Enqueue`; "
         "a streamed `responses` call keeps its resume position in its claim row (one "
-        "`Table_MergeEntity` when the response is created and one per delta, before the delta "
-        "is sent); a streamed `chat` call stores nothing extra.\n\n"
+        "`Table_MergeEntity` when the response is created and one before each delta but the "
+        "last, whose position goes with the call's result, written without streaming too), "
+        "and needs no poll through the runs queue while its stream lasts; a streamed `chat` "
+        "call stores nothing extra.\n\n"
         + table(
             ["operation", *names],
             [(op, *(costs[n].operations[op] for n in names)) for op in operations]
