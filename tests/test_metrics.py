@@ -350,9 +350,13 @@ def test_streamed_runs_count_their_deltas_and_time_the_first(storage: StorageEnv
                 await storage.send(
                     post_body(chat_id, storage.table, QUESTION, replyTo=replies, stream=True)
                 )
-                await eventually(
-                    lambda: runs_finished(storage, chat_id, storage.table, 1), 30, "the run"
-                )
+
+                async def counted() -> Samples | None:
+                    samples = await scrape(app)
+                    return samples if total(samples, "assistant_worker_runs_total") else None
+
+                # The run's end is counted (the chat's table may not exist before the create).
+                await eventually(counted, 30, "the run counted")
                 await eventually(lambda: idle(app), 15, "no message in flight")
                 return await scrape(app)
 

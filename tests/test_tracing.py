@@ -163,6 +163,8 @@ def test_the_runs_messages_and_events_carry_its_trace_context() -> None:
         assert [send.payload.get("traceparent") for send in sends] == [run_.traceparent] * 3
 
     class NoRemote:
+        streams = None  # nothing streams
+
         async def cancel_remote(self, run: Run, remote: Any) -> None:
             pass
 
