@@ -32,6 +32,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         requests_per_run,
         scaleout,
         startup,
+        streaming,
     )
 
     return {
@@ -45,6 +46,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         "profile": lambda: profile.measure(chats=40),
         "memory": lambda: memory.measure(),
         "mcp": lambda: mcp.measure(),
+        "streaming": lambda: streaming.measure(),
         "throughput": lambda: _module("throughput", "Throughput (creates; loop only)"),
         "runs": lambda: _module("runs", "Runs through the worker against the same turns by hand"),
     }

@@ -3,15 +3,16 @@
 Azurite's queue and table services run as separate processes (``SplitAzurite``); the fake
 model server runs as its own process with the stateless script of ``bench.chaos_model`` and
 seeded random faults (429 with Retry-After, 500, dropped connections) on a share of the model
-calls; several ``assistant-worker run`` processes share the queues, with the tools of
+calls, streaming its answers word by word; several ``assistant-worker run`` processes share the queues, with the tools of
 ``bench.chaos_tools``; a producer process (``bench.chaos_producer``) creates chats and posts to
-them back to back across the three model APIs, answers external tool calls (partial,
-concurrent and duplicated submits) and decides the calls that wait for approval (approved or
-denied at random; sent once, twice, one call at a time, or by two approvers who disagree).
-Meanwhile a random worker is SIGKILLed every few seconds and restarted, the table service is
-stopped once for a while and restarted on its data, and the MCP server the chats use
-(``tests/support/mcp_server.py``, its own process) is killed once for a few seconds and started
-again on its port.
+them back to back across the three model APIs (half of the chats with ``stream: true``: their
+deltas go to the reply queues, or with ``--stream-sink redis`` to a Redis server the soak
+starts), answers external tool calls (partial, concurrent and duplicated submits) and decides
+the calls that wait for approval (approved or denied at random; sent once, twice, one call at a
+time, or by two approvers who disagree). Meanwhile a random worker is SIGKILLed every few
+seconds and restarted, the table service is stopped once for a while and restarted on its
+data, and the MCP server the chats use (``tests/support/mcp_server.py``, its own process) is
+killed once for a few seconds and started again on its port.
 
 When the faults stop the soak waits (bounded) until every post has its final reply and the
 work queues are empty, stops everything and audits every chat (``bench.chaos_audit``): the
@@ -63,6 +64,8 @@ from bench.chaos_model import (
 from bench.chaos_tools import TOOL_LOG_ENV
 from tests.support.mcp_server import McpServerProcess
 from worker.devtools.azurite import REPO_ROOT, SplitAzurite, die_with_parent
+from worker.devtools.redis_server import RedisServer
+from worker.streaming.redis_streams import RedisReader, stream_key
 
 APIS = ("chat", "responses", "assistants")
 REQUESTS_QUEUE = "chaos-requests"
@@ -96,6 +99,7 @@ class Options:
     max_outstanding: int
     out: Path | None
     keep: bool
+    stream_sink: str = "queue"
 
     @property
     def soak_deadline(self) -> float:
@@ -141,6 +145,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         type=int,
         help="the producer waits while this many posts have no final reply (0: never)",
     )
+    parser.add_argument(
+        "--stream-sink",
+        choices=["queue", "redis"],
+        help="where streamed chats' deltas go (default: queue with --short, else redis)",
+    )
     parser.add_argument("--out", type=Path, help="folder for logs and data (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the folder even on success")
     args = parser.parse_args(argv)
@@ -180,6 +189,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         max_outstanding=int(values["max_outstanding"]),
         out=args.out,
         keep=args.keep,
+        stream_sink=args.stream_sink or ("queue" if short else "redis"),
     )
 
 
@@ -215,6 +225,9 @@ def make_plan(options: Options) -> dict[str, Any]:
             {
                 "id": chat_id,
                 "api": APIS[i % len(APIS)],
+                # Half the chats of each API stream (the assistants API answers them with the
+                # reply alone).
+                "stream": (i // len(APIS)) % 2 == 0,
                 "strict": strict,
                 "together": rng.random() < 0.5,
                 "reply_queue": f"chaos-replies-{i % REPLY_QUEUES}",
@@ -316,6 +329,9 @@ class FakeModel:
             "bench.chaos_model:chaos_scenario",
             "--background-delay",
             "0.2",
+            # Streamed answers come a word every 30 ms: a kill can land in the middle of one.
+            "--chunk-delay",
+            "0.03",
         ]
         for rule in rules:
             cmd += ["--fault", json.dumps(rule)]
@@ -377,6 +393,7 @@ class Soak:
     fake: FakeModel | None = None
     mcp: McpServerProcess | None = None
     mcp_down_seconds: float = 0.0
+    redis: RedisServer | None = None
     workers: list[Child | None] = field(default_factory=list)
     generations: list[int] = field(default_factory=list)
     producer: Child | None = None
@@ -407,6 +424,8 @@ class Soak:
             "WORKER_MAX_POLLING_INTERVAL": "1",
             "WORKER_SHUTDOWN_GRACE": "5",
             "WORKER_LOG_FORMAT": "json",
+            "WORKER_STREAM_INTERVAL_MS": "100",
+            **({"WORKER_STREAM_REDIS_URL": self.redis.url} if self.redis is not None else {}),
         }
 
     def start_worker(self, slot: int) -> None:
@@ -426,6 +445,9 @@ class Soak:
             f"(separate processes)"
         )
         self.fake = FakeModel(self.options, self.folder / "fake-openai.log")
+        if self.options.stream_sink == "redis":
+            self.redis = RedisServer().start()
+            self.say(f"streamed chats' deltas go to Redis at {self.redis.url}")
         self.say(f"fake model at {self.fake.url}, faults on {self.options.fault_rate:.0%} of calls")
         # Its executions go to the tool log of the local tools: the audit counts them alike.
         self.mcp = McpServerProcess(
@@ -636,6 +658,27 @@ class Soak:
                     depths[name] = -1
         return depths
 
+    async def redis_events(
+        self, plan: dict[str, Any], journal: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The deltas of the streamed chats' posts, read from their Redis streams (the
+        replies are on the reply queues, in the journal)."""
+        assert self.redis is not None
+        reader = RedisReader(self.redis.url)
+        events: list[dict[str, Any]] = []
+        try:
+            for chat in plan["chats"]:
+                if not chat.get("stream"):
+                    continue
+                for post in chat["posts"]:
+                    key = stream_key(chat["id"], post["requestId"])
+                    for _, event in await reader.read(key, block=0.01, count=100_000):
+                        if event.get("type") == "assistantDelta":
+                            events.append(event)
+        finally:
+            await reader.close()
+        return events
+
     def stop_all(self) -> None:
         for child in [self.producer, *self.workers]:
             if child is not None:
@@ -644,6 +687,8 @@ class Soak:
             self.fake.kill()
         if self.mcp is not None:
             self.mcp.kill()
+        if self.redis is not None:
+            self.redis.stop()
         if self.azurite is not None:
             self.azurite.stop()
 
@@ -703,6 +748,7 @@ class Soak:
                 if cause:
                     delays.setdefault(request_id, set()).add(cause)
         depths = await self.queue_depths()
+        streamed = await self.redis_events(plan, journal) if self.redis is not None else []
         calls = 0
         if self.fake is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -711,7 +757,7 @@ class Soak:
             plan=plan,
             rows=rows,
             journal=journal,
-            leftover_events=leftovers,
+            leftover_events=[*leftovers, *streamed],
             tool_log=tool_log,
             dead_letters=letters,
             worker_events=events,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.chaos_model import Call, approves, final_answer, rounds, user_message
+from worker.client.stream import DeltaAssembler
 
 # What the worker stores for a tool call whose worker died while running it (at most once).
 INTERRUPTED = "was interrupted"
@@ -429,6 +430,8 @@ def audit(data: Collected) -> list[Line]:
             totals["burst_inversions"] += swapped
             order_info.append(f"{chat_id}: {swapped} inversions")
 
+    stream_lines = streamed_runs(chats, data, events, sent_posts)
+
     # -- dead letters ---------------------------------------------------------------------
     letters = []
     for letter in data.dead_letters:
@@ -633,10 +636,99 @@ def audit(data: Collected) -> list[Line]:
             None,
         )
     )
+    lines.extend(stream_lines)
     lines.append(Line("wall time", f"{data.wall_seconds:.0f} s", "-", None))
     if data.reads_failed:
         lines.append(Line("audit reads", "failed", "ok", False, data.reads_failed))
     return lines
+
+
+def streamed_runs(
+    chats: Mapping[str, Mapping[str, Any]],
+    data: Collected,
+    events: Sequence[Mapping[str, Any]],
+    sent_posts: Mapping[str, Sequence[str]],
+) -> list[Line]:
+    """The streamed chats' posts: each run completed, and its deltas, put together by the
+    consumer rule (``worker.client.stream``), are exactly its reply's content, the stored
+    answer; posts on the assistants API answer with the reply alone."""
+    by_request: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for event in events:
+        if event.get("type") == "assistantDelta":
+            by_request[str(event.get("requestId"))].append(event)
+    fail: dict[str, list[str]] = defaultdict(list)
+    totals = Counter[str]()
+    for chat_id, chat in chats.items():
+        if not chat.get("stream"):
+            continue
+        partition = data.rows.get(chat_id, {})
+        runs = {str(r.get("RequestId")): r for k, r in partition.items() if k.startswith("run-")}
+        sent = set(sent_posts.get(chat_id, []))
+        for post in chat["posts"]:
+            request_id = post["requestId"]
+            if request_id not in sent:
+                continue
+            run = runs.get(request_id)
+            deltas = by_request.get(request_id, [])
+            final = [
+                e
+                for e in events
+                if e.get("type") == "assistantReply"
+                and e.get("requestId") == request_id
+                and e.get("status") in TERMINAL
+            ]
+            if chat["api"] == "assistants":
+                totals["legacy"] += 1
+                if deltas or any(r.get("deltaCount") is not None for r in final):
+                    fail["legacy"].append(f"{chat_id} {request_id}: {len(deltas)} deltas")
+                continue
+            totals["posts"] += 1
+            if run is not None and run.get("Status") == "completed":
+                totals["completed"] += 1
+            else:
+                status = run.get("Status") if run is not None else "no run"
+                fail["completed"].append(f"{chat_id} {request_id}: {status}")
+                continue
+            if not final:
+                continue  # no reply: counted under "final replies received"
+            reply = final[-1]
+            assembled = DeltaAssembler()
+            for delta in deltas:
+                assembled.add(dict(delta))
+            assembled.add(dict(reply))
+            expected = final_answer(post["tag"], post["plan"])
+            if assembled.complete and assembled.text() == reply.get("content") == expected:
+                totals["assembled"] += 1
+            else:
+                fail["assembled"].append(
+                    f"{chat_id} {request_id}: {assembled.held} of {reply.get('deltaCount')} "
+                    f"deltas, {assembled.text()[:60]!r} vs {str(reply.get('content'))[:60]!r}"
+                )
+            totals["attempts"] += len({(d.get("step"), d.get("attempt")) for d in deltas})
+            totals["deltas"] += len(deltas)
+    return [
+        Line(
+            "streamed runs completed",
+            f"{totals['completed']}",
+            f"{totals['posts']}",
+            not fail["completed"],
+            fail["completed"],
+        ),
+        Line(
+            "streamed: deltas assemble to the reply = the answer",
+            f"{totals['assembled']} ({totals['deltas']} deltas, {totals['attempts']} tries)",
+            f"{totals['completed']}",
+            not fail["assembled"],
+            fail["assembled"],
+        ),
+        Line(
+            "stream on the assistants API: the reply alone",
+            f"{totals['legacy'] - len(fail['legacy'])}",
+            f"{totals['legacy']}",
+            not fail["legacy"],
+            fail["legacy"],
+        ),
+    ]
 
 
 def render(lines: Sequence[Line]) -> str:

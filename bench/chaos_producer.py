@@ -142,6 +142,7 @@ class Producer:
             "collectionName": self.config["table"],
             "userMessage": user_message(post["tag"], post["plan"]),
             "replyTo": chat["reply_queue"],
+            "stream": bool(chat.get("stream")),
         }
 
     async def send_post(self, chat: dict[str, Any], index: int) -> None:

@@ -25,6 +25,7 @@ def assistant_defaults(request: AssistantCreate) -> dict[str, Any]:
             "tools",
             "mcp_servers",
             "approval_required",
+            "stream",
             "temperature",
             "top_p",
             "max_tokens",

@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from handlers.live import STREAMING_APIS
 from handlers.services import ChatRef, RunServices
 from handlers.transitions import (
     MAX_CONFLICT_RETRIES,
@@ -27,9 +28,12 @@ from worker.loop.errors import ChatNotFound, PermanentError, TransientError
 from worker.loop.handling import HandlerResult, MessageContext
 from worker.observability.tracing import run_traceparent
 from worker.runs import machine
-from worker.runs.model import Run
+from worker.runs.model import Run, StreamProgress
 from worker.store.layout import AppliedRequest, ChatState
 from worker.store.protocol import ChatStore, Conflict
+
+# The Assistants API's remote thread of a chat, in ``ChatState.remote``.
+THREAD_ID = "threadId"
 
 
 def check_names(post: AssistantPost, services: RunServices) -> None:
@@ -47,6 +51,16 @@ def check_names(post: AssistantPost, services: RunServices) -> None:
             "WORKER_AI_CONNECTIONS (with its __endpoint) or leave it out",
             error_type="ConnectionNotAllowed",
         )
+
+
+def remote_after(remote: dict[str, Any], api: str) -> dict[str, Any]:
+    """The chat's remote ids once a run on ``api`` is recorded: a turn on another API than the
+    Assistants API adds messages its remote thread will not have, so the thread is forgotten
+    and the next ``assistants`` run seeds a new one from the table (SPEC §4.2: the history is
+    the table's)."""
+    if api == "assistants" or THREAD_ID not in remote:
+        return remote
+    return {key: value for key, value in remote.items() if key != THREAD_ID}
 
 
 def run_parameters(post: AssistantPost, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +129,7 @@ class PostHandler:
                 total_messages=state.total_messages + len(messages),
                 last_updated_at=now,
                 active_run_id=run.run_id if starts else state.active_run_id,
+                remote=remote_after(state.remote, run.api),
             )
             applied_record = AppliedRequest(
                 context.request_id, post.type, context.message_id, now, run_id=run.run_id
@@ -140,19 +155,26 @@ class PostHandler:
     ) -> Run:
         settings = self._services.settings
         defaults = state.defaults
+        api = str(post.api or defaults.get("api") or settings.model_api)
+        wanted = post.stream if post.stream is not None else bool(defaults.get("stream"))
+        streams = self._services.streams
+        # Streaming needs somewhere to stream to: the replyTo queue, or Redis.
+        wanted = wanted and streams is not None and streams.can_stream(post.reply_to)
         return Run(
             run_id=new_run_id(state.next_run_seq),
             seq=state.next_run_seq,
             status="queued",
             request_id=context.request_id,
             user_message=post.user_message,
-            api=str(defaults.get("api") or settings.model_api),
+            api=api,
             model=post.chat_model or str(defaults.get("chatModel") or settings.chat_model),
             created_at=now,
             expires_at=now + timedelta(seconds=settings.run_timeout),
             params=run_parameters(post, defaults),
             reply_to=post.reply_to,
             traceparent=run_traceparent(post.traceparent),
+            # The legacy Assistants API does not stream: its runs answer with the reply alone.
+            stream=StreamProgress() if wanted and api in STREAMING_APIS else None,
         )
 
     async def _resume(

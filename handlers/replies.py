@@ -78,13 +78,17 @@ async def replies_of(
     run: Run,
     state: ChatState,
 ) -> list[Send]:
-    """The reply of a finished run; ``state``: the chat as read or written after its end."""
-    if not run.finished or not run.reply_to:
+    """The reply of a finished run; ``state``: the chat as read or written after its end. A
+    streamed run's reply is also the last entry of its Redis stream, when streams go there."""
+    to_redis = run.stream is not None and services.streams is not None and services.streams.redis
+    if not run.finished or not (run.reply_to or to_redis):
         return []
     payload = await reply_payload(
         store, chat, run, services.settings.message_encoding, services.redact, state=state
     )
-    return [Send(run.reply_to, payload, best_effort=True)]
+    if to_redis and services.streams is not None:
+        await services.streams.publish_reply(chat.chat_id, run.request_id, payload)
+    return [Send(run.reply_to, payload, best_effort=True)] if run.reply_to else []
 
 
 async def end_removed_runs(
@@ -93,11 +97,13 @@ async def end_removed_runs(
     """The runs a delete or reset removed: those that had not ended stop their remote work,
     and their producers get an ``assistantReply`` with status cancelled."""
     sends = []
+    streams = services.streams
     for run in runs:
         if run.finished:
             continue
         await services.cancel_remote(run, {})
-        if not run.reply_to:
+        to_redis = run.stream is not None and streams is not None and streams.redis
+        if not (run.reply_to or to_redis):
             continue
         reply = AssistantReply(
             id=chat_id,
@@ -106,8 +112,12 @@ async def end_removed_runs(
             status="cancelled",
             error=reason,
             traceparent=run.traceparent,
-        )
-        sends.append(Send(run.reply_to, reply.to_wire(), best_effort=True))
+            delta_count=run.stream.deltas if run.stream is not None else None,
+        ).to_wire()
+        if to_redis and streams is not None:
+            await streams.publish_reply(chat_id, run.request_id, reply)
+        if run.reply_to:
+            sends.append(Send(run.reply_to, reply, best_effort=True))
     return tuple(sends)
 
 
@@ -149,6 +159,7 @@ async def reply_payload(
         ),
         error=redact(run.error) if run.error is not None else None,
         traceparent=run.traceparent,
+        delta_count=run.stream.deltas if run.stream is not None else None,
     )
     return fit_reply(reply, encoding)
 

@@ -13,6 +13,7 @@ from worker.config.settings import Settings
 from worker.runs.model import Run
 from worker.store.protocol import ChatStore
 from worker.store.stores import ChatStores
+from worker.streaming.sinks import StreamSinks
 
 if TYPE_CHECKING:
     # Loaded by the wiring only when WORKER_MCP_SERVERS names a server.
@@ -43,6 +44,8 @@ class RunServices:
     redact: Callable[[str], str] = lambda text: text
     # The MCP servers of WORKER_MCP_SERVERS (None when it names none).
     mcp: "McpServers | None" = None
+    # Where streamed runs send their deltas (SPEC §5.4); None: nothing streams.
+    streams: StreamSinks | None = None
 
     async def store(self, chat: ChatRef) -> ChatStore:
         return await self.stores.get(chat.storage_setting, chat.collection)

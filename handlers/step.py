@@ -13,12 +13,14 @@ import functools
 import json
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import structlog
 
+from handlers.live import LiveOutput, started_handle, with_progress
 from handlers.mcp_tools import NO_MCP_TOOLS, McpToolset, load_toolset, run_mcp_call
 from handlers.services import ChatRef, RunServices
 from handlers.tool_calls import ToolCall, ToolResult, run_tool_calls
@@ -53,6 +55,7 @@ from worker.store.layout import (
 )
 from worker.store.protocol import ChatStore
 from worker.store.tables import MAX_TRANSACTION_BYTES, MAX_TRANSACTION_OPERATIONS
+from worker.streaming.writer import DeltaWriter
 
 log = structlog.get_logger("worker.runs")
 
@@ -252,6 +255,52 @@ class StepSuperseded(Exception):
     """Another copy of this step stored it while this one waited for its claimed work."""
 
 
+class ModelCall:
+    """One model call of a step, and its stream when the run streams (``live``)."""
+
+    def __init__(self, live: LiveOutput | None) -> None:
+        self.live = live
+        self.writer: DeltaWriter | None = None
+        # The attempt of a try that streamed and failed (the next one gets a higher one).
+        self.attempt_failed: int | None = None
+
+    async def streamed(
+        self,
+        call: Callable[[TurnRequest], Awaitable[ModelTurn | Pending]],
+        request: TurnRequest,
+        writer: DeltaWriter | None,
+    ) -> ModelTurn | Pending:
+        """``call`` (begin or poll) with ``writer`` as the request's stream; the writer stops
+        flushing on the clock when the call returns (its last delta waits for ``finish``)."""
+        self.writer = writer
+        if writer is None:
+            return await call(request)
+        await writer.begin()
+        try:
+            result = await call(replace(request, stream=writer))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await writer.settle()
+            self.attempt_failed = writer.source.attempt
+            raise
+        await writer.settle()
+        return result
+
+    def with_progress(self, result: ModelTurn | Pending) -> ModelTurn | Pending:
+        """The outcome of a remote call with where its stream got (in its handle)."""
+        if self.writer is None or (isinstance(result, Pending) and result.ended is not None):
+            return result
+        return with_progress(result, self.writer)
+
+    async def finish(self, result: ModelTurn | Pending) -> ModelTurn | Pending:
+        """An answered call sends its last delta; one left to the polls keeps its progress."""
+        if self.writer is None or self.live is None:
+            return result
+        if isinstance(result, ModelTurn):
+            return await self.live.finish(self.writer, result)
+        return self.with_progress(result)
+
+
 class StepHandler:
     """Loads the run, performs its current step, stores the transition."""
 
@@ -298,7 +347,7 @@ class StepHandler:
         try:
             if context.give_up is not None:
                 raise PermanentError(context.give_up, error_type="MaxDequeueCountExceeded")
-            transition = await self._perform(store, state, run, held)
+            transition = await self._perform(store, chat, state, run, held, context)
         except StepSuperseded:
             return HandlerResult(note="stale: another delivery stored this step", log_fields=fields)
         except Exception as error:
@@ -464,7 +513,13 @@ class StepHandler:
             self._finished.pop((chat_id, key), None)
 
     async def _perform(
-        self, store: ChatStore, state: ChatState, run: Run, held: dict[str, str]
+        self,
+        store: ChatStore,
+        chat: ChatRef,
+        state: ChatState,
+        run: Run,
+        held: dict[str, str],
+        context: MessageContext,
     ) -> Transition:
         """Do the run's current step (call or poll the model, or run tools): its transition."""
         now = self._services.clock()
@@ -477,8 +532,10 @@ class StepHandler:
         if backend is None:
             return machine.fail(run, f"unknown model API {run.api!r}", now)
         request = await self._request(store, state, run, tools)
+        live = LiveOutput.of(self._services, chat, run, context)
+        call = ModelCall(live)
         try:
-            result = await self._call_model(store, backend, request, run, now)
+            result = await self._call_model(store, backend, request, run, now, call)
         except ModelError as error:
             delay = error.retry_after
             if error.transient and delay is None:
@@ -497,7 +554,8 @@ class StepHandler:
             )
             if not error.transient or delay is None:
                 return machine.fail(run, self._services.redact(error.message), now)
-            return machine.on_transient(run, delay)
+            # A try that streamed and failed: the next one streams under a higher attempt.
+            return machine.on_transient(run, delay, attempt=call.attempt_failed)
         if isinstance(result, Pending):
             transition = machine.on_pending(run, result, now, self._services.settings.poll_backoff)
             remote = {k: v for k, v in result.handle.items() if k in REMOTE_KEYS}
@@ -511,15 +569,25 @@ class StepHandler:
         return replace(transition, remote=remote or None)
 
     async def _call_model(
-        self, store: ChatStore, backend: Backend, request: TurnRequest, run: Run, now: datetime
+        self,
+        store: ChatStore,
+        backend: Backend,
+        request: TurnRequest,
+        run: Run,
+        now: datetime,
+        call: "ModelCall",
     ) -> ModelTurn | Pending:
         """Start or poll the model. Starting remote work (a background response, a remote run)
         is claimed first: a redelivered or duplicated step must not start it twice (it would
-        run, and bill, twice); a copy that finds it started follows it instead."""
+        run, and bill, twice); a copy that finds it started follows it instead (and, when the
+        call streamed, resumes its stream where the worker that died left it)."""
+        live = call.live
         if run.phase != "model":
-            return await backend.poll(request)
+            writer = live.following(run.handle) if live is not None else None
+            return await call.finish(await call.streamed(backend.poll, request, writer))
         if backend.name not in REMOTE_BACKENDS:
-            return await backend.begin(request)
+            writer = live.fresh() if live is not None else None
+            return await call.finish(await call.streamed(backend.begin, request, writer))
         key = model_claim_row_key(run.run_id, run.step)
         claim = await store.claims.acquire(
             request.chat_id, key, owner=uuid.uuid4().hex, value_property="Handle",
@@ -531,19 +599,32 @@ class StepHandler:
             await self._check_current(store, request.chat_id, run, key, claim)
         if isinstance(claim, Done):
             started = json.loads(claim.value) if claim.value else {}
-            return await backend.poll(replace(request, handle={**request.handle, **started}))
+            writer = live.following(started) if live is not None else None
+            polled = replace(request, handle={**request.handle, **started})
+            return await call.finish(await call.streamed(backend.poll, polled, writer))
         if isinstance(claim, Busy):
             wait = max((claim.until - now).total_seconds(), 1.0)
             raise TransientError("another delivery of this step is starting the model call",
                                  retry_after=wait)  # fmt: skip
-        async with store.claims.held(request.chat_id, key, claim):
-            result = await backend.begin(request)
-        if result.handle:
+        async with store.claims.held(request.chat_id, key, claim) as progress:
+            left = claim.left if claim.taken_over else None
+            resumed = live.resumed(left, progress) if live is not None and left else None
+            if resumed is not None and left is not None:
+                # A worker died streaming this call: follow its response from its checkpoint.
+                handle = {**request.handle, **started_handle(left)}
+                result = await call.streamed(backend.poll, replace(request, handle=handle), resumed)
+            else:
+                writer = live.fresh(progress) if live is not None else None
+                result = await call.streamed(backend.begin, request, writer)
+        outcome = call.with_progress(result)
+        if outcome.handle:
+            # Stored before the call's last delta is sent: a copy that finds it sends that
+            # delta again, as it was.
             await store.claims.finish(
-                request.chat_id, key, value_property="Handle", value=json.dumps(result.handle),
-                extra={"RunId": run.run_id},
+                request.chat_id, key, value_property="Handle",
+                value=json.dumps(outcome.handle), extra={"RunId": run.run_id},
             )  # fmt: skip
-        return result
+        return await call.finish(outcome)
 
     async def _run_tools(
         self,

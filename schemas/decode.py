@@ -149,6 +149,18 @@ def _field_with_lone_surrogate(value: Any) -> str | None:
     return None
 
 
+def join_surrogates(text: str) -> str:
+    """``text`` with every high-low surrogate pair joined into its character.
+
+    A streamed model may send a character outside the BMP (an emoji) as a JSON-escaped
+    surrogate pair split over two chunks (``"\ud83d"``, then ``"\ude00"``): each decodes to
+    a lone surrogate, and their concatenation is two code points, not the character that the
+    same text sent whole would be. Lone surrogates stay as they are."""
+    if text.isascii() or _encodable(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+
 def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")

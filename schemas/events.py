@@ -120,6 +120,35 @@ class AssistantReply(ReplyEvent):
     error: str | None = None
     # The W3C trace context of the run, so a consumer can continue the producer's trace.
     traceparent: str | None = None
+    # A streamed run: how many assistantDelta events its kept attempts sent (SPEC §4.5), so
+    # that a consumer knows when it holds them all; null for a run that did not stream.
+    delta_count: int | None = None
+
+
+class DeltaToolCall(EventModel):
+    """A tool call a streamed model call ended with (its arguments are in the reply)."""
+
+    id: str
+    name: str
+
+
+class AssistantDelta(ReplyEvent):
+    """Sent while a streamed run produces output (SPEC §5.4): the text the model wrote since
+    the previous delta of the same model call. ``step`` numbers the run's model calls (0, 1,
+    ...), ``attempt`` the tries of one (a try that started over sends under the next one),
+    ``seq`` the deltas of one (step, attempt). The last delta of a model call carries the tool
+    calls it ended with (else null). Keep each step's highest attempt, order by (step, seq),
+    drop repeats; the reply's ``content`` is the truth."""
+
+    type: Literal["assistantDelta"] = "assistantDelta"
+    id: str
+    run_id: str
+    request_id: str | None = None
+    step: int
+    attempt: int
+    seq: int
+    text: str
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ToolCallRequest(EventModel):

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from schemas.events import (
+    AssistantDelta,
     AssistantReply,
     AssistantState,
     DeadLetterEnvelope,
@@ -39,6 +40,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "runStep": RunStep,
     "runDeadline": RunDeadline,
     "assistantReply": AssistantReply,
+    "assistantDelta": AssistantDelta,
     "toolCallsRequired": ToolCallsRequired,
     "toolApprovalRequired": ToolApprovalRequired,
     "deadLetterEnvelope": DeadLetterEnvelope,
@@ -46,7 +48,9 @@ MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-EVENTS = frozenset({"assistantReply", "toolCallsRequired", "toolApprovalRequired"})
+EVENTS = frozenset(
+    {"assistantReply", "assistantDelta", "toolCallsRequired", "toolApprovalRequired"}
+)
 
 
 def render(name: str, model: type[BaseModel]) -> str:

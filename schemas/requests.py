@@ -107,6 +107,8 @@ class AssistantCreate(ChatRequest):
     approval_required: (
         Annotated[list[ToolName], Field(max_length=MAX_APPROVAL_NAMES)] | Literal["all"] | None
     ) = None
+    # Stream the model's output of this assistant's runs (SPEC §5.4), unless a post says not.
+    stream: bool | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     max_tokens: MaxTokens | None = None
@@ -136,6 +138,10 @@ class AssistantPost(ChatRequest):
     tool_choice: str | dict[str, Any] | None = None
     instructions: str | None = None
     reply_to: QueueName | None = None
+    # Stream this run's output as assistantDelta events (default: the assistant's `stream`).
+    stream: bool | None = None
+    # Run this turn on another backend than the assistant's (the history is the table's).
+    api: ModelApi | None = None
 
 
 class ToolOutput(WireModel):

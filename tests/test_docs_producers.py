@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,10 @@ from schemas.events import ReplyEvent
 from tests.support.approval_tools import approval_registry
 from tests.support.azurite import REPO_ROOT
 from tests.support.env import StorageEnv, run
+from tests.support.processes import WorkerProcess, wait_until
 from tests.support.runs import TOOL_LOG_ENV, ReplyQueue, ToolLog, model_env, serving
 from tests.test_approvals_e2e import mail_bot
+from worker.devtools.redis_server import RedisServer
 from worker.testing import FakeOpenAI
 
 DOC = REPO_ROOT / "docs" / "producers.md"
@@ -298,3 +301,123 @@ def test_approver_example_decides_through_the_queues(
         ("denied", f"{language}-approver"),
     ]
     assert run(storage.count(storage.requests_poison)) == 0
+
+
+# --- the streaming consumers --------------------------------------------------------------------
+
+
+def consumer_example(language: str) -> str:
+    """The one block marked ```` ```LANGUAGE consumer ````."""
+    found = [
+        code
+        for lang, info, code in fenced_blocks(DOC.read_text())
+        if lang == language and "consumer" in info.split()
+    ]
+    assert len(found) == 1, f"expected one ```{language} consumer block in {DOC}, got {len(found)}"
+    return found[0]
+
+
+def consumer_path(language: str, tmp_path: Path) -> Path:
+    if language == "js":
+        (tmp_path / "node_modules").symlink_to(REPO_ROOT / "node_modules")
+        return tmp_path / "consumer.mjs"
+    return tmp_path / "consumer.py"
+
+
+def check_streamed(out: str, err: str, answer: str) -> dict[str, Any]:
+    """The consumer's last line: the text it put together is the reply's content."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines, f"the consumer printed nothing; stderr:\n{err}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    reply = result["reply"]
+    assert reply["status"] == "completed"
+    assert result["text"] == reply["content"] == answer
+    assert result["held"] == reply["deltaCount"] >= 1
+    assert answer in err.replace("\n", ""), "the text was shown as it came"
+    return result
+
+
+@pytest.mark.parametrize(
+    ("language", "sink"), [("python", "queue"), ("python", "redis"), ("js", "queue")]
+)
+def test_streaming_consumer_puts_the_deltas_together(
+    storage: StorageEnv, tmp_path: Path, redis_server: RedisServer, language: str, sink: str
+) -> None:
+    chat_id = f"docs-stream-{language}-{sink}-{storage.suffix}"
+    reply_queue = f"sreplies-{storage.suffix}"
+    path = consumer_path(language, tmp_path)
+    path.write_text(consumer_example(language))
+    redis = {"WORKER_STREAM_REDIS_URL": redis_server.url} if sink == "redis" else {}
+
+    async def scenario() -> tuple[int, str, str]:
+        async with FakeOpenAI(chunk_delay=0.05) as fake:
+            settings = storage.settings(
+                **model_env(fake.base_url, CHAT_MODEL_DEPLOYMENT_NAME="echo-bot"),
+                WORKER_STREAM_INTERVAL_MS="50",
+                **redis,
+            )
+            async with serving(settings):
+                env = {**example_env(storage, chat_id, reply_queue), **redis}
+                return await run_example(command(language, path), env, tmp_path)
+
+    code, out, err = run(scenario())
+    assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    result = check_streamed(out, err, ANSWER)
+    assert result["held"] >= 2, "the answer came in several deltas"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("language", ["python", "js"])
+def test_streaming_consumer_through_a_worker_killed_mid_stream(
+    storage: StorageEnv, tmp_path: Path, language: str
+) -> None:
+    """Worker A is SIGKILLed while it streams the answer; its post comes back to worker B,
+    whose try streams the text again under the next attempt: the consumer keeps that attempt
+    and ends with exactly the reply's content."""
+    chat_id = f"docs-killed-{language}-{storage.suffix}"
+    reply_queue = f"kreplies-{storage.suffix}"
+    path = consumer_path(language, tmp_path)
+    path.write_text(consumer_example(language))
+    answer = " ".join(f"word{n:02d}" for n in range(30)) + "."
+    with FakeOpenAI(chunk_delay=0.1).running_in_thread() as fake:
+        fake.script("teller", [{"content": answer}, {"content": answer}])
+        env = storage.env(
+            **model_env(fake.base_url, CHAT_MODEL_DEPLOYMENT_NAME="teller"),
+            WORKER_STREAM_INTERVAL_MS="100",
+            WORKER_VISIBILITY_TIMEOUT="3",
+            WORKER_MAX_POLLING_INTERVAL="0.2",
+        )
+        consumer: subprocess.Popen[str] | None = None
+        try:
+            with WorkerProcess(env, tmp_path / "a.log") as first:
+                first.wait_for_events("worker.started", 1, timeout=30)  # the queues exist
+                consumer = subprocess.Popen(
+                    command(language, path),
+                    cwd=tmp_path,
+                    env=example_env(storage, chat_id, reply_queue),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+
+                def streaming() -> bool:
+                    calls = [r for r in fake.requests if r.endpoint == "chat.create"]
+                    started = calls[-1].first_token_at if calls else None
+                    return started is not None and time.time() - started > 1.0
+
+                wait_until(
+                    streaming,
+                    timeout=60,
+                    what=lambda: f"A streaming the answer for a second; A's log:\n{first.tail()}",
+                )
+                first.kill()
+            with WorkerProcess(env, tmp_path / "b.log"):
+                out, err = consumer.communicate(timeout=EXAMPLE_TIMEOUT)
+        finally:
+            if consumer is not None and consumer.poll() is None:
+                consumer.kill()
+                consumer.communicate()
+    assert consumer is not None and consumer.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    check_streamed(out, err, answer)
+    assert fake.calls(endpoint="chat.create") == 2, "B's try streamed the answer again"

@@ -171,9 +171,11 @@ def test_chat_echo_and_invalid_requests(client: openai.OpenAI) -> None:
     ]
     with pytest.raises(openai.BadRequestError, match="call_1"):
         client.chat.completions.create(model="m", messages=unanswered)
-    with pytest.raises(openai.BadRequestError, match="stream"):
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
         client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+            model="m",
+            messages=[{"role": "user", "content": "x"}],
+            stream_options={"include_usage": True},
         )
 
 

@@ -377,3 +377,39 @@ def test_each_metrics_has_its_own_registry() -> None:
     first.observe_message("completed", {"queue": "q", "type": "t"}, None)
     assert b'queue="q"' in first.render()
     assert b'queue="q"' not in second.render()
+
+
+def test_streamed_runs_count_their_deltas_and_time_the_first(storage: StorageEnv) -> None:
+    """A streamed run: assistant_worker_stream_deltas_total by sink and outcome, and the time
+    from each model call's start to its first delta (which waits the coalescing interval)."""
+    chat_id = f"streamed-{storage.suffix}"
+    replies = f"mreplies-{storage.suffix}"
+
+    async def scenario() -> Samples:
+        async with FakeOpenAI(chunk_delay=0.01) as fake:
+            settings = http_settings(
+                storage, **model_env(fake.base_url), WORKER_STREAM_INTERVAL_MS="50"
+            )
+            async with serving(settings) as app:
+                await app.broker.ensure_queues([replies])
+                await storage.send(create_body(chat_id, storage.table))
+                await storage.send(
+                    post_body(chat_id, storage.table, QUESTION, replyTo=replies, stream=True)
+                )
+
+                async def counted() -> Samples | None:
+                    samples = await scrape(app)
+                    return samples if total(samples, "assistant_worker_runs_total") else None
+
+                # The run's end is counted (the chat's table may not exist before the create).
+                await eventually(counted, 30, "the run counted")
+                await eventually(lambda: idle(app), 15, "no message in flight")
+                return await scrape(app)
+
+    samples = run(scenario())
+    sent = value(samples, "assistant_worker_stream_deltas_total", sink="queue", outcome="sent")
+    assert sent >= 3, "at least the last delta of each of the three model calls"
+    assert not total(samples, "assistant_worker_stream_deltas_total", outcome="failed")
+    first = "assistant_worker_stream_first_delta_seconds"
+    assert value(samples, f"{first}_count", api="chat", sink="queue") == 3
+    assert value(samples, f"{first}_sum", api="chat", sink="queue") > 0

@@ -2,7 +2,15 @@
 
 import pytest
 
-from worker.config.settings import DEV_STORAGE, SPECS, Settings, SettingsError
+from worker.config.redact import Redactor
+from worker.config.settings import (
+    DEV_STORAGE,
+    SPECS,
+    Settings,
+    SettingsError,
+    masked_url,
+    redis_password,
+)
 
 
 def test_defaults_follow_the_spec() -> None:
@@ -143,3 +151,33 @@ def test_mcp_servers_are_allowed_by_name() -> None:
     assert (mail.url, mail.token) == ("https://mail.example.com/mcp", "t0ken")
     assert "t0ken" not in repr(settings)
     assert Settings.from_env({}).mcp_servers == {}
+
+
+def test_streaming_settings_and_the_redis_password() -> None:
+    """The coalescing interval and the Redis URL: its password is a secret (masked in texts
+    that leave the worker, absent from repr), refused as a flag (a process list shows flags)."""
+    assert Settings.from_env({}).stream_interval_ms == 250
+    assert Settings.from_env({}).stream_redis_url is None
+    url = "rediss://:s3cr3t-pw@cache.example.net:6380/0"
+    settings = Settings.from_env(
+        {"WORKER_STREAM_REDIS_URL": url, "WORKER_STREAM_INTERVAL_MS": "100"}
+    )
+    assert settings.stream_interval_ms == 100
+    assert settings.stream_redis_url == url
+    assert "s3cr3t-pw" in settings.secrets()
+    assert "s3cr3t-pw" not in repr(settings)
+    assert masked_url(url) == "rediss://:***@cache.example.net:6380/0"
+    assert Redactor(settings.secrets())(f"cannot reach {url}") == (
+        "cannot reach rediss://:***@cache.example.net:6380/0"
+    )
+    assert redis_password("redis://localhost:6379/0?password=q%40w") == "q@w"
+    with pytest.raises(SettingsError, match="must not hold a password"):
+        Settings.from_env({}, overrides={"stream_redis_url": url})
+    flagged = Settings.from_env({}, overrides={"stream_redis_url": "redis://127.0.0.1:6379/0"})
+    assert flagged.stream_redis_url == "redis://127.0.0.1:6379/0"
+    for bad, fragment in (
+        ({"WORKER_STREAM_INTERVAL_MS": "5"}, "between 10 and 60000"),
+        ({"WORKER_STREAM_REDIS_URL": "http://cache"}, "redis://"),
+    ):
+        with pytest.raises(SettingsError, match=fragment):
+            Settings.from_env(bad)

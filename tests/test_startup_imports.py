@@ -25,6 +25,7 @@ LAZY_PACKAGES = (
     # Loaded only when WORKER_MCP_SERVERS names a server.
     "mcp",
     "jsonschema",
+    "redis",
 )
 # The modules of the other subcommands (and what only they use).
 OTHER_COMMANDS = (
@@ -35,6 +36,8 @@ OTHER_COMMANDS = (
     "worker.cli.chats",
     "worker.cli.demo",
     "worker.client.replies",
+    "worker.client.stream",
+    "worker.cli.watch",
     "worker.deadletters.operations",
     "worker.deadletters.reader",
     "worker.store.retention",

@@ -73,6 +73,7 @@ REPLY_FIELDS = {
     "usage",
     "error",
     "traceparent",
+    "deltaCount",
 }
 
 
@@ -267,6 +268,7 @@ def test_every_reply_field_is_present(storage: StorageEnv) -> None:
     assert set(reply) == REPLY_FIELDS
     assert reply["error"] is None
     assert reply["status"] == "completed"
+    assert reply["deltaCount"] is None, "a run that did not stream"
 
 
 # --- external tools from several services -------------------------------------------------------

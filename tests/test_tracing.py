@@ -164,6 +164,8 @@ def test_the_runs_messages_and_events_carry_its_trace_context() -> None:
         assert [send.payload.get("traceparent") for send in sends] == [run_.traceparent] * 3
 
     class NoRemote:
+        streams = None  # nothing streams
+
         async def cancel_remote(self, run: Run, remote: Any) -> None:
             pass
 
@@ -321,6 +323,48 @@ def test_model_calls_are_genai_chat_spans(recorder: Recorder) -> None:
     assert [event.name for event in failed.events] == ["exception"]
     texts = json.dumps([attributes(s) for s in recorder.spans], default=str)
     assert "secret" not in texts
+
+
+def test_a_streamed_model_call_records_its_time_to_first_token(recorder: Recorder) -> None:
+    """A streamed call's span: ``assistant_worker.streamed`` and the seconds from the call's
+    start to the model's first text (``gen_ai.server.time_to_first_token``); what the backend
+    writes still reaches the call's stream."""
+
+    class Collected:
+        resume_after = None
+
+        def __init__(self) -> None:
+            self.texts: list[str] = []
+
+        async def started(self, handle: dict[str, Any], position: int) -> None:
+            pass
+
+        async def text(self, text: str, position: int | None = None) -> None:
+            self.texts.append(text)
+
+    class Streaming:
+        name = "chat"
+
+        async def begin(self, request: TurnRequest) -> ModelTurn | Pending:
+            assert request.stream is not None
+            await asyncio.sleep(0.05)  # the model thinks before its first token
+            await request.stream.text("Hello")
+            await request.stream.text(" there")
+            return ModelTurn(content="Hello there", usage=Usage(3, 2, 5))
+
+        async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
+            raise AssertionError("not polled")
+
+        async def cancel(self, request: TurnRequest) -> None:
+            pass
+
+    collected = Collected()
+    traced = TracedBackend(Streaming(), recorder.tracing())
+    result = asyncio.run(traced.begin(replace(REQUEST, stream=collected)))
+    assert isinstance(result, ModelTurn) and collected.texts == ["Hello", " there"]
+    [span] = recorder.spans
+    assert attributes(span)["assistant_worker.streamed"] is True
+    assert 0.05 <= float(str(attributes(span)["gen_ai.server.time_to_first_token"])) < 5
 
 
 def settings_with_azure() -> Any:

@@ -36,6 +36,8 @@ from worker.observability.tracing import (
 )
 from worker.queues.azure import AzureQueueBroker
 from worker.store.stores import ChatStores
+from worker.streaming.redis_streams import RedisStreams
+from worker.streaming.sinks import StreamSinks
 
 if TYPE_CHECKING:
     # With WORKER_HTTP_PORT only: prometheus-client and aiohttp's web server load then.
@@ -130,6 +132,14 @@ async def open_app(
             return name in registry or (servers is not None and servers.offers(name))
 
         registry.set_call_tracer(tool_call_tracer(tracing, known=known))
+    streams = StreamSinks(
+        broker,
+        settings.message_encoding,
+        redis=RedisStreams(settings.stream_redis_url) if settings.stream_redis_url else None,
+        run_timeout=settings.run_timeout,
+        observer=metrics,
+        redact=Redactor(settings.secrets()),
+    )
     services = RunServices(
         stores=stores,
         settings=settings,
@@ -138,6 +148,7 @@ async def open_app(
         clock=lambda: datetime.now(UTC),
         redact=Redactor(settings.secrets()),
         mcp=mcp,
+        streams=streams,
     )
 
     async def probe_storage() -> None:
@@ -182,6 +193,7 @@ async def open_app(
         await gate.close()
         if mcp is not None:
             await mcp.close()
+        await streams.close()
         await clients.close()
         await stores.close()
         await broker.close()

@@ -13,6 +13,22 @@ from worker.runs.history import ModelMessage
 from worker.runs.model import ModelTurn, Pending
 
 
+class TextStream(Protocol):
+    """Where a streamed model call writes what the model produces (``TurnRequest.stream``,
+    SPEC §5.4). The backend calls ``started`` once remote work exists that a later try could
+    follow (a background response: its handle, and the position of its first event in the
+    response's event stream), and ``text`` for each piece of text the model writes, with its
+    position in that event stream when it has one. ``resume_after``: an earlier try's stream
+    was lost after this position; go on from there instead of starting again (None: start)."""
+
+    @property
+    def resume_after(self) -> int | None: ...
+
+    async def started(self, handle: dict[str, Any], position: int) -> None: ...
+
+    async def text(self, text: str, position: int | None = None) -> None: ...
+
+
 @dataclass(frozen=True)
 class TurnRequest:
     """Everything a backend needs for one model call of a run."""
@@ -44,6 +60,8 @@ class TurnRequest:
     tool_outputs: tuple[tuple[str, str], ...] = ()
     # The user message that started this run (backends with a remote thread add it there).
     user_message: str = ""
+    # Set when the call streams its output (``chat`` and ``responses``); None: it does not.
+    stream: TextStream | None = None
 
 
 class ModelError(Exception):

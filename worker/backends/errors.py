@@ -11,6 +11,11 @@ if TYPE_CHECKING:
 
 # Longest Retry-After we honour; longer waits are capped (the run timeout bounds them anyway).
 MAX_RETRY_AFTER = 300.0
+# Error codes (or types) of an error event inside a stream that are worth retrying: the status
+# line was sent long before, so only the event says it was a rate limit or a server failure.
+TRANSIENT_STREAM_ERRORS = frozenset(
+    {"rate_limit_exceeded", "rate_limit_error", "server_error", "server_overloaded", "overloaded"}
+)
 
 
 def retry_after_seconds(error: openai.APIStatusError) -> float | None:
@@ -53,6 +58,13 @@ def classify(error: Exception) -> ModelError:
             transient=False,
             status=status,
         )
+    if isinstance(error, openai.APIError):
+        # An error event in the middle of a stream (no status of its own).
+        body = error.body if isinstance(error.body, dict) else {}
+        kinds = {str(body.get("code") or ""), str(body.get("type") or "")}
+        if kinds & TRANSIENT_STREAM_ERRORS:
+            return ModelError(f"the model's stream failed: {error.message}", transient=True)
+        return ModelError(f"the model's stream failed: {error.message}", transient=False)
     return ModelError(f"{type(error).__name__}: {error}", transient=False)
 
 

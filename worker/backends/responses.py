@@ -9,6 +9,14 @@ service no longer has) the whole history is sent as input items instead.
 
 Handle keys: ``responseId`` (the newest response of the run) and ``callIds`` (the call ids that
 response asked for, so a follow-up is only chained to the response its outputs answer).
+
+Streaming (``TurnRequest.stream``): the background response is created with ``stream=True`` and
+the worker keeps its event stream while it holds the run, passing the text on with each event's
+``sequence_number``; ``response.created`` tells the stream the response exists (the step
+handler stores its id, so a worker that takes the run over after a crash follows it instead of
+starting again). When the stream breaks, the call falls back to polling (``Pending``). A poll
+whose stream has a resume position (``resume_after``) resumes the event stream with
+``retrieve(id, stream=True, starting_after=N)`` instead.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from worker.backends.base import ModelError, TurnRequest
+from worker.backends.base import ModelError, TextStream, TurnRequest
 from worker.backends.clients import ModelClients, ModelNotConfigured
 from worker.backends.errors import classify
 from worker.runs.history import ModelMessage
@@ -24,7 +32,8 @@ from worker.runs.model import ModelTurn, Pending, RunStatus, ToolCallRef, Usage
 
 if TYPE_CHECKING:
     import openai
-    from openai.types.responses import Response
+    from openai import AsyncStream
+    from openai.types.responses import Response, ResponseStreamEvent
 
 RESPONSE_ID = "responseId"
 CALL_IDS = "callIds"
@@ -208,6 +217,36 @@ def outcome(response: Response) -> ModelTurn | Pending:
     )
 
 
+async def follow(
+    events: AsyncStream[ResponseStreamEvent], stream: TextStream, handle: dict[str, Any]
+) -> ModelTurn | Pending:
+    """Read a response's event stream to its end: the text goes to ``stream`` as it comes,
+    the final event's response is the outcome. A stream that breaks once the response exists
+    leaves it to the polls (``Pending``)."""
+    import openai
+
+    try:
+        try:
+            async for event in events:
+                if event.type == "response.created":
+                    handle = {RESPONSE_ID: event.response.id}
+                    await stream.started(dict(handle), event.sequence_number)
+                elif event.type in ("response.output_text.delta", "response.refusal.delta"):
+                    await stream.text(event.delta, event.sequence_number)
+                elif event.type in ("response.completed", "response.failed", "response.incomplete"):
+                    return outcome(event.response)
+                elif event.type == "error":
+                    break  # the stream failed, not necessarily the response: poll it
+        finally:
+            await events.close()
+    except openai.OpenAIError as error:
+        if not handle:
+            raise classify(error) from error
+    if not handle:
+        raise ModelError("the model's stream ended before the response was created", transient=True)
+    return Pending(handle)
+
+
 def _why_ended(response: Response, status: str) -> str:
     if response.error is not None and response.error.message:
         return f"the response {status}: {response.error.message}"
@@ -254,17 +293,22 @@ class ResponsesBackend:
                     "input": _output_items(request.tool_outputs),
                 }
                 try:
-                    response = await client.responses.create(**arguments, **chained)
+                    return await self._create(client, request, {**arguments, **chained})
                 except openai.OpenAIError as error:
                     if not _is_missing_previous(error):
                         raise
                     # The service no longer has it: the whole history says the same.
-                    response = await client.responses.create(**arguments, **history)
-            else:
-                response = await client.responses.create(**arguments, **history)
+            return await self._create(client, request, {**arguments, **history})
         except openai.OpenAIError as error:
             raise classify(error) from error
-        return outcome(response)
+
+    async def _create(
+        self, client: openai.AsyncOpenAI, request: TurnRequest, arguments: dict[str, Any]
+    ) -> ModelTurn | Pending:
+        if request.stream is None:
+            return outcome(await client.responses.create(**arguments))
+        events = await client.responses.create(**arguments, stream=True)
+        return await follow(events, request.stream, {})
 
     async def poll(self, request: TurnRequest) -> ModelTurn | Pending:
         import openai
@@ -273,6 +317,20 @@ class ResponsesBackend:
         if not isinstance(response_id, str) or not response_id:
             raise ModelError("there is no response to poll (no responseId)", transient=False)
         client = model_client(self._clients, request)
+        stream = request.stream
+        if stream is not None and stream.resume_after is not None:
+            # The stream of an earlier try was lost: go on from its last stored event.
+            try:
+                events = await client.responses.retrieve(
+                    response_id, stream=True, starting_after=stream.resume_after
+                )
+            except openai.OpenAIError as error:
+                failure = classify(error)
+                if failure.transient:
+                    raise failure from error
+                # A service that cannot resume it: poll (its last delta brings the rest).
+            else:
+                return await follow(events, stream, {RESPONSE_ID: response_id})
         try:
             response = await client.responses.retrieve(response_id)
         except openai.OpenAIError as error:

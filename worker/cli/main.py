@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 COMMANDS = {
     "run": "worker.cli.run",
     "send": "worker.cli.send",
+    "watch": "worker.cli.watch",
     "state": "worker.cli.state",
     "poison": "worker.cli.poison",
     "chats": "worker.cli.chats",

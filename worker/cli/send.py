@@ -28,6 +28,7 @@ from worker.cli.waiting import (
     quiet_for,
     remarks,
 )
+from worker.cli.watch import print_stream
 from worker.client.replies import wait_for_reply
 from worker.config.settings import Settings
 from worker.connections.clients import queue_service
@@ -37,6 +38,7 @@ SEND_EPILOG = """\
 examples:
   assistant-worker send create chat-1 --instructions "Be brief." --tool getWeatherAtLocation
   assistant-worker send post chat-1 "What's the weather in Seattle?" --wait
+  assistant-worker send post chat-1 "Tell me a story" --wait --stream
   assistant-worker send tool-outputs chat-1 RUN_ID --output call_abc="70 degrees"
   assistant-worker send approve chat-1 RUN_ID call_abc --by ana@example.com
   assistant-worker send deny chat-1 RUN_ID call_abc --reason "not to customers" --by ana
@@ -65,6 +67,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     create.add_argument("--api", choices=["chat", "responses", "assistants"], help="model API")
     create.add_argument("--tool", dest="tools", action="append", metavar="NAME",
                         help="a registered tool to offer (repeat for several; default: all)")  # fmt: skip
+    create.add_argument("--stream", action="store_true", default=None,
+                        help="the assistant's runs stream their output (assistantDelta events)")  # fmt: skip
     create.add_argument("--temperature", type=float)
     create.add_argument("--max-tokens", type=int)
 
@@ -73,13 +77,19 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="post a user message (runs a turn)",
         description="Send an assistantPost. With --wait, the command waits for the run's "
         "assistantReply on a reply queue (a temporary one unless --reply-to is given), prints "
-        "tool calls as they are announced and the answer, and exits 0 if the run completed.",
+        "tool calls as they are announced and the answer, and exits 0 if the run completed. "
+        "With --stream too, the run streams and the answer is printed as the model writes it "
+        "(read from the reply queue, or from Redis when WORKER_STREAM_REDIS_URL is set).",
     )
     post.add_argument("id", help="assistant (chat) id")
     post.add_argument("message", help="the user message")
     post.add_argument("--model", dest="chat_model", help="model or deployment for this run")
     post.add_argument("--instructions", help="extra instructions for this run only")
     post.add_argument("--reply-to", metavar="QUEUE", help="queue for the reply events")
+    post.add_argument("--api", choices=["chat", "responses", "assistants"],
+                      help="run this turn on another model API than the assistant's")  # fmt: skip
+    post.add_argument("--stream", action="store_true", default=None,
+                      help="stream the run's output; with --wait, print it as it comes")  # fmt: skip
     post.add_argument("--wait", action="store_true", help="wait for the reply and print it")
     post.add_argument("--timeout", type=float, default=300.0,
                       help="seconds --wait waits (default 300)")  # fmt: skip
@@ -153,6 +163,7 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
             "chatModel": args.chat_model,
             "api": args.api,
             "tools": args.tools,
+            "stream": args.stream,
             "temperature": args.temperature,
             "maxTokens": args.max_tokens,
         }
@@ -163,6 +174,8 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
             "chatModel": args.chat_model,
             "instructions": args.instructions,
             "replyTo": args.reply_to,
+            "api": args.api,
+            "stream": args.stream,
         }
     elif args.kind == "tool-outputs":
         model = SubmitToolOutputs
@@ -191,11 +204,20 @@ def send_command(args: argparse.Namespace, settings: Settings) -> int:
         args.reply_to = f"reply-{uuid.uuid4().hex[:16]}"
     payload = build_request(args)
     timeout = getattr(args, "timeout", 0.0)
-    return asyncio.run(_send(settings, payload, wait=wait, within=timeout, temporary=temporary))
+    streamed = bool(getattr(args, "stream", None)) and wait
+    return asyncio.run(
+        _send(settings, payload, wait=wait, within=timeout, temporary=temporary, streamed=streamed)
+    )
 
 
 async def _send(
-    settings: Settings, payload: dict[str, Any], *, wait: bool, within: float, temporary: bool
+    settings: Settings,
+    payload: dict[str, Any],
+    *,
+    wait: bool,
+    within: float,
+    temporary: bool,
+    streamed: bool = False,
 ) -> int:
     broker = AzureQueueBroker(queue_service(settings.default_storage))
     reply_queue = str(payload.get("replyTo") or "")
@@ -213,6 +235,15 @@ async def _send(
             print_json(sent)
             return 0
         say(f"sent {payload['type']} {message_id}; waiting for the reply on {reply_queue}")
+        if streamed:
+            return await print_stream(
+                settings,
+                broker,
+                chat_id=str(payload["id"]),
+                request_id=str(payload["requestId"]),
+                reply_queue=reply_queue,
+                within=within,
+            )
         request = Request(
             chat_id=str(payload["id"]),
             table=str(payload["collectionName"]),

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from schemas.names import MAX_BASE_QUEUE_NAME_LENGTH, check_queue_name
 from schemas.requests import DEFAULT_STORAGE_SETTING
@@ -220,6 +220,44 @@ def _base_queue_name(text: str) -> str:
     return text
 
 
+def _interval_ms(text: str) -> int:
+    value = int(text)
+    if not 10 <= value <= 60_000:
+        raise ValueError("must be between 10 and 60000 milliseconds")
+    return value
+
+
+def _redis_url(text: str) -> str | None:
+    if not text:
+        return None
+    parsed = urlsplit(text)
+    if parsed.scheme not in ("redis", "rediss", "unix") or not (parsed.hostname or parsed.path):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def redis_password(url: str | None) -> str | None:
+    """The password a Redis URL holds, if any (a secret: masked wherever text leaves)."""
+    if not url:
+        return None
+    parsed = urlsplit(url)
+    password = parsed.password
+    if password is None:
+        password = parse_qs(parsed.query).get("password", [None])[0]
+    return unquote(password) if password else None
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs and errors)."""
+    parsed = urlsplit(url)
+    if parsed.password is None:
+        return url
+    user = parsed.username or ""
+    host = parsed.hostname or ""
+    port = f":{parsed.port}" if parsed.port else ""
+    return urlunsplit(parsed._replace(netloc=f"{user}:***@{host}{port}"))
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in allowed:
@@ -409,6 +447,21 @@ SPECS: tuple[SettingSpec, ...] = (
         "delays, in seconds, between polls of a pending backend run (the last repeats)",
     ),
     SettingSpec(
+        "WORKER_STREAM_INTERVAL_MS",
+        "stream_interval_ms",
+        _interval_ms,
+        "250",
+        "how often, in milliseconds, streamed text is flushed as an assistantDelta event",
+    ),
+    SettingSpec(
+        "WORKER_STREAM_REDIS_URL",
+        "stream_redis_url",
+        _redis_url,
+        "",
+        "a Redis URL: streamed events go to a Redis stream per request instead of the "
+        "replyTo queue (a password only in the environment, never as a flag)",
+    ),
+    SettingSpec(
         "CHAT_MODEL_DEPLOYMENT_NAME",
         "chat_model",
         str,
@@ -518,6 +571,9 @@ class Settings:
     cache_mb: int = 64
     in_process_steps: bool = True
     poll_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0)
+    stream_interval_ms: int = 250
+    # Holds a password when the Redis server wants one: never shown (masked_url).
+    stream_redis_url: str | None = field(default=None, repr=False)
     chat_model: str = "gpt-4o-mini"
     model_api: str = "chat"
     tool_modules: tuple[str, ...] = ()
@@ -551,6 +607,13 @@ class Settings:
                 values[spec.field] = spec.parse(raw.strip())
             except ValueError as error:
                 raise SettingsError(f"{spec.env} (or {spec.flag}) {error}") from None
+        if redis_password(overrides.get("stream_redis_url")):
+            # A flag is visible to every user of the machine (ps, /proc): secrets stay in the
+            # environment.
+            raise SettingsError(
+                "--stream-redis-url must not hold a password: set WORKER_STREAM_REDIS_URL in "
+                "the environment instead"
+            )
         names = [values["requests_queue"], values["runs_queue"], values["deadlines_queue"]]
         if len(set(names)) != len(names):
             raise SettingsError(
@@ -636,7 +699,11 @@ class Settings:
         for server in self.mcp_servers.values():
             if server.token:
                 found.append(server.token)
-        for value in (self.openai_api_key, self.azure_openai_api_key):
+        for value in (
+            self.openai_api_key,
+            self.azure_openai_api_key,
+            redis_password(self.stream_redis_url),
+        ):
             if value:
                 found.append(value)
         found.extend(self.query_keys)

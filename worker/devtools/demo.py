@@ -3,8 +3,9 @@
 Azurite (unless ``AzureWebJobsStorage`` is set), the fake OpenAI server scripted as the
 weather bot of the Assistants docs (unless ``OPENAI_API_KEY`` or ``AZURE_OPENAI_ENDPOINT`` is
 set: then the real service answers), the worker, and a producer that creates the assistant
-with the extension's payload, posts the question, prints the conversation as it happens, the
-reply, and the counts of the final ``AssistantState`` (its messages were shown already); then,
+with the extension's payload, posts the question with ``stream: true``, prints the
+conversation as it happens (the answer word by word, as the model writes it), the reply's
+status, and the counts of the final ``AssistantState`` (its messages were shown already); then,
 unless ``--once``, the commands that reach the same worker and storage from another terminal.
 """
 
@@ -25,6 +26,7 @@ from handlers.query import get_state
 from schemas import encode_body
 from worker.app import App, open_app
 from worker.client.replies import wait_for_reply
+from worker.client.stream import QueueEvents, follow
 from worker.config.redact import Redactor
 from worker.config.settings import DEV_STORAGE, Settings
 from worker.devtools.azurite import REPO_ROOT, Azurite
@@ -57,19 +59,51 @@ def describe(message: ChatMessage, names: dict[str, str]) -> str:
     return f"[{message.role}]".ljust(12) + message.content
 
 
-async def show_conversation(app: App, chat_id: str, done: asyncio.Event) -> None:
-    """Print each new message of the chat as the worker stores it."""
+class StreamedAnswer:
+    """Streamed text waiting to be printed, on the ``[Assistant]`` line."""
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+        self.started = False
+
+    def __call__(self, text: str) -> None:
+        self._pending.append(text)
+
+    def take(self) -> str:
+        text, self._pending = "".join(self._pending), []
+        if text and not self.started:
+            self.started = True
+            return "[Assistant] " + text
+        return text
+
+
+async def show_conversation(
+    app: App, chat_id: str, done: asyncio.Event, answer: StreamedAnswer | None = None
+) -> None:
+    """Print each new message of the chat as the worker stores it; with ``answer``, the
+    answers are streamed: their text is printed as it comes, not when stored. The text taken
+    before a read of the chat was written after every message that read returns but the
+    answer: printing it after them keeps the conversation in order."""
     store = await app.stores.get("AzureWebJobsStorage", "ChatState")
     shown = 0
     names: dict[str, str] = {}
     while True:
+        finished = done.is_set()
+        streamed = answer.take() if answer is not None else ""
         for message in await store.read_messages(chat_id):
             if message.index > shown:
-                print(describe(message, names), flush=True)
+                final = message.role == "Assistant" and not message.tool_calls
+                if not (answer is not None and final):
+                    print(describe(message, names), flush=True)
                 shown = message.index
-        if done.is_set():
+        if streamed:
+            sys.stdout.write(streamed)
+            sys.stdout.flush()
+        if finished:
+            if answer is not None and answer.started:
+                print(flush=True)
             return
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
 
 
 async def run_demo(
@@ -131,22 +165,36 @@ async def converse(
             return None  # the worker stopped (its error is in the log above)
         await asyncio.sleep(0.2)
 
+    streamed = api != "assistants"  # the legacy Assistants API does not stream
+    request_id = f"demo-{chat_id}"
     post = {"id": chat_id, "userMessage": question, "chatModel": settings.chat_model,
-            "replyTo": replies, "requestId": f"demo-{chat_id}"}  # fmt: skip
-    say("producer: post the question; the conversation as the worker stores it:")
+            "replyTo": replies, "requestId": request_id, "stream": streamed}  # fmt: skip
+    say(
+        "producer: post the question"
+        + (" (stream: true)" if streamed else "")
+        + "; the conversation as it happens:"
+    )
     await app.broker.send(settings.requests_queue, encode_body(post))
     done = asyncio.Event()
-    printer = asyncio.create_task(show_conversation(app, chat_id, done))
-    reply = await wait_for_reply(
-        app.broker, replies, request_id=post["requestId"], within=REPLY_TIMEOUT
-    )
+    answer = StreamedAnswer() if streamed else None
+    printer = asyncio.create_task(show_conversation(app, chat_id, done, answer))
+    reply: dict[str, Any] | None
+    if answer is not None:
+        events = QueueEvents(app.broker, replies, request_id)
+        reply = (await follow(events, within=REPLY_TIMEOUT, on_text=answer)).reply
+    else:
+        reply = await wait_for_reply(
+            app.broker, replies, request_id=request_id, within=REPLY_TIMEOUT
+        )
     done.set()
     await printer
     if reply is None:
         say(f"no reply within {REPLY_TIMEOUT:g} s")
     else:
         say(f"assistantReply on '{replies}': status {reply['status']}")
-        print(reply.get("content") or reply.get("error"), flush=True)
+        if answer is None or not answer.started or reply["status"] != "completed":
+            # A streamed answer was printed as it came; the reply's content is the same text.
+            print(reply.get("content") or reply.get("error"), flush=True)
     return reply
 
 
@@ -205,13 +253,18 @@ def demo(*, api: str, question: str, keep_serving: bool) -> int:
         else:
             storage_line = "# with the same AzureWebJobsStorage as this terminal"
         if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("AZURE_OPENAI_ENDPOINT")):
-            fake = stack.enter_context(FakeOpenAI(scenario="weather").running_in_thread())
+            # The offline model writes about ten words a second, as a real one does.
+            fake = stack.enter_context(
+                FakeOpenAI(scenario="weather", chunk_delay=0.1).running_in_thread()
+            )
             os.environ["OPENAI_BASE_URL"] = fake.base_url
             os.environ["OPENAI_API_KEY"] = "sk-offline-demo"
             os.environ.setdefault("CHAT_MODEL_DEPLOYMENT_NAME", "weather-bot")
             say(f"the offline model (fake OpenAI server, weather bot) is at {fake.base_url}")
         else:
             say("using the real model service from OPENAI_API_KEY / AZURE_OPENAI_ENDPOINT")
+        # Deltas every 100 ms: the answer shows word by word (the default is 250 ms).
+        os.environ.setdefault("WORKER_STREAM_INTERVAL_MS", "100")
         tools = [m for m in os.environ.get("WORKER_TOOLS", "").split(",") if m.strip()]
         os.environ["WORKER_TOOLS"] = ",".join(dict.fromkeys([*tools, "worker.devtools.weather"]))
         settings = Settings.from_env()

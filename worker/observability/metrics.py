@@ -41,6 +41,9 @@ MODEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 # Seconds a timer of the event loop fired late: about 0 when healthy; 1 and above is a loop
 # held by one callback (nothing else runs meanwhile: leases, probes, other messages).
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Seconds from a streamed model call's start to its first delta sent: the model's time to
+# first token plus the coalescing interval (250 ms by default).
+FIRST_DELTA_BUCKETS = (0.1, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 
 UNKNOWN = "unknown"
 
@@ -141,6 +144,21 @@ class Metrics:
             "have not returned; each was replaced, so tools still run.",
             registry=registry,
         )
+        self.stream_deltas = Counter(
+            "assistant_worker_stream_deltas",
+            "assistantDelta events of streamed runs, by sink (queue, redis) and outcome "
+            "(sent; failed: the sink refused it, the run went on).",
+            ["sink", "outcome"],
+            registry=registry,
+        )
+        self.stream_first_delta = Histogram(
+            "assistant_worker_stream_first_delta_seconds",
+            "Seconds from the start of a streamed model call to its first delta sent, by API "
+            "and sink.",
+            ["api", "sink"],
+            buckets=FIRST_DELTA_BUCKETS,
+            registry=registry,
+        )
         self.storage_paused = Gauge(
             "assistant_worker_storage_paused",
             "1 while receiving is paused because the worker's own storage is unreachable.",
@@ -220,6 +238,14 @@ class Metrics:
 
     def observe_event_loop_lag(self, seconds: float) -> None:
         self.event_loop_lag.observe(seconds)
+
+    def observe_delta(self, sink: str, outcome: str) -> None:
+        """One delta of a streamed run, sent or failed."""
+        self.stream_deltas.labels(sink, outcome).inc()
+
+    def observe_first_delta(self, api: str, sink: str, seconds: float) -> None:
+        """A streamed model call's first delta was sent ``seconds`` after the call started."""
+        self.stream_first_delta.labels(api, sink).observe(seconds)
 
     def observe_storage_request(self, service: str, method: str, status: str) -> None:
         self.storage_requests.labels(service, method, status).inc()

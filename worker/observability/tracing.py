@@ -28,9 +28,10 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import Context, copy_context
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
@@ -53,7 +54,7 @@ from worker.config.settings import SettingsError
 from worker.observability.labels import OTHER, BoundedLabels
 
 if TYPE_CHECKING:
-    from worker.backends.base import Backend, TurnRequest
+    from worker.backends.base import Backend, TextStream, TurnRequest
     from worker.config.settings import Settings
     from worker.queues.transport import Delivery
     from worker.runs.model import ModelTurn, Pending
@@ -563,6 +564,11 @@ class TracedBackend(BackendWrapper):
                 attributes[key] = value
         if self._capture:
             attributes["gen_ai.input.messages"] = _cut(_input_messages(request))
+        first_token: FirstToken | None = None
+        if request.stream is not None:
+            attributes["assistant_worker.streamed"] = True
+            first_token = FirstToken(request.stream)
+            request = replace(request, stream=first_token)
         with self._tracer.start_as_current_span(
             f"chat {self._models(model)}",
             kind=SpanKind.CLIENT,
@@ -571,7 +577,12 @@ class TracedBackend(BackendWrapper):
             set_status_on_exception=False,
         ) as span:
             try:
-                result = await call(request)
+                try:
+                    result = await call(request)
+                finally:
+                    if first_token is not None and first_token.seconds is not None:
+                        # Time to first token, from the call's start (a streamed call).
+                        span.set_attribute("gen_ai.server.time_to_first_token", first_token.seconds)
             except ModelError as error:
                 span.set_attribute("error.type", "transient" if error.transient else "ModelError")
                 span.record_exception(error)
@@ -596,6 +607,27 @@ class TracedBackend(BackendWrapper):
             if response_id:
                 span.set_attribute("gen_ai.response.id", response_id)
             return result
+
+
+class FirstToken:
+    """A streamed call's ``TextStream`` that notes when the first text came."""
+
+    def __init__(self, stream: TextStream) -> None:
+        self._stream = stream
+        self._started = time.monotonic()
+        self.seconds: float | None = None
+
+    @property
+    def resume_after(self) -> int | None:
+        return self._stream.resume_after
+
+    async def started(self, handle: dict[str, Any], position: int) -> None:
+        await self._stream.started(handle, position)
+
+    async def text(self, text: str, position: int | None = None) -> None:
+        if self.seconds is None and text:
+            self.seconds = time.monotonic() - self._started
+        await self._stream.text(text, position)
 
 
 def _response_id(handle: Mapping[str, Any]) -> str | None:

@@ -21,6 +21,7 @@ from worker.runs.model import (
     Role,
     Run,
     RunStatus,
+    StreamProgress,
     ToolCallRef,
 )
 
@@ -133,6 +134,10 @@ def on_turn(
 ) -> Transition:
     """The model answered: finish with its text, or record its tool calls for the next step
     (``approvals``: which calls wait for a decision before they run)."""
+    if run.stream is not None:
+        # One more model call done; its kept attempt's deltas count toward deltaCount.
+        counted = StreamProgress(run.stream.calls + 1, 0, run.stream.deltas + turn.deltas)
+        run = replace(run, stream=counted)
     usage = run.usage + turn.usage
     handle = {**run.handle, **turn.handle}
     tokens = turn.usage.total_tokens or None
@@ -393,9 +398,12 @@ def on_pending(run: Run, pending: Pending, now: datetime, schedule: Sequence[flo
     return Transition(polled, next_step_delay=delay)
 
 
-def on_transient(run: Run, delay: float) -> Transition:
-    """The model service failed transiently: run the same work again after ``delay``."""
+def on_transient(run: Run, delay: float, *, attempt: int | None = None) -> Transition:
+    """The model service failed transiently: run the same work again after ``delay``. A
+    streamed try numbered ``attempt`` failed: the next try streams under a higher one."""
     retried = _advance(run, transient_failures=run.transient_failures + 1)
+    if run.stream is not None and attempt is not None:
+        retried = replace(retried, stream=replace(run.stream, attempt=attempt + 1))
     return Transition(retried, next_step_delay=delay)
 
 

@@ -134,6 +134,30 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class StreamProgress:
+    """How far a streamed run's deltas got (SPEC §4.5), kept with the run.
+
+    ``calls``: the model calls the run completed, the ``step`` of the next delta;
+    ``attempt``: the first attempt number the current model call's next try may use (a try
+    that failed with a stored transient error leaves the next one here; a try lost in a crash
+    is counted by its message's redelivery); ``deltas``: the deltas of the kept attempts of
+    the completed calls, the reply's ``deltaCount``."""
+
+    calls: int = 0
+    attempt: int = 0
+    deltas: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"calls": self.calls, "attempt": self.attempt, "deltas": self.deltas}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "StreamProgress":
+        return cls(
+            int(value.get("calls", 0)), int(value.get("attempt", 0)), int(value.get("deltas", 0))
+        )
+
+
+@dataclass(frozen=True)
 class Run:
     """One conversation turn, as persisted in its ``run-`` row."""
 
@@ -176,6 +200,8 @@ class Run:
     # The W3C trace context the run continues (the producer's, or its post's span): every
     # step and reply of the run carries it (SPEC §10).
     traceparent: str | None = None
+    # Set for a run that streams its output (SPEC §5.4); None: it does not.
+    stream: StreamProgress | None = None
 
     @property
     def finished(self) -> bool:
@@ -201,6 +227,8 @@ class ModelTurn:
     handle: dict[str, Any] = field(default_factory=dict)
     # Why the answer was cut short (the token limit, a content filter), if it was.
     incomplete: str | None = None
+    # A streamed call: the deltas its (kept) attempt sent.
+    deltas: int = 0
 
 
 @dataclass(frozen=True)

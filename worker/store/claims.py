@@ -53,10 +53,12 @@ WAIT_POLL = 1.0
 @dataclass(frozen=True)
 class Claimed:
     """This worker holds the claim: do the work, then ``finish`` it. ``taken_over``: the
-    claim was another worker's, which died holding it (its work may have been done)."""
+    claim was another worker's, which died holding it (its work may have been done);
+    ``left``: what that worker had saved in the row while it worked (``HeldClaim.save``)."""
 
     etag: str | None
     taken_over: bool = False
+    left: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ class Claims:
                     etag=current.metadata.get("etag"),
                     match_condition=MatchConditions.IfNotModified,
                 )
-                return Claimed(_etag(taken), taken_over=state == CLAIMED)
+                return Claimed(_etag(taken), taken_over=state == CLAIMED, left=dict(current))
             except ResourceModifiedError:
                 continue
         return Busy(datetime.now(UTC) + timedelta(seconds=1))
@@ -210,33 +212,17 @@ class Claims:
         return Claimed(_etag(result) or reserved.etag)
 
     @contextlib.asynccontextmanager
-    async def held(self, chat_id: str, row_key: str, claim: Claimed) -> AsyncIterator[None]:
-        """Renew the claim every few seconds while the body runs."""
-        renewal = asyncio.create_task(self._renew(chat_id, row_key, claim.etag))
+    async def held(self, chat_id: str, row_key: str, claim: Claimed) -> AsyncIterator["HeldClaim"]:
+        """Renew the claim every few seconds while the body runs; the body may save what it
+        has done so far in the row (``HeldClaim.save``), which renews it too."""
+        holder = HeldClaim(self._client, chat_id, row_key, claim.etag, self._where, self._setting)
+        renewal = asyncio.create_task(holder.renew_forever())
         try:
-            yield
+            yield holder
         finally:
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
-
-    async def _renew(self, chat_id: str, row_key: str, etag: str | None) -> None:
-        while True:
-            await asyncio.sleep(RENEW_EVERY)
-            expires = datetime.now(UTC) + timedelta(seconds=CLAIM_TTL)
-            patch = {"PartitionKey": chat_id, "RowKey": row_key, "ExpiresAt": expires}
-            try:
-                result = await self._client.update_entity(
-                    patch,
-                    mode=UpdateMode.MERGE,
-                    etag=etag,
-                    match_condition=MatchConditions.IfNotModified,
-                )
-                etag = _etag(result) or etag
-            except (ResourceModifiedError, ResourceNotFoundError):
-                return  # taken over after a stall, or the step was stored: nothing to keep
-            except Exception:
-                continue  # storage hiccup: try again at the next beat; the TTL covers a few
 
     async def release(self, chat_id: str, row_key: str, claim: Claimed) -> None:
         """Give a claim back unused (its step turned out to be stale): delete its row."""
@@ -262,6 +248,68 @@ class Claims:
         }
         async with storage_errors("store a claimed result", self._where, self._setting):
             await self._client.upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+
+class ClaimLost(Exception):
+    """The claim is not ours any more (taken over after a stall, or its step was stored)."""
+
+
+class HeldClaim:
+    """A claim this worker holds: renewed every few seconds, and where the work records how
+    far it got (a streamed call's checkpoints), each write under the row's ETag, so that a
+    worker that took the claim over is never overwritten."""
+
+    def __init__(
+        self, client: TableClient, chat_id: str, row_key: str, etag: str | None,
+        where: str, setting: str,
+    ) -> None:  # fmt: skip
+        self._client = client
+        self._chat_id = chat_id
+        self._row_key = row_key
+        self._etag = etag
+        self._where = where
+        self._setting = setting
+        self._lock = asyncio.Lock()
+        self._written = asyncio.get_running_loop().time()
+        self.saves = 0
+
+    async def save(self, properties: dict[str, Any]) -> None:
+        """Merge ``properties`` into the claim row (and renew it); raises ``ClaimLost`` when
+        the claim is not ours any more."""
+        async with self._lock:
+            try:
+                async with storage_errors("save a claim's progress", self._where, self._setting):
+                    await self._write(properties)
+            except (ResourceModifiedError, ResourceNotFoundError):
+                raise ClaimLost(self._row_key) from None
+            self.saves += 1
+
+    async def renew_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(self._written + RENEW_EVERY - loop.time(), 0.0))
+            if loop.time() - self._written < RENEW_EVERY:
+                continue  # a save renewed it meanwhile
+            async with self._lock:
+                try:
+                    await self._write({})
+                except (ResourceModifiedError, ResourceNotFoundError):
+                    return  # taken over after a stall, or the step was stored: nothing to keep
+                except Exception:
+                    # Storage hiccup: try again at the next beat; the TTL covers a few.
+                    self._written = loop.time()
+
+    async def _write(self, properties: dict[str, Any]) -> None:
+        expires = datetime.now(UTC) + timedelta(seconds=CLAIM_TTL)
+        patch = {"PartitionKey": self._chat_id, "RowKey": self._row_key, "ExpiresAt": expires}
+        result = await self._client.update_entity(
+            {**patch, **properties},
+            mode=UpdateMode.MERGE,
+            etag=self._etag,
+            match_condition=MatchConditions.IfNotModified,
+        )
+        self._etag = _etag(result) or self._etag
+        self._written = asyncio.get_running_loop().time()
 
 
 def _expiring(entity: dict[str, Any]) -> dict[str, Any]:

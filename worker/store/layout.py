@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.runs.model import Decision, PendingCall, Role, Run, Usage
+from worker.runs.model import Decision, PendingCall, Role, Run, StreamProgress, Usage
 
 STATE_ROW = "state"
 MESSAGE_PREFIX = "msg-"
@@ -462,6 +462,8 @@ def run_entity(chat_id: str, run: Run) -> dict[str, Any]:
         entity["StartedAt"] = run.started_at
     if run.ended_at is not None:
         entity["EndedAt"] = run.ended_at
+    if run.stream is not None:
+        entity["Stream"] = _json(run.stream.to_json())
     return entity
 
 
@@ -536,6 +538,9 @@ def run_from_entity(entity: dict[str, Any], etag: str | None) -> Run:
         started_at=utc(entity.get("StartedAt")),
         ended_at=utc(entity.get("EndedAt")),
         etag=etag,
+        stream=StreamProgress.from_json(_json_dict(entity["Stream"]))
+        if entity.get("Stream")
+        else None,
     )
 
 

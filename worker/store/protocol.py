@@ -21,6 +21,12 @@ class Conflict(Exception):
     """A guarded write lost a race: re-read and decide again."""
 
 
+class ClaimProgress(Protocol):
+    """A claim being held: the work may record how far it got in its row."""
+
+    async def save(self, properties: dict[str, Any]) -> None: ...
+
+
 class ClaimStore(Protocol):
     """Claims on work that must not be done twice (see ``worker.store.claims``)."""
 
@@ -37,7 +43,7 @@ class ClaimStore(Protocol):
 
     def held(
         self, chat_id: str, row_key: str, claim: Claimed
-    ) -> AbstractAsyncContextManager[None]: ...
+    ) -> AbstractAsyncContextManager[ClaimProgress]: ...
 
     async def release(self, chat_id: str, row_key: str, claim: Claimed) -> None: ...
 

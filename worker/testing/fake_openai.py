@@ -67,7 +67,8 @@ class FakeOpenAI:
 
     `background_delay` is how long a background response or a run takes (seconds);
     `run_expiry` is when an unfinished run expires; `scenario` answers models whose name picks
-    none (`"echo"` or `"weather"`).
+    none (`"echo"` or `"weather"`); `chunk_delay` is the wait before each streamed chunk of
+    text or arguments (0.05: 20 chunks a second).
     """
 
     def __init__(
@@ -78,11 +79,15 @@ class FakeOpenAI:
         background_delay: float = 0.3,
         run_expiry: float = 600.0,
         scenario: str | Scenario = "echo",
+        chunk_delay: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port
         self._core = FakeCore(
-            background_delay=background_delay, run_expiry=run_expiry, scenario=scenario
+            background_delay=background_delay,
+            run_expiry=run_expiry,
+            scenario=scenario,
+            chunk_delay=chunk_delay,
         )
         self._chat = ChatApi(self._core)
         self._responses = ResponsesApi(self._core)
@@ -119,6 +124,15 @@ class FakeOpenAI:
     @background_delay.setter
     def background_delay(self, value: float) -> None:
         self._core.background_delay = value
+
+    @property
+    def chunk_delay(self) -> float:
+        """Seconds before each streamed chunk of text or arguments (changeable at any time)."""
+        return self._core.chunk_delay
+
+    @chunk_delay.setter
+    def chunk_delay(self, value: float) -> None:
+        self._core.chunk_delay = value
 
     @property
     def run_expiry(self) -> float:
@@ -162,6 +176,8 @@ class FakeOpenAI:
         delay: float | None = None,
         rate: float | None = None,
         seed: int | None = None,
+        after_chunks: int | None = None,
+        after_fraction: float | None = None,
     ) -> FaultRule:
         """Inject a fault into matching model calls; returns the rule (its `seen`/`fired` count).
 
@@ -173,6 +189,9 @@ class FakeOpenAI:
         `responses.create`, `responses.retrieve`, `runs.create`, `runs.submit`,
         `runs.retrieve`); all endpoints by default. `rate=P`: each due call fires with
         probability P from the rule's own `random.Random(seed)` (deterministic per seed).
+        `after_chunks=N` / `after_fraction=F`: a mid-stream fault, for streamed calls only,
+        once N chunks (or that share of the call's chunks) of text or arguments were sent:
+        `drop` closes the connection, `429`/`500` send an error event, `slow` stalls.
         """
         return self._core.faults.add(
             kind,
@@ -185,6 +204,8 @@ class FakeOpenAI:
             delay=delay,
             rate=rate,
             seed=seed,
+            after_chunks=after_chunks,
+            after_fraction=after_fraction,
         )
 
     def clear_faults(self) -> None:
@@ -253,7 +274,10 @@ class FakeOpenAI:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         is_admin = request.path.startswith("/admin/") or request.path == "/health"
         record = RecordedRequest(
-            method=request.method, path=request.path, had_auth=_had_auth(request)
+            method=request.method,
+            path=request.path,
+            had_auth=_had_auth(request),
+            query=request.query_string,
         )
         if not is_admin:
             self._core.record(record)
@@ -404,6 +428,7 @@ async def _serve(args: argparse.Namespace) -> None:
         background_delay=args.background_delay,
         run_expiry=args.run_expiry,
         scenario=scenario,
+        chunk_delay=args.chunk_delay,
     )
     for spec in args.fault or ():
         options = json.loads(spec)
@@ -431,6 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="echo")
     parser.add_argument("--background-delay", type=float, default=0.3, metavar="SECONDS")
     parser.add_argument("--run-expiry", type=float, default=600.0, metavar="SECONDS")
+    parser.add_argument(
+        "--chunk-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait before each streamed chunk of text or arguments (0.05: 20 a second)",
+    )
     parser.add_argument(
         "--scenario-callable",
         metavar="MODULE:FUNCTION",

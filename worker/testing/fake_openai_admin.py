@@ -5,7 +5,9 @@ Over HTTP for processes that cannot call `FakeOpenAI` methods (a worker under te
 - `POST /admin/script` `{"model": "...", "turns": [turn, ...]}` queues scripted turns;
 - `POST /admin/default` `{"scenario": "echo" | "weather"}` sets the default scenario;
 - `GET /admin/faults`, `POST /admin/faults` `{"kind", "count", "every", "model", "api",
-  "endpoint", "retry_after", "delay", "rate", "seed"}`, `DELETE /admin/faults`;
+  "endpoint", "retry_after", "delay", "rate", "seed", "after_chunks", "after_fraction"}`,
+  `DELETE /admin/faults`;
+- `POST /admin/stream` `{"chunk_delay": seconds}` sets the wait before each streamed chunk;
 - `GET /admin/requests` (the records), `GET /admin/calls?model=&api=&endpoint=` (`{"calls": n}`);
 - `POST /admin/reset`; `GET /health`.
 """
@@ -49,7 +51,11 @@ class Controls(Protocol):
         delay: float | None = None,
         rate: float | None = None,
         seed: int | None = None,
+        after_chunks: int | None = None,
+        after_fraction: float | None = None,
     ) -> FaultRule: ...
+
+    chunk_delay: float
 
     def clear_faults(self) -> None: ...
 
@@ -82,6 +88,7 @@ class AdminApi:
             ("GET", "/admin/faults", self.faults),
             ("POST", "/admin/faults", self.add_fault),
             ("DELETE", "/admin/faults", self.clear_faults),
+            ("POST", "/admin/stream", self.stream),
             ("GET", "/admin/requests", self.requests),
             ("GET", "/admin/calls", self.calls),
             ("POST", "/admin/reset", self.reset),
@@ -126,6 +133,8 @@ class AdminApi:
             "delay",
             "rate",
             "seed",
+            "after_chunks",
+            "after_fraction",
         }
         unknown = set(body) - allowed
         if unknown or not isinstance(body.get("kind"), str | int):
@@ -136,6 +145,14 @@ class AdminApi:
         except (TypeError, ValueError) as error:
             raise ApiError(400, str(error)) from None
         return web.json_response({"ok": True, "fault": rule.to_dict()})
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """`POST /admin/stream`: `{"chunk_delay": seconds}` before each streamed chunk."""
+        delay = body_of(request).get("chunk_delay")
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+            raise ApiError(400, 'expected {"chunk_delay": a number >= 0}')
+        self.fake.chunk_delay = float(delay)
+        return web.json_response({"ok": True, "chunk_delay": self.fake.chunk_delay})
 
     async def clear_faults(self, request: web.Request) -> web.StreamResponse:
         """`DELETE /admin/faults`: remove every rule."""

@@ -1,4 +1,6 @@
-"""Chat Completions for the fake OpenAI server: `POST /chat/completions` (no streaming)."""
+"""Chat Completions for the fake OpenAI server: `POST /chat/completions`, plain or streamed
+(`stream=true`: chunks as server-sent events, with `stream_options.include_usage` a last chunk
+with the usage, as the real API sends them)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ from worker.testing.fake_openai_common import (
     ApiError,
     new_id,
     opt_bool,
+    opt_dict,
     opt_list,
     req_str,
     wall_now,
 )
-from worker.testing.fake_openai_core import FakeCore, body_of
+from worker.testing.fake_openai_core import CURRENT_RECORD, FakeCore, body_of
+from worker.testing.fake_openai_faults import FaultRule
+from worker.testing.fake_openai_stream import SseChannel, StreamEnded, argument_pieces, text_pieces
 
 __all__ = ["ChatApi", "content_text"]
 
@@ -193,11 +198,15 @@ class ChatApi:
         body = body_of(request)
         # Azure's dated path names the deployment in the URL; the body may then omit `model`.
         model = request.match_info.get("deployment") or req_str(body, "model")
-        await self.core.gate(request, "chat", "chat.create", model)
-        if opt_bool(body, "stream"):
+        streamed = bool(opt_bool(body, "stream"))
+        options = opt_dict(body, "stream_options")
+        if options is not None and not streamed:
             raise ApiError(
-                400, "The fake OpenAI server does not support stream=true.", param="stream"
+                400,
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
             )
+        rule = await self.core.gate(request, "chat", "chat.create", model, streamed=streamed)
         raw_messages = opt_list(body, "messages")
         if not raw_messages:
             raise ApiError(
@@ -215,6 +224,21 @@ class ChatApi:
         )
         reply = self.core.brain.decide(conversation)
         prompt, completion = conversation.prompt_tokens(), reply.completion_tokens()
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+        if streamed:
+            include_usage = bool((options or {}).get("include_usage"))
+            return await self._stream(request, model, reply, usage if include_usage else None, rule)
         return web.json_response(
             {
                 "id": new_id("chatcmpl", sep="-"),
@@ -229,19 +253,63 @@ class ChatApi:
                         "logprobs": None,
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-                    "completion_tokens_details": {
-                        "reasoning_tokens": 0,
-                        "audio_tokens": 0,
-                        "accepted_prediction_tokens": 0,
-                        "rejected_prediction_tokens": 0,
-                    },
-                },
+                "usage": usage,
                 "service_tier": "default",
                 "system_fingerprint": "fp_fake",
             }
         )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        model: str,
+        reply: Reply,
+        usage: dict[str, Any] | None,
+        rule: FaultRule | None,
+    ) -> web.StreamResponse:
+        """The reply as chat.completion.chunk events: the role, the text word by word, each
+        tool call (its id and name, then its arguments in pieces), the finish reason, and the
+        usage when asked for; then ``[DONE]``."""
+        texts = text_pieces(reply.content) if reply.content else []
+        calls = [(call, argument_pieces(call.arguments)) for call in reply.tool_calls]
+        channel = SseChannel(
+            request,
+            CURRENT_RECORD.get(),
+            chunk_delay=self.core.chunk_delay,
+            rule=rule,
+            chunks=len(texts) + sum(len(pieces) for _, pieces in calls),
+            model=model,
+        )
+        base = {
+            "id": new_id("chatcmpl", sep="-"),
+            "object": "chat.completion.chunk",
+            "created": wall_now(),
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+        }
+        extra = {"usage": None} if usage is not None else {}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**base, "choices": [choice], **extra}
+
+        await channel.open()
+        try:
+            await channel.send(chunk({"role": "assistant", "content": "", "refusal": None}))
+            for piece in texts:
+                await channel.chunk(chunk({"content": piece}))
+            for index, (call, pieces) in enumerate(calls):
+                opening = {"index": index, "id": call.id, "type": "function",
+                           "function": {"name": call.name, "arguments": ""}}  # fmt: skip
+                await channel.send(chunk({"tool_calls": [opening]}))
+                for piece in pieces:
+                    arguments = {"index": index, "function": {"arguments": piece}}
+                    await channel.chunk(chunk({"tool_calls": [arguments]}))
+            await channel.send(chunk({}, "tool_calls" if reply.tool_calls else "stop"))
+            if usage is not None:
+                await channel.send({**base, "choices": [], "usage": usage})
+            await channel.send("[DONE]")
+        except StreamEnded:
+            return channel.response
+        return await channel.close()

@@ -177,6 +177,8 @@ class RecordedRequest:
     method: str
     path: str
     json: Any = None
+    # The query string (`stream=true&starting_after=7` of a resumed stream).
+    query: str = ""
     model: str | None = None
     had_auth: bool = False
     api: str | None = None
@@ -184,12 +186,17 @@ class RecordedRequest:
     fault: str | None = None
     status: int | None = None
     at: float = field(default_factory=time.time)
+    # Wall-clock times the first and the last chunk of text or arguments of a streamed answer
+    # were sent.
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy (for `GET /admin/requests`)."""
         return {
             "method": self.method,
             "path": self.path,
+            "query": self.query,
             "json": self.json,
             "model": self.model,
             "had_auth": self.had_auth,
@@ -198,6 +205,8 @@ class RecordedRequest:
             "fault": self.fault,
             "status": self.status,
             "at": self.at,
+            "first_token_at": self.first_token_at,
+            "last_token_at": self.last_token_at,
         }
 
 

@@ -7,6 +7,11 @@ every call it matches (whether or not an earlier rule answered it), so `every` s
 `rate=P` (0 < P <= 1): each matching call fires with probability P, drawn from the rule's own
 `random.Random(seed)`, so a run with the same seed and the same order of calls faults the same
 calls (combined with `count`: at most N times; with `every`: among every K-th call).
+
+Mid-stream faults: with `after_chunks=N` (or `after_fraction=F`, a share of the call's chunks)
+a rule matches only streamed calls (`stream=true`), and fires after that many chunks of text or
+arguments were sent: `drop` closes the connection, `429` and `500` send an error event (the
+status line was sent long before), `slow` stalls the stream for `delay` seconds.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class FaultRule:
     delay: float | None = None
     rate: float | None = None
     seed: int | None = None
+    after_chunks: int | None = None
+    after_fraction: float | None = None
     seen: int = 0
     fired: int = 0
     _random: random.Random | None = field(default=None, repr=False, compare=False)
@@ -77,10 +84,22 @@ class FaultRule:
         """True once `count` faults have fired."""
         return self.count is not None and self.fired >= self.count
 
-    def matches(self, api: str, endpoint: str, model: str | None) -> bool:
-        """Whether a call is one this rule counts."""
+    @property
+    def mid_stream(self) -> bool:
+        """True for a rule that fires inside a stream (after some of its chunks)."""
+        return self.after_chunks is not None or self.after_fraction is not None
+
+    def fires_after(self, chunks: int) -> int:
+        """How many of a stream's ``chunks`` are sent before this mid-stream rule fires."""
+        if self.after_chunks is not None:
+            return min(self.after_chunks, chunks)
+        return int(chunks * (self.after_fraction or 0.0))
+
+    def matches(self, api: str, endpoint: str, model: str | None, streamed: bool = False) -> bool:
+        """Whether a call is one this rule counts (a mid-stream rule: streamed calls only)."""
         return (
-            (not self.apis or api in self.apis)
+            (streamed or not self.mid_stream)
+            and (not self.apis or api in self.apis)
             and (not self.endpoints or endpoint in self.endpoints)
             and (not self.models or model in self.models)
         )
@@ -98,6 +117,8 @@ class FaultRule:
             "delay": self.delay,
             "rate": self.rate,
             "seed": self.seed,
+            "after_chunks": self.after_chunks,
+            "after_fraction": self.after_fraction,
             "seen": self.seen,
             "fired": self.fired,
         }
@@ -123,6 +144,8 @@ class FaultBook:
         delay: float | None = None,
         rate: float | None = None,
         seed: int | None = None,
+        after_chunks: int | None = None,
+        after_fraction: float | None = None,
     ) -> FaultRule:
         """Validate and add a rule; raises `ValueError` on bad arguments."""
         if kind not in _KINDS:
@@ -143,6 +166,18 @@ class FaultBook:
             raise ValueError("rate must be a number in (0, 1]")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError("seed must be an integer")
+        if after_chunks is not None and (
+            isinstance(after_chunks, bool) or not isinstance(after_chunks, int) or after_chunks < 0
+        ):
+            raise ValueError("after_chunks must be an integer >= 0")
+        if after_fraction is not None and (
+            isinstance(after_fraction, bool)
+            or not isinstance(after_fraction, int | float)
+            or not 0 <= after_fraction <= 1
+        ):
+            raise ValueError("after_fraction must be a number in [0, 1]")
+        if after_chunks is not None and after_fraction is not None:
+            raise ValueError("give after_chunks or after_fraction, not both")
         if model is not None and not isinstance(model, str | list | tuple):
             raise ValueError("model must be a string or a list of strings")
         rule = FaultRule(
@@ -159,6 +194,8 @@ class FaultBook:
             delay=(1.0 if delay is None else float(delay)) if kind == "slow" else delay,
             rate=None if rate is None else float(rate),
             seed=seed,
+            after_chunks=after_chunks,
+            after_fraction=None if after_fraction is None else float(after_fraction),
         )
         with self._lock:
             self._rules.append(rule)
@@ -174,12 +211,14 @@ class FaultBook:
         with self._lock:
             return [r for r in self._rules if not r.exhausted]
 
-    def pick(self, api: str, endpoint: str, model: str | None) -> FaultRule | None:
+    def pick(
+        self, api: str, endpoint: str, model: str | None, streamed: bool = False
+    ) -> FaultRule | None:
         """Count this call against every matching rule; return the first rule that fires."""
         chosen: FaultRule | None = None
         with self._lock:
             for rule in self._rules:
-                if rule.exhausted or not rule.matches(api, endpoint, model):
+                if rule.exhausted or not rule.matches(api, endpoint, model, streamed):
                     continue
                 rule.seen += 1
                 due = rule.every is None or rule.seen % rule.every == 0

@@ -4,6 +4,15 @@ cancel, delete; `previous_response_id` chains keep the whole conversation.
 A background response is `queued` for the first third of `background_delay`, `in_progress` until
 `background_delay` after its creation, then `completed`. The state is computed when it is read,
 so no timer runs. The reply is decided at creation (one model call per create).
+
+Streaming: every response has its typed events (`response.created`, `response.in_progress`,
+the output items with `response.output_text.delta` word by word and
+`response.function_call_arguments.delta` in pieces, `response.completed`), each with its
+`sequence_number`, scheduled when the response is created. A response created with
+`stream=true` produces one chunk of text or arguments every `chunk_delay` seconds and is
+`in_progress` until its last one; `GET /responses/{id}?stream=true&starting_after=N` sends the
+events after N of a stored response: those already due at once, the rest on their schedule (a
+background stream that a client lost is resumed this way).
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from worker.testing.fake_openai_common import (
     req_str,
     wall_now,
 )
-from worker.testing.fake_openai_core import FakeCore, body_of
+from worker.testing.fake_openai_core import CURRENT_RECORD, FakeCore, body_of
+from worker.testing.fake_openai_faults import FaultRule
+from worker.testing.fake_openai_stream import SseChannel, StreamEnded, argument_pieces, text_pieces
 
 __all__ = ["ResponsesApi", "StoredResponse"]
 
@@ -67,14 +78,21 @@ class StoredResponse:
     created_at: int = field(default_factory=wall_now)
     started: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    # Created with stream=true: completed when its last chunk is due (``events[-1]``).
+    streamed: bool = False
+    # The stream's events and when each is due (seconds after ``started``), in order.
+    events: list[dict[str, Any]] = field(default_factory=list)
+    due: list[float] = field(default_factory=list)
 
     def status(self, delay: float, now: float | None = None) -> str:
         """The lifecycle state at `now` (monotonic seconds)."""
         if self.cancelled:
             return "cancelled"
-        if not self.background:
+        if not self.background and not self.streamed:
             return "completed"
         elapsed = (time.monotonic() if now is None else now) - self.started
+        if self.streamed:
+            return "completed" if elapsed >= (self.due[-1] if self.due else 0.0) else "in_progress"
         if elapsed >= delay:
             return "completed"
         return "queued" if elapsed < delay / 3 else "in_progress"
@@ -83,9 +101,9 @@ class StoredResponse:
         """Call ids of the function calls this response asks the client to answer."""
         return [i["call_id"] for i in self.output if i.get("type") == "function_call"]
 
-    def to_json(self, delay: float) -> dict[str, Any]:
-        """The `response` object as the API returns it at this moment."""
-        status = self.status(delay)
+    def to_json(self, delay: float, status: str | None = None) -> dict[str, Any]:
+        """The `response` object as the API returns it at this moment (or in ``status``)."""
+        status = status or self.status(delay)
         done = status == "completed"
         return {
             "id": self.id,
@@ -106,6 +124,63 @@ class StoredResponse:
             "service_tier": "default",
             **self.echoed,
         }
+
+
+def schedule_events(stored: StoredResponse, chunk_delay: float, delay: float) -> None:
+    """Build the response's stream events and when each is due: a streamed response a chunk
+    every ``chunk_delay`` seconds; any other at its completion (``delay`` for a background
+    one, at once otherwise)."""
+    events: list[dict[str, Any]] = []
+    due: list[float] = []
+    clock = 0.0
+    finish = delay if stored.background and not stored.streamed else 0.0
+
+    def add(event: dict[str, Any], chunk: bool = False) -> None:
+        nonlocal clock
+        if chunk and stored.streamed:
+            clock += chunk_delay
+        events.append({**event, "sequence_number": len(events)})
+        due.append(clock if stored.streamed else (0.0 if len(events) <= 2 else finish))
+
+    add(
+        {
+            "type": "response.created",
+            "response": stored.to_json(delay, "queued" if stored.background else "in_progress"),
+        }
+    )
+    add({"type": "response.in_progress", "response": stored.to_json(delay, "in_progress")})
+    for index, item in enumerate(stored.output):
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            opened = {**item, "status": "in_progress", "content": []}
+            add({"type": "response.output_item.added", "output_index": index, "item": opened})
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            add({"type": "response.content_part.added", **where, "part": part})
+            for piece in text_pieces(text):
+                add(
+                    {"type": "response.output_text.delta", **where, "delta": piece, "logprobs": []},
+                    chunk=True,
+                )
+            add({"type": "response.output_text.done", **where, "text": text, "logprobs": []})
+            add({"type": "response.content_part.done", **where, "part": item["content"][0]})
+        else:
+            opened = {**item, "status": "in_progress", "arguments": ""}
+            add({"type": "response.output_item.added", "output_index": index, "item": opened})
+            where = {"item_id": item["id"], "output_index": index}
+            for piece in argument_pieces(item["arguments"]):
+                add(
+                    {"type": "response.function_call_arguments.delta", **where, "delta": piece},
+                    chunk=True,
+                )
+            add({"type": "response.function_call_arguments.done", **where,
+                 "arguments": item["arguments"], "name": item["name"]})  # fmt: skip
+        add({"type": "response.output_item.done", "output_index": index, "item": item})
+    add({"type": "response.completed", "response": stored.to_json(delay, "completed")})
+    stored.events, stored.due = events, due
+
+
+_CHUNK_EVENTS = frozenset({"response.output_text.delta", "response.function_call_arguments.delta"})
 
 
 def _reply_items(reply: Reply) -> list[dict[str, Any]]:
@@ -236,11 +311,10 @@ class ResponsesApi:
         """`POST /responses`."""
         body = body_of(request)
         model = req_str(body, "model")
-        await self.core.gate(request, "responses", "responses.create", model)
-        if opt_bool(body, "stream"):
-            raise ApiError(
-                400, "The fake OpenAI server does not support stream=true.", param="stream"
-            )
+        streamed = bool(opt_bool(body, "stream"))
+        rule = await self.core.gate(
+            request, "responses", "responses.create", model, streamed=streamed
+        )
         background = bool(opt_bool(body, "background"))
         store = opt_bool(body, "store")
         # Stricter than the API's `store` default (true): the worker must always send store=true
@@ -297,10 +371,14 @@ class ResponsesApi:
                     "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": prompt + completion,
                 },
+                streamed=streamed,
             )
+            schedule_events(stored, self.core.chunk_delay, self.core.background_delay)
             if stored.store:
                 self.responses[stored.id] = stored
-            return web.json_response(stored.to_json(self.core.background_delay))
+        if streamed:
+            return await self._stream(request, stored, -1, rule)
+        return web.json_response(stored.to_json(self.core.background_delay))
 
     def _history(self, previous_id: str | None, new: _Input) -> list[Message]:
         """The chained history, after checking that every function call gets its output."""
@@ -340,10 +418,54 @@ class ResponsesApi:
         return history
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
-        """`GET /responses/{id}` (a model call for faults: it is how a backend polls)."""
+        """`GET /responses/{id}` (a model call for faults: it is how a backend polls); with
+        `?stream=true&starting_after=N`, the response's events after N."""
         stored = self._get(request)
-        await self.core.gate(request, "responses", "responses.retrieve", stored.model)
-        return web.json_response(stored.to_json(self.core.background_delay))
+        streamed = request.query.get("stream", "").lower() == "true"
+        rule = await self.core.gate(
+            request, "responses", "responses.retrieve", stored.model, streamed=streamed
+        )
+        if not streamed:
+            return web.json_response(stored.to_json(self.core.background_delay))
+        raw = request.query.get("starting_after")
+        try:
+            after = int(raw) if raw is not None else -1
+        except ValueError:
+            raise ApiError(
+                400, "Invalid 'starting_after': expected an integer.", param="starting_after"
+            ) from None
+        return await self._stream(request, stored, after, rule)
+
+    async def _stream(
+        self, request: web.Request, stored: StoredResponse, after: int, rule: FaultRule | None
+    ) -> web.StreamResponse:
+        """The events of ``stored`` after sequence number ``after``, each when it is due."""
+        pending = [
+            (event, due)
+            for event, due in zip(stored.events, stored.due, strict=True)
+            if event["sequence_number"] > after
+        ]
+        channel = SseChannel(
+            request,
+            CURRENT_RECORD.get(),
+            chunk_delay=0.0,
+            rule=rule,
+            chunks=sum(1 for event, _ in pending if event["type"] in _CHUNK_EVENTS),
+            model=stored.model,
+        )
+        await channel.open()
+        try:
+            for event, due in pending:
+                await channel.pause_until(stored.started + due)
+                if stored.cancelled:
+                    break  # a cancelled response's stream ends
+                if event["type"] in _CHUNK_EVENTS:
+                    await channel.chunk(event, event=event["type"])
+                else:
+                    await channel.send(event, event=event["type"])
+        except StreamEnded:
+            return channel.response
+        return await channel.close()
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         """`POST /responses/{id}/cancel`: only background responses; a finished one is returned
