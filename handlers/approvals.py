@@ -4,7 +4,8 @@ Decisions may come from several approvers, each deciding their own calls, at the
 each submit stores its decisions (with its applied-request record) under the run's ETag, and
 one that lost the race reads the run again and decides on the fresh state, as partial tool
 outputs do (``handlers.submit``). The first decision stored for a call stands: a later one,
-the same or not, is acknowledged, ignored and logged (``approval.ignored``). Decisions for
+the same or not, is acknowledged, ignored and logged (``approval.ignored`` when it differs,
+``approval.repeated`` when it is the same). Decisions for
 calls the run does not wait for, or for a run that no longer waits, are refused (the message
 is dead-lettered with the reason).
 
@@ -151,15 +152,19 @@ class ApprovalsHandler:
         """A decision for a call decided already: the first stands; this one is logged."""
         by = {approval.tool_call_id: approval.by for approval in submit.approvals}
         for call_id, standing, ignored in repeated:
-            (log.warning if standing != ignored else log.info)(
-                "approval.ignored",
-                run_id=run.run_id,
-                tool_call_id=call_id,
-                standing=_verdict(standing),
-                ignored=_verdict(ignored),
-                ignored_by=by.get(call_id),
-                reason="the call was decided already; the first decision stands",
-            )
+            fields = {
+                "run_id": run.run_id,
+                "tool_call_id": call_id,
+                "standing": _verdict(standing),
+                "ignored": _verdict(ignored),
+                "ignored_by": by.get(call_id),
+                "reason": "the call was decided already; the first decision stands",
+            }
+            if standing != ignored:
+                # Two people disagreed: worth a look.
+                log.warning("approval.ignored", **fields)
+            else:
+                log.info("approval.repeated", **fields)
 
     async def _landed(
         self, store: ChatStore, chat: ChatRef, stale: StaleRun
