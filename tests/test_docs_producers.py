@@ -52,6 +52,7 @@ EVENTS: dict[str, type[ReplyEvent]] = {
     "assistantReply": AssistantReply,
     "toolCallsRequired": ToolCallsRequired,
     "toolApprovalRequired": ToolApprovalRequired,
+    "assistantDelta": AssistantDelta,
 }
 _FENCE = re.compile(r"^```([\w#+-]+)([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
