@@ -25,6 +25,7 @@ import pytest
 
 from schemas import (
     AssistantCreate,
+    AssistantDelta,
     AssistantPost,
     AssistantReply,
     ToolApprovalRequired,
