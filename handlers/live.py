@@ -55,6 +55,20 @@ class LiveOutput:
         # A redelivered message is a try that started over (its earlier delivery died).
         self.attempt = run.stream.attempt + max(dequeue_count - 1, 0)
 
+    @staticmethod
+    def claims_chat_call(services: RunServices, run: Run) -> bool:
+        """Whether a model step of ``run`` claims its ``chat`` call (which has no remote work to
+        claim): only when it streams, so that two copies of the step (a duplicated step message)
+        never stream under one attempt, where a consumer would mix their deltas."""
+        streams = services.streams
+        return (
+            run.phase == "model"
+            and run.api == "chat"
+            and run.stream is not None
+            and streams is not None
+            and streams.can_stream(run.reply_to)
+        )
+
     @classmethod
     def of(
         cls, services: RunServices, chat: ChatRef, run: Run, context: MessageContext
@@ -116,10 +130,13 @@ class LiveOutput:
             redact=services.redact,
         )
 
-    def fresh(self, held: ClaimProgress | None = None) -> DeltaWriter:
+    def fresh(
+        self, held: ClaimProgress | None = None, *, attempt: int | None = None
+    ) -> DeltaWriter:
         """A new try of the call (``held``: its claim, where a ``responses`` call keeps its
-        resume position)."""
-        return self._writer(self.attempt, held=held)
+        resume position; ``attempt``: a higher one than this delivery's, when the try follows
+        one that died holding the call's claim)."""
+        return self._writer(self.attempt if attempt is None else attempt, held=held)
 
     def following(self, handle: dict[str, Any]) -> DeltaWriter | None:
         """The writer of a call that goes on by polling (its stream broke, or it was answered

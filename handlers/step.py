@@ -130,14 +130,15 @@ def last_tool_outputs(messages: list[ModelMessage]) -> tuple[tuple[str, str], ..
 ROUND_ROOM = MAX_TRANSACTION_BYTES - 256 * 1024
 
 
-def claim_rows(run: Run) -> list[str]:
-    """The claim rows a step of ``run`` may have written (removed when it is stored)."""
+def claim_rows(run: Run, *, chat_call: bool = False) -> list[str]:
+    """The claim rows a step of ``run`` may have written (removed when it is stored);
+    ``chat_call``: the step claimed its streamed ``chat`` call (``LiveOutput.claims_chat_call``)."""
     if run.phase == "tools":
         return [
             tool_result_row_key(run.run_id, run.tool_rounds, c.id)
             for c in machine.runnable_calls(run)
         ]
-    if run.phase == "model" and run.api in REMOTE_BACKENDS:
+    if run.phase == "model" and (run.api in REMOTE_BACKENDS or chat_call):
         return [model_claim_row_key(run.run_id, run.step)]
     return []
 
@@ -430,7 +431,7 @@ class StepHandler:
         next step runs tools here at once, their calls are claimed in the same transaction."""
         services = self._services
         carrier = context.message_id
-        deletes = claim_rows(run)
+        deletes = claim_rows(run, chat_call=LiveOutput.claims_chat_call(services, run))
         ahead = claims_ahead(transition.run, services.tools) if context.continues_here else []
         operations = len(transition.messages) + 2 * len(deletes) + len(ahead) + 4
         if operations > MAX_TRANSACTION_OPERATIONS:
@@ -586,6 +587,8 @@ class StepHandler:
             writer = live.following(run.handle) if live is not None else None
             return await call.finish(await call.streamed(backend.poll, request, writer))
         if backend.name not in REMOTE_BACKENDS:
+            if live is not None and LiveOutput.claims_chat_call(self._services, run):
+                return await self._streamed_chat_call(store, backend, request, run, now, call)
             writer = live.fresh() if live is not None else None
             return await call.finish(await call.streamed(backend.begin, request, writer))
         key = model_claim_row_key(run.run_id, run.step)
@@ -625,6 +628,41 @@ class StepHandler:
                 value=json.dumps(outcome.handle), extra={"RunId": run.run_id},
             )  # fmt: skip
         return await call.finish(outcome)
+
+    async def _streamed_chat_call(
+        self,
+        store: ChatStore,
+        backend: Backend,
+        request: TurnRequest,
+        run: Run,
+        now: datetime,
+        call: ModelCall,
+    ) -> ModelTurn | Pending:
+        """A streamed ``chat`` call, claimed first: a copy of the step (a duplicated step
+        message) waits for the claim instead of streaming the same call under the same attempt,
+        and finds the step stored (the commit removes the claim row). A try that takes the
+        claim over from a worker that died streaming sends under the next attempt."""
+        live = call.live
+        assert live is not None
+        key = model_claim_row_key(run.run_id, run.step)
+        claim = await store.claims.acquire(
+            request.chat_id, key, owner=uuid.uuid4().hex, value_property="Handle",
+            patience=CLAIM_PATIENCE, extra={"RunId": run.run_id, "Attempt": live.attempt},
+        )  # fmt: skip
+        if isinstance(claim, (Superseded, Done)):
+            raise StepSuperseded()
+        if isinstance(claim, Busy):
+            wait = max((claim.until - now).total_seconds(), 1.0)
+            raise TransientError("another delivery of this step is calling the model",
+                                 retry_after=wait)  # fmt: skip
+        attempt = live.attempt
+        if claim.taken_over and claim.left is not None:
+            attempt = max(attempt, int(claim.left.get("Attempt") or 0) + 1)
+        async with store.claims.held(request.chat_id, key, claim) as progress:
+            if attempt != live.attempt:
+                await progress.save({"Attempt": attempt})
+            writer = live.fresh(attempt=attempt)
+            return await call.finish(await call.streamed(backend.begin, request, writer))
 
     async def _run_tools(
         self,

@@ -6,6 +6,7 @@ the consumer rule (``worker.client.stream``). Worker processes, crashes and faul
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -17,10 +18,12 @@ from tests.support.runs import (
     burst,
     chat_rows,
     create_body,
+    duplicate_steps,
     model_env,
     post_body,
     tool_registry,
 )
+from worker.app import open_app
 from worker.client.stream import DeltaAssembler, QueueEvents, RedisEvents, follow
 from worker.config.settings import Settings
 from worker.connections.clients import queue_service
@@ -282,3 +285,34 @@ def test_back_on_the_assistants_api_a_new_thread_carries_the_turns_of_the_others
     assert len(threads) == 2
     seeded = [m["content"] for m in threads[1].json.get("messages", [])]
     assert seeded == ["one", "You said: one", "two", "You said: two"]
+
+
+def test_a_duplicated_step_streams_its_call_once(storage: StorageEnv) -> None:
+    """Every runStep is sent twice and both copies run together: the streamed ``chat`` call of
+    each step is claimed, so one copy streams it and the other finds the step stored. The
+    consumer rule assembles exactly the answer (the copies' deltas would share an attempt and
+    interleave otherwise), and the model is called once per step."""
+    chat_id = f"stream-twice-{storage.suffix}"
+    replies = f"replies-{storage.suffix}"
+    seen: list[dict[str, Any]] = []
+
+    async def scenario() -> tuple[DeltaAssembler, int, list[str]]:
+        async with FakeOpenAI(chunk_delay=CHUNK) as fake:
+            settings = storage.settings(**streaming_env(fake.base_url))
+            await create_chat(storage, settings, create_body(chat_id, storage.table))
+            await make_queue(settings, replies)
+            post = post_body(chat_id, storage.table, QUESTION, replyTo=replies,
+                             requestId="ask-twice", stream=True)  # fmt: skip
+            await storage.send(post)
+            async with open_app(settings, tools=tool_registry()) as app:
+                doubled = duplicate_steps(app)
+                await asyncio.wait_for(app.worker.run_until_idle(), 120)
+            assembled = await read_queue(settings, replies, "ask-twice", seen)
+            return assembled, fake.calls(endpoint="chat.create"), doubled
+
+    assembled, model_calls, doubled = run(scenario())
+    assert doubled, "the steps were sent twice"
+    reply = assembled.reply
+    assert reply is not None and reply["status"] == "completed", reply
+    assert assembled.complete and assembled.text() == reply["content"] == WEATHER_ANSWER
+    assert model_calls == 3, "each of the three model calls once, not once per copy"
