@@ -411,7 +411,8 @@ class StepHandler:
                 delay = backoff(run.transient_failures + 1, MODEL_RETRY, jitter=random.random())
             return machine.on_transient(run, delay)
         if isinstance(result, Pending):
-            transition = machine.on_pending(run, result, now, self._services.settings.poll_backoff)
+            schedule = self._services.settings.poll_schedule(run.api)
+            transition = machine.on_pending(run, result, now, schedule)
             remote = {k: v for k, v in result.handle.items() if k in REMOTE_KEYS}
             return replace(transition, remote=remote or None)
         turn: ModelTurn = result
