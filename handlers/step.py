@@ -242,7 +242,7 @@ class StepHandler:
         try:
             if context.give_up is not None:
                 raise PermanentError(context.give_up, error_type="MaxDequeueCountExceeded")
-            transition = await self._perform(store, state, run, held)
+            transition = await self._perform(store, chat, state, run, held)
         except StepSuperseded:
             return HandlerResult(note="stale: another delivery stored this step", log_fields=fields)
         except Exception as error:
@@ -388,7 +388,7 @@ class StepHandler:
             self._finished.pop((chat_id, key), None)
 
     async def _perform(
-        self, store: ChatStore, state: ChatState, run: Run, held: dict[str, str]
+        self, store: ChatStore, chat: ChatRef, state: ChatState, run: Run, held: dict[str, str]
     ) -> Transition:
         """Do the run's current step (call or poll the model, or run tools): its transition."""
         now = self._services.clock()
@@ -400,7 +400,7 @@ class StepHandler:
         backend = self._services.backends.get(run.api)
         if backend is None:
             return machine.fail(run, f"unknown model API {run.api!r}", now)
-        request = await self._request(store, state, run, tools)
+        request = await self._request(store, chat, state, run, tools)
         try:
             result = await self._call_model(store, backend, request, run, now)
         except ModelError as error:
@@ -558,7 +558,7 @@ class StepHandler:
         return machine.on_tool_results(run, answered, now)
 
     async def _request(
-        self, store: ChatStore, state: ChatState, run: Run, tools: ToolSetup
+        self, store: ChatStore, chat: ChatRef, state: ChatState, run: Run, tools: ToolSetup
     ) -> TurnRequest:
         stored = await store.history(state)
         shape = functools.partial(
@@ -594,4 +594,6 @@ class StepHandler:
             remote=state.remote,
             tool_outputs=last_tool_outputs(messages),
             user_message=run.user_message,
+            collection=chat.collection,
+            storage_setting=chat.storage_setting,
         )

@@ -69,6 +69,10 @@ class ModelClients:
             "OpenAI-compatible server) or AZURE_OPENAI_ENDPOINT"
         )
 
+    def connection_names(self) -> list[str]:
+        """The named AI connections (``WORKER_AI_CONNECTIONS``)."""
+        return list(self._settings.ai_connections)
+
     def _azure(self, endpoint: str, key: str | None, *, key_name: str) -> openai.AsyncOpenAI:
         import openai
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from worker.testing.fake_openai_brain import Brain, Scenario
 from worker.testing.fake_openai_common import ApiError, RecordedRequest
 from worker.testing.fake_openai_faults import FaultBook
+from worker.testing.fake_openai_webhooks import WebhookSender
 
 __all__ = ["CURRENT_BODY", "CURRENT_RECORD", "FakeCore", "body_of"]
 
@@ -40,7 +41,7 @@ def _seconds(value: float) -> str:
 
 
 class FakeCore:
-    """The brain, the fault book, the request records and the timing settings.
+    """The brain, the fault book, the request records, the timing settings and the webhooks.
 
     Handlers run on the server's event loop while tests script and inspect from other threads:
     every mutation of shared state happens under `lock`, never across an `await`.
@@ -55,6 +56,10 @@ class FakeCore:
         self.records: list[RecordedRequest] = []
         self.background_delay = background_delay
         self.run_expiry = run_expiry
+        # Signed webhooks when a background response ends (off until configured).
+        self.webhooks = WebhookSender()
+        # False: `include` is refused with a 400, as by a service that does not know it.
+        self.include_supported = True
 
     def record(self, record: RecordedRequest) -> None:
         """Keep a request record."""
