@@ -97,7 +97,7 @@ async def background(client: openai.AsyncOpenAI, text: str, **extra: Any) -> str
     response = await client.responses.create(
         model="gpt-4o", input=text, background=True, store=True, **extra
     )
-    return response.id
+    return str(response.id)
 
 
 def test_a_background_response_that_ends_sends_one_signed_event() -> None:
@@ -197,7 +197,7 @@ def test_reasoning_items_and_their_encrypted_content() -> None:
         echo = await client.responses.create(model="gpt-4o", input="hi")
         assert [item.type for item in echo.output] == ["message"]
 
-        given = {
+        given: Any = {
             "type": "reasoning",
             "id": reasoning.id,
             "summary": [],
@@ -206,7 +206,7 @@ def test_reasoning_items_and_their_encrypted_content() -> None:
         await client.responses.create(
             model="o-reasoner", input=[given, {"role": "user", "content": "and?"}]
         )
-        forged = {**given, "encrypted_content": base64.b64encode(b"made up").decode()}
+        forged: Any = {**given, "encrypted_content": base64.b64encode(b"made up").decode()}
         with pytest.raises(openai.BadRequestError, match="could not be verified"):
             await client.responses.create(
                 model="o-reasoner", input=[forged, {"role": "user", "content": "and?"}]

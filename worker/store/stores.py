@@ -16,6 +16,9 @@ from worker.loop.errors import PermanentError
 from worker.store.errors import storage_errors
 from worker.store.tables import TableChatStore
 
+# Read-only stores kept open (one per table that webhooks named); more are built per use.
+MAX_READERS = 64
+
 
 class ChatStores:
     """Chat stores per (connection setting, table), with clients cached per key.
@@ -35,6 +38,8 @@ class ChatStores:
         self._services: dict[str, TableServiceClient] = {}
         self._stores: dict[tuple[str, str], TableChatStore] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Stores for reading only, of tables that may not exist (never created).
+        self._readers: dict[tuple[str, str], TableChatStore] = {}
 
     def _service(self, setting: str) -> TableServiceClient:
         connection = self._settings.storage.get(setting)
@@ -70,6 +75,19 @@ class ChatStores:
                 self._stores[key] = TableChatStore(service.get_table_client(table), setting)
         return self._stores[key]
 
+    def reader(self, setting: str, table: str) -> TableChatStore:
+        """A store for reading a chat named by something other than a request (a provider's
+        webhook): the setting must be allowed as for a request, but the table is never
+        created (a table that does not exist reads as holding no chat)."""
+        key = (setting, table)
+        store = self._stores.get(key) or self._readers.get(key)
+        if store is not None:
+            return store
+        store = TableChatStore(self._service(setting).get_table_client(table), setting)
+        if len(self._readers) < MAX_READERS:
+            self._readers[key] = store
+        return store
+
     async def probe(self, setting: str) -> None:
         """One cheap request to the table service of ``setting``; raises if it does not
         answer (the storage gate's probe)."""
@@ -82,11 +100,12 @@ class ChatStores:
 
     async def close(self) -> None:
         """Close every client opened."""
-        for store in self._stores.values():
+        for store in [*self._stores.values(), *self._readers.values()]:
             await store.client.close()
         for service in self._services.values():
             await service.close()
         self._stores.clear()
+        self._readers.clear()
         self._services.clear()
 
 

@@ -1,0 +1,264 @@
+"""``POST /webhooks/openai``: the webhooks of OpenAI and Azure OpenAI (SPEC §5.1), served when
+``WORKER_WEBHOOK_SECRETS`` is set.
+
+Each delivery is checked before anything else: the body is capped (``MAX_BODY``, 413 beyond),
+then its Standard Webhooks signature (``webhook-id``, ``webhook-timestamp``,
+``webhook-signature``) is verified by the ``standardwebhooks`` library against each configured
+secret (several while one is rotated out), which also refuses a timestamp more than five
+minutes away; a delivery that fails is answered 400 and changes nothing. A ``webhook-id`` seen
+in the last ``SEEN_FOR`` seconds is a duplicate (a retry whose answer the provider missed, or a
+replay) and does nothing more.
+
+An event that ends a background response continues its run through the runs queue
+(``handlers.webhooks``): the step that polls the response is sent due now, and this worker's
+poll of the runs queue is woken for it. The answer comes within ``ANSWER_WITHIN`` seconds: 200
+once the step is sent (or nothing was to be done), 202 when the work goes on after the answer,
+503 when storage or the model API did not answer (the provider delivers again later). Every
+other event type is acknowledged and ignored. The route is a hint that saves waiting for the
+next poll: polls go on (``WORKER_WEBHOOK_POLL_BACKOFF``), so a delivery lost or refused here only
+delays its run.
+"""
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
+
+import structlog
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from handlers.webhooks import RESPONSE_ENDED, WebhookResult
+from schemas import encode_body
+from worker.config.redact import Redactor
+from worker.loop.errors import describe
+from worker.loop.handling import Send
+from worker.queues.transport import Broker
+
+PATH = "/webhooks/openai"
+# Bytes a delivery may have: the events are a few hundred bytes.
+MAX_BODY = 64 * 1024
+# Seconds within which a delivery is answered (the providers want an answer within seconds).
+ANSWER_WITHIN = 0.8
+# How long a webhook-id is remembered: the signature's tolerance (5 minutes) and a margin.
+SEEN_FOR = 600.0
+SEEN_MAX = 100_000
+# Seconds after which an early event (its run had not stored the response yet) looks again.
+EARLY_RECHECKS = (0.25, 0.5, 1.0, 2.0)
+# Background work (early rechecks, deliveries answered 202) at once; beyond it, none is kept
+# (the safety-net poll still continues those runs).
+MAX_BACKGROUND = 1_000
+
+_log = structlog.get_logger("worker.webhooks")
+
+Handle = Callable[[str], Awaitable[WebhookResult]]
+Observe = Callable[[str], None]
+
+
+class SeenIds:
+    """The webhook-ids of recent deliveries, forgotten after ``SEEN_FOR`` s (bounded)."""
+
+    def __init__(self, keep_for: float = SEEN_FOR, limit: int = SEEN_MAX) -> None:
+        self._keep_for = keep_for
+        self._limit = limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, webhook_id: str, now: float) -> bool:
+        """Remember ``webhook_id``; False when it was seen already (a duplicate)."""
+        while self._seen and (
+            len(self._seen) >= self._limit or next(iter(self._seen.values())) < now - self._keep_for
+        ):
+            self._seen.popitem(last=False)
+        if webhook_id in self._seen:
+            return False
+        self._seen[webhook_id] = now
+        return True
+
+    def forget(self, webhook_id: str) -> None:
+        """A delivery that failed here: its retry must be taken."""
+        self._seen.pop(webhook_id, None)
+
+
+class BadDelivery(Exception):
+    """A delivery that is refused (400 or 413); the message says why, without secrets."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class WebhookRoutes:
+    """The webhook route family."""
+
+    def __init__(
+        self,
+        secrets: Sequence[str],
+        handle: Handle,
+        broker: Broker,
+        *,
+        encoding: Literal["none", "base64"],
+        wake: Callable[[str, float], None],
+        redactor: Redactor,
+        observe: Observe | None = None,
+    ) -> None:
+        if not secrets:
+            raise ValueError("the webhook route needs at least one signing secret")
+        self._verifiers = [Webhook(secret) for secret in secrets]
+        self._handle = handle
+        self._broker = broker
+        self._encoding = encoding
+        self._wake = wake
+        self._redact = redactor
+        self._observe = observe or (lambda outcome: None)
+        self._seen = SeenIds()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(PATH, self._deliver)]
+
+    async def close(self) -> None:
+        """Cancel what still runs after its answer (the polls continue those runs)."""
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._background.clear()
+
+    async def _deliver(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
+        try:
+            body = await self._read(request)
+            event = self._verify(body, request)
+            response_id = self._response_id(event)
+        except BadDelivery as refused:
+            self._observe("rejected")
+            _log.warning("webhook.rejected", status=refused.status, reason=refused.reason)
+            return web.json_response({"error": refused.reason}, status=refused.status)
+        webhook_id = request.headers["webhook-id"]
+        fields = {"webhook_id": webhook_id[:100], "event_type": str(event.get("type"))[:100]}
+        if response_id is None:
+            return self._answer("ignored", started, fields)
+        fields["response_id"] = response_id
+        if not self._seen.add(webhook_id, time.monotonic()):
+            return self._answer("duplicate", started, fields)
+        task = asyncio.create_task(self._dispatch(response_id))
+        done, _ = await asyncio.wait({task}, timeout=ANSWER_WITHIN)
+        if not done:
+            # The provider must not wait: the work goes on after the answer.
+            self._keep(task)
+            return self._answer("deferred", started, fields, status=202)
+        try:
+            outcome = task.result()
+        except Exception as error:
+            self._seen.forget(webhook_id)
+            self._observe("failed")
+            _log.warning("webhook.failed", error=self._redact(describe(error)), **fields)
+            return web.json_response({"error": "try again later"}, status=503)
+        return self._answer(outcome, started, fields)
+
+    def _answer(
+        self, outcome: str, started: float, fields: dict[str, str], status: int = 200
+    ) -> web.Response:
+        self._observe(outcome)
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        _log.info("webhook.received", outcome=outcome, duration_ms=duration_ms, **fields)
+        return web.json_response({"outcome": outcome}, status=status)
+
+    async def _read(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise BadDelivery(413, f"the body is larger than {MAX_BODY} bytes")
+        body = bytearray()
+        while chunk := await request.content.read(MAX_BODY + 1 - len(body)):
+            body.extend(chunk)
+            if len(body) > MAX_BODY:
+                raise BadDelivery(413, f"the body is larger than {MAX_BODY} bytes")
+        return bytes(body)
+
+    def _verify(self, body: bytes, request: web.Request) -> dict[str, Any]:
+        """The event, once one of the secrets verifies the signature and the timestamp is
+        within five minutes (the library's check, never a hand-made one)."""
+        headers = {
+            name: request.headers.get(name, "")
+            for name in ("webhook-id", "webhook-timestamp", "webhook-signature")
+        }
+        for verifier in self._verifiers:
+            try:
+                verifier.verify(body, headers, json_parse=False)
+            except WebhookVerificationError:
+                continue
+            break
+        else:
+            # Which part failed (signature, age, headers) is not told to the sender.
+            raise BadDelivery(400, "the webhook signature is not valid")
+        try:
+            event = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadDelivery(400, "the body is not JSON") from None
+        if not isinstance(event, dict):
+            raise BadDelivery(400, "the body is not a JSON object")
+        return event
+
+    @staticmethod
+    def _response_id(event: dict[str, Any]) -> str | None:
+        """The ended response an event names; None for the events that concern no run."""
+        if event.get("type") not in RESPONSE_ENDED:
+            return None
+        data = event.get("data")
+        response_id = data.get("id") if isinstance(data, dict) else None
+        if not isinstance(response_id, str) or not 1 <= len(response_id) <= 256:
+            raise BadDelivery(400, "the event names no response (data.id)")
+        return response_id
+
+    async def _dispatch(self, response_id: str) -> str:
+        """Continue the run of ``response_id`` if it waits for it; the outcome."""
+        result = await self._handle(response_id)
+        if result.send is not None:
+            await self._send(result.send)
+        elif result.outcome == "early":
+            self._keep(asyncio.create_task(self._recheck(response_id)))
+        return result.outcome
+
+    async def _recheck(self, response_id: str) -> None:
+        """An early event: its run stores the response within moments; look again then."""
+        for delay in EARLY_RECHECKS:
+            await asyncio.sleep(delay)
+            try:
+                result = await self._handle(response_id)
+                if result.send is not None:
+                    await self._send(result.send)
+            except Exception as error:
+                _log.warning(
+                    "webhook.recheck_failed",
+                    response_id=response_id,
+                    error=self._redact(describe(error)),
+                )
+                return
+            if result.outcome != "early":
+                self._observe(f"late_{result.outcome}")
+                return
+
+    async def _send(self, send: Send) -> None:
+        await self._broker.send(send.queue, encode_body(send.payload, self._encoding))
+        self._wake(send.queue, 0.0)  # this worker polls the runs queue for it now
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        if len(self._background) >= MAX_BACKGROUND:
+            task.cancel()
+            return
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._observe("failed")
+            _log.warning("webhook.failed_after_answer", error=self._redact(describe(error)))
