@@ -142,7 +142,7 @@ class PostHandler:
             status="queued",
             request_id=context.request_id,
             user_message=post.user_message,
-            api=str(defaults.get("api") or settings.model_api),
+            api=post.api or str(defaults.get("api") or settings.model_api),
             model=post.chat_model or str(defaults.get("chatModel") or settings.chat_model),
             created_at=now,
             expires_at=now + timedelta(seconds=settings.run_timeout),

@@ -74,6 +74,8 @@ MAX_UNSTORED = 10_000
 REMOTE_BACKENDS = frozenset({"responses", "assistants"})
 # Handle keys that live as long as the chat, not the run (the Assistants API's objects).
 REMOTE_KEYS = ("assistantId", "threadId")
+THREAD_ID = "threadId"
+ASSISTANTS = "assistants"
 
 _ROLES = {"System": "system", "User": "user", "Assistant": "assistant", "Tool": "tool"}
 
@@ -130,6 +132,17 @@ def claim_rows(run: Run) -> list[str]:
     if run.phase == "model" and run.api in REMOTE_BACKENDS:
         return [model_claim_row_key(run.run_id, run.step)]
     return []
+
+
+def remote_changes(state: ChatState, run: Run, handle: dict[str, Any]) -> dict[str, str] | None:
+    """The chat-level remote ids a model step changes: those its backend created, and, for a
+    turn on another API than ``assistants``, the Assistants thread forgotten: it misses this
+    turn, so the chat's next run there seeds a new thread from the table (the history is the
+    worker's; a chat moves between APIs and back without losing a message)."""
+    remote = {k: v for k, v in handle.items() if k in REMOTE_KEYS}
+    if run.api != ASSISTANTS and state.remote.get(THREAD_ID):
+        remote[THREAD_ID] = ""
+    return remote or None
 
 
 def acts_on(state: ChatState, run: Run, step: int, now: datetime) -> bool:
@@ -413,14 +426,12 @@ class StepHandler:
         if isinstance(result, Pending):
             schedule = self._services.settings.poll_schedule(run.api)
             transition = machine.on_pending(run, result, now, schedule)
-            remote = {k: v for k, v in result.handle.items() if k in REMOTE_KEYS}
-            return replace(transition, remote=remote or None)
+            return replace(transition, remote=remote_changes(state, run, result.handle))
         turn: ModelTurn = result
         transition = machine.on_turn(
             run, turn, now, max_rounds=MAX_TOOL_ROUNDS, external_tools=tools.external_names
         )
-        remote = {k: v for k, v in turn.handle.items() if k in REMOTE_KEYS}
-        return replace(transition, remote=remote or None)
+        return replace(transition, remote=remote_changes(state, run, turn.handle))
 
     async def _call_model(
         self, store: ChatStore, backend: Backend, request: TurnRequest, run: Run, now: datetime

@@ -110,6 +110,9 @@ class AssistantPost(ChatRequest):
     tool_choice: str | dict[str, Any] | None = None
     instructions: str | None = None
     reply_to: QueueName | None = None
+    # This turn on another model API; the history is the table's, so a chat moves between
+    # APIs (off the legacy assistants) without losing a message.
+    api: ModelApi | None = None
 
 
 class ToolOutput(WireModel):
