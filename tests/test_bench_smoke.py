@@ -15,6 +15,7 @@ from bench import (
     requests_per_run,
     scaleout,
     startup,
+    webhooks,
 )
 from bench.common import Report, percentile, table
 
@@ -89,6 +90,19 @@ def test_open_conversations_smoke() -> None:
     assert numbers["sample_calls_per_run"] >= 2
     assert 10 < numbers["default_rss_mb"] < 2000
     assert numbers["default_p50"] > -1.0  # a reply never comes long before its response ends
+
+
+def test_webhooks_smoke() -> None:
+    report = webhooks.measure(posts=4, delay=1.0, rate=20.0, seconds=1.0)
+    numbers = report.numbers
+    assert _tables(report) == 2  # the three modes, the receiver
+    assert numbers["replies"] == 4
+    # A create and the poll the webhook asks for; a safety-net poll only if one fell due.
+    assert 2 <= numbers["webhooks_calls_per_run"] <= 3
+    assert numbers["webhooks_p50"] > -1.0  # a reply never comes long before its response ends
+    assert 10 < numbers["webhooks_rss_mb"] < 2000
+    assert numbers["load_statuses"] == {200: 20}
+    assert _finite(numbers["load_p99"], numbers["delivery_answer_p99"], numbers["polling_p95"])
 
 
 def test_scaleout_smoke() -> None:

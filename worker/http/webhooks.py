@@ -11,9 +11,10 @@ replay) and does nothing more.
 
 An event that ends a background response continues its run through the runs queue
 (``handlers.webhooks``): the step that polls the response is sent due now, and this worker's
-poll of the runs queue is woken for it. The answer comes within ``ANSWER_WITHIN`` seconds: 200
-once the step is sent (or nothing was to be done), 202 when the work goes on after the answer,
-503 when storage or the model API did not answer (the provider delivers again later). Every
+poll of the runs queue is woken for it. The answer waits at most ``ANSWER_WITHIN`` seconds for
+that: 200 with the outcome once the step is sent (or nothing was to be done), 202 when the work
+goes on after the answer, 503 when storage or the model API refused to answer in time (the
+provider delivers again later). Every
 other event type is acknowledged and ignored. The route is a hint that saves waiting for the
 next poll: polls go on (``WORKER_WEBHOOK_POLL_BACKOFF``), so a delivery lost or refused here only
 delays its run.
@@ -41,8 +42,9 @@ from worker.queues.transport import Broker
 PATH = "/webhooks/openai"
 # Bytes a delivery may have: the events are a few hundred bytes.
 MAX_BODY = 64 * 1024
-# Seconds within which a delivery is answered (the providers want an answer within seconds).
-ANSWER_WITHIN = 0.8
+# Seconds a delivery's answer waits for its work (reading the run, sending its step) before it
+# is answered 202 and the work goes on: the provider is never kept waiting on storage.
+ANSWER_WITHIN = 0.15
 # How long a webhook-id is remembered: the signature's tolerance (5 minutes) and a margin.
 SEEN_FOR = 600.0
 SEEN_MAX = 100_000
@@ -143,32 +145,31 @@ class WebhookRoutes:
         webhook_id = request.headers["webhook-id"]
         fields = {"webhook_id": webhook_id[:100], "event_type": str(event.get("type"))[:100]}
         if response_id is None:
-            return self._answer("ignored", started, fields)
+            return self._done("ignored", started, fields)
         fields["response_id"] = response_id
         if not self._seen.add(webhook_id, time.monotonic()):
-            return self._answer("duplicate", started, fields)
-        task = asyncio.create_task(self._dispatch(response_id))
+            return self._done("duplicate", started, fields)
+        task = asyncio.create_task(self._dispatch(response_id, started, fields))
         done, _ = await asyncio.wait({task}, timeout=ANSWER_WITHIN)
         if not done:
-            # The provider must not wait: the work goes on after the answer.
+            # The provider must not wait on storage: the work goes on after the answer (a
+            # failure then only leaves the run to its safety-net poll).
             self._keep(task)
-            return self._answer("deferred", started, fields, status=202)
-        try:
-            outcome = task.result()
-        except Exception as error:
-            self._seen.forget(webhook_id)
-            self._observe("failed")
-            _log.warning("webhook.failed", error=self._redact(describe(error)), **fields)
+            return web.json_response({"outcome": "accepted"}, status=202)
+        if task.exception() is not None:
+            self._seen.forget(webhook_id)  # the provider's retry must be taken
             return web.json_response({"error": "try again later"}, status=503)
-        return self._answer(outcome, started, fields)
+        return web.json_response({"outcome": task.result()})
 
-    def _answer(
-        self, outcome: str, started: float, fields: dict[str, str], status: int = 200
-    ) -> web.Response:
+    def _done(self, outcome: str, started: float, fields: dict[str, str]) -> web.Response:
+        self._settled(outcome, started, fields)
+        return web.json_response({"outcome": outcome})
+
+    def _settled(self, outcome: str, started: float, fields: dict[str, str]) -> None:
+        """One line and one count per delivery, with what it came to."""
         self._observe(outcome)
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         _log.info("webhook.received", outcome=outcome, duration_ms=duration_ms, **fields)
-        return web.json_response({"outcome": outcome}, status=status)
 
     async def _read(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > MAX_BODY:
@@ -215,13 +216,19 @@ class WebhookRoutes:
             raise BadDelivery(400, "the event names no response (data.id)")
         return response_id
 
-    async def _dispatch(self, response_id: str) -> str:
+    async def _dispatch(self, response_id: str, started: float, fields: dict[str, str]) -> str:
         """Continue the run of ``response_id`` if it waits for it; the outcome."""
-        result = await self._handle(response_id)
-        if result.send is not None:
-            await self._send(result.send)
-        elif result.outcome == "early":
-            self._keep(asyncio.create_task(self._recheck(response_id)))
+        try:
+            result = await self._handle(response_id)
+            if result.send is not None:
+                await self._send(result.send)
+            elif result.outcome == "early":
+                self._keep(asyncio.create_task(self._recheck(response_id)))
+        except Exception as error:
+            self._observe("failed")
+            _log.warning("webhook.failed", error=self._redact(describe(error)), **fields)
+            raise
+        self._settled(result.outcome, started, fields)
         return result.outcome
 
     async def _recheck(self, response_id: str) -> None:
@@ -256,9 +263,5 @@ class WebhookRoutes:
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            self._observe("failed")
-            _log.warning("webhook.failed_after_answer", error=self._redact(describe(error)))
+        if not task.cancelled():
+            task.exception()  # retrieved: counted and logged where it was raised

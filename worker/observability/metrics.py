@@ -124,8 +124,8 @@ class Metrics:
         self.webhooks = Counter(
             "assistant_worker_webhooks",
             "Deliveries of the provider's webhooks (POST /webhooks/openai), by outcome "
-            "(continued, early, finished, moved_on, unknown, duplicate, ignored, deferred, "
-            "rejected, failed; late_*: an early one, checked again).",
+            "(continued, early, finished, moved_on, unknown, duplicate, ignored, rejected, "
+            "failed; late_*: an early one, checked again).",
             ["outcome"],
             registry=registry,
         )
