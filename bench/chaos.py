@@ -8,6 +8,11 @@ calls; several ``assistant-worker run`` processes share the queues, with the too
 them back to back across the three model APIs, and answers external tool calls (partial,
 concurrent and duplicated submits). Meanwhile a random worker is SIGKILLed every few seconds
 and restarted, and the table service is stopped once for a while and restarted on its data.
+Webhooks are on (``--no-webhooks`` turns them off): each worker serves ``POST
+/webhooks/openai`` on a port of its own, and the fake model sends a signed webhook to them in
+turn (as a load balancer would) when a background response ends, dropping and duplicating a
+seeded share of them (``--webhook-faults``); a delivery to a killed worker is retried on
+another.
 
 When the faults stop the soak waits (bounded) until every post has its final reply and the
 work queues are empty, stops everything and audits every chat (``bench.chaos_audit``): the
@@ -30,6 +35,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,6 +68,8 @@ MODEL = "chaos-bot"
 AUDIT_USER_AGENT = "chaos-audit"
 # Seconds the chaos goes on after the schedule for the strict chats' last posts.
 STRICT_GRACE = 120.0
+# The workers' webhook signing secret (a test value, not a secret).
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the chaos soak's webhook signing key").decode()
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,9 @@ class Options:
     max_outstanding: int
     out: Path | None
     keep: bool
+    webhooks: bool = True
+    # Share of webhooks dropped, and share duplicated (each).
+    webhook_faults: float = 0.1
 
     @property
     def soak_deadline(self) -> float:
@@ -123,6 +134,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         type=int,
         help="the producer waits while this many posts have no final reply (0: never)",
     )
+    parser.add_argument(
+        "--no-webhooks", action="store_true", help="poll background responses, no webhooks"
+    )
+    parser.add_argument(
+        "--webhook-faults",
+        type=float,
+        default=0.1,
+        help="share of webhooks the fake drops, and share it duplicates (default 0.1)",
+    )
     parser.add_argument("--out", type=Path, help="folder for logs and data (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the folder even on success")
     args = parser.parse_args(argv)
@@ -160,6 +180,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         max_outstanding=int(values["max_outstanding"]),
         out=args.out,
         keep=args.keep,
+        webhooks=not args.no_webhooks,
+        webhook_faults=args.webhook_faults,
     )
 
 
@@ -261,10 +283,16 @@ class Child:
         self.kill()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class FakeModel:
     """``python -m worker.testing.fake_openai`` with the chaos script and seeded faults."""
 
-    def __init__(self, options: Options, log: Path) -> None:
+    def __init__(self, options: Options, log: Path, webhook_urls: Sequence[str] = ()) -> None:
         rate = options.fault_rate
         rules: list[dict[str, Any]] = []
         if rate > 0:
@@ -295,6 +323,19 @@ class FakeModel:
         ]
         for rule in rules:
             cmd += ["--fault", json.dumps(rule)]
+        for url in webhook_urls:
+            cmd += ["--webhook-url", url]
+        if webhook_urls:
+            cmd += [
+                "--webhook-secret",
+                WEBHOOK_SECRET,
+                "--webhook-drop-rate",
+                str(options.webhook_faults),
+                "--webhook-duplicate-rate",
+                str(options.webhook_faults),
+                "--webhook-seed",
+                str(options.seed),
+            ]
         self.log = log
         self._log_file: IO[bytes] = log.open("ab")
         self.proc = subprocess.Popen(
@@ -357,15 +398,27 @@ class Soak:
     kills: int = 0
     outage_seconds: float = 0.0
     began: float = field(default_factory=time.monotonic)
+    # Each worker slot's webhook port (kept across its restarts: the fake sends to them).
+    webhook_ports: list[int] = field(default_factory=list)
 
     def say(self, text: str) -> None:
         print(f"[chaos {time.monotonic() - self.began:6.1f}s] {text}", flush=True)
 
     # -- set-up ----------------------------------------------------------------------
 
-    def worker_env(self) -> dict[str, str]:
+    def worker_env(self, slot: int) -> dict[str, str]:
         assert self.azurite is not None and self.fake is not None
+        webhooks = (
+            {
+                "WORKER_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+                "WORKER_HTTP_PORT": str(self.webhook_ports[slot]),
+                "WORKER_HTTP_HOST": "127.0.0.1",
+            }
+            if self.options.webhooks
+            else {}
+        )
         return {
+            **webhooks,
             "AzureWebJobsStorage": self.azurite.connection_string,
             "WORKER_REQUESTS_QUEUE": REQUESTS_QUEUE,
             "WORKER_RUNS_QUEUE": RUNS_QUEUE,
@@ -388,7 +441,7 @@ class Soak:
         self.workers[slot] = Child(
             name,
             [sys.executable, "-m", "worker", "run"],
-            self.worker_env(),
+            self.worker_env(slot),
             self.folder / f"{name}.log",
         )
 
@@ -398,8 +451,17 @@ class Soak:
             f"azurite queue :{self.azurite.queue_port}, table :{self.azurite.table_port} "
             f"(separate processes)"
         )
-        self.fake = FakeModel(self.options, self.folder / "fake-openai.log")
+        if self.options.webhooks:
+            self.webhook_ports = [free_port() for _ in range(self.options.workers)]
+        urls = [f"http://127.0.0.1:{port}/webhooks/openai" for port in self.webhook_ports]
+        self.fake = FakeModel(self.options, self.folder / "fake-openai.log", urls)
         self.say(f"fake model at {self.fake.url}, faults on {self.options.fault_rate:.0%} of calls")
+        if urls:
+            self.say(
+                f"webhooks to {len(urls)} workers in turn, "
+                f"{self.options.webhook_faults:.0%} dropped and {self.options.webhook_faults:.0%} "
+                "duplicated"
+            )
         self.workers = [None] * self.options.workers
         self.generations = [0] * self.options.workers
         for slot in range(self.options.workers):
@@ -629,6 +691,8 @@ class Soak:
             for entry in read_jsonl(log):
                 name = str(entry.get("event"))
                 events[name] += 1
+                if name == "webhook.received":
+                    events[f"webhook:{entry.get('outcome')}"] += 1
                 request_id = entry.get("request_id")
                 if entry.get("type") != "assistantPost" or not isinstance(request_id, str):
                     continue
@@ -646,9 +710,12 @@ class Soak:
                     delays.setdefault(request_id, set()).add(cause)
         depths = await self.queue_depths()
         calls = 0
+        webhooks: dict[str, int] = {}
         if self.fake is not None:
             with contextlib.suppress(OSError, ValueError):
                 calls = int(self.fake.admin("GET", "/admin/calls").get("calls", 0))
+            with contextlib.suppress(OSError, ValueError):
+                webhooks = webhook_summary(self.fake.admin("GET", "/admin/webhooks"))
         return Collected(
             plan=plan,
             rows=rows,
@@ -666,7 +733,21 @@ class Soak:
             queue_depths=depths,
             delays={key: frozenset(value) for key, value in delays.items()},
             killed={int(k["pid"]): float(k["t"]) for k in read_jsonl(self.folder / "kills.jsonl")},
+            webhooks=webhooks,
         )
+
+
+def webhook_summary(answer: Any) -> dict[str, int]:
+    """What the fake's webhooks came to (``GET /admin/webhooks``)."""
+    deliveries = [d for d in answer.get("deliveries", []) if isinstance(d, dict)]
+    return {
+        "events": len(deliveries),
+        "dropped": sum(1 for d in deliveries if d.get("dropped")),
+        "duplicated": sum(1 for d in deliveries if d.get("duplicated") and not d.get("dropped")),
+        "delivered": sum(1 for d in deliveries if d.get("delivered")),
+        "retried": sum(1 for d in deliveries if len(d.get("attempts") or []) > 1),
+        "lost": sum(1 for d in deliveries if not d.get("dropped") and not d.get("delivered")),
+    }
 
 
 async def drain(service: QueueServiceClient, name: str) -> list[str]:

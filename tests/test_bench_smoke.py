@@ -101,8 +101,10 @@ def test_webhooks_smoke() -> None:
     assert 2 <= numbers["webhooks_calls_per_run"] <= 3
     assert numbers["webhooks_p50"] > -1.0  # a reply never comes long before its response ends
     assert 10 < numbers["webhooks_rss_mb"] < 2000
-    assert numbers["load_statuses"] == {200: 20}
-    assert _finite(numbers["load_p99"], numbers["delivery_answer_p99"], numbers["polling_p95"])
+    # Each response's first delivery accepted (its run read after the answer), the rest known.
+    assert numbers["load_statuses"] == {202: 4, 200: 16}
+    assert _finite(numbers["load_p99"], numbers["load_stored_p99"], numbers["polling_p95"])
+    assert _finite(numbers["delivery_answer_p99"])
 
 
 def test_scaleout_smoke() -> None:

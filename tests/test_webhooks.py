@@ -179,7 +179,7 @@ def test_a_signed_webhook_continues_its_run_at_once(storage: StorageEnv) -> None
         assert fake.calls(endpoint="responses.create") == 1
         assert fake.calls(endpoint="responses.retrieve") == 1
         [delivery] = fake.webhook_deliveries
-        assert delivery.attempts == [200]
+        assert delivery.attempts == [202]  # accepted: the run is continued after the answer
         assert max(delivery.answered_in) < 1.0
         samples = await scrape(app)
         assert total(samples, "assistant_worker_webhooks_total", outcome="continued") == 1
@@ -211,7 +211,7 @@ def test_a_duplicated_webhook_changes_nothing(storage: StorageEnv) -> None:
         await eventually(
             lambda: asyncio.sleep(0, len(delivery.attempts) == 2), 10, "the second delivery"
         )
-        assert delivery.attempts == [200, 200]
+        assert delivery.attempts == [202, 200]  # accepted, then a duplicate
         await asyncio.sleep(1.0)  # room for anything the duplicate could have started
         assert fake.calls(endpoint="responses.retrieve") == 1  # one poll, not two
         assert len(await replies.drain()) == 1
@@ -296,7 +296,7 @@ def webhook_outcomes(after: Samples, before: Samples) -> Counter[str]:
 
 async def settle(app: App, url: str, delivery: tuple[bytes, dict[str, str]]) -> str:
     """Deliver, and what the delivery came to: its answer's outcome, or, when it was answered
-    202 (its work went on after the answer: a loaded machine), the outcome its work counted."""
+    202 (its work goes on after the answer), the outcome its work counted."""
     before = await scrape(app)
     answer = await deliver(url, *delivery)
     assert answer.status in (200, 202), answer

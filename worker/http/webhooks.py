@@ -7,17 +7,19 @@ then its Standard Webhooks signature (``webhook-id``, ``webhook-timestamp``,
 secret (several while one is rotated out), which also refuses a timestamp more than five
 minutes away; a delivery that fails is answered 400 and changes nothing. A ``webhook-id`` seen
 in the last ``SEEN_FOR`` seconds is a duplicate (a retry whose answer the provider missed, or a
-replay) and does nothing more.
+replay) and does nothing more; so is a second event for a response whose end was already dealt
+with here (at most one wake-up per response and replica).
 
 An event that ends a background response continues its run through the runs queue
 (``handlers.webhooks``): the step that polls the response is sent due now, and this worker's
-poll of the runs queue is woken for it. The answer waits at most ``ANSWER_WITHIN`` seconds for
-that: 200 with the outcome once the step is sent (or nothing was to be done), 202 when the work
-goes on after the answer, 503 when storage or the model API refused to answer in time (the
-provider delivers again later). Every
-other event type is acknowledged and ignored. The route is a hint that saves waiting for the
-next poll: polls go on (``WORKER_WEBHOOK_POLL_BACKOFF``), so a delivery lost or refused here only
-delays its run.
+poll of the runs queue is woken for it. That work (reading the run, sending its step) goes on
+after the answer: once verified, a delivery is answered at once, 202, so that the provider
+never waits on storage and a burst of deliveries costs the answers nothing but their check.
+At most ``MAX_PENDING`` deliveries wait for their work (``MAX_WORKING`` of them work at once);
+beyond that a delivery is answered 503 and the provider delivers it again later. Every other
+event type is acknowledged (200) and ignored. The route is a hint that saves waiting for the
+next poll: polls go on (``WORKER_WEBHOOK_POLL_BACKOFF``), so a delivery lost, refused, or
+whose work fails (storage out, a crash after the answer) only delays its run.
 """
 
 import asyncio
@@ -42,17 +44,15 @@ from worker.queues.transport import Broker
 PATH = "/webhooks/openai"
 # Bytes a delivery may have: the events are a few hundred bytes.
 MAX_BODY = 64 * 1024
-# Seconds a delivery's answer waits for its work (reading the run, sending its step) before it
-# is answered 202 and the work goes on: the provider is never kept waiting on storage.
-ANSWER_WITHIN = 0.15
+# Deliveries whose work (reading the run, sending its step) waits or runs, and how many run at
+# once: beyond the first, a delivery is refused 503 (the provider delivers it again later).
+MAX_PENDING = 5_000
+MAX_WORKING = 32
 # How long a webhook-id is remembered: the signature's tolerance (5 minutes) and a margin.
 SEEN_FOR = 600.0
 SEEN_MAX = 100_000
 # Seconds after which an early event (its run had not stored the response yet) looks again.
 EARLY_RECHECKS = (0.25, 0.5, 1.0, 2.0)
-# Background work (early rechecks, deliveries answered 202) at once; beyond it, none is kept
-# (the safety-net poll still continues those runs).
-MAX_BACKGROUND = 1_000
 
 _log = structlog.get_logger("worker.webhooks")
 
@@ -61,7 +61,8 @@ Observe = Callable[[str], None]
 
 
 class SeenIds:
-    """The webhook-ids of recent deliveries, forgotten after ``SEEN_FOR`` s (bounded)."""
+    """Ids seen recently (webhook-ids, response ids), forgotten after ``SEEN_FOR`` s
+    (bounded)."""
 
     def __init__(self, keep_for: float = SEEN_FOR, limit: int = SEEN_MAX) -> None:
         self._keep_for = keep_for
@@ -78,6 +79,11 @@ class SeenIds:
             return False
         self._seen[webhook_id] = now
         return True
+
+    def seen(self, key: str, now: float) -> bool:
+        """Whether ``key`` was added within ``SEEN_FOR`` s (without adding it)."""
+        at = self._seen.get(key)
+        return at is not None and at >= now - self._keep_for
 
     def forget(self, webhook_id: str) -> None:
         """A delivery that failed here: its retry must be taken."""
@@ -117,7 +123,10 @@ class WebhookRoutes:
         self._redact = redactor
         self._observe = observe or (lambda outcome: None)
         self._seen = SeenIds()
+        # Responses whose end was dealt with here: their run continued, or has no use for it.
+        self._settled_responses = SeenIds()
         self._background: set[asyncio.Task[Any]] = set()
+        self._working = asyncio.Semaphore(MAX_WORKING)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(PATH, self._deliver)]
@@ -147,19 +156,17 @@ class WebhookRoutes:
         if response_id is None:
             return self._done("ignored", started, fields)
         fields["response_id"] = response_id
-        if not self._seen.add(webhook_id, time.monotonic()):
+        now = time.monotonic()
+        if not self._seen.add(webhook_id, now) or self._settled_responses.seen(response_id, now):
+            # The same delivery again, or another event for a response already dealt with
+            # here (its run was continued, or has nothing to do with it): nothing more to do.
             return self._done("duplicate", started, fields)
-        task = asyncio.create_task(self._dispatch(response_id, started, fields))
-        done, _ = await asyncio.wait({task}, timeout=ANSWER_WITHIN)
-        if not done:
-            # The provider must not wait on storage: the work goes on after the answer (a
-            # failure then only leaves the run to its safety-net poll).
-            self._keep(task)
-            return web.json_response({"outcome": "accepted"}, status=202)
-        if task.exception() is not None:
-            self._seen.forget(webhook_id)  # the provider's retry must be taken
-            return web.json_response({"error": "try again later"}, status=503)
-        return web.json_response({"outcome": task.result()})
+        if len(self._background) >= MAX_PENDING:
+            self._seen.forget(webhook_id)  # its retry must be taken
+            self._settled("busy", started, fields)
+            return web.json_response({"error": "busy: deliver again later"}, status=503)
+        self._keep(asyncio.create_task(self._dispatch(response_id, started, fields)))
+        return web.json_response({"outcome": "accepted"}, status=202)
 
     def _done(self, outcome: str, started: float, fields: dict[str, str]) -> web.Response:
         self._settled(outcome, started, fields)
@@ -216,20 +223,23 @@ class WebhookRoutes:
             raise BadDelivery(400, "the event names no response (data.id)")
         return response_id
 
-    async def _dispatch(self, response_id: str, started: float, fields: dict[str, str]) -> str:
-        """Continue the run of ``response_id`` if it waits for it; the outcome."""
+    async def _dispatch(self, response_id: str, started: float, fields: dict[str, str]) -> None:
+        """Continue the run of ``response_id`` if it waits for it (after the answer)."""
         try:
-            result = await self._handle(response_id)
-            if result.send is not None:
-                await self._send(result.send)
-            elif result.outcome == "early":
-                self._keep(asyncio.create_task(self._recheck(response_id)))
+            async with self._working:
+                result = await self._handle(response_id)
+                if result.send is not None:
+                    await self._send(result.send)
         except Exception as error:
+            # Left to the safety-net poll: storage or the model API did not answer.
             self._observe("failed")
             _log.warning("webhook.failed", error=self._redact(describe(error)), **fields)
-            raise
+            return
+        if result.outcome == "early":
+            self._keep(asyncio.create_task(self._recheck(response_id)))
+        else:
+            self._settled_responses.add(response_id, time.monotonic())
         self._settled(result.outcome, started, fields)
-        return result.outcome
 
     async def _recheck(self, response_id: str) -> None:
         """An early event: its run stores the response within moments; look again then."""
@@ -255,9 +265,6 @@ class WebhookRoutes:
         self._wake(send.queue, 0.0)  # this worker polls the runs queue for it now
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
-        if len(self._background) >= MAX_BACKGROUND:
-            task.cancel()
-            return
         self._background.add(task)
         task.add_done_callback(self._finished)
 

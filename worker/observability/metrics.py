@@ -125,7 +125,7 @@ class Metrics:
             "assistant_worker_webhooks",
             "Deliveries of the provider's webhooks (POST /webhooks/openai), by outcome "
             "(continued, early, finished, moved_on, unknown, duplicate, ignored, rejected, "
-            "failed; late_*: an early one, checked again).",
+            "busy, failed; late_*: an early one, checked again).",
             ["outcome"],
             registry=registry,
         )

@@ -152,14 +152,17 @@ class FakeOpenAI:
         duplicate_rate: float = 0.0,
         seed: int | None = None,
         retry_delays: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+        also: Sequence[str] = (),
     ) -> None:
         """Send a signed webhook to `url` whenever a background response ends (`secret`:
         `whsec_<base64>`). `drop_rate`/`duplicate_rate`: the share of events never sent / sent
         twice, drawn from `random.Random(seed)`; a failed attempt is retried after each of
-        `retry_delays` seconds. Raises `ValueError` for a bad argument."""
+        `retry_delays` seconds. `also`: more URLs of the endpoint, each attempt to the next
+        in turn (replicas behind a load balancer). Raises `ValueError` for a bad argument."""
         config = WebhookConfig(
             url,
             secret,
+            also=tuple(also),
             drop_rate=drop_rate,
             duplicate_rate=duplicate_rate,
             seed=seed,
@@ -456,8 +459,9 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     if args.webhook_url:
         fake.configure_webhooks(
-            args.webhook_url,
+            args.webhook_url[0],
             args.webhook_secret,
+            also=args.webhook_url[1:],
             drop_rate=args.webhook_drop_rate,
             duplicate_rate=args.webhook_duplicate_rate,
             seed=args.webhook_seed,
@@ -500,7 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help='a fault rule, as the body of POST /admin/faults: \'{"kind": "500", "rate": 0.1, '
         '"seed": 1}\' (repeatable)',
     )
-    parser.add_argument("--webhook-url", help="send signed webhooks there when responses end")
+    parser.add_argument(
+        "--webhook-url",
+        action="append",
+        help="send signed webhooks there when responses end (repeat: each attempt to the next)",
+    )
     parser.add_argument("--webhook-secret", default="", help="whsec_<base64> signing secret")
     parser.add_argument("--webhook-drop-rate", type=float, default=0.0, metavar="P")
     parser.add_argument("--webhook-duplicate-rate", type=float, default=0.0, metavar="P")

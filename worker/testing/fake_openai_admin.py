@@ -80,6 +80,7 @@ class Controls(Protocol):
         duplicate_rate: float = 0.0,
         seed: int | None = None,
         retry_delays: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+        also: Sequence[str] = (),
     ) -> None: ...
 
     def stop_webhooks(self) -> None: ...
@@ -182,7 +183,7 @@ class AdminApi:
         """`POST /admin/webhooks`: send signed webhooks (the arguments of
         `FakeOpenAI.configure_webhooks`)."""
         body = body_of(request)
-        allowed = {"url", "secret", "drop_rate", "duplicate_rate", "seed", "retry_delays"}
+        allowed = {"url", "secret", "drop_rate", "duplicate_rate", "seed", "retry_delays", "also"}
         unknown = set(body) - allowed
         if (
             unknown

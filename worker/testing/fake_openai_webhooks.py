@@ -43,6 +43,9 @@ class WebhookConfig:
 
     url: str
     secret: str
+    # Further URLs of the same endpoint (the replicas behind a load balancer): each attempt
+    # goes to the next one in turn, so a retry reaches another replica.
+    also: tuple[str, ...] = ()
     drop_rate: float = 0.0
     duplicate_rate: float = 0.0
     seed: int | None = None
@@ -50,8 +53,12 @@ class WebhookConfig:
     retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     timeout: float = 5.0
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.url, *self.also)
+
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
+        if not all(url.startswith(("http://", "https://")) for url in self.urls):
             raise ValueError("the webhook url must be http(s)")
         Webhook(self.secret)  # raises for a secret that is not base64
         for name, rate in (("drop_rate", self.drop_rate), ("duplicate_rate", self.duplicate_rate)):
@@ -101,6 +108,7 @@ class WebhookSender:
         self._timers: set[asyncio.TimerHandle] = set()
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._turn = 0  # the next of the config's URLs
 
     @property
     def config(self) -> WebhookConfig | None:
@@ -212,9 +220,11 @@ class WebhookSender:
             }
             started = time.monotonic()
             status: int | None = None
+            url = config.urls[self._turn % len(config.urls)]
+            self._turn += 1
             try:
                 async with self._session.post(
-                    config.url,
+                    url,
                     data=body,
                     headers=headers,
                     timeout=aiohttp.ClientTimeout(total=config.timeout),
