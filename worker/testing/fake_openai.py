@@ -141,6 +141,12 @@ class FakeOpenAI:
     def include_supported(self, value: bool) -> None:
         self._core.include_supported = value
 
+    def expire_responses(self) -> int:
+        """Forget every stored response, as the service forgets background responses some
+        minutes after they end (a `previous_response_id` to one is then a 400). The reasoning
+        items' encrypted content still decrypts. Returns how many were forgotten."""
+        return self._responses.expire()
+
     # -- webhooks -------------------------------------------------------------------------------
 
     def configure_webhooks(

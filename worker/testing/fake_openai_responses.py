@@ -252,6 +252,13 @@ class ResponsesApi:
             self.responses.clear()
             self.reasoning.clear()
 
+    def expire(self) -> int:
+        """Forget the stored responses (not the reasoning keys); how many there were."""
+        with self.core.lock:
+            count = len(self.responses)
+            self.responses.clear()
+            return count
+
     def routes(self) -> list[tuple[str, str, Handler]]:
         """(method, path under the API prefix, handler)."""
         return [
