@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import socket
 import subprocess
@@ -51,6 +52,7 @@ from bench.common import (
     table,
 )
 from bench.harness import ECHO_MODEL, Producer, WorkerProcess, wait_created, worker_env
+from bench.requests import bench_queue_service
 from worker.devtools.azurite import Azurite
 from worker.testing import FakeOpenAI
 
@@ -228,6 +230,7 @@ async def _wave(
             deliveries = fake.webhook_deliveries
             result["dropped"] = sum(1 for d in deliveries if d.dropped)
             result["answered_in"] = [t for d in deliveries for t in d.answered_in]
+        reply_queue = producer.reply_queue
         if load is not None and webhooks:
             # From a process of its own: the producer's reply reads and the fake's thread
             # share this one's event loop and interpreter lock.
@@ -237,7 +240,19 @@ async def _wave(
             result["load"]["cpu_s"] = cpu_seconds(worker.pid) - cpu_before
             result["load"]["distinct"] = len(set(ids))
             result["load_rss_mb"] = status_kib(worker.pid, "VmHWM") / 1024
+    # Azurite scans every stored message on each queue operation: what this wave leaves (a
+    # watchdog per run, delayed polls) would slow the next one down.
+    work = [env["WORKER_REQUESTS_QUEUE"], env["WORKER_RUNS_QUEUE"], env["WORKER_DEADLINES_QUEUE"]]
+    await _drop_queues(connection, [*work, *(f"{q}-poison" for q in work), reply_queue])
     return result
+
+
+async def _drop_queues(connection: str, names: list[str]) -> None:
+    service = bench_queue_service(connection)
+    async with service:
+        for name in names:
+            with contextlib.suppress(Exception):
+                await service.delete_queue(name)
 
 
 def _load_child(
