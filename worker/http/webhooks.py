@@ -257,6 +257,7 @@ class WebhookRoutes:
                 )
                 return
             if result.outcome != "early":
+                self._settled_responses.add(response_id, time.monotonic())
                 self._observe(f"late_{result.outcome}")
                 return
 
