@@ -33,6 +33,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         scaleout,
         startup,
         streaming,
+        webhooks,
     )
 
     return {
@@ -41,6 +42,7 @@ def _benchmarks() -> dict[str, Callable[[], Report]]:
         "latency": lambda: latency.measure(),
         "creates": lambda: creates.measure(messages=300),
         "open_conversations": lambda: open_conversations.measure(posts=300),
+        "webhooks": lambda: webhooks.measure(posts=300),
         "scaleout": lambda: scaleout.measure(posts=200),
         "startup": lambda: startup.report(startup.measure(runs=5)),
         "profile": lambda: profile.measure(chats=40),

@@ -13,6 +13,11 @@ time, or by two approvers who disagree). Meanwhile a random worker is SIGKILLed 
 seconds and restarted, the table service is stopped once for a while and restarted on its
 data, and the MCP server the chats use (``tests/support/mcp_server.py``, its own process) is
 killed once for a few seconds and started again on its port.
+Webhooks are on (``--no-webhooks`` turns them off): each worker serves ``POST
+/webhooks/openai`` on a port of its own, and the fake model sends a signed webhook to them in
+turn (as a load balancer would) when a background response ends, dropping and duplicating a
+seeded share of them (``--webhook-faults``); a delivery to a killed worker is retried on
+another.
 
 When the faults stop the soak waits (bounded) until every post has its final reply and the
 work queues are empty, stops everything and audits every chat (``bench.chaos_audit``): the
@@ -35,6 +40,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +85,8 @@ AUDIT_USER_AGENT = "chaos-audit"
 STRICT_GRACE = 120.0
 # The MCP server's bearer token (a secret of the workers: it must never reach their logs).
 MCP_TOKEN = "chaos-mcp-token-0123456789"
+# The workers' webhook signing secret (a test value, not a secret).
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the chaos soak's webhook signing key").decode()
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,9 @@ class Options:
     out: Path | None
     keep: bool
     stream_sink: str = "queue"
+    webhooks: bool = True
+    # Share of webhooks dropped, and share duplicated (each).
+    webhook_faults: float = 0.1
 
     @property
     def soak_deadline(self) -> float:
@@ -150,6 +161,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         choices=["queue", "redis"],
         help="where streamed chats' deltas go (default: queue with --short, else redis)",
     )
+    parser.add_argument(
+        "--no-webhooks", action="store_true", help="poll background responses, no webhooks"
+    )
+    parser.add_argument(
+        "--webhook-faults",
+        type=float,
+        default=0.1,
+        help="share of webhooks the fake drops, and share it duplicates (default 0.1)",
+    )
     parser.add_argument("--out", type=Path, help="folder for logs and data (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the folder even on success")
     args = parser.parse_args(argv)
@@ -190,6 +210,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         out=args.out,
         keep=args.keep,
         stream_sink=args.stream_sink or ("queue" if short else "redis"),
+        webhooks=not args.no_webhooks,
+        webhook_faults=args.webhook_faults,
     )
 
 
@@ -298,10 +320,16 @@ class Child:
         self.kill()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class FakeModel:
     """``python -m worker.testing.fake_openai`` with the chaos script and seeded faults."""
 
-    def __init__(self, options: Options, log: Path) -> None:
+    def __init__(self, options: Options, log: Path, webhook_urls: Sequence[str] = ()) -> None:
         rate = options.fault_rate
         rules: list[dict[str, Any]] = []
         if rate > 0:
@@ -335,6 +363,19 @@ class FakeModel:
         ]
         for rule in rules:
             cmd += ["--fault", json.dumps(rule)]
+        for url in webhook_urls:
+            cmd += ["--webhook-url", url]
+        if webhook_urls:
+            cmd += [
+                "--webhook-secret",
+                WEBHOOK_SECRET,
+                "--webhook-drop-rate",
+                str(options.webhook_faults),
+                "--webhook-duplicate-rate",
+                str(options.webhook_faults),
+                "--webhook-seed",
+                str(options.seed),
+            ]
         self.log = log
         self._log_file: IO[bytes] = log.open("ab")
         self.proc = subprocess.Popen(
@@ -400,15 +441,27 @@ class Soak:
     kills: int = 0
     outage_seconds: float = 0.0
     began: float = field(default_factory=time.monotonic)
+    # Each worker slot's webhook port (kept across its restarts: the fake sends to them).
+    webhook_ports: list[int] = field(default_factory=list)
 
     def say(self, text: str) -> None:
         print(f"[chaos {time.monotonic() - self.began:6.1f}s] {text}", flush=True)
 
     # -- set-up ----------------------------------------------------------------------
 
-    def worker_env(self) -> dict[str, str]:
+    def worker_env(self, slot: int) -> dict[str, str]:
         assert self.azurite is not None and self.fake is not None and self.mcp is not None
+        webhooks = (
+            {
+                "WORKER_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+                "WORKER_HTTP_PORT": str(self.webhook_ports[slot]),
+                "WORKER_HTTP_HOST": "127.0.0.1",
+            }
+            if self.options.webhooks
+            else {}
+        )
         return {
+            **webhooks,
             **self.mcp.env(MCP_SERVER),
             "AzureWebJobsStorage": self.azurite.connection_string,
             "WORKER_REQUESTS_QUEUE": REQUESTS_QUEUE,
@@ -434,7 +487,7 @@ class Soak:
         self.workers[slot] = Child(
             name,
             [sys.executable, "-m", "worker", "run"],
-            self.worker_env(),
+            self.worker_env(slot),
             self.folder / f"{name}.log",
         )
 
@@ -454,6 +507,17 @@ class Soak:
             self.folder, token=MCP_TOKEN, tool_log=self.folder / "tools.jsonl"
         ).start()
         self.say(f"MCP server '{MCP_SERVER}' at {self.mcp.url}")
+        if self.options.webhooks:
+            self.webhook_ports = [free_port() for _ in range(self.options.workers)]
+        urls = [f"http://127.0.0.1:{port}/webhooks/openai" for port in self.webhook_ports]
+        self.fake = FakeModel(self.options, self.folder / "fake-openai.log", urls)
+        self.say(f"fake model at {self.fake.url}, faults on {self.options.fault_rate:.0%} of calls")
+        if urls:
+            self.say(
+                f"webhooks to {len(urls)} workers in turn, "
+                f"{self.options.webhook_faults:.0%} dropped and {self.options.webhook_faults:.0%} "
+                "duplicated"
+            )
         self.workers = [None] * self.options.workers
         self.generations = [0] * self.options.workers
         for slot in range(self.options.workers):
@@ -732,6 +796,8 @@ class Soak:
             for entry in read_jsonl(log):
                 name = str(entry.get("event"))
                 events[name] += 1
+                if name == "webhook.received":
+                    events[f"webhook:{entry.get('outcome')}"] += 1
                 request_id = entry.get("request_id")
                 if entry.get("type") != "assistantPost" or not isinstance(request_id, str):
                     continue
@@ -750,9 +816,12 @@ class Soak:
         depths = await self.queue_depths()
         streamed = await self.redis_events(plan, journal) if self.redis is not None else []
         calls = 0
+        webhooks: dict[str, int] = {}
         if self.fake is not None:
             with contextlib.suppress(OSError, ValueError):
                 calls = int(self.fake.admin("GET", "/admin/calls").get("calls", 0))
+            with contextlib.suppress(OSError, ValueError):
+                webhooks = webhook_summary(self.fake.admin("GET", "/admin/webhooks"))
         return Collected(
             plan=plan,
             rows=rows,
@@ -772,7 +841,21 @@ class Soak:
             queue_depths=depths,
             delays={key: frozenset(value) for key, value in delays.items()},
             killed={int(k["pid"]): float(k["t"]) for k in read_jsonl(self.folder / "kills.jsonl")},
+            webhooks=webhooks,
         )
+
+
+def webhook_summary(answer: Any) -> dict[str, int]:
+    """What the fake's webhooks came to (``GET /admin/webhooks``)."""
+    deliveries = [d for d in answer.get("deliveries", []) if isinstance(d, dict)]
+    return {
+        "events": len(deliveries),
+        "dropped": sum(1 for d in deliveries if d.get("dropped")),
+        "duplicated": sum(1 for d in deliveries if d.get("duplicated") and not d.get("dropped")),
+        "delivered": sum(1 for d in deliveries if d.get("delivered")),
+        "retried": sum(1 for d in deliveries if len(d.get("attempts") or []) > 1),
+        "lost": sum(1 for d in deliveries if not d.get("dropped") and not d.get("delivered")),
+    }
 
 
 async def drain(service: QueueServiceClient, name: str) -> list[str]:

@@ -63,6 +63,9 @@ class Collected:
     killed: Mapping[int, float] = field(default_factory=dict)  # worker pid -> SIGKILL time
     mcp_down_seconds: float = 0.0  # how long the MCP server was down
     token_leaks: int = 0  # worker log lines holding the MCP server's token
+    # What the fake's webhooks came to (events, dropped, duplicated, delivered, retried, lost);
+    # empty when the soak ran without webhooks.
+    webhooks: Mapping[str, int] = field(default_factory=dict)
 
 
 def join_text(entity: Mapping[str, Any], name: str) -> str:
@@ -637,6 +640,37 @@ def audit(data: Collected) -> list[Line]:
         )
     )
     lines.extend(stream_lines)
+    if data.webhooks:
+        hooks = data.webhooks
+        outcomes = {
+            name.removeprefix("webhook:"): count
+            for name, count in sorted(ev.items())
+            if name.startswith("webhook:")
+        }
+        lines.append(
+            Line(
+                "webhooks",
+                f"{hooks.get('events', 0)} events: {hooks.get('delivered', 0)} delivered "
+                f"({hooks.get('retried', 0)} after a retry), {hooks.get('dropped', 0)} dropped, "
+                f"{hooks.get('duplicated', 0)} duplicated, {hooks.get('lost', 0)} undelivered; "
+                f"workers: {', '.join(f'{k} {v}' for k, v in outcomes.items()) or '-'}",
+                "-",
+                None,
+            )
+        )
+        # A signed delivery refused means the route checks wrongly (the secret is right).
+        rejected = ev["webhook.rejected"]
+        lines.append(
+            Line(
+                "webhooks refused",
+                f"{rejected}",
+                "0",
+                rejected == 0,
+                []
+                if not rejected
+                else [f"{rejected} signed deliveries were refused (see webhook.rejected)"],
+            )
+        )
     lines.append(Line("wall time", f"{data.wall_seconds:.0f} s", "-", None))
     if data.reads_failed:
         lines.append(Line("audit reads", "failed", "ok", False, data.reads_failed))

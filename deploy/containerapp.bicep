@@ -6,6 +6,12 @@
 // (WORKER_QUERY_KEYS) and the bearer tokens of MCP servers, if any, are Key Vault references,
 // read with that identity.
 //
+// Optional (webhooks=true): the webhooks of Azure OpenAI's background responses. The app gets
+// an external ingress whose one port is the worker's webhook port (WORKER_WEBHOOK_PORT), which
+// serves POST /webhooks/openai and nothing else; the probes, /metrics and the query API stay on
+// WORKER_HTTP_PORT, reachable only inside the environment. An HTTP scale rule wakes an app
+// scaled to zero when a webhook comes, and the signing secrets come from Key Vault.
+//
 //   az deployment group create -g RESOURCE_GROUP \
 //     -f deploy/containerapp.bicep -p deploy/containerapp.parameters.json
 //
@@ -77,6 +83,18 @@ param shutdownGraceSeconds int = 25
 @description('Seconds the container gets beyond the drain before it is killed (release of unfinished leases, exit).')
 param drainMarginSeconds int = 10
 
+@description('Take the webhooks of background responses (POST /webhooks/openai): an external ingress exposing the webhook port alone, an HTTP scale rule, and WORKER_WEBHOOK_SECRETS from Key Vault. Register the app\'s URL with Azure OpenAI afterwards (docs/operations.md).')
+param webhooks bool = false
+
+@description('With webhooks: an existing Key Vault (this resource group, RBAC authorization) holding the signing secrets.')
+param webhookKeyVaultName string = ''
+
+@description('With webhooks: the Key Vault secret holding the signing secrets, comma-separated (whsec_..., two while one is rotated out).')
+param webhookSecretName string = 'openai-webhook-secrets'
+
+@description('With webhooks: concurrent webhook deliveries per replica before the HTTP rule adds a replica. High on purpose: a replica answers a delivery in milliseconds; the queue rules size the app.')
+param webhookConcurrentRequests int = 100
+
 @description('Optional Application Insights connection string; traces go there when set.')
 @secure()
 param applicationInsightsConnectionString string = ''
@@ -105,6 +123,8 @@ var keyVaultSecretsUser = '4633458b-17de-408a-b874-0445c86b69e6'
 
 // /healthz (liveness), /readyz (readiness: 503 while storage is unreachable), /metrics.
 var httpPort = 8080
+// POST /webhooks/openai alone (WORKER_WEBHOOK_PORT): the only port the ingress exposes.
+var webhookPort = 8081
 var terminationGracePeriodSeconds = shutdownGraceSeconds + drainMarginSeconds
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -189,6 +209,20 @@ resource queryKeysRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if
 resource vaultSecretsRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(keyVaultName) && !empty(mcpServersWithToken)) {
   name: guid(resourceGroup().id, keyVaultName, identity.id, keyVaultSecretsUser)
   scope: vault
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsUser)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' existing = if (webhooks) {
+  name: webhookKeyVaultName
+}
+
+resource webhookSecretRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (webhooks) {
+  name: guid(resourceGroup().id, webhookKeyVaultName, identity.id, keyVaultSecretsUser)
+  scope: keyVault
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsUser)
     principalId: identity.properties.principalId
@@ -375,10 +409,108 @@ var mcpSecrets = map(mcpServersWithToken, server => {
   identity: identity.id
 })
 
+// The webhook port and the signing secrets (a Key Vault reference, read with the identity).
+var webhookEnv = webhooks ? [
+  {
+    name: 'WORKER_WEBHOOK_PORT'
+    value: string(webhookPort)
+  }
+  {
+    name: 'WORKER_WEBHOOK_SECRETS'
+    secretRef: 'webhook-secrets'
+  }
+] : []
+
+var webhookSecrets = webhooks ? [
+  {
+    name: 'webhook-secrets'
+    // Versionless: a new version (a rotation) reaches the app within 30 minutes, or at once
+    // with a new revision.
+    keyVaultUrl: 'https://${webhookKeyVaultName}${environment().suffixes.keyvaultDns}/secrets/${webhookSecretName}'
+    identity: identity.id
+  }
+] : []
+
+// Container Apps ingress cannot filter paths: it exposes one port, the webhook's, which serves
+// nothing but POST /webhooks/openai. WORKER_HTTP_PORT (probes, /metrics, the query API) is an
+// internal port mapping: reachable from the environment only, never from outside.
+var webhookIngress = {
+  external: true
+  targetPort: webhookPort
+  transport: 'http'
+  allowInsecure: false
+  additionalPortMappings: [
+    {
+      external: false
+      targetPort: httpPort
+    }
+  ]
+}
+
+// A webhook must wake an app scaled to zero: with minReplicas 0 nobody else would answer it.
+var webhookScaleRules = webhooks ? [
+  {
+    name: 'webhooks-http'
+    http: {
+      metadata: {
+        concurrentRequests: string(webhookConcurrentRequests)
+      }
+    }
+  }
+] : []
+
 var registries = empty(containerRegistryName) ? [] : [
   {
     server: '${containerRegistryName}.azurecr.io'
     identity: identity.id
+  }
+]
+
+// One scale rule per work queue.
+var queueScaleRules = [
+  {
+    // Requests: every message counts, waiting or being handled.
+    name: 'requests-queue'
+    azureQueue: {
+      accountName: storageAccountName
+      queueName: requestsQueueName
+      queueLength: requestsQueueLength
+      identity: identity.id
+    }
+  }
+  {
+    // Run steps: only visible ones count, so the delayed polls of a pending background
+    // run do not keep replicas awake. KEDA counts with Peek (at most 32 messages) and
+    // falls back to counting all messages at 32 or more.
+    name: 'runs-queue'
+    custom: {
+      type: 'azure-queue'
+      metadata: {
+        accountName: storageAccountName
+        queueName: runsQueueName
+        queueLength: string(runsQueueLength)
+        queueLengthStrategy: 'visibleonly'
+      }
+      identity: identity.id
+    }
+  }
+  {
+    // Run deadlines: every run that starts puts one here, delayed until just after
+    // WORKER_RUN_TIMEOUT. Only visible (due) ones count: an idle app at zero replicas
+    // wakes when a deadline falls due, and the delayed ones of runs that started (one
+    // per run for WORKER_RUN_TIMEOUT) do not keep replicas awake. The same Peek limit
+    // applies: at 32 or more due, KEDA counts the delayed ones too, hence the high target.
+    name: 'deadlines-queue'
+    custom: {
+      type: 'azure-queue'
+      metadata: {
+        accountName: storageAccountName
+        queueName: deadlinesQueueName
+        queueLength: string(deadlinesQueueLength)
+        queueLengthStrategy: 'visibleonly'
+      }
+      identity: identity.id
+    }
   }
 ]
 
@@ -401,15 +533,18 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
     acrPullRole
     queryKeysRole
     vaultSecretsRole
+    webhookSecretRole
   ]
   properties: {
     environmentId: environment.id
     workloadProfileName: 'Consumption'
     configuration: {
-      // A queue worker takes no HTTP traffic: no ingress. The probes reach the container directly.
+      // A queue worker takes no HTTP traffic: no ingress, unless it takes webhooks (the webhook
+      // port alone). The probes reach the container directly.
       activeRevisionsMode: 'Single'
       registries: registries
-      secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets)
+      secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets, webhookSecrets)
+      ingress: webhooks ? webhookIngress : null
     }
     template: {
       // WORKER_SHUTDOWN_GRACE for in-flight messages, plus a margin to release the rest.
@@ -422,7 +557,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
             cpu: json('0.5')
             memory: '1Gi'
           }
-          env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv)
+          env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv, webhookEnv)
           probes: [
             {
               type: 'Liveness'
@@ -454,52 +589,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
         maxReplicas: maxReplicas
         pollingInterval: 30
         cooldownPeriod: 300
-        rules: [
-          {
-            // Requests: every message counts, waiting or being handled.
-            name: 'requests-queue'
-            azureQueue: {
-              accountName: storageAccountName
-              queueName: requestsQueueName
-              queueLength: requestsQueueLength
-              identity: identity.id
-            }
-          }
-          {
-            // Run steps: only visible ones count, so the delayed polls of a pending background
-            // run do not keep replicas awake. KEDA counts with Peek (at most 32 messages) and
-            // falls back to counting all messages at 32 or more.
-            name: 'runs-queue'
-            custom: {
-              type: 'azure-queue'
-              metadata: {
-                accountName: storageAccountName
-                queueName: runsQueueName
-                queueLength: string(runsQueueLength)
-                queueLengthStrategy: 'visibleonly'
-              }
-              identity: identity.id
-            }
-          }
-          {
-            // Run deadlines: every run that starts puts one here, delayed until just after
-            // WORKER_RUN_TIMEOUT. Only visible (due) ones count: an idle app at zero replicas
-            // wakes when a deadline falls due, and the delayed ones of runs that started (one
-            // per run for WORKER_RUN_TIMEOUT) do not keep replicas awake. The same Peek limit
-            // applies: at 32 or more due, KEDA counts the delayed ones too, hence the high target.
-            name: 'deadlines-queue'
-            custom: {
-              type: 'azure-queue'
-              metadata: {
-                accountName: storageAccountName
-                queueName: deadlinesQueueName
-                queueLength: string(deadlinesQueueLength)
-                queueLengthStrategy: 'visibleonly'
-              }
-              identity: identity.id
-            }
-          }
-        ]
+        rules: concat(queueScaleRules, webhookScaleRules)
       }
     }
   }
@@ -509,4 +599,5 @@ output appName string = app.name
 output identityClientId string = identity.properties.clientId
 output identityPrincipalId string = identity.properties.principalId
 output environmentName string = environment.name
+output webhookUrl string = webhooks ? 'https://${app.properties.configuration.ingress.fqdn}/webhooks/openai' : ''
 output workspaceName string = workspace.name

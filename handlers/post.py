@@ -32,9 +32,6 @@ from worker.runs.model import Run, StreamProgress
 from worker.store.layout import AppliedRequest, ChatState
 from worker.store.protocol import ChatStore, Conflict
 
-# The Assistants API's remote thread of a chat, in ``ChatState.remote``.
-THREAD_ID = "threadId"
-
 
 def check_names(post: AssistantPost, services: RunServices) -> None:
     """replyTo and aiConnectionName may only name what the operator allowed."""
@@ -51,16 +48,6 @@ def check_names(post: AssistantPost, services: RunServices) -> None:
             "WORKER_AI_CONNECTIONS (with its __endpoint) or leave it out",
             error_type="ConnectionNotAllowed",
         )
-
-
-def remote_after(remote: dict[str, Any], api: str) -> dict[str, Any]:
-    """The chat's remote ids once a run on ``api`` is recorded: a turn on another API than the
-    Assistants API adds messages its remote thread will not have, so the thread is forgotten
-    and the next ``assistants`` run seeds a new one from the table (SPEC §4.2: the history is
-    the table's)."""
-    if api == "assistants" or THREAD_ID not in remote:
-        return remote
-    return {key: value for key, value in remote.items() if key != THREAD_ID}
 
 
 def run_parameters(post: AssistantPost, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +116,6 @@ class PostHandler:
                 total_messages=state.total_messages + len(messages),
                 last_updated_at=now,
                 active_run_id=run.run_id if starts else state.active_run_id,
-                remote=remote_after(state.remote, run.api),
             )
             applied_record = AppliedRequest(
                 context.request_id, post.type, context.message_id, now, run_id=run.run_id

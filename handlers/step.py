@@ -85,6 +85,8 @@ MAX_UNSTORED = 10_000
 REMOTE_BACKENDS = frozenset({"responses", "assistants"})
 # Handle keys that live as long as the chat, not the run (the Assistants API's objects).
 REMOTE_KEYS = ("assistantId", "threadId")
+THREAD_ID = "threadId"
+ASSISTANTS = "assistants"
 
 _ROLES = {"System": "system", "User": "user", "Assistant": "assistant", "Tool": "tool"}
 
@@ -141,6 +143,17 @@ def claim_rows(run: Run, *, chat_call: bool = False) -> list[str]:
     if run.phase == "model" and (run.api in REMOTE_BACKENDS or chat_call):
         return [model_claim_row_key(run.run_id, run.step)]
     return []
+
+
+def remote_changes(state: ChatState, run: Run, handle: dict[str, Any]) -> dict[str, str] | None:
+    """The chat-level remote ids a model step changes: those its backend created, and, for a
+    turn on another API than ``assistants``, the Assistants thread forgotten: it misses this
+    turn, so the chat's next run there seeds a new thread from the table (the history is the
+    worker's; a chat moves between APIs and back without losing a message)."""
+    remote = {k: v for k, v in handle.items() if k in REMOTE_KEYS}
+    if run.api != ASSISTANTS and state.remote.get(THREAD_ID):
+        remote[THREAD_ID] = ""
+    return remote or None
 
 
 def acts_on(state: ChatState, run: Run, step: int, now: datetime) -> bool:
@@ -532,7 +545,7 @@ class StepHandler:
         backend = self._services.backends.get(run.api)
         if backend is None:
             return machine.fail(run, f"unknown model API {run.api!r}", now)
-        request = await self._request(store, state, run, tools)
+        request = await self._request(store, chat, state, run, tools)
         live = LiveOutput.of(self._services, chat, run, context)
         call = ModelCall(live)
         try:
@@ -558,16 +571,15 @@ class StepHandler:
             # A try that streamed and failed: the next one streams under a higher attempt.
             return machine.on_transient(run, delay, attempt=call.attempt_failed)
         if isinstance(result, Pending):
-            transition = machine.on_pending(run, result, now, self._services.settings.poll_backoff)
-            remote = {k: v for k, v in result.handle.items() if k in REMOTE_KEYS}
-            return replace(transition, remote=remote or None)
+            schedule = self._services.settings.poll_schedule(run.api)
+            transition = machine.on_pending(run, result, now, schedule)
+            return replace(transition, remote=remote_changes(state, run, result.handle))
         turn: ModelTurn = result
         transition = machine.on_turn(
             run, turn, now, max_rounds=MAX_TOOL_ROUNDS, external_tools=tools.external_names,
             approvals=tools.approvals,
         )  # fmt: skip
-        remote = {k: v for k, v in turn.handle.items() if k in REMOTE_KEYS}
-        return replace(transition, remote=remote or None)
+        return replace(transition, remote=remote_changes(state, run, turn.handle))
 
     async def _call_model(
         self,
@@ -777,7 +789,7 @@ class StepHandler:
         return machine.on_tool_results(run, answered, now)
 
     async def _request(
-        self, store: ChatStore, state: ChatState, run: Run, tools: ToolSetup
+        self, store: ChatStore, chat: ChatRef, state: ChatState, run: Run, tools: ToolSetup
     ) -> TurnRequest:
         stored = await store.history(state)
         shape = functools.partial(
@@ -813,4 +825,6 @@ class StepHandler:
             remote=state.remote,
             tool_outputs=last_tool_outputs(messages),
             user_message=run.user_message,
+            collection=chat.collection,
+            storage_setting=chat.storage_setting,
         )

@@ -140,7 +140,8 @@ class AssistantPost(ChatRequest):
     reply_to: QueueName | None = None
     # Stream this run's output as assistantDelta events (default: the assistant's `stream`).
     stream: bool | None = None
-    # Run this turn on another backend than the assistant's (the history is the table's).
+    # This turn on another model API; the history is the table's, so a chat moves between
+    # APIs (off the legacy assistants) without losing a message.
     api: ModelApi | None = None
 
 

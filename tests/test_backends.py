@@ -430,6 +430,115 @@ def test_responses_on_azure_v1_endpoint(fake: FakeOpenAI) -> None:
     assert refused(fake) == []
 
 
+def test_responses_carry_where_their_run_lives_and_are_located(fake: FakeOpenAI) -> None:
+    """Every background response names its chat, table, storage setting and run in metadata;
+    ``locate`` finds them without a call for a response this backend created, from the API
+    for one it did not (another replica's), and not at all for an unknown or foreign one."""
+    chat = weather_chat()
+
+    async def body(clients: ModelClients) -> None:
+        backend = ResponsesBackend(clients)
+        outcome = await drive(backend, chat, collection="ChatsX", storage_setting="Other")
+        creates = bodies(fake, "responses.create")
+        assert len(creates) == 3
+        expected = {
+            "chatId": "chat-1",
+            "collectionName": "ChatsX",
+            "chatStorageConnectionSetting": "Other",
+            "runId": "run-1",
+        }
+        assert all(b["metadata"] == expected for b in creates)
+        polls = fake.calls(endpoint="responses.retrieve")
+        created = [turn.handle["responseId"] for turn in outcome.turns]
+        assert len(set(created)) == 3
+        assert await backend.locate(created[0]) == expected
+        assert fake.calls(endpoint="responses.retrieve") == polls  # remembered: no call
+
+        other = ResponsesBackend(clients)  # another replica: it asks the API
+        assert await other.locate(created[-1]) == expected
+        assert fake.calls(endpoint="responses.retrieve") == polls + 1
+        assert await other.locate("resp_unknown") is None
+        foreign = await clients.client().responses.create(
+            model=ECHO_MODEL, input="hi", background=True, store=True, metadata={"app": "x"}
+        )
+        assert await other.locate(foreign.id) is None
+
+    run_with(openai_settings(fake), body)
+
+
+REASONING_MODEL = "o-reasoner-weather"
+
+
+def reasoning_inputs(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [item for item in body["input"] if item.get("type") == "reasoning"]
+
+
+def test_responses_reasoning_is_chained_or_sent_back_with_the_tool_outputs(
+    fake: FakeOpenAI,
+) -> None:
+    """A reasoning model's tool rounds: every create asks for the encrypted reasoning; a
+    follow-up chained by previous_response_id sends none (the service has it); when the chain
+    is broken (the previous response is gone), the whole history goes with each of this run's
+    rounds' reasoning items, encrypted content included, just before the calls they led to."""
+    chat = weather_chat()
+
+    async def body(clients: ModelClients) -> None:
+        backend = ResponsesBackend(clients)
+        outcome = await drive(backend, chat, model=REASONING_MODEL)
+        assert_weather_turns(outcome)
+        creates = bodies(fake, "responses.create")
+        assert all(b["include"] == ["reasoning.encrypted_content"] for b in creates)
+        assert all(reasoning_inputs(b) == [] for b in creates[1:])
+        assert all("previous_response_id" in b for b in creates[1:])
+        rounds = outcome.handle["reasoning"]
+        assert [len(r["callIds"]) for r in rounds] == [1, 2]
+        assert all(r["items"][0]["encrypted_content"] for r in rounds)
+
+        # The same run again from its second tool round, its previous response gone.
+        previous = outcome.turns[1].handle["responseId"]
+        await clients.client().responses.delete(previous)
+        seen = len(fake.requests)
+        broken = Chat(list(chat.messages[:-1]))  # without the final answer
+        handle = {**outcome.turns[1].handle, "reasoning": rounds}
+        again = await drive(backend, broken, model=REASONING_MODEL, handle=handle)
+        assert isinstance(again.final, ModelTurn) and again.final.content == WEATHER_ANSWER
+        later = fake.requests[seen:]
+        chained, whole = [r for r in later if r.endpoint == "responses.create"]
+        assert chained.status == 400  # previous_response_not_found
+        assert whole.status == 200 and "previous_response_id" not in whole.json
+        items = whole.json["input"]
+        kinds = [item.get("type", "message") for item in items]
+        assert kinds == [
+            "message",
+            "message",
+            "reasoning",
+            "function_call",
+            "function_call_output",
+            "reasoning",
+            "function_call",
+            "function_call",
+            "function_call_output",
+            "function_call_output",
+        ]
+        sent = reasoning_inputs(whole.json)
+        assert sent == [r["items"][0] for r in rounds]  # accepted by the fake: authentic
+
+    run_with(openai_settings(fake), body)
+
+
+def test_responses_without_include_support_still_run(fake: FakeOpenAI) -> None:
+    """A service that refuses ``include`` is asked again without it, and not asked again."""
+    fake.include_supported = False
+    chat = weather_chat()
+    outcome = run_with(
+        openai_settings(fake), lambda clients: drive(ResponsesBackend(clients), chat)
+    )
+    assert_weather_turns(outcome)
+    creates = [r for r in fake.requests if r.endpoint == "responses.create"]
+    assert [r.status for r in creates] == [400, 200, 200, 200]
+    assert [("include" in r.json) for r in creates] == [True, False, False, False]
+
+
 # -- assistants ---------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from bench import (
     scaleout,
     startup,
     streaming,
+    webhooks,
 )
 from bench.common import Report, percentile, table
 
@@ -108,6 +109,21 @@ def test_open_conversations_smoke() -> None:
     assert numbers["sample_calls_per_run"] >= 2
     assert 10 < numbers["default_rss_mb"] < 2000
     assert numbers["default_p50"] > -1.0  # a reply never comes long before its response ends
+
+
+def test_webhooks_smoke() -> None:
+    report = webhooks.measure(posts=4, delay=1.0, rate=20.0, seconds=1.0)
+    numbers = report.numbers
+    assert _tables(report) == 2  # the three modes, the receiver
+    assert numbers["replies"] == 4
+    # A create and the poll the webhook asks for; a safety-net poll only if one fell due.
+    assert 2 <= numbers["webhooks_calls_per_run"] <= 3
+    assert numbers["webhooks_p50"] > -1.0  # a reply never comes long before its response ends
+    assert 10 < numbers["webhooks_rss_mb"] < 2000
+    # Each response's first delivery accepted (its run read after the answer), the rest known.
+    assert numbers["load_statuses"] == {202: 4, 200: 16}
+    assert _finite(numbers["load_p99"], numbers["load_stored_p99"], numbers["polling_p95"])
+    assert _finite(numbers["delivery_answer_p99"])
 
 
 def test_scaleout_smoke() -> None:

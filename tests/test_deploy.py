@@ -76,8 +76,9 @@ ROLES: dict[str, str | tuple[str, ...]] = {
     "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "storage",  # Storage Queue Data Contributor
     "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "storage",  # Storage Table Data Contributor
     "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd": "openAi",  # Cognitive Services OpenAI User
-    # Key Vault Secrets User: on the query keys' secret alone, and on the vault for MCP tokens.
-    "4633458b-17de-408a-b874-0445c86b69e6": ("queryKeysSecret", "vault"),
+    # Key Vault Secrets User: on the query keys' secret alone, on the vault for MCP tokens, and
+    # on the webhooks' vault for their signing secrets.
+    "4633458b-17de-408a-b874-0445c86b69e6": ("queryKeysSecret", "vault", "keyVault"),
 }
 
 # Read by libraries or the Functions host rather than by Settings.from_env:
@@ -98,9 +99,12 @@ SECRET_SETTINGS = {
     "AZURE_OPENAI_API_KEY",
     "AZURE_OPENAI_KEY",
     "WORKER_QUERY_KEYS",
+    "WORKER_WEBHOOK_SECRETS",
 }
 # Secrets the manifests do pass, from a secret store: the query API's keys.
 REFERENCED_SECRETS = {"WORKER_QUERY_KEYS"}
+# Key Vault Secrets User: the identity reads the webhook signing secrets (with webhooks).
+KEY_VAULT_SECRETS_USER = "4633458b-17de-408a-b874-0445c86b69e6"
 
 
 class _RecordingEnv(dict[str, str]):
@@ -512,9 +516,11 @@ def test_bicep_environment_is_what_the_worker_reads(with_parameter_file: bool) -
 
 
 def bicep_scale_rules(bicep: Bicep) -> dict[str, str]:
-    """The scale rules of the app, by the queue each one reads (its ``queueName`` resolved)."""
+    """The queue scale rules of the app, by the queue each one reads (its ``queueName``
+    resolved); the app's rules are these and, with webhooks, the HTTP rule."""
     scale = bicep_block(bicep.text, "scale: {")
-    rules_block = bicep_block(scale, "rules: [")
+    assert re.search(r"^\s*rules: concat\(queueScaleRules, webhookScaleRules\)$", scale, re.M)
+    rules_block = bicep_block(bicep.text, "var queueScaleRules =")
     rules: list[str] = []
     depth = 0
     for position, char in enumerate(rules_block[1:-1], start=1):
@@ -637,8 +643,10 @@ def test_bicep_mcp_servers_are_allow_listed_and_their_tokens_are_key_vault_refer
         r"name: 'mcp-token-\$\{toLower\(replace\(server\.name, '_', '-'\)\)\}'", secrets
     )
     app = bicep_block(text, "resource app 'Microsoft.App/containerApps@")
-    assert "secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets)" in app
-    assert "env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv)" in app
+    assert (
+        "secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets, webhookSecrets)" in app
+    )
+    assert "env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv, webhookEnv)" in app
     assert "vaultSecretsRole" in bicep_block(app, "dependsOn: [")
     # What the template writes for a server with a token is what the worker reads.
     settings = Settings.from_env(
@@ -672,6 +680,75 @@ def test_bicep_grace_period_covers_the_drain(with_parameter_file: bool) -> None:
     assert bicep.env()["WORKER_SHUTDOWN_GRACE"] == str(bicep.values["shutdownGraceSeconds"])
     grace = bicep.resolve("terminationGracePeriodSeconds")
     assert isinstance(grace, int) and grace >= DEFAULTS.shutdown_grace + MIN_DRAIN_MARGIN
+
+
+def env_entries(block: str) -> dict[str, tuple[str, str]]:
+    """The env entries of a Bicep array: name -> ("value" or "secretRef", expression)."""
+    return {
+        match.group(1): (match.group(2), match.group(3))
+        for match in re.finditer(r"name: '([^']+)'\s*\n\s*(value|secretRef): (.+)", block)
+    }
+
+
+def test_bicep_webhooks_are_optional_and_expose_the_webhook_port_alone() -> None:
+    """Off by default (no ingress at all). With webhooks, the external ingress targets the
+    worker's webhook port, which serves POST /webhooks/openai and nothing else; the port of the
+    probes, /metrics and the query stays internal; the worker accepts the environment it gets,
+    the signing secrets as a Key Vault reference, never a value."""
+    bicep = Bicep.read()
+    text = bicep.text
+    assert bicep.defaults["webhooks"] is False and bicep.values["webhooks"] is False
+    assert "ingress: webhooks ? webhookIngress : null" in text
+    ingress = bicep_block(text, "var webhookIngress =")
+    mappings = bicep_block(ingress, "additionalPortMappings:")
+    outer = ingress.replace(mappings, "")
+    assert "external: true" in outer and "targetPort: webhookPort" in outer
+    assert "allowInsecure: false" in outer
+    assert "external: false" in mappings and "targetPort: httpPort" in mappings
+    assert "external: true" not in mappings, "the query, probes and metrics stay internal"
+    assert bicep.resolve("webhookPort") != bicep.resolve("httpPort") == HTTP_PORT
+
+    entries = env_entries(bicep_block(text, "var webhookEnv = webhooks ?"))
+    assert set(entries) == {"WORKER_WEBHOOK_PORT", "WORKER_WEBHOOK_SECRETS"}
+    kind, port = entries["WORKER_WEBHOOK_PORT"]
+    assert kind == "value" and bicep.resolve(port) == str(bicep.resolve("webhookPort"))
+    kind, reference = entries["WORKER_WEBHOOK_SECRETS"]
+    assert kind == "secretRef"
+    secrets = bicep_block(text, "var webhookSecrets = webhooks ?")
+    assert f"name: {reference}" in secrets
+    assert "keyVaultUrl: 'https://${webhookKeyVaultName}" in secrets
+    assert "identity: identity.id" in secrets
+    assert "value:" not in secrets, "the secrets come from Key Vault, never as a value"
+    assert "env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv, webhookEnv)" in text
+    assert (
+        "secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets, webhookSecrets)" in text
+    )
+
+    env = {name: value for name, value in bicep.env().items() if not value.startswith("<")}
+    env["WORKER_WEBHOOK_PORT"] = str(bicep.resolve("webhookPort"))
+    settings = check_environment(env, "containerapp.bicep with webhooks")
+    with_secret = Settings.from_env({**env, "WORKER_WEBHOOK_SECRETS": "whsec_c2VjcmV0"})
+    assert with_secret.webhooks and with_secret.webhook_port == bicep.resolve("webhookPort")
+    assert settings.http_port == HTTP_PORT
+
+
+def test_bicep_webhooks_wake_an_idle_app_and_read_their_secret_with_the_identity() -> None:
+    bicep = Bicep.read()
+    text = bicep.text
+    rules = bicep_block(text, "var webhookScaleRules = webhooks ?")
+    assert "http: {" in rules
+    assert "concurrentRequests: string(webhookConcurrentRequests)" in rules
+    assert isinstance(bicep.values["webhookConcurrentRequests"], int)
+    variable = re.search(rf"^var (\w+) = '{KEY_VAULT_SECRETS_USER}'$", text, re.MULTILINE)
+    assert variable, "the Key Vault Secrets User role is not declared"
+    [assignment] = [
+        block
+        for block in bicep_blocks(text, "'Microsoft.Authorization/roleAssignments@2022-04-01' =")
+        if f"roleDefinitions', {variable.group(1)})" in block and "scope: keyVault\n" in block
+    ]  # the webhooks' vault (the query keys and MCP tokens have assignments of their own)
+    assert "principalId: identity.properties.principalId" in assignment
+    assert re.search(r"resource keyVault '[^']+' existing = if \(webhooks\)", text)
+    assert "webhookSecretRole" in bicep_block(text, "dependsOn: [")
 
 
 # --- Kubernetes manifests (KEDA on AKS) -------------------------------------------------------
@@ -1130,7 +1207,9 @@ def test_bicep_takes_the_query_keys_from_key_vault() -> None:
     assert bicep.defaults["keyVaultName"] == "", "the query is off unless a vault is named"
     secret_env = bicep_secret_env(bicep)
     worker_secrets = {name for name in secret_env if name in settings_read_by_worker()}
-    assert worker_secrets == set(deployment_secret_env()) == REFERENCED_SECRETS
+    # The Bicep also references the webhooks' signing secrets (AKS takes no webhooks).
+    assert worker_secrets == {*REFERENCED_SECRETS, "WORKER_WEBHOOK_SECRETS"}
+    assert set(deployment_secret_env()) == REFERENCED_SECRETS
 
     assert "var queryKeysOn = !empty(keyVaultName) && !empty(queryKeysSecretName)" in bicep.text
     entries = bicep_block(bicep.text, "var queryKeysSecrets = queryKeysOn ? ")
@@ -1140,8 +1219,11 @@ def test_bicep_takes_the_query_keys_from_key_vault() -> None:
     assert url.group(1).endswith("/secrets/${queryKeysSecretName}"), "versionless: rotations apply"
     assert "identity: identity.id" in entries
     assert "value:" not in entries, "the value stays in Key Vault"
-    assert "secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets)" in bicep.text
-    assert "env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv)" in bicep.text
+    assert (
+        "secrets: concat(appInsightsSecrets, queryKeysSecrets, mcpSecrets, webhookSecrets)"
+        in bicep.text
+    )
+    assert "env: concat(baseEnv, appInsightsEnv, queryKeysEnv, mcpEnv, webhookEnv)" in bicep.text
     env_entries = bicep_block(bicep.text, "var queryKeysEnv = queryKeysOn ? ")
     assert "name: 'WORKER_QUERY_KEYS'" in env_entries
 

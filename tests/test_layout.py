@@ -296,8 +296,4 @@ def test_the_architecture_page_maps_every_room_and_names_real_files() -> None:
     for path in re.findall(
         r"`((?:worker|handlers|schemas|tests|bench|deploy|docs)/[\w/.]*)`", text
     ):
-        # The webhook route's home is named before it is built (issue "Responses first").
-        if path != "worker/http/webhooks.py":
-            assert (REPO_ROOT / path).exists(), (
-                f"ARCHITECTURE.md names {path}, which does not exist"
-            )
+        assert (REPO_ROOT / path).exists(), f"ARCHITECTURE.md names {path}, which does not exist"

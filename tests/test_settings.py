@@ -181,3 +181,38 @@ def test_streaming_settings_and_the_redis_password() -> None:
     ):
         with pytest.raises(SettingsError, match=fragment):
             Settings.from_env(bad)
+
+
+SECRET = "whsec_" + "c2VjcmV0LWtleS1vZi10aGUtd2ViaG9va3M="  # base64 of a made-up key
+
+
+def test_webhooks_are_off_by_default_and_polls_keep_their_schedule() -> None:
+    """Without WORKER_WEBHOOK_SECRETS there is no webhook route and every backend polls on
+    WORKER_POLL_BACKOFF; with it, background responses are polled on the sparse safety net."""
+    settings = Settings.from_env({})
+    assert not settings.webhooks
+    assert settings.webhook_poll_backoff == (10, 30, 60)
+    assert settings.poll_schedule("responses") == settings.poll_backoff
+    on = Settings.from_env({"WORKER_WEBHOOK_SECRETS": SECRET, "WORKER_HTTP_PORT": "0"})
+    assert on.webhooks and on.webhook_secrets == (SECRET,)
+    assert on.poll_schedule("responses") == (10, 30, 60)
+    # The Assistants API sends no webhooks: its runs keep the usual schedule.
+    assert on.poll_schedule("assistants") == on.poll_backoff
+
+
+def test_webhook_secrets_are_masked_and_checked_without_showing_them() -> None:
+    """Several secrets (rotation) are read; each is known to the redactor (with and without
+    its prefix) and never printed; a malformed one names the variable, not the value; the
+    route needs a port to be served on."""
+    other = "whsec_" + "b3RoZXIta2V5"
+    settings = Settings.from_env(
+        {"WORKER_WEBHOOK_SECRETS": f"{SECRET}, {other}", "WORKER_WEBHOOK_PORT": "8081"}
+    )
+    assert settings.webhook_secrets == (SECRET, other)
+    assert {SECRET, other, SECRET.removeprefix("whsec_")} <= set(settings.secrets())
+    assert SECRET not in repr(settings)
+    with pytest.raises(SettingsError, match="WORKER_WEBHOOK_SECRETS") as error:
+        Settings.from_env({"WORKER_WEBHOOK_SECRETS": "whsec_not base64!", "WORKER_HTTP_PORT": "1"})
+    assert "not base64" not in str(error.value)
+    with pytest.raises(SettingsError, match="WORKER_HTTP_PORT or WORKER_WEBHOOK_PORT"):
+        Settings.from_env({"WORKER_WEBHOOK_SECRETS": SECRET})

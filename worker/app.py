@@ -41,7 +41,7 @@ from worker.streaming.sinks import StreamSinks
 
 if TYPE_CHECKING:
     # With WORKER_HTTP_PORT only: prometheus-client and aiohttp's web server load then.
-    from worker.http.server import HttpServer
+    from worker.http.server import HttpServer, RouteFamily
     from worker.mcp.servers import McpServers
     from worker.observability.metrics import Metrics
 
@@ -58,6 +58,8 @@ class App:
     # Metrics and the HTTP server exist when WORKER_HTTP_PORT is set.
     metrics: Metrics | None = None
     http: HttpServer | None = None
+    # The webhook route's own server, with WORKER_WEBHOOK_PORT (else it is on ``http``).
+    webhook_http: HttpServer | None = None
 
 
 def build_backends(
@@ -82,6 +84,31 @@ def build_backends(
     )
     provider = model_provider(settings) if settings is not None else None
     return trace_backends(instrumented, tracing, provider, models)
+
+
+def webhook_routes(
+    settings: Settings,
+    services: RunServices,
+    broker: AzureQueueBroker,
+    worker: Worker,
+    metrics: Metrics | None,
+) -> RouteFamily | None:
+    """``POST /webhooks/openai`` when ``WORKER_WEBHOOK_SECRETS`` is set (SPEC §5.1): a webhook
+    sends the step that polls its response, and wakes this worker's poll of the runs queue."""
+    if not settings.webhooks:
+        return None
+    from handlers.webhooks import WebhookHandler
+    from worker.http.webhooks import WebhookRoutes
+
+    return WebhookRoutes(
+        settings.webhook_secrets,
+        WebhookHandler(services),
+        broker,
+        encoding=settings.message_encoding,
+        wake=worker.expect,
+        redactor=worker.redact,
+        observe=metrics.observe_webhook if metrics is not None else None,
+    )
 
 
 @asynccontextmanager
@@ -172,18 +199,29 @@ async def open_app(
     # open: nothing in the worker may hold the loop whatever a message holds.
     lag = LagMonitor(metrics.observe_event_loop_lag if metrics is not None else None)
     lag.start()
+    webhook_http: HttpServer | None = None
     try:
+        webhooks = webhook_routes(settings, services, broker, worker, metrics)
         if metrics is not None:
             from worker.http.server import build_server
 
+            on_main = [webhooks] if webhooks is not None and settings.webhook_port is None else []
             http = build_server(
-                settings, broker, health, metrics, requests=requests, redactor=worker.redact
-            )
+                settings, broker, health, metrics, requests=requests, redactor=worker.redact,
+                extra=on_main,
+            )  # fmt: skip
             await http.start()
-        yield App(settings, broker, stores, worker, health, metrics, http)
+        if webhooks is not None and settings.webhook_port is not None:
+            from worker.http.server import webhook_server
+
+            webhook_http = webhook_server(settings, webhooks)
+            await webhook_http.start()
+        yield App(settings, broker, stores, worker, health, metrics, http, webhook_http)
     finally:
         await lag.stop()
         # After the drain: the probes answer (503 not ready) until the worker has stopped.
+        if webhook_http is not None:
+            await webhook_http.stop()
         if http is not None:
             await http.stop()
         if metrics is not None:

@@ -9,6 +9,7 @@ machine decides, the step handler stores.
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from schemas.requests import DEFAULT_COLLECTION, DEFAULT_STORAGE_SETTING
 from worker.runs.history import ModelMessage
 from worker.runs.model import ModelTurn, Pending
 
@@ -62,6 +63,10 @@ class TurnRequest:
     user_message: str = ""
     # Set when the call streams its output (``chat`` and ``responses``); None: it does not.
     stream: TextStream | None = None
+    # Where the chat lives: a background response names it in its metadata, so that the
+    # provider's webhook finds the run (SPEC §5.1).
+    collection: str = DEFAULT_COLLECTION
+    storage_setting: str = DEFAULT_STORAGE_SETTING
 
 
 class ModelError(Exception):

@@ -72,6 +72,10 @@ class ModelClients:
             )
         raise ModelNotConfigured(NO_MODEL_ENDPOINT)
 
+    def connection_names(self) -> list[str]:
+        """The named AI connections (``WORKER_AI_CONNECTIONS``)."""
+        return list(self._settings.ai_connections)
+
     def _azure(self, endpoint: str, key: str | None, *, key_name: str) -> openai.AsyncOpenAI:
         import openai
 

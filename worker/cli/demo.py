@@ -16,7 +16,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "counts, then the commands to try from another terminal.",
     )
     parser.add_argument("--api", choices=["chat", "responses", "assistants"], default="chat",
-                        help="the model API the assistant uses (default chat)")  # fmt: skip
+                        help="the model API the assistant uses (default chat; assistants is "
+                        "legacy)")  # fmt: skip
     parser.add_argument("--question", help="what the user asks")
     parser.add_argument("--once", action="store_true", help="exit after the answer")
     parser.set_defaults(handler=demo_command, needs_settings=False)

@@ -64,7 +64,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     create.add_argument("id", help="assistant (chat) id")
     create.add_argument("--instructions", help="system instructions (default: the extension's)")
     create.add_argument("--model", dest="chat_model", help="default model or deployment")
-    create.add_argument("--api", choices=["chat", "responses", "assistants"], help="model API")
+    create.add_argument("--api", choices=["chat", "responses", "assistants"],
+                        help="model API (assistants is legacy: the Assistants API was sunset)")  # fmt: skip
     create.add_argument("--tool", dest="tools", action="append", metavar="NAME",
                         help="a registered tool to offer (repeat for several; default: all)")  # fmt: skip
     create.add_argument("--stream", action="store_true", default=None,
@@ -85,9 +86,10 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     post.add_argument("message", help="the user message")
     post.add_argument("--model", dest="chat_model", help="model or deployment for this run")
     post.add_argument("--instructions", help="extra instructions for this run only")
-    post.add_argument("--reply-to", metavar="QUEUE", help="queue for the reply events")
     post.add_argument("--api", choices=["chat", "responses", "assistants"],
-                      help="run this turn on another model API than the assistant's")  # fmt: skip
+                      help="model API of this run only (e.g. moving a chat off the legacy "
+                      "assistants; the history is the worker's)")  # fmt: skip
+    post.add_argument("--reply-to", metavar="QUEUE", help="queue for the reply events")
     post.add_argument("--stream", action="store_true", default=None,
                       help="stream the run's output; with --wait, print it as it comes")  # fmt: skip
     post.add_argument("--wait", action="store_true", help="wait for the reply and print it")

@@ -22,6 +22,8 @@ _PATTERNS = (
     re.compile(r"(?i)\b(api[-_]key[\"']?\s*[:=]\s*[\"']?)([^\s\"',;]+)"),
     # OpenAI-style keys
     re.compile(r"()\b(sk-[A-Za-z0-9_-]{8,})"),
+    # Webhook signing secrets (Standard Webhooks)
+    re.compile(r"()\b(whsec_[A-Za-z0-9+/=]{8,})"),
 )
 
 

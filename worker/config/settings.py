@@ -5,6 +5,8 @@ settings carry over. Every setting in ``SPECS`` is also a CLI flag of ``assistan
 Nothing here runs at import time.
 """
 
+import base64
+import binascii
 import dataclasses
 import math
 import os
@@ -198,6 +200,22 @@ def _seconds_list(text: str) -> tuple[float, ...]:
     if not values:
         raise ValueError("must list at least one delay")
     return values
+
+
+def webhook_secrets(text: str) -> tuple[str, ...]:
+    """Signing secrets of the provider's webhooks: ``whsec_`` and Base64 (OpenAI and Azure
+    OpenAI show them so), comma-separated, several while one is rotated out."""
+    secrets = _names(text)
+    for secret in secrets:
+        body = secret.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not key:
+            # Never the value itself: it is a secret.
+            raise ValueError("must list signing secrets of the form whsec_<base64>")
+    return secrets
 
 
 def _optional_text(text: str) -> str | None:
@@ -462,6 +480,14 @@ SPECS: tuple[SettingSpec, ...] = (
         "replyTo queue (a password only in the environment, never as a flag)",
     ),
     SettingSpec(
+        "WORKER_WEBHOOK_POLL_BACKOFF",
+        "webhook_poll_backoff",
+        _seconds_list,
+        "10,30,60",
+        "delays, in seconds, between the safety-net polls of a background response while "
+        "webhooks are on (WORKER_WEBHOOK_SECRETS; the last repeats)",
+    ),
+    SettingSpec(
         "CHAT_MODEL_DEPLOYMENT_NAME",
         "chat_model",
         str,
@@ -473,7 +499,8 @@ SPECS: tuple[SettingSpec, ...] = (
         "model_api",
         _choice("chat", "responses", "assistants"),
         "chat",
-        "default model API: chat, responses or assistants",
+        "default model API: chat, responses or assistants (legacy: the Assistants API was "
+        "sunset on 2026-08-26; new deployments use responses)",
     ),
     SettingSpec(
         "WORKER_TOOLS",
@@ -517,6 +544,14 @@ SPECS: tuple[SettingSpec, ...] = (
         _host,
         "0.0.0.0",
         "address the HTTP server listens on (with WORKER_HTTP_PORT)",
+    ),
+    SettingSpec(
+        "WORKER_WEBHOOK_PORT",
+        "webhook_port",
+        _optional_port,
+        "",
+        "if set (with WORKER_WEBHOOK_SECRETS), POST /webhooks/openai is served on this port "
+        "alone (for an ingress that must expose nothing else) instead of WORKER_HTTP_PORT",
     ),
     SettingSpec(
         "OPENAI_BASE_URL",
@@ -574,6 +609,7 @@ class Settings:
     stream_interval_ms: int = 250
     # Holds a password when the Redis server wants one: never shown (masked_url).
     stream_redis_url: str | None = field(default=None, repr=False)
+    webhook_poll_backoff: tuple[float, ...] = (10.0, 30.0, 60.0)
     chat_model: str = "gpt-4o-mini"
     model_api: str = "chat"
     tool_modules: tuple[str, ...] = ()
@@ -582,6 +618,7 @@ class Settings:
     mcp_server_names: tuple[str, ...] = ()
     http_port: int | None = None
     http_host: str = "0.0.0.0"
+    webhook_port: int | None = None
     log_format: str = "auto"
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
@@ -592,6 +629,8 @@ class Settings:
     # WORKER_QUERY_KEYS: a secret, so no CLI flag (a flag shows in the process list).
     query_keys: tuple[str, ...] = field(default=(), repr=False)
     mcp_servers: dict[str, McpServerConfig] = field(default_factory=dict)
+    # Signing secrets of POST /webhooks/openai (none: the route is off). No flag: a secret.
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(
@@ -647,11 +686,21 @@ class Settings:
             keys = query_keys(env.get("WORKER_QUERY_KEYS", ""))
         except ValueError as error:
             raise SettingsError(f"WORKER_QUERY_KEYS {error}") from None
+        try:
+            secrets = webhook_secrets(env.get("WORKER_WEBHOOK_SECRETS") or "")
+        except ValueError as error:
+            raise SettingsError(f"WORKER_WEBHOOK_SECRETS {error}") from None
+        if secrets and values["http_port"] is None and values["webhook_port"] is None:
+            raise SettingsError(
+                "WORKER_WEBHOOK_SECRETS needs WORKER_HTTP_PORT or WORKER_WEBHOOK_PORT: the "
+                "webhook route is served on one of them"
+            )
         mcp_servers = {name: mcp_server(name, env) for name in values["mcp_server_names"]}
 
         return cls(
             storage=storage,
             query_keys=keys,
+            webhook_secrets=secrets,
             openai_api_key=env.get("OPENAI_API_KEY") or None,
             azure_openai_api_key=(
                 env.get("AZURE_OPENAI_API_KEY") or env.get("AZURE_OPENAI_KEY") or None
@@ -665,6 +714,18 @@ class Settings:
     def work_queues(self) -> tuple[str, str, str]:
         """The queues the worker consumes."""
         return (self.requests_queue, self.runs_queue, self.deadlines_queue)
+
+    @property
+    def webhooks(self) -> bool:
+        """Whether the provider's webhooks are taken (``POST /webhooks/openai``)."""
+        return bool(self.webhook_secrets)
+
+    def poll_schedule(self, api: str) -> tuple[float, ...]:
+        """The delays between polls of a pending run on ``api``: background responses are
+        polled only as a safety net while their webhooks are taken (SPEC §5.1)."""
+        if api == "responses" and self.webhooks:
+            return self.webhook_poll_backoff
+        return self.poll_backoff
 
     @property
     def default_storage(self) -> StorageConnection:
@@ -707,4 +768,7 @@ class Settings:
             if value:
                 found.append(value)
         found.extend(self.query_keys)
+        found.extend(self.webhook_secrets)
+        # The key without its prefix is the same secret.
+        found.extend(secret.removeprefix("whsec_") for secret in self.webhook_secrets)
         return found

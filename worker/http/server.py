@@ -2,8 +2,10 @@
 
 It runs on the worker's own event loop, so ``/healthz`` answering at all says the loop is not
 blocked. Nothing here changes state: the query reads the chat table and never creates it.
-Each route family is a module of this package (``probes``, ``query``) with ``routes()`` and
-``close()``; the query is served only with ``WORKER_QUERY_KEYS`` set.
+Each route family is a module of this package (``probes``, ``query``, ``webhooks``) with
+``routes()`` and ``close()``; the query is served only with ``WORKER_QUERY_KEYS`` set. The
+webhook route is served here, or, with ``WORKER_WEBHOOK_PORT``, by a server of its own on
+that port (``webhook_server``): an ingress that exposes that port exposes nothing else.
 """
 
 from collections.abc import Sequence
@@ -111,8 +113,10 @@ def build_server(
     requests: RequestObserver | None = None,
     redactor: Redactor | None = None,
     depth_interval: float = DEPTH_INTERVAL,
+    extra: Sequence[RouteFamily] = (),
 ) -> HttpServer:
-    """The server of ``WORKER_HTTP_PORT`` for this worker (not started)."""
+    """The server of ``WORKER_HTTP_PORT`` for this worker (not started); ``extra``: further
+    route families served on it (the webhook route, without ``WORKER_WEBHOOK_PORT``)."""
     if settings.http_port is None:
         raise ValueError("WORKER_HTTP_PORT is not set")
     redact = redactor or Redactor()
@@ -124,8 +128,15 @@ def build_server(
         stores = ReadOnlyStores(settings, requests)
         families.append(QueryRoutes(stores, redact, QueryKeys(settings.query_keys)))
     return HttpServer(
-        families,
+        [*families, *extra],
         host=settings.http_host,
         port=settings.http_port,
         depth=DepthPoller(broker, queues, metrics, depth_interval),
     )
+
+
+def webhook_server(settings: Settings, webhooks: RouteFamily) -> HttpServer:
+    """The server of ``WORKER_WEBHOOK_PORT``: the webhook route and nothing else."""
+    if settings.webhook_port is None:
+        raise ValueError("WORKER_WEBHOOK_PORT is not set")
+    return HttpServer([webhooks], host=settings.http_host, port=settings.webhook_port)

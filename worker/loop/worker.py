@@ -593,6 +593,11 @@ class Worker:
             },
         )
 
+    def expect(self, queue_name: str, delay: float = 0.0) -> None:
+        """Something else in this process put a message on ``queue_name`` (the webhook route
+        sends the step a webhook continues): poll for it when it becomes visible."""
+        self._scheduled(queue_name, delay)
+
     def _scheduled(self, queue_name: str, delay: float) -> None:
         """A message this worker sent to ``queue_name`` becomes visible in ``delay`` s (the
         poll schedule wakes for it)."""

@@ -159,6 +159,14 @@ class Metrics:
             buckets=FIRST_DELTA_BUCKETS,
             registry=registry,
         )
+        self.webhooks = Counter(
+            "assistant_worker_webhooks",
+            "Deliveries of the provider's webhooks (POST /webhooks/openai), by outcome "
+            "(continued, early, finished, moved_on, unknown, duplicate, ignored, rejected, "
+            "busy, failed; late_*: an early one, checked again).",
+            ["outcome"],
+            registry=registry,
+        )
         self.storage_paused = Gauge(
             "assistant_worker_storage_paused",
             "1 while receiving is paused because the worker's own storage is unreachable.",
@@ -249,6 +257,9 @@ class Metrics:
 
     def observe_storage_request(self, service: str, method: str, status: str) -> None:
         self.storage_requests.labels(service, method, status).inc()
+
+    def observe_webhook(self, outcome: str) -> None:
+        self.webhooks.labels(outcome).inc()
 
     def set_queue_depth(self, queue: str, count: int) -> None:
         self.queue_depth.labels(queue).set(count)

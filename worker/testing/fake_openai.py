@@ -4,6 +4,8 @@ It serves Chat Completions, the Responses API (with background mode) and the Ass
 under `/v1/...`, under Azure OpenAI's v1 path `/openai/v1/...`, and under Azure's dated paths
 (`/openai/...`, `/openai/deployments/{deployment}/chat/completions`; `api-version` is ignored).
 Any `Authorization: Bearer` or `api-key` header is accepted; only its presence is recorded.
+With `configure_webhooks`, it sends signed webhooks when a background response ends, as OpenAI
+and Azure OpenAI do (with retries, and seeded drops and duplicates: see `fake_openai_webhooks`).
 
 What the model answers is scripted per model name or comes from a built-in scenario (see
 `fake_openai_brain`); deterministic faults (429, 500, slow, dropped connection) are injected per
@@ -47,6 +49,7 @@ from worker.testing.fake_openai_common import ApiError, RecordedRequest, new_id
 from worker.testing.fake_openai_core import CURRENT_BODY, CURRENT_RECORD, FakeCore
 from worker.testing.fake_openai_faults import GENERATING, FaultRule
 from worker.testing.fake_openai_responses import ResponsesApi
+from worker.testing.fake_openai_webhooks import Delivery, WebhookConfig
 
 __all__ = ["FakeOpenAI", "RecordedRequest", "main"]
 
@@ -142,6 +145,59 @@ class FakeOpenAI:
     @run_expiry.setter
     def run_expiry(self, value: float) -> None:
         self._core.run_expiry = value
+
+    @property
+    def include_supported(self) -> bool:
+        """False: the Responses API refuses `include` (400), as a service that lacks it."""
+        return self._core.include_supported
+
+    @include_supported.setter
+    def include_supported(self, value: bool) -> None:
+        self._core.include_supported = value
+
+    def expire_responses(self) -> int:
+        """Forget every stored response, as the service forgets background responses some
+        minutes after they end (a `previous_response_id` to one is then a 400). The reasoning
+        items' encrypted content still decrypts. Returns how many were forgotten."""
+        return self._responses.expire()
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def configure_webhooks(
+        self,
+        url: str,
+        secret: str,
+        *,
+        drop_rate: float = 0.0,
+        duplicate_rate: float = 0.0,
+        seed: int | None = None,
+        retry_delays: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+        also: Sequence[str] = (),
+    ) -> None:
+        """Send a signed webhook to `url` whenever a background response ends (`secret`:
+        `whsec_<base64>`). `drop_rate`/`duplicate_rate`: the share of events never sent / sent
+        twice, drawn from `random.Random(seed)`; a failed attempt is retried after each of
+        `retry_delays` seconds. `also`: more URLs of the endpoint, each attempt to the next
+        in turn (replicas behind a load balancer). Raises `ValueError` for a bad argument."""
+        config = WebhookConfig(
+            url,
+            secret,
+            also=tuple(also),
+            drop_rate=drop_rate,
+            duplicate_rate=duplicate_rate,
+            seed=seed,
+            retry_delays=tuple(float(d) for d in retry_delays),
+        )
+        self._core.webhooks.configure(config)
+
+    def stop_webhooks(self) -> None:
+        """Send no more webhooks (those in flight still go)."""
+        self._core.webhooks.configure(None)
+
+    @property
+    def webhook_deliveries(self) -> list[Delivery]:
+        """Every webhook event so far, oldest first (dropped ones included, marked)."""
+        return self._core.webhooks.snapshot()
 
     # -- scripting, faults, inspection ----------------------------------------------------------
 
@@ -255,6 +311,7 @@ class FakeOpenAI:
             self._core.records.clear()
             self._responses.reset()
             self._assistants.reset()
+            self._core.webhooks.reset()
 
     # -- the application ------------------------------------------------------------------------
 
@@ -349,6 +406,7 @@ class FakeOpenAI:
         """Stop serving (idempotent); open connections are closed."""
         runner, self._runner = self._runner, None
         if runner is not None:
+            await self._core.webhooks.close()
             await runner.cleanup()
 
     async def __aenter__(self) -> Self:
@@ -430,6 +488,15 @@ async def _serve(args: argparse.Namespace) -> None:
         scenario=scenario,
         chunk_delay=args.chunk_delay,
     )
+    if args.webhook_url:
+        fake.configure_webhooks(
+            args.webhook_url[0],
+            args.webhook_secret,
+            also=args.webhook_url[1:],
+            drop_rate=args.webhook_drop_rate,
+            duplicate_rate=args.webhook_duplicate_rate,
+            seed=args.webhook_seed,
+        )
     for spec in args.fault or ():
         options = json.loads(spec)
         if not isinstance(options, dict) or not isinstance(options.get("kind"), str):
@@ -475,6 +542,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help='a fault rule, as the body of POST /admin/faults: \'{"kind": "500", "rate": 0.1, '
         '"seed": 1}\' (repeatable)',
     )
+    parser.add_argument(
+        "--webhook-url",
+        action="append",
+        help="send signed webhooks there when responses end (repeat: each attempt to the next)",
+    )
+    parser.add_argument("--webhook-secret", default="", help="whsec_<base64> signing secret")
+    parser.add_argument("--webhook-drop-rate", type=float, default=0.0, metavar="P")
+    parser.add_argument("--webhook-duplicate-rate", type=float, default=0.0, metavar="P")
+    parser.add_argument("--webhook-seed", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(_serve(args))

@@ -9,6 +9,9 @@ Over HTTP for processes that cannot call `FakeOpenAI` methods (a worker under te
   `DELETE /admin/faults`;
 - `POST /admin/stream` `{"chunk_delay": seconds}` sets the wait before each streamed chunk;
 - `GET /admin/requests` (the records), `GET /admin/calls?model=&api=&endpoint=` (`{"calls": n}`);
+- `POST /admin/webhooks` `{"url", "secret", "drop_rate", "duplicate_rate", "seed",
+  "retry_delays"}` sends signed webhooks when background responses end, `DELETE /admin/webhooks`
+  stops them, `GET /admin/webhooks` lists the events sent so far;
 - `POST /admin/reset`; `GET /health`.
 """
 
@@ -23,6 +26,7 @@ from worker.testing.fake_openai_brain import SCENARIOS, Scenario, Turn
 from worker.testing.fake_openai_common import ApiError, RecordedRequest
 from worker.testing.fake_openai_core import body_of
 from worker.testing.fake_openai_faults import ENDPOINTS, FaultRule
+from worker.testing.fake_openai_webhooks import Delivery
 
 __all__ = ["AdminApi"]
 
@@ -73,6 +77,23 @@ class Controls(Protocol):
 
     def reset(self) -> None: ...
 
+    def configure_webhooks(
+        self,
+        url: str,
+        secret: str,
+        *,
+        drop_rate: float = 0.0,
+        duplicate_rate: float = 0.0,
+        seed: int | None = None,
+        retry_delays: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+        also: Sequence[str] = (),
+    ) -> None: ...
+
+    def stop_webhooks(self) -> None: ...
+
+    @property
+    def webhook_deliveries(self) -> list[Delivery]: ...
+
 
 class AdminApi:
     """Admin handlers over a `FakeOpenAI` (not recorded, never faulted)."""
@@ -91,6 +112,9 @@ class AdminApi:
             ("POST", "/admin/stream", self.stream),
             ("GET", "/admin/requests", self.requests),
             ("GET", "/admin/calls", self.calls),
+            ("POST", "/admin/webhooks", self.webhooks),
+            ("DELETE", "/admin/webhooks", self.stop_webhooks),
+            ("GET", "/admin/webhooks", self.deliveries),
             ("POST", "/admin/reset", self.reset),
             ("GET", "/health", self.health),
         ]
@@ -171,6 +195,38 @@ class AdminApi:
             raise ApiError(400, f"unknown endpoint {endpoint!r}", param="endpoint")
         count = self.fake.calls(model=query.get("model"), api=query.get("api"), endpoint=endpoint)
         return web.json_response({"calls": count})
+
+    async def webhooks(self, request: web.Request) -> web.StreamResponse:
+        """`POST /admin/webhooks`: send signed webhooks (the arguments of
+        `FakeOpenAI.configure_webhooks`)."""
+        body = body_of(request)
+        allowed = {"url", "secret", "drop_rate", "duplicate_rate", "seed", "retry_delays", "also"}
+        unknown = set(body) - allowed
+        if (
+            unknown
+            or not isinstance(body.get("url"), str)
+            or not isinstance(body.get("secret"), str)
+        ):
+            raise ApiError(
+                400, f"expected a 'url', a 'secret' and only the fields {sorted(allowed)}"
+            )
+        options = {k: v for k, v in body.items() if k not in ("url", "secret")}
+        try:
+            self.fake.configure_webhooks(body["url"], body["secret"], **options)
+        except (TypeError, ValueError) as error:
+            raise ApiError(400, str(error)) from None
+        return web.json_response({"ok": True})
+
+    async def stop_webhooks(self, request: web.Request) -> web.StreamResponse:
+        """`DELETE /admin/webhooks`: send no more webhooks."""
+        self.fake.stop_webhooks()
+        return web.json_response({"ok": True})
+
+    async def deliveries(self, request: web.Request) -> web.StreamResponse:
+        """`GET /admin/webhooks`: every webhook event so far."""
+        return web.json_response(
+            {"deliveries": [d.to_dict() for d in self.fake.webhook_deliveries]}
+        )
 
     async def reset(self, request: web.Request) -> web.StreamResponse:
         """`POST /admin/reset`: forget scripts, faults, records and stored objects."""

@@ -12,6 +12,7 @@ from aiohttp import web
 from worker.testing.fake_openai_brain import Brain, Scenario
 from worker.testing.fake_openai_common import ApiError, RecordedRequest
 from worker.testing.fake_openai_faults import FaultBook, FaultRule
+from worker.testing.fake_openai_webhooks import WebhookSender
 
 __all__ = ["CURRENT_BODY", "CURRENT_RECORD", "FakeCore", "body_of", "fault_error"]
 
@@ -64,7 +65,7 @@ def fault_error(rule: FaultRule, model: str | None) -> ApiError:
 
 
 class FakeCore:
-    """The brain, the fault book, the request records and the timing settings.
+    """The brain, the fault book, the request records, the timing settings and the webhooks.
 
     Handlers run on the server's event loop while tests script and inspect from other threads:
     every mutation of shared state happens under `lock`, never across an `await`.
@@ -86,6 +87,10 @@ class FakeCore:
         self.run_expiry = run_expiry
         # Seconds before each streamed chunk of text or arguments (0.05: 20 chunks a second).
         self.chunk_delay = chunk_delay
+        # Signed webhooks when a background response ends (off until configured).
+        self.webhooks = WebhookSender()
+        # False: `include` is refused with a 400, as by a service that does not know it.
+        self.include_supported = True
 
     def record(self, record: RecordedRequest) -> None:
         """Keep a request record."""

@@ -2,8 +2,10 @@
 cancel, delete; `previous_response_id` chains keep the whole conversation.
 
 A background response is `queued` for the first third of `background_delay`, `in_progress` until
-`background_delay` after its creation, then `completed`. The state is computed when it is read,
-so no timer runs. The reply is decided at creation (one model call per create).
+`background_delay` after its creation, then `completed`. The state is computed when it is read;
+the only timer is the webhook's, when webhooks are configured (see `fake_openai_webhooks`): a
+background response that ends (`completed` at its delay, or `cancelled`) is announced then.
+The reply is decided at creation (one model call per create). `metadata` is kept and returned.
 
 Streaming: every response has its typed events (`response.created`, `response.in_progress`,
 the output items with `response.output_text.delta` word by word and
@@ -13,10 +15,17 @@ the output items with `response.output_text.delta` word by word and
 `in_progress` until its last one; `GET /responses/{id}?stream=true&starting_after=N` sends the
 events after N of a stored response: those already due at once, the rest on their schedule (a
 background stream that a client lost is resumed this way).
+
+Reasoning models (a model name with "reason" in it, or a request with `reasoning`) start their
+output with a `reasoning` item; its `encrypted_content` is returned when the request's `include`
+asks for `reasoning.encrypted_content`. A reasoning item given back as input must carry content
+the fake produced (as the real service refuses content it cannot decrypt).
 """
 
 from __future__ import annotations
 
+import base64
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -41,7 +50,17 @@ from worker.testing.fake_openai_core import CURRENT_RECORD, FakeCore, body_of
 from worker.testing.fake_openai_faults import FaultRule
 from worker.testing.fake_openai_stream import SseChannel, StreamEnded, argument_pieces, text_pieces
 
-__all__ = ["ResponsesApi", "StoredResponse"]
+__all__ = ["ENCRYPTED_REASONING", "ResponsesApi", "StoredResponse"]
+
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+_INCLUDABLE = frozenset(
+    {
+        ENCRYPTED_REASONING,
+        "message.output_text.logprobs",
+        "file_search_call.results",
+        "code_interpreter_call.outputs",
+    }
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -164,6 +183,9 @@ def schedule_events(stored: StoredResponse, chunk_delay: float, delay: float) ->
                 )
             add({"type": "response.output_text.done", **where, "text": text, "logprobs": []})
             add({"type": "response.content_part.done", **where, "part": item["content"][0]})
+        elif item["type"] == "reasoning":
+            # A reasoning item streams no text: added, then done.
+            add({"type": "response.output_item.added", "output_index": index, "item": item})
         else:
             opened = {**item, "status": "in_progress", "arguments": ""}
             add({"type": "response.output_item.added", "output_index": index, "item": opened})
@@ -216,11 +238,21 @@ def _reply_items(reply: Reply) -> list[dict[str, Any]]:
     return items
 
 
+def _reasoning_item(encrypted: str | None) -> dict[str, Any]:
+    return {
+        "type": "reasoning",
+        "id": new_id("rs"),
+        "summary": [{"type": "summary_text", "text": "Thought about which tool answers this."}],
+        "encrypted_content": encrypted,
+    }
+
+
 @dataclass
 class _Input:
     messages: list[Message]
     outputs: list[str]  # call ids answered by function_call_output items
     calls: list[str]  # call ids of function_call items given in the input
+    reasoning: list[dict[str, Any]] = field(default_factory=list)  # reasoning items given
 
 
 def _parse_input(raw: Any) -> _Input:
@@ -269,7 +301,11 @@ def _parse_input(raw: Any) -> _Input:
             text = content_text(output, f"{param}.output")
             parsed.messages.append(Message(role="tool", content=text, tool_call_id=call_id))
             parsed.outputs.append(call_id)
-        elif kind in ("item_reference", "reasoning"):
+        elif kind == "reasoning":
+            if not isinstance(item.get("id"), str) or not isinstance(item.get("summary"), list):
+                raise ApiError(400, f"'{param}' needs 'id' and 'summary'.", param=param)
+            parsed.reasoning.append(item)
+        elif kind == "item_reference":
             continue  # nothing the fake model needs
         else:
             raise ApiError(
@@ -284,11 +320,22 @@ class ResponsesApi:
     def __init__(self, core: FakeCore) -> None:
         self.core = core
         self.responses: dict[str, StoredResponse] = {}
+        # The encrypted content of every reasoning item produced, by item id: the service's
+        # key, which outlives the responses (a deleted response's items still decrypt).
+        self.reasoning: dict[str, str] = {}
 
     def reset(self) -> None:
         """Forget every stored response."""
         with self.core.lock:
             self.responses.clear()
+            self.reasoning.clear()
+
+    def expire(self) -> int:
+        """Forget the stored responses (not the reasoning keys); how many there were."""
+        with self.core.lock:
+            count = len(self.responses)
+            self.responses.clear()
+            return count
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         """(method, path under the API prefix, handler)."""
@@ -330,9 +377,20 @@ class ResponsesApi:
             opt_dict(body, key)
         for key in ("temperature", "top_p", "max_output_tokens"):
             opt_num(body, key)
+        include = self._include(body)
         if "input" not in body:
             raise ApiError(400, "Missing required parameter: 'input'.", param="input")
         new = _parse_input(body["input"])
+        for item in new.reasoning:
+            given = item.get("encrypted_content")
+            if given is not None and self.reasoning.get(item["id"]) != given:
+                raise ApiError(
+                    400,
+                    f"The encrypted content for item {item['id']} could not be verified.",
+                    param="input",
+                    code="invalid_encrypted_content",
+                )
+        reasons = "reason" in model.lower() or body.get("reasoning") is not None
 
         with self.core.lock:
             history = self._history(opt_str(body, "previous_response_id"), new)
@@ -363,7 +421,10 @@ class ResponsesApi:
                         role="assistant", content=reply.content or "", tool_calls=reply.tool_calls
                     ),
                 ],
-                output=_reply_items(reply),
+                output=[
+                    *([self._reasoned(ENCRYPTED_REASONING in include)] if reasons else []),
+                    *_reply_items(reply),
+                ],
                 usage={
                     "input_tokens": prompt,
                     "input_tokens_details": {"cached_tokens": 0},
@@ -376,9 +437,41 @@ class ResponsesApi:
             schedule_events(stored, self.core.chunk_delay, self.core.background_delay)
             if stored.store:
                 self.responses[stored.id] = stored
+        if background:
+            self._announce_end(stored)
         if streamed:
             return await self._stream(request, stored, -1, rule)
         return web.json_response(stored.to_json(self.core.background_delay))
+
+    def _include(self, body: dict[str, Any]) -> list[str]:
+        include = opt_list(body, "include") or []
+        if include and not self.core.include_supported:
+            raise ApiError(400, "Unsupported parameter: 'include'.", param="include")
+        for value in include:
+            if value not in _INCLUDABLE:
+                raise ApiError(400, f"Invalid value for 'include': {value!r}.", param="include")
+        return [str(value) for value in include]
+
+    def _reasoned(self, encrypted: bool) -> dict[str, Any]:
+        token = base64.b64encode(secrets.token_bytes(48)).decode()
+        item = _reasoning_item(token if encrypted else None)
+        self.reasoning[item["id"]] = token
+        return item
+
+    def _announce_end(self, stored: StoredResponse) -> None:
+        """The webhook of a background response, due when it ends (see the module's doc)."""
+
+        def event() -> str | float | None:
+            with self.core.lock:
+                delay = self.core.background_delay
+                status = stored.status(delay)
+            if status in ("queued", "in_progress"):
+                return max(stored.started + delay - time.monotonic(), 0.01)
+            if status == "cancelled":
+                return None  # announced when it was cancelled
+            return f"response.{status}"
+
+        self.core.webhooks.response_ended(stored.id, self.core.background_delay, event)
 
     def _history(self, previous_id: str | None, new: _Input) -> list[Message]:
         """The chained history, after checking that every function call gets its output."""
@@ -476,9 +569,13 @@ class ResponsesApi:
                 400, "Only responses created with background=true can be cancelled.", param="id"
             )
         with self.core.lock:
-            if stored.status(self.core.background_delay) in ("queued", "in_progress"):
+            cancelled = stored.status(self.core.background_delay) in ("queued", "in_progress")
+            if cancelled:
                 stored.cancelled = True
-            return web.json_response(stored.to_json(self.core.background_delay))
+            answer = web.json_response(stored.to_json(self.core.background_delay))
+        if cancelled:
+            self.core.webhooks.response_ended(stored.id, 0.0, lambda: "response.cancelled")
+        return answer
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
         """`DELETE /responses/{id}`."""
