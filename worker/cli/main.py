@@ -38,7 +38,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="assistant-worker",
         description="Run AI assistants behind Azure Storage queues. Settings come from the "
-        "environment (AzureWebJobsStorage, OPENAI_API_KEY, WORKER_*; see README) and flags.",
+        "environment (AzureWebJobsStorage, OPENAI_API_KEY, WORKER_*; see docs/reference.md) and flags.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
