@@ -686,7 +686,9 @@ def env_entries(block: str) -> dict[str, tuple[str, str]]:
     """The env entries of a Bicep array: name -> ("value" or "secretRef", expression)."""
     return {
         match.group(1): (match.group(2), match.group(3))
-        for match in re.finditer(r"name: '([^']+)'\s*\n\s*(value|secretRef): (.+)", block)
+        for match in re.finditer(
+            r"name: '([^']+)'\s*\n(?:\s*//.*\n)*\s*(value|secretRef): (.+)", block
+        )
     }
 
 
@@ -1195,7 +1197,9 @@ def bicep_secret_env(bicep: Bicep) -> dict[str, str]:
     """The container's env entries taken from the app's secrets: name -> secret name."""
     return {
         name: secret
-        for name, secret in re.findall(r"name: '([^']+)'\s*\n\s*secretRef: '([^']+)'", bicep.text)
+        for name, secret in re.findall(
+            r"name: '([^']+)'\s*\n(?:\s*//.*\n)*\s*secretRef: '([^']+)'", bicep.text
+        )
     }
 
 
