@@ -13,6 +13,8 @@ LINT_BIN := $(LINT_VENV)/bin
 STAMP_LINT := $(LINT_VENV)/.installed
 # Kubernetes versions the manifests are validated against: AKS's oldest supported, the newest.
 K8S_VERSIONS := 1.32 1.37
+# Test processes of `make test`: two fit the 2-core CI machine (the suite mostly waits).
+TEST_PROCESSES ?= 2
 
 .PHONY: run test lint lint-deploy typecheck unit bench chaos schemas clean deps
 
@@ -39,9 +41,9 @@ run: deps
 	$(BIN)/assistant-worker demo
 
 ## make test: lint (code and deploy/), type-check, and the whole test suite (Azurite started by
-## the tests).
+## the tests), in TEST_PROCESSES processes (pytest-xdist; each starts its own Azurite and Redis).
 test: deps lint lint-deploy typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES)
 
 lint: $(STAMP_PY)
 	$(BIN)/ruff check .

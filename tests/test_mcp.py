@@ -414,8 +414,9 @@ def test_a_call_interrupted_by_a_kill_reruns_only_if_its_tool_says_it_is_safe(
         [
             {
                 "tool_calls": [
-                    call("weather__slow", seconds=10, label="mail"),
-                    call("weather__slow_lookup", seconds=10, label="look"),
+                    # Long enough to be under way when the worker is killed.
+                    call("weather__slow", seconds=4, label="mail"),
+                    call("weather__slow_lookup", seconds=4, label="look"),
                 ]
             },
             {"content": "after the kill"},
