@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from handlers.live import STREAMING_APIS
+from handlers.replies import waiting_events
 from handlers.services import ChatRef, RunServices
 from handlers.transitions import (
     MAX_CONFLICT_RETRIES,
@@ -175,7 +176,8 @@ class PostHandler:
         sure its run is not stuck. The run this post carries (a worker took its steps
         in-process and died) continues from where it was stored; an active run gets its
         watchdog again, and at step 0 its first step (it may not have been sent before a
-        crash). A duplicate step or watchdog is harmless, a missing one would stall the run."""
+        crash), or, waiting for producers, the events that say what it waits for. A duplicate
+        step, watchdog or event is harmless, a missing one would stall the run."""
         if run_id is None:
             return HandlerResult(note="duplicate")
         run = await store.load_run(chat.chat_id, run_id)
@@ -189,8 +191,19 @@ class PostHandler:
         if state.active_run_id != run_id or run.finished:
             return HandlerResult(note="duplicate")
         # The run is active: its watchdog again (a duplicate is harmless, a lost one would
-        # leave the run active for ever), and at step 0 its first step too.
-        if run.phase == "external" or run.step != 0:
+        # leave the run active for ever), and at step 0 its first step too. A run that waits
+        # for producers gets its events again: this post's worker may have died (or failed to
+        # send) between them, and a submit stored since then has cleared the run's carrier.
+        if run.phase == "external":
+            encoding = self._services.settings.message_encoding
+            return HandlerResult(
+                note="duplicate: its run waits",
+                effects=(
+                    deadline_send(self._services, chat, run),
+                    *waiting_events(chat, run, encoding),
+                ),
+            )
+        if run.step != 0:
             return HandlerResult(
                 note="duplicate", effects=(deadline_send(self._services, chat, run),)
             )

@@ -322,6 +322,60 @@ def test_a_round_mixing_an_approval_a_local_call_and_an_external_tool(
     }
 
 
+def test_an_approval_event_lost_with_its_send_comes_with_the_posts_redelivery(
+    storage: StorageEnv, fake: FakeOpenAI, tool_log: ToolLog
+) -> None:
+    """The round's toolCallsRequired goes out, its toolApprovalRequired cannot be sent (the
+    reply queue refuses every attempt the SDK makes): the post fails and comes back. Before it
+    does, the producer's output for the external call is stored, and that commit does not
+    carry the run. The redelivered post still sends what the run waits for: the approval
+    event comes, the call is approved, runs once, and the run completes (the chaos soak found
+    a run whose event was lost this way wait for its deadline)."""
+    chat_id = f"lost-ask-{storage.suffix}"
+    replies = ReplyQueue(storage, f"replies-{storage.suffix}")
+
+    async def scenario(proxy: FaultProxy) -> dict[str, Any]:
+        plain = settings_for(storage, fake)
+        await create(storage, plain, chat_id, approvalRequired=["send_email"],
+                     tools=["getWeatherAtLocation", "send_email", LOOKUP_ORDER])  # fmt: skip
+        # The first event to the reply queue passes; every attempt of the second fails.
+        lost = proxy.add("fail", f"/{replies.name}/messages", method="POST", skip=1, count=4)
+        proxied = settings_for(
+            storage,
+            fake,
+            AzureWebJobsStorage=with_endpoint(storage.connection_string, "Queue", proxy.port),
+        )
+        found: dict[str, Any] = {}
+        async with serving(proxied, approval_registry()):
+            await storage.send(post_body(chat_id, storage.table, "mixed plans",
+                                         replyTo=replies.name, requestId="ask"))  # fmt: skip
+            [required] = await replies.wait_for("toolCallsRequired", 30)
+            await eventually(lambda: _true(lost.done), 30, "the approval event's send to fail")
+            [lookup] = required["toolCalls"]
+            await storage.send({"type": "submitToolOutputs", "id": chat_id,
+                                "collectionName": storage.table, "runId": required["runId"],
+                                "toolOutputs": [{"toolCallId": lookup["id"],
+                                                 "output": "order 7 shipped"}]})  # fmt: skip
+            # Stored well before the post comes back (the SDK's own retries of the failed
+            # send, then the post's retry delay, take seconds).
+            await eventually(lambda: _answered(storage, chat_id, 2), 30, "the output stored")
+            [asked] = await replies.wait_for("toolApprovalRequired", 30)
+            [mail] = asked["toolCalls"]
+            await storage.send(decision(storage, chat_id, asked["runId"], mail["id"], True))
+            [found["reply"]] = await replies.wait_for("assistantReply", 30)
+        found["rows"] = await chat_rows(storage, chat_id, storage.table)
+        return found
+
+    with FaultProxy(storage.azurite.queue_port) as proxy:
+        found = run(scenario(proxy))
+    assert found["reply"]["status"] == "completed", found["reply"]
+    assert tool_log.count() == {
+        ("getWeatherAtLocation", "Oslo"): 1,
+        ("send_email", "mixed plans"): 1,
+    }
+    assert history_problems(found["rows"].messages) == []
+
+
 async def _answered(storage: StorageEnv, chat_id: str, count: int) -> bool:
     rows = await chat_rows(storage, chat_id, storage.table)
     return len(tool_rows(rows)) >= count
