@@ -195,7 +195,8 @@ def audit(data: Collected) -> list[Line]:
 
     def audit_approval(call: Call, rows: Sequence[Mapping[str, Any]], chat_id: str) -> None:
         """A call that waited for a decision: approved, it ran exactly once (started once;
-        a kill while it ran leaves it answered "interrupted", never run again); denied, it
+        a kill once it was marked started leaves it answered "interrupted", never run again,
+        like a local call); denied, it
         never ran and its result says so. Its one result keeps the decision that stood, which
         is the producer's (either of the two in a conflict)."""
         totals["approval_calls"] += 1
@@ -218,7 +219,10 @@ def audit(data: Collected) -> list[Line]:
         if verdict == "approved":
             totals["approved"] += 1
             interrupted = INTERRUPTED in text
-            if started == 1 and finished <= 1 and (text == call.output or interrupted):
+            # At most once, as for local calls: a kill after the call was marked started and
+            # before it ran (the tool had not logged its start) is answered "interrupted" too.
+            ran_once = started == 1 and finished <= 1 and text == call.output
+            if ran_once or (interrupted and started <= 1 and finished <= 1):
                 totals["approved_once"] += 1
                 totals["approved_interrupted"] += int(interrupted)
             else:
@@ -537,7 +541,8 @@ def audit(data: Collected) -> list[Line]:
         Line(
             "approved calls run exactly once",
             f"{totals['approved_once']} of {totals['approved']} "
-            f"({totals['approved_interrupted']} interrupted by a kill while running, not re-run)",
+            f"({totals['approved_interrupted']} interrupted by a kill, answered with an error, "
+            "not re-run)",
             f"{totals['approved']}",
             not fail["approved"],
             fail["approved"],

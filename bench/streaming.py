@@ -437,8 +437,9 @@ def measure(
         "`Table_MergeEntity` when the response is created and one before each delta but the "
         "last, whose position goes with the call's result, written without streaming too), "
         "and needs no poll through the runs queue while its stream lasts; a streamed `chat` "
-        "call claims its call (one `Table_InsertEntity`; the step's commit removes the row), "
-        "so that two copies of a step never stream it under one attempt.\n\n"
+        "call claims its call (one `Table_InsertEntity`; the step's commit removes the row) "
+        "and reads its run once more, so that two copies of a step never stream it under one "
+        "attempt.\n\n"
         + table(
             ["operation", *names],
             [(op, *(costs[n].operations[op] for n in names)) for op in operations]

@@ -652,8 +652,9 @@ class StepHandler:
     ) -> ModelTurn | Pending:
         """A streamed ``chat`` call, claimed first: a copy of the step (a duplicated step
         message) waits for the claim instead of streaming the same call under the same attempt,
-        and finds the step stored (the commit removes the claim row). A try that takes the
-        claim over from a worker that died streaming sends under the next attempt."""
+        and finds the step stored (the commit removes the claim row); a copy that comes after
+        that commit finds the stored run moved on. A try that takes the claim over from a
+        worker that died streaming sends under the next attempt."""
         live = call.live
         assert live is not None
         key = model_claim_row_key(run.run_id, run.step)
@@ -667,6 +668,14 @@ class StepHandler:
             wait = max((claim.until - now).total_seconds(), 1.0)
             raise TransientError("another delivery of this step is calling the model",
                                  retry_after=wait)  # fmt: skip
+        if not claim.taken_over:
+            # A copy that comes after the step was stored finds no claim row (the commit
+            # removed it) and makes a new one; its run may be a cached copy from before that
+            # commit. The run as stored says whether the call is still to make.
+            stored = await store.load_run(request.chat_id, run.run_id)
+            if stored is None or (stored.step, stored.phase) != (run.step, run.phase):
+                await store.claims.release(request.chat_id, key, claim)
+                raise StepSuperseded()
         attempt = live.attempt
         if claim.taken_over and claim.left is not None:
             attempt = max(attempt, int(claim.left.get("Attempt") or 0) + 1)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench.chaos_audit import Collected, audit, failed
+from bench.chaos_audit import INTERRUPTED, Collected, audit, failed
 from bench.chaos_model import approves, chaos_scenario, final_answer, rounds, user_message
 from worker.devtools.azurite import REPO_ROOT
 from worker.testing.fake_openai_brain import Conversation, Message, ToolCall
@@ -264,6 +264,12 @@ def test_the_audit_counts_approved_calls_once_and_denied_never() -> None:
     assert not failed(audit(_approval_chat("t2", "denied", no.denied_output, 0)))
     twice = lines(_approval_chat("t1", "approved", yes.output, 2))
     assert twice["approved calls run exactly once"].ok is False
+    # A kill once the call was marked started: answered "interrupted", not run again (at most
+    # once); an output stored for a call that never ran is a failure.
+    cut = f"error: the call to chaos_approve {INTERRUPTED} (the worker running it stopped)"
+    assert not failed(audit(_approval_chat("t1", "approved", cut, 0)))
+    lost = lines(_approval_chat("t1", "approved", yes.output, 0))
+    assert lost["approved calls run exactly once"].ok is False
     ran = lines(_approval_chat("t2", "denied", no.denied_output, 1))
     assert ran["denied calls never run"].ok is False
     other = lines(_approval_chat("t2", "approved", no.output, 1))
