@@ -502,7 +502,11 @@ class StepHandler:
         if context.dequeue_count < 2 or context.in_process:
             return ()
         carried = bool(run.carrier) and run.carrier == context.message_id
-        if step.step != run.step - 1 and not carried:
+        # A run that waits for producers gets its events again whatever this message was: its
+        # worker may have died between them, and a submit or decision stored since then has
+        # taken the run's carrier (the chaos soak lost a toolApprovalRequired that way).
+        waiting = run.phase == "external" and state.active_run_id == run.run_id
+        if step.step != run.step - 1 and not carried and not waiting:
             return ()
         return await lost_follow_ups(self._services, store, chat, run, state, in_process=True)
 
@@ -669,13 +673,9 @@ class StepHandler:
             raise TransientError("another delivery of this step is calling the model",
                                  retry_after=wait)  # fmt: skip
         if not claim.taken_over:
-            # A copy that comes after the step was stored finds no claim row (the commit
-            # removed it) and makes a new one; its run may be a cached copy from before that
-            # commit. The run as stored says whether the call is still to make.
-            stored = await store.load_run(request.chat_id, run.run_id)
-            if stored is None or (stored.step, stored.phase) != (run.step, run.phase):
-                await store.claims.release(request.chat_id, key, claim)
-                raise StepSuperseded()
+            # A copy that comes after the step was stored (its run a cached copy from before
+            # that commit) would otherwise stream the call again.
+            await self._check_current(store, request.chat_id, run, key, claim)
         attempt = live.attempt
         if claim.taken_over and claim.left is not None:
             attempt = max(attempt, int(claim.left.get("Attempt") or 0) + 1)
