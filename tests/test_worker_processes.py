@@ -254,10 +254,15 @@ def test_sigterm_exits_cleanly_when_releases_hang(
             WORKER_SHUTDOWN_GRACE=str(grace),
         )
         with WorkerProcess(env, tmp_path / "worker.log") as worker:
-            # Every message is leased and the handlers are waiting on the table service.
+            worker.wait_for_events("worker.started", 1, timeout=30)
+            started = tables.connections_accepted
+            # Every message is leased and the handlers are waiting on the table service: new
+            # table connections (one per create in flight) show that the worker has the
+            # messages, not merely that the queue leased them (a receive whose answer is still
+            # on its way would be held up by the queue delay below).
             wait_until(
                 lambda: (
-                    tables.connections_accepted > 0
+                    tables.connections_accepted >= started + 2
                     and visible_count(storage, storage.requests_queue) == 0
                 ),
                 timeout=20,
