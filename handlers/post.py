@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from handlers.live import STREAMING_APIS
-from handlers.replies import waiting_events
 from handlers.services import ChatRef, RunServices
 from handlers.transitions import (
     MAX_CONFLICT_RETRIES,
@@ -195,14 +194,9 @@ class PostHandler:
         # for producers gets its events again: this post's worker may have died (or failed to
         # send) between them, and a submit stored since then has cleared the run's carrier.
         if run.phase == "external":
-            encoding = self._services.settings.message_encoding
-            return HandlerResult(
-                note="duplicate: its run waits",
-                effects=(
-                    deadline_send(self._services, chat, run),
-                    *waiting_events(chat, run, encoding),
-                ),
-            )
+            # What the step that parked the run sent: its watchdog and events.
+            effects = await lost_follow_ups(self._services, store, chat, run, state)
+            return HandlerResult(note="duplicate: its run waits", effects=effects)
         if run.step != 0:
             return HandlerResult(
                 note="duplicate", effects=(deadline_send(self._services, chat, run),)
